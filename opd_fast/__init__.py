@@ -1,0 +1,27 @@
+"""opd_fast: on-policy distillation losses straight from hidden states and lm_head weights.
+
+Every op streams the vocabulary in tiles, so the [tokens × vocabulary] logits of the student and the
+teacher are never materialized. See DESIGN.md §3 for the contract and README.md for examples.
+"""
+
+from opd_fast.backends import BackendUnavailableError
+from opd_fast.chunking import chunk_budget, get_chunk_budget, set_chunk_budget
+from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs, linear_topk_overlap
+from opd_fast.modules import OPDLoss
+from opd_fast.types import TopKOverlap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "OPDLoss",
+    "TopKOverlap",
+    "__version__",
+    "chunk_budget",
+    "get_chunk_budget",
+    "linear_divergence",
+    "linear_reverse_kl",
+    "linear_token_logprobs",
+    "linear_topk_overlap",
+    "set_chunk_budget",
+]

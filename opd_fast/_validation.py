@@ -1,0 +1,176 @@
+"""Input checks shared by every public function: each error names the argument and says how to fix it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number > 0, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_beta(beta: object) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta!r}")
+    return float(beta)
+
+
+def check_tensor(name: str, value: object, *, floating: bool = True) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {value.dtype}; "
+            f"cast it with .float()"
+        )
+    return value
+
+
+def check_weight(name: str, weight: object) -> torch.Tensor:
+    weight = check_tensor(name, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [V, H] (an lm_head weight), got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{name} has no vocabulary rows (shape {tuple(weight.shape)})")
+    return weight
+
+
+def check_hidden(name: str, hidden: object, weight: torch.Tensor, weight_name: str) -> torch.Tensor:
+    hidden = check_tensor(name, hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., H], got a 0-d tensor")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name} has hidden size {hidden.shape[-1]} but {weight_name} has {weight.shape[1]} columns "
+            f"(shape {tuple(weight.shape)}); pass the final hidden states and the lm_head weight of the same model"
+        )
+    return hidden
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} is on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on the same device, but {where}; move them with .to(device)")
+    return next(iter(devices))
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(
+                f"{name} contains {bad} non-finite value(s) (NaN or Inf); check_finite=True refuses them. "
+                f"Find where they come from (e.g. fp16 overflow) or pass check_finite=False to let NaN propagate"
+            )
+
+
+def check_mask(mask: object, lead_shape: torch.Size) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = token counts), got {mask.dtype}; pass mask.bool()")
+    if mask.shape != lead_shape:
+        raise ValueError(
+            f"mask must have the leading shape of the hidden states {tuple(lead_shape)}, got {tuple(mask.shape)}"
+        )
+    return mask
+
+
+def check_vocab(student_weight: torch.Tensor, teacher_weight: torch.Tensor, vocab_size: int | None) -> int:
+    """The shared vocabulary size V; both weights are later truncated to their first V rows."""
+    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"student_weight has {v_s} vocabulary rows but teacher_weight has {v_t}; if one is padded "
+                f"(e.g. 151936 vs 152064) pass vocab_size={min(v_s, v_t)} to use the first rows of both"
+            )
+        return v_s
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be in [1, {min(v_s, v_t)}] (student_weight has {v_s} rows, teacher_weight {v_t}), "
+            f"got {vocab_size}"
+        )
+    return vocab_size
+
+
+def check_k(k: object, vocab: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}")
+    return k
+
+
+def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> torch.Tensor:
+    if not isinstance(token_ids, torch.Tensor):
+        raise TypeError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor (e.g. int64), got {token_ids.dtype}; pass .long()")
+    if token_ids.shape != lead_shape:
+        raise ValueError(
+            f"token_ids must have the leading shape of hidden {tuple(lead_shape)}, got {tuple(token_ids.shape)}"
+        )
+    if token_ids.numel():
+        low, high = int(token_ids.min()), int(token_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token_ids must lie in [0, {vocab}) (rows of weight), found values in [{low}, {high}]")
+    return token_ids
+
+
+def check_process_group(process_group: object) -> None:
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group (vocabulary-parallel losses over a sharded lm_head) is not supported by this version "
+            "of opd_fast; pass the full weight and process_group=None"
+        )
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """What a backend computes per token: the divergence kind, β (JSD only) and the temperature τ.
+
+    ``kind`` is already resolved: JSD with β = 0 is forward KL and with β = 1 reverse KL (TRL's and
+    Liger-Kernel's convention), so backends only ever see ``jsd`` with 0 < β < 1.
+    """
+
+    kind: str
+    beta: float
+    temperature: float
+
+    @classmethod
+    def make(cls, divergence: object, beta: object, temperature: object) -> DivergenceSpec:
+        kind = check_choice("divergence", divergence, DIVERGENCES)
+        beta = check_beta(beta)
+        temperature = check_temperature(temperature)
+        if kind == "jsd" and beta == 0.0:
+            kind = "forward_kl"
+        elif kind == "jsd" and beta == 1.0:
+            kind = "reverse_kl"
+        return cls(kind=kind, beta=beta, temperature=temperature)

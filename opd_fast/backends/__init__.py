@@ -1,0 +1,85 @@
+"""Backend selection: one dispatch table from backend name to the module that implements every op.
+
+A backend module provides, on 2-D inputs (rows already selected by the mask):
+
+* ``divergence_forward(hs, ws, ht, wt, spec) -> DivergenceStats``
+* ``divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw) -> (dh | None, dw | None)``
+* ``divergence_forward_backward(hs, ws, ht, wt, grad, spec, need_dh, need_dw) -> (stats, dh, dw)``
+* ``token_logprobs_forward(h, w, ids, temperature) -> (logprobs, lse)``
+* ``token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw) -> (dh | None, dw | None)``
+* ``topk_overlap(hs, ws, ht, wt, k, temperature) -> TopKOverlap``
+
+``grad`` is the per-token weight of the loss gradient ([N] fp32); gradients come back w.r.t. the student
+hidden states and weight, in any floating dtype (the autograd layer casts them).
+
+``"auto"`` picks cuda, then triton, then torch for the tensors' device; the environment variable
+``OPD_FAST_BACKEND`` overrides ``"auto"`` (an explicit backend argument wins over it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from opd_fast._validation import check_choice
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKEND_ENV = "OPD_FAST_BACKEND"
+
+
+class BackendUnavailableError(ValueError):
+    """The requested backend cannot run here; the message says why and what to use instead."""
+
+
+def _torch_unavailable(device: torch.device) -> str | None:
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    return "opd_fast's Triton kernels are not part of this version yet; use backend='torch'"
+
+
+def _cuda_unavailable(device: torch.device) -> str | None:
+    return "the CUDA extension opd_fast._C is not built by this version of opd_fast; use backend='torch'"
+
+
+# name -> (module implementing the ops, function giving the reason it cannot run on a device or None)
+_TABLE: dict[str, tuple[str, Callable[[torch.device], str | None]]] = {
+    "torch": ("opd_fast.backends.torch_backend", _torch_unavailable),
+    "triton": ("opd_fast.backends.triton_backend", _triton_unavailable),
+    "cuda": ("opd_fast.backends.cuda_backend", _cuda_unavailable),
+}
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None when it can)."""
+    return _TABLE[check_choice("backend", name, BACKENDS[1:])][1](torch.device(device))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend name for ``backend`` (possibly "auto") on ``device``; raises if unavailable."""
+    check_choice("backend", backend, BACKENDS)
+    device = torch.device(device)
+    if backend == "auto":
+        env = os.environ.get(BACKEND_ENV, "").strip()
+        if env:
+            if env not in BACKENDS:
+                options = ", ".join(repr(b) for b in BACKENDS)
+                raise ValueError(f"environment variable {BACKEND_ENV}={env!r} must be one of {options}")
+            backend = env
+    if backend == "auto":
+        candidates = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+        return next(name for name in candidates if _TABLE[name][1](device) is None)
+    reason = _TABLE[backend][1](device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is not available on {device}: {reason}")
+    return backend
+
+
+def get_backend(backend: str, device: torch.device) -> ModuleType:
+    """The module implementing the ops for ``backend`` on ``device`` (see the module docstring)."""
+    return importlib.import_module(_TABLE[resolve_backend(backend, device)][0])

@@ -1,0 +1,325 @@
+"""The pure-PyTorch backend: the CPU path of every op and the readable spec of what the kernels compute.
+
+Memory plan (see :mod:`opd_fast.chunking`): tokens are processed in chunks of ``plan.rows`` and each
+chunk's vocabulary in tiles of ``plan.cols``; no tensor holds more than ``budget`` logits. When one tile
+spans the whole vocabulary (the usual case) each chunk's logits are computed once and the log-softmax,
+the divergence and its gradient all come from that tile. Otherwise a first sweep over the tiles finds
+each row's log-sum-exp and later sweeps recompute the tiles with it.
+
+Numerics: everything is computed in fp32 (fp64 for fp64 inputs). Low-precision hidden states and weights
+are upcast once per call, which costs O((N + V)·H) memory and never O(N·V). The temperature is folded
+into the hidden states, z = (h / τ) Wᵀ, so ∂/∂W = Gᵀ (h / τ) and ∂/∂h = (G W) / τ for a logit gradient G.
+
+Gradients w.r.t. the student logits z_s of the per-token divergence D (DESIGN.md §2):
+
+* reverse KL  D = Σ p_s (log p_s − log p_t):           G = p_s ⊙ (log p_s − log p_t − D)
+* forward KL  D = Σ p_t (log p_t − log p_s):           G = p_s − p_t
+* JSD(β)      D = β KL(p_t‖m) + (1−β) KL(p_s‖m), m = β p_t + (1−β) p_s:
+              ∂D/∂p_s = (1−β) log(p_s / m)  ⇒        G = p_s ⊙ ((1−β) log(p_s/m) − (1−β) KL(p_s‖m))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from opd_fast._validation import DivergenceSpec
+from opd_fast.chunking import TilePlan, plan_tiles
+from opd_fast.types import DivergenceStats, TopKOverlap
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled(hidden: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """h / τ in the compute dtype (a copy only when a cast or a scale is needed)."""
+    hidden = _upcast(hidden, dtype)
+    return hidden if temperature == 1.0 else hidden / temperature
+
+
+class _LogProbTiles:
+    """Log-probability tiles of one token chunk under one or more models.
+
+    ``models`` holds (hidden chunk already divided by τ, weight) pairs. With a single vocabulary tile the
+    logits are computed once, normalized and cached; iterating yields that tile. With several, the
+    log-sum-exp comes from a first sweep (unless given) and every iteration recomputes the tiles.
+    Consumers may overwrite the yielded tiles in place: each tile is yielded once per iteration and a
+    cached tile must be iterated only once.
+    """
+
+    def __init__(self, models: list[tuple[torch.Tensor, torch.Tensor]], plan: TilePlan, lse=None):
+        self.models = models
+        self.plan = plan
+        self._cached: list[torch.Tensor] | None = None
+        if plan.vocab_tiles == 1 and lse is None:
+            self._cached, self.lse = [], []
+            for h, w in models:
+                z = h @ w.T
+                row_max = z.amax(dim=-1)
+                log_probs = torch.log_softmax(z, dim=-1)  # one fused pass, faster than logsumexp + subtract
+                del z
+                self.lse.append(row_max - log_probs.amax(dim=-1))
+                self._cached.append(log_probs)
+        elif plan.vocab_tiles == 1:
+            self.lse = lse
+            self._cached = [(h @ w.T).sub_(row_lse[:, None]) for (h, w), row_lse in zip(models, lse)]
+        elif lse is not None:
+            self.lse = lse
+        else:
+            self.lse = [self._sweep_lse(h, w) for h, w in models]
+
+    def _sweep_lse(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        lse = hidden.new_full((hidden.shape[0],), -math.inf)
+        for cols in self.plan.col_tiles():
+            lse = torch.logaddexp(lse, torch.logsumexp(hidden @ weight[cols].T, dim=-1))
+        return lse
+
+    def __iter__(self) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        if self._cached is not None:
+            cached, self._cached = self._cached, None
+            yield slice(0, self.plan.vocab), cached
+            return
+        for cols in self.plan.col_tiles():
+            yield cols, [(h @ w[cols].T).sub_(lse[:, None]) for (h, w), lse in zip(self.models, self.lse)]
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[n, v] · b[n, v]."""
+    return (a * b).sum(dim=-1)
+
+
+def _divergence_tile(lps, lpt, spec: DivergenceSpec, center=None, want_grad: bool = False):
+    """One tile of the divergence: (loss share, center share, logit gradient G or None).
+
+    Consumes ``lps`` and ``lpt`` (they are overwritten). Without ``center`` the tile's shares of D and of
+    the center are computed, and G too if ``want_grad`` (valid only when this tile is the whole
+    vocabulary, so that the shares are final). With ``center`` (from a full sweep) only G is formed.
+    """
+    loss = None
+    if spec.kind == "reverse_kl":
+        ps = lps.exp()
+        diff = lps.sub_(lpt)  # log p_s − log p_t
+        if center is None:
+            loss = center = _rowdot(ps, diff)
+        grad = diff.sub_(center[:, None]).mul_(ps) if want_grad else None
+        return loss, center, grad
+    if spec.kind == "forward_kl":
+        pt = lpt.exp()
+        if center is None:
+            loss, center = _rowdot(pt, lpt - lps), torch.zeros_like(lps[:, 0])
+        grad = lps.exp_().sub_(pt) if want_grad else None
+        return loss, center, grad
+    beta = spec.beta
+    log_m = torch.logaddexp(lps + math.log1p(-beta), lpt + math.log(beta))
+    ps = lps.exp()
+    student_term = lps.sub_(log_m)  # log(p_s / m)
+    if center is None:
+        kl_student = _rowdot(ps, student_term)
+        kl_teacher = _rowdot(lpt.exp(), lpt.sub_(log_m))
+        loss, center = beta * kl_teacher + (1.0 - beta) * kl_student, (1.0 - beta) * kl_student
+    grad = student_term.mul_(1.0 - beta).sub_(center[:, None]).mul_(ps) if want_grad else None
+    return loss, center, grad
+
+
+def _accumulate_grads(grad, weight, row_grad, rows, cols, hs, dh, dw) -> None:
+    """dh[rows] += w ⊙ (G W[cols]) and dw[cols] += Gᵀ (w ⊙ hs[rows]); the per-token weights w scale the
+    small [rows, H] factors instead of the [rows, cols] tile."""
+    if dh is not None:
+        dh[rows] += (grad @ weight[cols]).mul_(row_grad[:, None])
+    if dw is not None:
+        dw[cols] += grad.T @ (hs[rows] * row_grad[:, None])
+
+
+def _divergence_sweep(hs, ws, ht, wt, spec, grad, stats, need_dh, need_dw):
+    """Shared driver: per-token statistics and, when ``grad`` is given, the student gradients.
+
+    ``stats`` (from an earlier forward) lets the gradient sweep skip recomputing the log-sum-exps.
+    """
+    dtype = _compute_dtype(hs, ws, ht, wt)
+    tau = spec.temperature
+    hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)
+    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
+    n_tokens = hs.shape[0]
+    plan = plan_tiles(n_tokens, ws.shape[0])
+    single_tile = plan.vocab_tiles == 1
+    out = DivergenceStats(*(hs.new_zeros(n_tokens) for _ in range(4)))
+    dh = hs.new_zeros(hs.shape) if grad is not None and need_dh else None
+    dw = ws.new_zeros(ws.shape) if grad is not None and need_dw else None
+    for rows in plan.row_chunks(n_tokens):
+        lse = None if stats is None else [stats.student_lse[rows], stats.teacher_lse[rows]]
+        tiles = _LogProbTiles([(hs[rows], ws), (ht[rows], wt)], plan, lse)
+        out.student_lse[rows], out.teacher_lse[rows] = tiles.lse
+        row_grad = None if grad is None else _upcast(grad[rows], dtype)
+        if stats is not None:
+            out.loss[rows], out.center[rows] = stats.loss[rows], stats.center[rows]
+        elif single_tile:  # the only tile: loss and gradient from one pass over these logits
+            for cols, (lps, lpt) in tiles:
+                out.loss[rows], out.center[rows], g = _divergence_tile(lps, lpt, spec, want_grad=grad is not None)
+                if g is not None:
+                    _accumulate_grads(g, ws, row_grad, rows, cols, hs, dh, dw)
+            continue
+        else:
+            for _, (lps, lpt) in tiles:
+                loss, center, _ = _divergence_tile(lps, lpt, spec)
+                out.loss[rows] += loss
+                out.center[rows] += center
+        if grad is None:
+            continue
+        for cols, (lps, lpt) in tiles:
+            _, _, g = _divergence_tile(lps, lpt, spec, out.center[rows], want_grad=True)
+            _accumulate_grads(g, ws, row_grad, rows, cols, hs, dh, dw)
+    if dh is not None:
+        dh /= tau
+    return out, dh, dw
+
+
+def divergence_forward(hs, ws, ht, wt, spec: DivergenceSpec) -> DivergenceStats:
+    return _divergence_sweep(hs, ws, ht, wt, spec, None, None, False, False)[0]
+
+
+def divergence_backward(hs, ws, ht, wt, stats: DivergenceStats, grad, spec: DivergenceSpec, need_dh, need_dw):
+    _, dh, dw = _divergence_sweep(hs, ws, ht, wt, spec, grad, stats, need_dh, need_dw)
+    return dh, dw
+
+
+def divergence_forward_backward(hs, ws, ht, wt, grad, spec: DivergenceSpec, need_dh, need_dw):
+    return _divergence_sweep(hs, ws, ht, wt, spec, grad, None, need_dh, need_dw)
+
+
+def token_logprobs_forward(h, w, ids, temperature: float):
+    dtype = _compute_dtype(h, w)
+    h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
+    n_tokens = h.shape[0]
+    plan = plan_tiles(n_tokens, w.shape[0])
+    lse = h.new_empty(n_tokens)
+    for rows in plan.row_chunks(n_tokens):
+        lse[rows] = _LogProbTiles([(h[rows], w)], plan).lse[0]
+    logprobs = _rowdot(h, w[ids]) - lse
+    return logprobs, lse
+
+
+def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: bool, need_dw: bool):
+    """∂ log p(y)/∂z_v = [v = y] − p_v, weighted per token by ``grad``."""
+    dtype = _compute_dtype(h, w)
+    h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
+    grad = _upcast(grad, dtype)
+    n_tokens = h.shape[0]
+    plan = plan_tiles(n_tokens, w.shape[0])
+    dh = h.new_zeros(h.shape) if need_dh else None
+    dw = w.new_zeros(w.shape) if need_dw else None
+    for rows in plan.row_chunks(n_tokens):
+        for cols, (lp,) in _LogProbTiles([(h[rows], w)], plan, [lse[rows]]):
+            _accumulate_grads(lp.exp_(), w, -grad[rows], rows, cols, h, dh, dw)
+    if dh is not None:
+        dh += grad[:, None] * w[ids]
+        dh /= temperature
+    if dw is not None:
+        dw.index_add_(0, ids, grad[:, None] * h)
+    return dh, dw
+
+
+def _tile_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``z`` in canonical order: value descending, ties by smaller column first.
+
+    torch.topk picks arbitrarily among values tied with the k-th largest; rows where that happens are
+    re-selected exactly (all values above the k-th, then the tied ones with the smallest columns).
+    """
+    values, cols = torch.topk(z, k, dim=-1)
+    kth = values[:, -1:]
+    tied_rows = ((z >= kth).sum(dim=-1) > k).nonzero().view(-1)
+    if tied_rows.numel():
+        sub, sub_kth = z[tied_rows], kth[tied_rows]
+        above = sub > sub_kth
+        at = sub == sub_kth
+        needed = k - above.sum(dim=-1, keepdim=True)
+        chosen = above | (at & (at.cumsum(dim=-1) <= needed))
+        sub_cols = chosen.nonzero()[:, 1].view(-1, k)
+        cols[tied_rows] = sub_cols
+        values[tied_rows] = sub.gather(1, sub_cols)
+    cols, order = cols.sort(dim=-1)
+    values = values.gather(1, order)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return values, cols.gather(1, order)
+
+
+def _merge_topk(best, tile_best, k: int):
+    """Merge running and tile top-k lists; running ids are all smaller, so a stable sort keeps ties canonical."""
+    if best is None:
+        return tile_best
+    values = torch.cat([best[0], tile_best[0]], dim=1)
+    ids = torch.cat([best[1], tile_best[1]], dim=1)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return values[:, :k], ids.gather(1, order[:, :k])
+
+
+def _stream_topk_entropy(hidden: torch.Tensor, weight: torch.Tensor, plan: TilePlan, k: int):
+    """One sweep over the vocabulary tiles: running top-k logits plus online softmax statistics.
+
+    Per row we keep the running max m, S = Σ e^{z−m} and T = Σ e^{z−m}(z − m); when m grows to m', both
+    rescale by e^{m−m'} and T also gains (m − m')·S. At the end lse = m + log S and the entropy
+    H = −Σ p log p = log S − T / S.
+    """
+    n_rows = hidden.shape[0]
+    m = hidden.new_full((n_rows,), -math.inf)
+    s = hidden.new_zeros(n_rows)
+    t = hidden.new_zeros(n_rows)
+    best = None
+    for cols in plan.col_tiles():
+        z = hidden @ weight[cols].T
+        m_new = torch.maximum(m, z.amax(dim=-1))
+        scale = torch.exp(m - m_new)
+        t = scale * (t + torch.where(s > 0, (m - m_new) * s, 0.0))
+        s = scale * s
+        z_shift = z - m_new[:, None]
+        e = z_shift.exp()
+        s += e.sum(dim=-1)
+        t += _rowdot(e, z_shift)
+        m = m_new
+        values, ids = _tile_topk(z, min(k, cols.stop - cols.start))
+        best = _merge_topk(best, (values, ids + cols.start), k)
+    lse = m + torch.log(s)
+    return best[1], best[0] - lse[:, None], torch.log(s) - t / s
+
+
+def _membership(ids: torch.Tensor, other_ids: torch.Tensor) -> torch.Tensor:
+    """[n, k] bool: is ids[n, j] among other_ids[n, :]? (sort + binary search: O(k log k) per row)."""
+    sorted_other = other_ids.sort(dim=-1).values
+    pos = torch.searchsorted(sorted_other, ids).clamp_(max=other_ids.shape[1] - 1)
+    return sorted_other.gather(1, pos) == ids
+
+
+def overlap_statistics(s_ids, s_logprobs, t_ids, t_logprobs):
+    """(overlap_ratio, overlap_mass_student, overlap_mass_teacher) from the two top-k lists."""
+    s_shared = _membership(s_ids, t_ids)
+    t_shared = _membership(t_ids, s_ids)
+    ratio = s_shared.sum(dim=-1).float() / s_ids.shape[1]
+    mass_s = torch.where(s_shared, s_logprobs.exp(), 0.0).sum(dim=-1)
+    mass_t = torch.where(t_shared, t_logprobs.exp(), 0.0).sum(dim=-1)
+    return ratio, mass_s.float(), mass_t.float()
+
+
+def topk_overlap(hs, ws, ht, wt, k: int, temperature: float) -> TopKOverlap:
+    dtype = _compute_dtype(hs, ws, ht, wt)
+    hs, ht = _scaled(hs, temperature, dtype), _scaled(ht, temperature, dtype)
+    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
+    n_tokens = hs.shape[0]
+    plan = plan_tiles(n_tokens, ws.shape[0])
+    s_ids = hs.new_empty((n_tokens, k), dtype=torch.int64)
+    t_ids = torch.empty_like(s_ids)
+    s_lp, t_lp = hs.new_empty((n_tokens, k)), hs.new_empty((n_tokens, k))
+    s_ent, t_ent = hs.new_empty(n_tokens), hs.new_empty(n_tokens)
+    for rows in plan.row_chunks(n_tokens):
+        s_ids[rows], s_lp[rows], s_ent[rows] = _stream_topk_entropy(hs[rows], ws, plan, k)
+        t_ids[rows], t_lp[rows], t_ent[rows] = _stream_topk_entropy(ht[rows], wt, plan, k)
+    ratio, mass_s, mass_t = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
+    return TopKOverlap(s_ids, s_lp.float(), t_ids, t_lp.float(), ratio, mass_s, mass_t, s_ent.float(), t_ent.float())

@@ -1,0 +1,199 @@
+"""Public functional API (DESIGN.md §3): OPD quantities straight from hidden states and lm_head weights.
+
+Every function here validates its inputs, flattens the leading dimensions, picks a backend and calls the
+autograd Function of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_fast import _validation as check
+from opd_fast._rows import counted_rows, scatter_rows, select_rows
+from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
+from opd_fast.backends import get_backend
+from opd_fast.types import TopKOverlap
+
+
+def _flatten(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite):
+    """Validate a student/teacher pair; returns (hs2d, ws, ht2d, wt, leading shape, counted rows)."""
+    ws = check.check_weight("student_weight", student_weight)
+    wt = check.check_weight("teacher_weight", teacher_weight)
+    hs = check.check_hidden("student_hidden", student_hidden, ws, "student_weight")
+    ht = check.check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading shape (one row per token), got "
+            f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
+        )
+    mask = check.check_mask(mask, hs.shape[:-1])
+    check.check_same_device(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, mask=mask)
+    vocab = check.check_vocab(ws, wt, vocab_size)
+    ws, wt = ws[:vocab], wt[:vocab]
+    if check_finite:
+        check.check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt)
+    return _flatten(hs), ws, _flatten(ht).detach(), wt.detach(), hs.shape[:-1], counted_rows(mask)
+
+
+def linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    process_group=None,
+    vocab_size: int | None = None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
+
+    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ (DESIGN.md §2):
+
+    * ``"reverse_kl"``: Σ_v p_s (log p_s − log p_t), the usual OPD loss;
+    * ``"forward_kl"``: Σ_v p_t (log p_t − log p_s);
+    * ``"jsd"``: β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m) with m = β p_t + (1 − β) p_s (TRL's convention:
+      β = 0 is forward KL and β = 1 reverse KL).
+
+    Args:
+        student_hidden: ``[..., Hs]`` final hidden states of the student (fp32/bf16/fp16/fp64).
+        student_weight: ``[V, Hs]`` the student's lm_head weight.
+        teacher_hidden: ``[..., Ht]`` the teacher's final hidden states at the same positions.
+        teacher_weight: ``[V, Ht]`` the teacher's lm_head weight. The teacher never receives gradients.
+        divergence: ``"reverse_kl"`` | ``"forward_kl"`` | ``"jsd"``.
+        beta: JSD interpolation in [0, 1] (ignored by the KLs).
+        mask: bool ``[...]``, True where the token counts (e.g. completion tokens); None = all count.
+        temperature: τ > 0 applied to both models' logits.
+        reduction: ``"mean"`` over counted tokens (0 when none count), ``"sum"``, or ``"none"`` (``[...]``,
+            0 at tokens the mask leaves out).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"``; env ``OPD_FAST_BACKEND`` overrides auto.
+        process_group: vocabulary-parallel group; not supported yet (must be None).
+        vocab_size: use only the first ``vocab_size`` rows of both weights (padded lm_heads).
+        check_finite: raise ValueError on NaN/Inf in any input instead of letting NaN propagate.
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
+        w.r.t. ``student_hidden`` and ``student_weight``; the memory used beyond the inputs and gradients is
+        bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary).
+    """
+    spec = check.DivergenceSpec.make(divergence, beta, temperature)
+    reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_process_group(process_group)
+    hs, ws, ht, wt, lead, rows = _check_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+    )
+    ops = get_backend(backend, hs.device)
+    loss = LinearDivergence.apply(hs, ws, ht, wt, rows, ops, spec, reduction, torch.is_grad_enabled())
+    return loss.view(lead) if reduction == "none" else loss
+
+
+def linear_reverse_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    process_group=None,
+    vocab_size: int | None = None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Reverse KL(p_s ‖ p_t), the standard OPD loss; :func:`linear_divergence` with ``divergence="reverse_kl"``."""
+    return linear_divergence(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        divergence="reverse_kl",
+        mask=mask,
+        temperature=temperature,
+        reduction=reduction,
+        backend=backend,
+        process_group=process_group,
+        vocab_size=vocab_size,
+        check_finite=check_finite,
+    )
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    process_group=None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """log softmax(h Wᵀ / τ)[y] for each token: the sampled-token log-probs of OPD and RL.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states.
+        weight: ``[V, H]`` lm_head weight.
+        token_ids: integer ``[...]`` in [0, V), the token whose log-prob is wanted at each position.
+        temperature: τ > 0.
+        backend, process_group, check_finite: as in :func:`linear_divergence`.
+
+    Returns:
+        fp32 ``[...]`` (fp64 for fp64 inputs), differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    temperature = check.check_temperature(temperature)
+    check.check_process_group(process_group)
+    w = check.check_weight("weight", weight)
+    h = check.check_hidden("hidden", hidden, w, "weight")
+    ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0])
+    check.check_same_device(hidden=h, weight=w, token_ids=ids)
+    if check_finite:
+        check.check_finite(hidden=h, weight=w)
+    ops = get_backend(backend, h.device)
+    flat_ids = ids.reshape(-1).long()
+    out = LinearTokenLogprobs.apply(_flatten(h), w, flat_ids, ops, temperature, torch.is_grad_enabled())
+    return out.view(h.shape[:-1])
+
+
+def linear_topk_overlap(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    k: int = 16,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    process_group=None,
+    vocab_size: int | None = None,
+    check_finite: bool = False,
+) -> TopKOverlap:
+    """Top-k agreement diagnostics of DESIGN.md §2 per token; see :class:`opd_fast.TopKOverlap`.
+
+    Streams a running top-k and online softmax statistics over vocabulary tiles for both models, so it
+    needs O(tokens · k) memory. Not differentiable (a diagnostic). Arguments as in
+    :func:`linear_divergence`, plus ``k`` in [1, V].
+    """
+    temperature = check.check_temperature(temperature)
+    check.check_process_group(process_group)
+    hs, ws, ht, wt, lead, rows = _check_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+    )
+    k = check.check_k(k, ws.shape[0])
+    ops = get_backend(backend, hs.device)
+    n_rows = hs.shape[0]
+    with torch.no_grad():
+        result = ops.topk_overlap(select_rows(hs, rows), ws.detach(), select_rows(ht, rows), wt, k, temperature)
+    fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return TopKOverlap(
+        *(scatter_rows(field, rows, n_rows, fill).view((*lead, *field.shape[1:])) for field, fill in zip(result, fills))
+    )

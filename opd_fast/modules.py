@@ -1,0 +1,61 @@
+"""nn.Module front ends of the functional API."""
+
+from __future__ import annotations
+
+import torch
+
+from opd_fast import _validation as check
+from opd_fast.backends import BACKENDS
+from opd_fast.functional import linear_divergence
+
+
+class OPDLoss(torch.nn.Module):
+    """On-policy distillation loss from hidden states and lm_head weights (see :func:`linear_divergence`).
+
+    Example::
+
+        loss_fn = OPDLoss(divergence="reverse_kl", temperature=1.0)
+        loss = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask)
+    """
+
+    def __init__(
+        self,
+        divergence: str = "reverse_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check.DivergenceSpec.make(divergence, beta, temperature)
+        self.divergence, self.beta, self.temperature = divergence, float(beta), float(temperature)
+        self.reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
+        self.backend = check.check_choice("backend", backend, BACKENDS)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_divergence(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            divergence=self.divergence,
+            beta=self.beta,
+            mask=mask,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
+        return (
+            f"divergence={self.divergence!r}{beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,42 @@
+"""Result types shared by the public API and the backends."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TopKOverlap(NamedTuple):
+    """Per-token top-k agreement between student and teacher (DESIGN.md §2).
+
+    ``*_topk_ids`` are int64 and ``*_topk_logprobs`` fp32, both ``[..., k]``, sorted by descending
+    log-prob with ties broken by the smaller token id. The rest are fp32 ``[...]``: ``overlap_ratio`` =
+    |S_s ∩ S_t| / k, ``overlap_mass_student`` / ``overlap_mass_teacher`` = the full-vocabulary
+    probability of the shared tokens under each model, and the entropies H(p_s), H(p_t) in nats.
+    Tokens left out by ``mask`` hold ids -1, log-probs -inf and statistics 0.
+    """
+
+    student_topk_ids: torch.Tensor
+    student_topk_logprobs: torch.Tensor
+    teacher_topk_ids: torch.Tensor
+    teacher_topk_logprobs: torch.Tensor
+    overlap_ratio: torch.Tensor
+    overlap_mass_student: torch.Tensor
+    overlap_mass_teacher: torch.Tensor
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
+
+
+class DivergenceStats(NamedTuple):
+    """Per-token results of a divergence forward, all fp32 ``[N]``; O(N) is all the backward needs.
+
+    ``center`` is Σ_v p_s,v g_v where g = ∂D/∂p_s, so that ∂D/∂z_s = p_s ⊙ (g − center): D itself for
+    reverse KL, (1 − β)·KL(p_s ‖ m) for JSD, and unused (zero) for forward KL, whose logit gradient is
+    simply p_s − p_t.
+    """
+
+    loss: torch.Tensor
+    student_lse: torch.Tensor
+    teacher_lse: torch.Tensor
+    center: torch.Tensor
