@@ -1,0 +1,47 @@
+"""Shared fixtures and helpers: realistic random inputs and relative-error comparisons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (absolute when the expected norm is 0)."""
+    actual, expected = actual.double(), expected.double()
+    diff = (actual - expected).norm().item()
+    scale = expected.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def make_pair(
+    lead=(7,),
+    hs_dim=16,
+    ht_dim=24,
+    vocab=101,
+    dtype=torch.float64,
+    logit_scale=4.0,
+    requires_grad=True,
+):
+    """Student/teacher hidden states ``lead + [H]`` and weights ``[V, H]`` with logits of std ≈ logit_scale."""
+    hs = torch.randn(*lead, hs_dim, dtype=torch.float64)
+    ws = torch.randn(vocab, hs_dim, dtype=torch.float64) * (logit_scale / hs_dim**0.5)
+    ht = torch.randn(*lead, ht_dim, dtype=torch.float64)
+    wt = torch.randn(vocab, ht_dim, dtype=torch.float64) * (logit_scale / ht_dim**0.5)
+    hs, ws, ht, wt = (t.to(dtype) for t in (hs, ws, ht, wt))
+    if requires_grad:
+        hs.requires_grad_()
+        ws.requires_grad_()
+    return hs, ws, ht, wt
+
+
+def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor | None = None):
+    """Gradients of Σ grad_output · output w.r.t. ``inputs`` (grad_output defaults to ones)."""
+    if grad_output is None:
+        grad_output = torch.ones_like(output)
+    return torch.autograd.grad(output, inputs, grad_output)

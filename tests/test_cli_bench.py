@@ -1,0 +1,89 @@
+"""`opd-fast bench`: the DESIGN.md §4 contract on a tiny CPU case."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from opd_fast.bench import Case, run_case
+from opd_fast.cli import main
+
+ROW_KEYS = {
+    "backend",
+    "tokens",
+    "hidden",
+    "teacher_hidden",
+    "vocab",
+    "dtype",
+    "mode",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_mem_mb",
+}
+
+
+def test_bench_writes_json_plot_and_table(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--backends",
+        "naive,torch,triton,liger",
+        "--tokens",
+        "64",
+        "128",
+        "--hidden",
+        "16",
+        "--teacher-hidden",
+        "24",
+        "--vocab",
+        "1000",
+        "--repeats",
+        "2",
+        "--modes",
+        "fwd,fwd+bwd",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+    ]
+    assert main(args) == 0
+    data = json.loads(out_json.read_text())
+    assert {"python", "torch", "triton", "gpu", "commit"} <= set(data["env"])
+    rows = data["results"]
+    assert len(rows) == 2 * 2 * 4
+    measured = [r for r in rows if r["backend"] in ("naive", "torch")]
+    assert all(set(r) >= ROW_KEYS and "error" not in r for r in measured)
+    assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in measured)
+    assert all(r["error"].startswith("skipped:") for r in rows if r["backend"] in ("triton", "liger"))
+    torch_rows = {(r["tokens"], r["mode"]): r for r in rows if r["backend"] == "torch"}
+    naive_rows = {(r["tokens"], r["mode"]): r for r in rows if r["backend"] == "naive"}
+    for key, row in torch_rows.items():
+        assert (row["hidden"], row["teacher_hidden"], row["vocab"]) == (16, 24, 1000)
+        assert row["peak_mem_mb"] < naive_rows[key]["peak_mem_mb"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "vs naive" in table and "faster" in table
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--backends", "naive,jax"])
+    assert "unknown backend 'jax'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--tokens", "0"])
+
+
+def test_failed_case_becomes_an_error_row():
+    row = run_case(Case("naive", 8, 4, 4, 2**40, "fp32", "fwd"), "cpu")
+    assert row["error"].startswith("out of memory") and "median_ms" not in row
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "opd_fast.cli", "bench", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--preset" in out.stdout and "--json" in out.stdout
