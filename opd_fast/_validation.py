@@ -35,6 +35,18 @@ def check_beta(beta: object) -> float:
     return float(beta)
 
 
+def check_filter_eps(filter_eps: object) -> float | None:
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+        raise TypeError(f"filter_eps must be a number in [0, 1) or None, got {type(filter_eps).__name__}")
+    if not 0.0 <= filter_eps < 1.0:
+        raise ValueError(
+            f"filter_eps must be in [0, 1) (0 = exact gradients) or None for the default, got {filter_eps!r}"
+        )
+    return float(filter_eps)
+
+
 def check_tensor(name: str, value: object, *, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -157,20 +169,24 @@ class DivergenceSpec:
     """What a backend computes per token: the divergence kind, β (JSD only) and the temperature τ.
 
     ``kind`` is already resolved: JSD with β = 0 is forward KL and with β = 1 reverse KL (TRL's and
-    Liger-Kernel's convention), so backends only ever see ``jsd`` with 0 < β < 1.
+    Liger-Kernel's convention), so backends only ever see ``jsd`` with 0 < β < 1. ``filter_eps`` is the
+    gradient-filtering threshold of the kernel backends (None = their default, 0 = exact); the torch
+    backend is always exact.
     """
 
     kind: str
     beta: float
     temperature: float
+    filter_eps: float | None = None
 
     @classmethod
-    def make(cls, divergence: object, beta: object, temperature: object) -> DivergenceSpec:
+    def make(cls, divergence: object, beta: object, temperature: object, filter_eps: object = None) -> DivergenceSpec:
         kind = check_choice("divergence", divergence, DIVERGENCES)
         beta = check_beta(beta)
         temperature = check_temperature(temperature)
+        filter_eps = check_filter_eps(filter_eps)
         if kind == "jsd" and beta == 0.0:
             kind = "forward_kl"
         elif kind == "jsd" and beta == 1.0:
             kind = "reverse_kl"
-        return cls(kind=kind, beta=beta, temperature=temperature)
+        return cls(kind=kind, beta=beta, temperature=temperature, filter_eps=filter_eps)

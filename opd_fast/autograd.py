@@ -113,9 +113,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
     """log softmax(h Wᵀ/τ)[y] per token, differentiable w.r.t. h and W."""
 
     @staticmethod
-    def forward(ctx, h, w, ids, backend: ModuleType, temperature: float, grad_on: bool):
+    def forward(ctx, h, w, ids, backend: ModuleType, temperature: float, filter_eps, grad_on: bool):
         logprobs, lse = backend.token_logprobs_forward(h, w, ids, temperature)
-        ctx.backend, ctx.temperature = backend, temperature
+        ctx.backend, ctx.temperature, ctx.filter_eps = backend, temperature, filter_eps
         ctx.need_dh = grad_on and ctx.needs_input_grad[0]
         ctx.need_dw = grad_on and ctx.needs_input_grad[1]
         if ctx.need_dh or ctx.need_dw:
@@ -127,6 +127,6 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, w, ids, lse = ctx.saved_tensors
         dh, dw = ctx.backend.token_logprobs_backward(
-            h, w, ids, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw
+            h, w, ids, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps
         )
-        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), None, None, None, None
+        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), None, None, None, None, None

@@ -62,6 +62,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot be benchmarked on ``device`` (None when it can)."""
     if backend == "naive":
         return None
+    if backend == "triton" and torch.device(device).type != "cuda":
+        return "the Triton kernels need a CUDA GPU (Triton's CPU interpreter checks correctness, not speed)"
     if backend in ("torch", "triton", "cuda"):
         return backends.unavailable_reason(backend, device)
     return f"the {backend!r} comparison is not part of this version of opd_fast's benchmark"
@@ -178,8 +180,14 @@ def run_case(
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    extra = {}
+    if case.backend == "triton":
+        from opd_fast.backends import triton_backend
+
+        extra["filter_skipped_fraction"] = triton_backend.last_filter_stats()["skipped_fraction"]
     return {
         **row,
+        **extra,
         "median_ms": statistics.median(times),
         "p20_ms": _quantile(times, 0.2),
         "p80_ms": _quantile(times, 0.8),

@@ -11,6 +11,9 @@ the default) each token chunk's logits are computed once and reused for everythi
 vocabulary is tiled too, and a first sweep over the tiles finds each row's log-sum-exp before later sweeps
 recompute the tiles.
 
+The Triton backend's gradient workspace (logit gradients of one vocabulary chunk, in the weights' dtype)
+holds up to 8 × budget elements, about 64 MB in bf16 at the default.
+
 Set the budget with :func:`set_chunk_budget`, temporarily with :func:`chunk_budget`, or with the
 environment variable ``OPD_FAST_CHUNK_ELEMENTS``.
 """

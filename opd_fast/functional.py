@@ -54,6 +54,7 @@ def linear_divergence(
     process_group=None,
     vocab_size: int | None = None,
     check_finite: bool = False,
+    filter_eps: float | None = None,
 ) -> torch.Tensor:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
@@ -79,13 +80,16 @@ def linear_divergence(
         process_group: vocabulary-parallel group; not supported yet (must be None).
         vocab_size: use only the first ``vocab_size`` rows of both weights (padded lm_heads).
         check_finite: raise ValueError on NaN/Inf in any input instead of letting NaN propagate.
+        filter_eps: gradient filtering of the triton/cuda backends: logits tiles whose probabilities are
+            all below it contribute no gradient. None = the default (finfo(weight dtype).eps / 32, 2**-12
+            for bf16); 0 = exact. The torch backend is always exact.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
         w.r.t. ``student_hidden`` and ``student_weight``; the memory used beyond the inputs and gradients is
         bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary).
     """
-    spec = check.DivergenceSpec.make(divergence, beta, temperature)
+    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_process_group(process_group)
     hs, ws, ht, wt, lead, rows = _check_pair(
@@ -109,6 +113,7 @@ def linear_reverse_kl(
     process_group=None,
     vocab_size: int | None = None,
     check_finite: bool = False,
+    filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Reverse KL(p_s ‖ p_t), the standard OPD loss; :func:`linear_divergence` with ``divergence="reverse_kl"``."""
     return linear_divergence(
@@ -124,6 +129,7 @@ def linear_reverse_kl(
         process_group=process_group,
         vocab_size=vocab_size,
         check_finite=check_finite,
+        filter_eps=filter_eps,
     )
 
 
@@ -136,6 +142,7 @@ def linear_token_logprobs(
     backend: str = "auto",
     process_group=None,
     check_finite: bool = False,
+    filter_eps: float | None = None,
 ) -> torch.Tensor:
     """log softmax(h Wᵀ / τ)[y] for each token: the sampled-token log-probs of OPD and RL.
 
@@ -144,12 +151,13 @@ def linear_token_logprobs(
         weight: ``[V, H]`` lm_head weight.
         token_ids: integer ``[...]`` in [0, V), the token whose log-prob is wanted at each position.
         temperature: τ > 0.
-        backend, process_group, check_finite: as in :func:`linear_divergence`.
+        backend, process_group, check_finite, filter_eps: as in :func:`linear_divergence`.
 
     Returns:
         fp32 ``[...]`` (fp64 for fp64 inputs), differentiable w.r.t. ``hidden`` and ``weight``.
     """
     temperature = check.check_temperature(temperature)
+    filter_eps = check.check_filter_eps(filter_eps)
     check.check_process_group(process_group)
     w = check.check_weight("weight", weight)
     h = check.check_hidden("hidden", hidden, w, "weight")
@@ -159,7 +167,7 @@ def linear_token_logprobs(
         check.check_finite(hidden=h, weight=w)
     ops = get_backend(backend, h.device)
     flat_ids = ids.reshape(-1).long()
-    out = LinearTokenLogprobs.apply(_flatten(h), w, flat_ids, ops, temperature, torch.is_grad_enabled())
+    out = LinearTokenLogprobs.apply(_flatten(h), w, flat_ids, ops, temperature, filter_eps, torch.is_grad_enabled())
     return out.view(h.shape[:-1])
 
 

@@ -25,10 +25,12 @@ class OPDLoss(torch.nn.Module):
         temperature: float = 1.0,
         reduction: str = "mean",
         backend: str = "auto",
+        filter_eps: float | None = None,
     ) -> None:
         super().__init__()
-        check.DivergenceSpec.make(divergence, beta, temperature)
+        check.DivergenceSpec.make(divergence, beta, temperature, filter_eps)
         self.divergence, self.beta, self.temperature = divergence, float(beta), float(temperature)
+        self.filter_eps = filter_eps
         self.reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
         self.backend = check.check_choice("backend", backend, BACKENDS)
 
@@ -51,6 +53,7 @@ class OPDLoss(torch.nn.Module):
             temperature=self.temperature,
             reduction=self.reduction,
             backend=self.backend,
+            filter_eps=self.filter_eps,
         )
 
     def extra_repr(self) -> str:

@@ -30,7 +30,8 @@ def test_bad_env_value_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_unavailable_backend_says_why(name):
+def test_unavailable_backend_says_why(name, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without it, Triton needs CUDA tensors
     hs, ws, ht, wt = make_pair(lead=(3,))
     reason = unavailable_reason(name, torch.device("cpu"))
     assert reason
@@ -43,3 +44,11 @@ def test_unavailable_backend_says_why(name):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("jax", torch.device("cpu"))
+
+
+def test_triton_runs_on_cpu_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert unavailable_reason("triton", torch.device("cpu")) is None
+    assert "TRITON_INTERPRET=1" in unavailable_reason("triton", torch.device("meta"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "need CUDA tensors" in unavailable_reason("triton", torch.device("cpu"))

@@ -31,7 +31,7 @@ def test_bench_writes_json_plot_and_table(tmp_path, capsys):
         "--device",
         "cpu",
         "--backends",
-        "naive,torch,triton,liger",
+        "naive,torch,cuda,liger",
         "--tokens",
         "64",
         "128",
@@ -58,7 +58,7 @@ def test_bench_writes_json_plot_and_table(tmp_path, capsys):
     measured = [r for r in rows if r["backend"] in ("naive", "torch")]
     assert all(set(r) >= ROW_KEYS and "error" not in r for r in measured)
     assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in measured)
-    assert all(r["error"].startswith("skipped:") for r in rows if r["backend"] in ("triton", "liger"))
+    assert all(r["error"].startswith("skipped:") for r in rows if r["backend"] in ("cuda", "liger"))
     torch_rows = {(r["tokens"], r["mode"]): r for r in rows if r["backend"] == "torch"}
     naive_rows = {(r["tokens"], r["mode"]): r for r in rows if r["backend"] == "naive"}
     for key, row in torch_rows.items():

@@ -19,6 +19,7 @@ hidden states and weight, in any floating dtype (the autograd layer casts them).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -40,7 +41,16 @@ def _torch_unavailable(device: torch.device) -> str | None:
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
-    return "opd_fast's Triton kernels are not part of this version yet; use backend='torch'"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'opd_fast[triton]')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    return (
+        f"the Triton kernels need CUDA tensors, these are on {device.type} (set TRITON_INTERPRET=1 before "
+        f"importing opd_fast to run them in Triton's CPU interpreter, slowly); use backend='torch'"
+    )
 
 
 def _cuda_unavailable(device: torch.device) -> str | None:

@@ -208,8 +208,8 @@ def token_logprobs_forward(h, w, ids, temperature: float):
     return logprobs, lse
 
 
-def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: bool, need_dw: bool):
-    """∂ log p(y)/∂z_v = [v = y] − p_v, weighted per token by ``grad``."""
+def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: bool, need_dw: bool, filter_eps=None):
+    """∂ log p(y)/∂z_v = [v = y] − p_v, weighted per token by ``grad``; exact (``filter_eps`` is ignored)."""
     dtype = _compute_dtype(h, w)
     h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
     grad = _upcast(grad, dtype)

@@ -1,0 +1,360 @@
+"""Backward of the fused losses: logit gradients from recomputed tiles, then dH = G W and dW = Gᵀ H.
+
+Memory plan. The vocabulary is processed in chunks of Vc columns, with N · Vc bounded by the workspace
+budget (never N · V). For each chunk three kernels run:
+
+1. ``_logit_grad_kernel`` (grid: token blocks × vocabulary tiles) recomputes the student's logits tile
+   with tl.dot, forms the logit gradient G in registers from the forward's per-row statistics and
+   stores it, in the weights' dtype, into the chunk workspace. **Gradient filtering:** G is
+   proportional to p_s (reverse KL, JSD) or to max(p_s, p_t) (forward KL), so when every such
+   probability of a tile is below ``filter_eps`` the tile is marked skipped: nothing is stored and, for
+   reverse KL and JSD, the teacher's logits tile is not even computed. ``filter_eps = 0`` is exact.
+2. ``_grad_hidden_kernel`` (grid: token blocks × H blocks): dH[rows] += Σ_j G[rows, j] W[j] over the
+   chunk's unskipped tiles, fp32 accumulation in registers, one read-modify-write of dH per chunk by
+   the only program that owns those rows.
+3. ``_grad_weight_kernel`` (grid: vocabulary tiles × H blocks): dW[j] = Σ_i G[i, j]ᵀ H[i] over the token
+   blocks in order, written once.
+
+No atomics anywhere: every output element has exactly one writer and a fixed summation order, so the
+gradients are bitwise deterministic. Per-token gradient weights (mask / count, or the incoming
+gradient for reduction="none") are folded into G.
+
+Logit gradients by MODE (lp = log-probs, D and ``center`` from the forward, w the row weight):
+
+    reverse KL:  G = w p_s (lp_s − lp_t − D)
+    forward KL:  G = w (p_s − p_t)
+    JSD(β):      G = w p_s ((1 − β) log(p_s / m) − center),  m = β p_t + (1 − β) p_s
+    token:       G = w ([v = y] − p_s)                      (never skipped where a row's token lies)
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from opd_fast.kernels._common import (
+    FORWARD_KL,
+    JSD,
+    MODES,
+    REVERSE_KL,
+    TOKEN_LOGPROB,
+    configs,
+    is_interpreter,
+    logaddexp,
+    logits_tile,
+)
+
+
+def tile_shape() -> tuple[int, int]:
+    """(BN, BV) of the gradient tiles; fixed per platform because the skip flags index these tiles."""
+    return (16, 32) if is_interpreter() else (64, 128)
+
+
+@triton.autotune(
+    configs=configs({"BH": [64, 32]}, warps=[8, 4], stages=[3], interpreter={"BH": 16}),
+    key=["HS", "HT", "MODE", "PRECISION"],
+)
+@triton.jit
+def _logit_grad_kernel(
+    hs_ptr,
+    ws_ptr,
+    ht_ptr,
+    wt_ptr,
+    ids_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    loss_ptr,
+    center_ptr,
+    row_w_ptr,
+    g_ptr,
+    flag_ptr,
+    N,
+    HS,
+    HT,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    stride_g,
+    v_lo,
+    v_hi,
+    n_vtiles,
+    inv_tau,
+    beta,
+    filter_eps,
+    MODE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_n, i_v = tl.program_id(0), tl.program_id(1)
+    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+    m_n = o_n < N
+    o_v = (v_lo + i_v * BV + tl.arange(0, BV)).to(tl.int64)
+    m_v = o_v < v_hi
+    m_nv = m_n[:, None] & m_v[None, :]
+
+    z_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
+    lp_s = z_s * inv_tau - tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)[:, None]
+    p_s = tl.where(m_nv, tl.exp(lp_s), 0.0)
+    b_w = tl.load(row_w_ptr + o_n, mask=m_n, other=0.0)
+    peak = tl.max(tl.max(p_s, 1), 0)
+
+    if MODE == FORWARD_KL:  # G = p_s − p_t is small only where both are: the teacher tile is always needed
+        z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+        p_t = tl.where(m_nv, tl.exp(z_t * inv_tau - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]), 0.0)
+        peak = tl.maximum(peak, tl.max(tl.max(p_t, 1), 0))
+    if MODE == TOKEN_LOGPROB:
+        b_y = tl.load(ids_ptr + o_n, mask=m_n, other=-1)
+        hit = o_v[None, :] == b_y[:, None]
+        peak = tl.maximum(peak, tl.max(tl.max(hit.to(tl.float32), 1), 0))
+
+    keep = peak >= filter_eps
+    if keep:
+        if MODE == REVERSE_KL:
+            z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+            lp_t = z_t * inv_tau - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
+            b_loss = tl.load(loss_ptr + o_n, mask=m_n, other=0.0)
+            grad = p_s * (lp_s - lp_t - b_loss[:, None])
+        if MODE == FORWARD_KL:
+            grad = p_s - p_t
+        if MODE == JSD:
+            z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+            lp_t = z_t * inv_tau - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
+            log_m = logaddexp(lp_s + tl.log(1.0 - beta), lp_t + tl.log(beta))
+            b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
+            grad = p_s * ((1.0 - beta) * (lp_s - log_m) - b_center[:, None])
+        if MODE == TOKEN_LOGPROB:
+            grad = tl.where(hit, 1.0, 0.0) - p_s
+        grad = tl.where(m_nv, grad * b_w[:, None], 0.0)
+        p_g = g_ptr + o_n[:, None] * stride_g + (o_v - v_lo)[None, :]
+        tl.store(p_g, grad.to(g_ptr.dtype.element_ty), mask=m_nv)
+    tl.store(flag_ptr + i_n * n_vtiles + i_v, keep.to(tl.int32))
+
+
+def _matmul_configs():
+    return configs({"BK": [128, 64]}, warps=[8, 4], stages=[3, 4], interpreter={"BK": 16})
+
+
+# restore_value: the kernel adds into dh, so autotuning's trial runs must not accumulate.
+@triton.autotune(configs=_matmul_configs(), key=["H", "PRECISION"], restore_value=["dh_ptr"])
+@triton.jit
+def _grad_hidden_kernel(
+    g_ptr,
+    flag_ptr,
+    w_ptr,
+    dh_ptr,
+    N,
+    H,
+    stride_g,
+    stride_w,
+    stride_dh,
+    v_lo,
+    v_hi,
+    n_vtiles,
+    inv_tau,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_n, i_k = tl.program_id(0), tl.program_id(1)
+    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+    m_n = o_n < N
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < H
+    acc = tl.zeros([BN, BK], tl.float32)
+    for i_v in range(0, n_vtiles):
+        if tl.load(flag_ptr + i_n * n_vtiles + i_v) != 0:
+            o_c = (i_v * BV + tl.arange(0, BV)).to(tl.int64)
+            m_c = v_lo + o_c < v_hi
+            b_g = tl.load(g_ptr + o_n[:, None] * stride_g + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+            p_w = w_ptr + (v_lo + o_c)[:, None] * stride_w + o_k[None, :]
+            b_w = tl.load(p_w, mask=m_c[:, None] & m_k[None, :], other=0.0)
+            acc = tl.dot(b_g, b_w, acc, input_precision=PRECISION)
+    p_dh = dh_ptr + o_n[:, None] * stride_dh + o_k[None, :]
+    m_dh = m_n[:, None] & m_k[None, :]
+    tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + acc * inv_tau, mask=m_dh)
+
+
+@triton.autotune(configs=_matmul_configs(), key=["H", "PRECISION"])
+@triton.jit
+def _grad_weight_kernel(
+    g_ptr,
+    flag_ptr,
+    h_ptr,
+    dw_ptr,
+    N,
+    H,
+    stride_g,
+    stride_h,
+    stride_dw,
+    v_lo,
+    v_hi,
+    n_ntiles,
+    n_vtiles,
+    inv_tau,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_v, i_k = tl.program_id(0), tl.program_id(1)
+    o_c = (i_v * BV + tl.arange(0, BV)).to(tl.int64)
+    m_c = v_lo + o_c < v_hi
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < H
+    acc = tl.zeros([BV, BK], tl.float32)
+    for i_n in range(0, n_ntiles):
+        if tl.load(flag_ptr + i_n * n_vtiles + i_v) != 0:
+            o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+            m_n = o_n < N
+            b_g = tl.load(g_ptr + o_n[:, None] * stride_g + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+            b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+            acc = tl.dot(tl.trans(b_g), b_h, acc, input_precision=PRECISION)
+    p_dw = dw_ptr + (v_lo + o_c)[:, None] * stride_dw + o_k[None, :]
+    tl.store(p_dw, (acc * inv_tau).to(dw_ptr.dtype.element_ty), mask=m_c[:, None] & m_k[None, :])
+
+
+class FilterStats:
+    """Tiles seen and skipped by gradient filtering, accumulated on the device (read without syncing)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.skipped: torch.Tensor | int = 0
+
+    def add(self, flags: torch.Tensor) -> None:
+        self.total += flags.numel()
+        self.skipped = self.skipped + (flags == 0).sum()
+
+    def as_dict(self) -> dict:
+        skipped = int(self.skipped)
+        return {
+            "tiles": self.total,
+            "skipped": skipped,
+            "skipped_fraction": skipped / self.total if self.total else 0.0,
+        }
+
+
+def logit_grad_backward(
+    hs,
+    ws,
+    ht,
+    wt,
+    ids,
+    lse_s,
+    lse_t,
+    loss,
+    center,
+    row_weight,
+    *,
+    mode: str,
+    temperature: float,
+    beta: float,
+    filter_eps: float,
+    precision: str,
+    need_dh: bool,
+    need_dw: bool,
+    workspace_elements: int,
+):
+    """(dh fp32 [N, Hs] | None, dw in ws.dtype [V, Hs] | None, FilterStats) for the given mode.
+
+    ``ht``/``wt``/``lse_t`` are unused (may be None) in token mode, ``ids`` outside it, ``center`` outside JSD.
+    """
+    n_rows, hidden = hs.shape
+    vocab = ws.shape[0]
+    bn, bv = tile_shape()
+    chunk = max(bv, (workspace_elements // max(n_rows, 1)) // bv * bv)
+    chunk = min(chunk, triton.cdiv(vocab, bv) * bv)
+    n_ntiles = triton.cdiv(n_rows, bn)
+    g_buf = torch.empty((n_rows, chunk), device=hs.device, dtype=ws.dtype)
+    dh = torch.zeros((n_rows, hidden), device=hs.device, dtype=torch.float32) if need_dh else None
+    dw = torch.empty_like(ws) if need_dw else None
+    stats = FilterStats()
+    teacher = ht is not None
+    dummy = hs
+    inv_tau = 1.0 / temperature
+    with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
+        for v_lo in range(0, vocab, chunk):
+            v_hi = min(v_lo + chunk, vocab)
+            n_vtiles = triton.cdiv(v_hi - v_lo, bv)
+            chunk_flags = torch.empty((n_ntiles, n_vtiles), device=hs.device, dtype=torch.int32)
+            _logit_grad_kernel[(n_ntiles, n_vtiles)](
+                hs,
+                ws,
+                ht if teacher else dummy,
+                wt if teacher else dummy,
+                ids if ids is not None else dummy,
+                lse_s,
+                lse_t if teacher else lse_s,
+                loss if loss is not None else lse_s,
+                center if center is not None else lse_s,
+                row_weight,
+                g_buf,
+                chunk_flags,
+                n_rows,
+                hidden,
+                ht.shape[1] if teacher else 1,
+                hs.stride(0),
+                ws.stride(0),
+                ht.stride(0) if teacher else 0,
+                wt.stride(0) if teacher else 0,
+                g_buf.stride(0),
+                v_lo,
+                v_hi,
+                n_vtiles,
+                inv_tau,
+                beta,
+                filter_eps,
+                MODE=MODES[mode],
+                PRECISION=precision,
+                BN=bn,
+                BV=bv,
+            )
+            stats.add(chunk_flags)
+            if dh is not None:
+                grid = lambda meta: (n_ntiles, triton.cdiv(hidden, meta["BK"]))  # noqa: E731
+                _grad_hidden_kernel[grid](
+                    g_buf,
+                    chunk_flags,
+                    ws,
+                    dh,
+                    n_rows,
+                    hidden,
+                    g_buf.stride(0),
+                    ws.stride(0),
+                    dh.stride(0),
+                    v_lo,
+                    v_hi,
+                    n_vtiles,
+                    inv_tau,
+                    PRECISION=precision,
+                    BN=bn,
+                    BV=bv,
+                )
+            if dw is not None:
+                grid = lambda meta, n=n_vtiles: (n, triton.cdiv(hidden, meta["BK"]))  # noqa: E731
+                _grad_weight_kernel[grid](
+                    g_buf,
+                    chunk_flags,
+                    hs,
+                    dw,
+                    n_rows,
+                    hidden,
+                    g_buf.stride(0),
+                    hs.stride(0),
+                    dw.stride(0),
+                    v_lo,
+                    v_hi,
+                    n_ntiles,
+                    n_vtiles,
+                    inv_tau,
+                    PRECISION=precision,
+                    BN=bn,
+                    BV=bv,
+                )
+    return dh, dw, stats

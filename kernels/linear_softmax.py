@@ -1,0 +1,267 @@
+"""Forward statistics of log-softmax(h Wᵀ / τ) for one or two models, one pass over the vocabulary.
+
+Grid: (token blocks of BN rows) × (vocabulary splits). Each program walks its split's vocabulary in
+tiles of BV, builds the logits tiles with tl.dot and keeps per row, in fp32 registers:
+
+    m  = running max of z,   S = Σ e^{z − m}   (rescaled by e^{m_old − m_new} when m grows)
+
+for the student (and the teacher), plus one accumulator that depends on MODE:
+
+    reverse KL:  A = Σ e^{z_s − m_s} (z_s − z_t)   →  D = A / S_s − lse_s + lse_t
+    forward KL:  B = Σ e^{z_t − m_t} (z_t − z_s)   →  D = B / S_t − lse_t + lse_s
+    token:       z_y, the logit of the row's token  →  log p(y) = z_y − lse
+    JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``)
+
+Partial results per split land in a [5, splits, N] buffer and are merged on the host side with the same
+rescaling (O(N · splits) work). Memory: O(N) per output; no [N, V] tensor exists.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from opd_fast.kernels._common import FORWARD_KL, MODES, REVERSE_KL, TOKEN_LOGPROB, configs, logaddexp, logits_tile
+
+
+def _stats_configs():
+    return configs(
+        {"BN": [64, 128], "BV": [128, 64], "BH": [64]},
+        warps=[8, 4],
+        stages=[3],
+        interpreter={"BN": 16, "BV": 32, "BH": 16},
+    )
+
+
+@triton.autotune(configs=_stats_configs(), key=["HS", "HT", "MODE", "PRECISION"])
+@triton.jit
+def _softmax_stats_fwd_kernel(
+    hs_ptr,
+    ws_ptr,
+    ht_ptr,
+    wt_ptr,
+    ids_ptr,
+    part_ptr,
+    N,
+    V,
+    HS,
+    HT,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    v_per_split,
+    n_splits,
+    inv_tau,
+    MODE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+    m_n = o_n < N
+    v_start = i_s * v_per_split
+    v_stop = tl.minimum(v_start + v_per_split, V)
+
+    b_ms = tl.full([BN], -float("inf"), tl.float32)
+    b_ss = tl.zeros([BN], tl.float32)
+    b_mt = tl.full([BN], -float("inf"), tl.float32)
+    b_st = tl.zeros([BN], tl.float32)
+    b_acc = tl.zeros([BN], tl.float32)
+    if MODE == TOKEN_LOGPROB:
+        b_y = tl.load(ids_ptr + o_n, mask=m_n, other=-1)
+
+    for v0 in range(v_start, v_stop, BV):
+        o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
+        m_v = o_v < v_stop
+        z_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
+        z_s = z_s * inv_tau
+        # Online softmax: rescale what was summed against the old max before adding this tile.
+        # Masked columns get z = −inf, so e^{z − m} = 0 there.
+        zm_s = tl.where(m_v[None, :], z_s, -float("inf"))
+        ms_new = tl.maximum(b_ms, tl.max(zm_s, 1))
+        alpha_s = tl.exp(b_ms - ms_new)
+        e_s = tl.exp(zm_s - ms_new[:, None])
+        b_ss = b_ss * alpha_s + tl.sum(e_s, 1)
+        b_ms = ms_new
+        if MODE != TOKEN_LOGPROB:
+            z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+            z_t = z_t * inv_tau
+            zm_t = tl.where(m_v[None, :], z_t, -float("inf"))
+            mt_new = tl.maximum(b_mt, tl.max(zm_t, 1))
+            alpha_t = tl.exp(b_mt - mt_new)
+            e_t = tl.exp(zm_t - mt_new[:, None])
+            b_st = b_st * alpha_t + tl.sum(e_t, 1)
+            b_mt = mt_new
+            if MODE == REVERSE_KL:
+                b_acc = b_acc * alpha_s + tl.sum(e_s * (z_s - z_t), 1)
+            if MODE == FORWARD_KL:
+                b_acc = b_acc * alpha_t + tl.sum(e_t * (z_t - z_s), 1)
+        if MODE == TOKEN_LOGPROB:
+            b_acc += tl.sum(tl.where(o_v[None, :] == b_y[:, None], z_s, 0.0), 1)
+
+    stride_k = n_splits * N
+    p_out = part_ptr + i_s * N + o_n
+    tl.store(p_out, b_ms, mask=m_n)
+    tl.store(p_out + stride_k, b_ss, mask=m_n)
+    tl.store(p_out + 2 * stride_k, b_mt, mask=m_n)
+    tl.store(p_out + 3 * stride_k, b_st, mask=m_n)
+    tl.store(p_out + 4 * stride_k, b_acc, mask=m_n)
+
+
+def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | None) -> tuple[int, int]:
+    """(splits, columns per split): enough splits that token blocks × splits fill the GPU about twice
+    over; each split a multiple of 128 columns (every BV divides it). ``n_splits`` forces a count."""
+    if n_splits is None and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        n_splits = min(triton.cdiv(2 * sms, triton.cdiv(n_rows, 64)), triton.cdiv(vocab, 1024))
+    elif n_splits is None:
+        n_splits = 2  # the interpreter: exercise the merge of splits
+    per_split = triton.cdiv(triton.cdiv(vocab, max(1, n_splits)), 128) * 128
+    return triton.cdiv(vocab, per_split), per_split
+
+
+def softmax_stats(hs, ws, ht, wt, ids, *, mode: str, temperature: float, precision: str, n_splits: int | None = None):
+    """Per-row (lse_s, lse_t, acc) of the module docstring; ``ht``/``wt`` are None in token mode.
+
+    Returns fp32 [N] tensors: the student's lse, the teacher's lse (token mode: None), and the merged
+    accumulator (A / S_s for reverse KL, B / S_t for forward KL, z_y for tokens, zeros for JSD).
+    """
+    n_rows, vocab = hs.shape[0], ws.shape[0]
+    splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
+    part = torch.empty((5, splits, n_rows), device=hs.device, dtype=torch.float32)
+    teacher = ht is not None
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]), splits)  # noqa: E731
+    with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
+        _softmax_stats_fwd_kernel[grid](
+            hs,
+            ws,
+            ht if teacher else hs,
+            wt if teacher else ws,
+            ids if ids is not None else hs,
+            part,
+            n_rows,
+            vocab,
+            hs.shape[1],
+            ht.shape[1] if teacher else 1,
+            hs.stride(0),
+            ws.stride(0),
+            ht.stride(0) if teacher else 0,
+            wt.stride(0) if teacher else 0,
+            v_per_split,
+            splits,
+            1.0 / temperature,
+            MODE=MODES[mode],
+            PRECISION=precision,
+        )
+    m_s, s_s, m_t, s_t, acc = part
+    lse_s, scale_s = _merge(m_s, s_s)
+    if mode == "token_logprob":
+        return lse_s, None, acc.sum(0)
+    lse_t, scale_t = _merge(m_t, s_t)
+    if mode == "reverse_kl":
+        merged = (acc * scale_s).sum(0) / (s_s * scale_s).sum(0)
+    elif mode == "forward_kl":
+        merged = (acc * scale_t).sum(0) / (s_t * scale_t).sum(0)
+    else:
+        merged = torch.zeros_like(lse_s)
+    return lse_s, lse_t, merged
+
+
+def _merge(m: torch.Tensor, s: torch.Tensor):
+    """lse over splits from per-split (max, Σ e^{z − max}); also the per-split rescaling factors."""
+    m_all = m.amax(0)
+    scale = torch.exp(m - m_all)
+    return m_all + torch.log((s * scale).sum(0)), scale
+
+
+@triton.autotune(configs=_stats_configs(), key=["HS", "HT", "PRECISION"])
+@triton.jit
+def _jsd_terms_kernel(
+    hs_ptr,
+    ws_ptr,
+    ht_ptr,
+    wt_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    part_ptr,
+    N,
+    V,
+    HS,
+    HT,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    v_per_split,
+    n_splits,
+    inv_tau,
+    beta,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """Second JSD pass: Σ p_s log(p_s/m) and Σ p_t log(p_t/m) per row, with m = β p_t + (1−β) p_s."""
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+    m_n = o_n < N
+    v_start = i_s * v_per_split
+    v_stop = tl.minimum(v_start + v_per_split, V)
+    b_lse_s = tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)
+    b_lse_t = tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)
+    log_beta = tl.log(beta)
+    log_1m_beta = tl.log(1.0 - beta)
+    b_kl_s = tl.zeros([BN], tl.float32)
+    b_kl_t = tl.zeros([BN], tl.float32)
+    for v0 in range(v_start, v_stop, BV):
+        o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
+        m_v = o_v < v_stop
+        m_nv = m_n[:, None] & m_v[None, :]
+        z_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
+        z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+        lp_s = z_s * inv_tau - b_lse_s[:, None]
+        lp_t = z_t * inv_tau - b_lse_t[:, None]
+        log_m = logaddexp(lp_s + log_1m_beta, lp_t + log_beta)
+        b_kl_s += tl.sum(tl.where(m_nv, tl.exp(lp_s) * (lp_s - log_m), 0.0), 1)
+        b_kl_t += tl.sum(tl.where(m_nv, tl.exp(lp_t) * (lp_t - log_m), 0.0), 1)
+    p_out = part_ptr + i_s * N + o_n
+    tl.store(p_out, b_kl_s, mask=m_n)
+    tl.store(p_out + n_splits * N, b_kl_t, mask=m_n)
+
+
+def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, *, beta: float, temperature: float, precision: str, n_splits=None):
+    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row, fp32 [N] each, given both rows' log-sum-exps."""
+    n_rows, vocab = hs.shape[0], ws.shape[0]
+    splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
+    part = torch.empty((2, splits, n_rows), device=hs.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]), splits)  # noqa: E731
+    with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
+        _jsd_terms_kernel[grid](
+            hs,
+            ws,
+            ht,
+            wt,
+            lse_s,
+            lse_t,
+            part,
+            n_rows,
+            vocab,
+            hs.shape[1],
+            ht.shape[1],
+            hs.stride(0),
+            ws.stride(0),
+            ht.stride(0),
+            wt.stride(0),
+            v_per_split,
+            splits,
+            1.0 / temperature,
+            beta,
+            PRECISION=precision,
+        )
+    return part[0].sum(0), part[1].sum(0)
