@@ -13,13 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Op codes, passed to the kernels as constexpr MODE.
+# Op codes, passed to the kernels as constexpr MODE. The first three involve two models.
 REVERSE_KL: tl.constexpr = tl.constexpr(0)
 FORWARD_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 TOKEN_LOGPROB: tl.constexpr = tl.constexpr(3)
+LOGSUMEXP: tl.constexpr = tl.constexpr(4)
 
-MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3}
+MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
 
 
 def is_interpreter() -> bool:

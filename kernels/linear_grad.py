@@ -25,6 +25,7 @@ Logit gradients by MODE (lp = log-probs, D and ``center`` from the forward, w th
     forward KL:  G = w (p_s − p_t)
     JSD(β):      G = w p_s ((1 − β) log(p_s / m) − center),  m = β p_t + (1 − β) p_s
     token:       G = w ([v = y] − p_s)                      (never skipped where a row's token lies)
+    logsumexp:   G = w p_s
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import triton.language as tl
 from opd_fast.kernels._common import (
     FORWARD_KL,
     JSD,
+    LOGSUMEXP,
     MODES,
     REVERSE_KL,
     TOKEN_LOGPROB,
@@ -130,6 +132,8 @@ def _logit_grad_kernel(
             grad = p_s * ((1.0 - beta) * (lp_s - log_m) - b_center[:, None])
         if MODE == TOKEN_LOGPROB:
             grad = tl.where(hit, 1.0, 0.0) - p_s
+        if MODE == LOGSUMEXP:
+            grad = p_s
         grad = tl.where(m_nv, grad * b_w[:, None], 0.0)
         p_g = g_ptr + o_n[:, None] * stride_g + (o_v - v_lo)[None, :]
         tl.store(p_g, grad.to(g_ptr.dtype.element_ty), mask=m_nv)
@@ -263,7 +267,8 @@ def logit_grad_backward(
 ):
     """(dh fp32 [N, Hs] | None, dw in ws.dtype [V, Hs] | None, FilterStats) for the given mode.
 
-    ``ht``/``wt``/``lse_t`` are unused (may be None) in token mode, ``ids`` outside it, ``center`` outside JSD.
+    ``ht``/``wt``/``lse_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode,
+    ``center`` outside JSD.
     """
     n_rows, hidden = hs.shape
     vocab = ws.shape[0]

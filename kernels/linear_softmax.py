@@ -10,6 +10,7 @@ for the student (and the teacher), plus one accumulator that depends on MODE:
     reverse KL:  A = Σ e^{z_s − m_s} (z_s − z_t)   →  D = A / S_s − lse_s + lse_t
     forward KL:  B = Σ e^{z_t − m_t} (z_t − z_s)   →  D = B / S_t − lse_t + lse_s
     token:       z_y, the logit of the row's token  →  log p(y) = z_y − lse
+    logsumexp:   nothing (one model, lse only)
     JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``)
 
 Partial results per split land in a [5, splits, N] buffer and are merged on the host side with the same
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from opd_fast.kernels._common import FORWARD_KL, MODES, REVERSE_KL, TOKEN_LOGPROB, configs, logaddexp, logits_tile
+from opd_fast.kernels._common import FORWARD_KL, JSD, MODES, REVERSE_KL, TOKEN_LOGPROB, configs, logaddexp, logits_tile
 
 
 def _stats_configs():
@@ -89,7 +90,7 @@ def _softmax_stats_fwd_kernel(
         e_s = tl.exp(zm_s - ms_new[:, None])
         b_ss = b_ss * alpha_s + tl.sum(e_s, 1)
         b_ms = ms_new
-        if MODE != TOKEN_LOGPROB:
+        if MODE <= JSD:  # two models
             z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = z_t * inv_tau
             zm_t = tl.where(m_v[None, :], z_t, -float("inf"))
@@ -127,10 +128,10 @@ def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | 
 
 
 def softmax_stats(hs, ws, ht, wt, ids, *, mode: str, temperature: float, precision: str, n_splits: int | None = None):
-    """Per-row (lse_s, lse_t, acc) of the module docstring; ``ht``/``wt`` are None in token mode.
+    """Per-row (lse_s, lse_t, acc) of the module docstring; ``ht``/``wt`` are None in one-model modes.
 
-    Returns fp32 [N] tensors: the student's lse, the teacher's lse (token mode: None), and the merged
-    accumulator (A / S_s for reverse KL, B / S_t for forward KL, z_y for tokens, zeros for JSD).
+    Returns fp32 [N] tensors: the student's lse, the teacher's lse (one model: None), and the merged
+    accumulator (A / S_s for reverse KL, B / S_t for forward KL, z_y for tokens, zeros otherwise).
     """
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
@@ -161,7 +162,7 @@ def softmax_stats(hs, ws, ht, wt, ids, *, mode: str, temperature: float, precisi
         )
     m_s, s_s, m_t, s_t, acc = part
     lse_s, scale_s = _merge(m_s, s_s)
-    if mode == "token_logprob":
+    if mode in ("token_logprob", "logsumexp"):
         return lse_s, None, acc.sum(0)
     lse_t, scale_t = _merge(m_t, s_t)
     if mode == "reverse_kl":

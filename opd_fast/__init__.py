@@ -6,8 +6,9 @@ teacher are never materialized. See DESIGN.md §3 for the contract and README.md
 
 from opd_fast.backends import BackendUnavailableError
 from opd_fast.chunking import chunk_budget, get_chunk_budget, set_chunk_budget
-from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs, linear_topk_overlap
+from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs
 from opd_fast.modules import OPDLoss
+from opd_fast.topk import linear_topk_divergence, linear_topk_overlap, linear_topk_target_divergence
 from opd_fast.types import TopKOverlap
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "linear_divergence",
     "linear_reverse_kl",
     "linear_token_logprobs",
+    "linear_topk_divergence",
     "linear_topk_overlap",
+    "linear_topk_target_divergence",
     "set_chunk_budget",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_fast._rows import counted_rows
+
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -190,3 +192,31 @@ class DivergenceSpec:
         elif kind == "jsd" and beta == 1.0:
             kind = "reverse_kl"
         return cls(kind=kind, beta=beta, temperature=temperature, filter_eps=filter_eps)
+
+
+def flatten(hidden: torch.Tensor) -> torch.Tensor:
+    """[..., H] -> [N, H] (a view when possible)."""
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, refuse_non_finite):
+    """Validate a student/teacher pair; returns (hs [N, Hs], ws, ht [N, Ht], wt, leading shape, counted rows).
+
+    Both weights are cut to the shared vocabulary; the teacher's tensors come back detached.
+    """
+    ws = check_weight("student_weight", student_weight)
+    wt = check_weight("teacher_weight", teacher_weight)
+    hs = check_hidden("student_hidden", student_hidden, ws, "student_weight")
+    ht = check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading shape (one row per token), got "
+            f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
+        )
+    mask = check_mask(mask, hs.shape[:-1])
+    check_same_device(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, mask=mask)
+    vocab = check_vocab(ws, wt, vocab_size)
+    ws, wt = ws[:vocab], wt[:vocab]
+    if refuse_non_finite:
+        check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt)
+    return flatten(hs), ws, flatten(ht).detach(), wt.detach(), hs.shape[:-1], counted_rows(mask)

@@ -130,3 +130,26 @@ class LinearTokenLogprobs(torch.autograd.Function):
             h, w, ids, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps
         )
         return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), None, None, None, None, None
+
+
+class LinearLogSumExp(torch.autograd.Function):
+    """log Σ_v exp(h W_vᵀ / τ) per token, differentiable w.r.t. h and W (∂/∂z = softmax)."""
+
+    @staticmethod
+    def forward(ctx, h, w, backend: ModuleType, temperature: float, filter_eps, grad_on: bool):
+        lse = backend.logsumexp_forward(h, w, temperature)
+        ctx.backend, ctx.temperature, ctx.filter_eps = backend, temperature, filter_eps
+        ctx.need_dh = grad_on and ctx.needs_input_grad[0]
+        ctx.need_dw = grad_on and ctx.needs_input_grad[1]
+        if ctx.need_dh or ctx.need_dw:
+            ctx.save_for_backward(h, w, lse)
+        return lse.to(_result_dtype(h, w))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, w, lse = ctx.saved_tensors
+        dh, dw = ctx.backend.logsumexp_backward(
+            h, w, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps
+        )
+        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), None, None, None, None

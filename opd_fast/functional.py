@@ -9,34 +9,8 @@ from __future__ import annotations
 import torch
 
 from opd_fast import _validation as check
-from opd_fast._rows import counted_rows, scatter_rows, select_rows
 from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
 from opd_fast.backends import get_backend
-from opd_fast.types import TopKOverlap
-
-
-def _flatten(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
-def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite):
-    """Validate a student/teacher pair; returns (hs2d, ws, ht2d, wt, leading shape, counted rows)."""
-    ws = check.check_weight("student_weight", student_weight)
-    wt = check.check_weight("teacher_weight", teacher_weight)
-    hs = check.check_hidden("student_hidden", student_hidden, ws, "student_weight")
-    ht = check.check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
-    if hs.shape[:-1] != ht.shape[:-1]:
-        raise ValueError(
-            "student_hidden and teacher_hidden must have the same leading shape (one row per token), got "
-            f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
-        )
-    mask = check.check_mask(mask, hs.shape[:-1])
-    check.check_same_device(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, mask=mask)
-    vocab = check.check_vocab(ws, wt, vocab_size)
-    ws, wt = ws[:vocab], wt[:vocab]
-    if check_finite:
-        check.check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt)
-    return _flatten(hs), ws, _flatten(ht).detach(), wt.detach(), hs.shape[:-1], counted_rows(mask)
 
 
 def linear_divergence(
@@ -92,7 +66,7 @@ def linear_divergence(
     spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_process_group(process_group)
-    hs, ws, ht, wt, lead, rows = _check_pair(
+    hs, ws, ht, wt, lead, rows = check.check_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
     )
     ops = get_backend(backend, hs.device)
@@ -167,41 +141,7 @@ def linear_token_logprobs(
         check.check_finite(hidden=h, weight=w)
     ops = get_backend(backend, h.device)
     flat_ids = ids.reshape(-1).long()
-    out = LinearTokenLogprobs.apply(_flatten(h), w, flat_ids, ops, temperature, filter_eps, torch.is_grad_enabled())
+    out = LinearTokenLogprobs.apply(
+        check.flatten(h), w, flat_ids, ops, temperature, filter_eps, torch.is_grad_enabled()
+    )
     return out.view(h.shape[:-1])
-
-
-def linear_topk_overlap(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    *,
-    k: int = 16,
-    mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    backend: str = "auto",
-    process_group=None,
-    vocab_size: int | None = None,
-    check_finite: bool = False,
-) -> TopKOverlap:
-    """Top-k agreement diagnostics of DESIGN.md §2 per token; see :class:`opd_fast.TopKOverlap`.
-
-    Streams a running top-k and online softmax statistics over vocabulary tiles for both models, so it
-    needs O(tokens · k) memory. Not differentiable (a diagnostic). Arguments as in
-    :func:`linear_divergence`, plus ``k`` in [1, V].
-    """
-    temperature = check.check_temperature(temperature)
-    check.check_process_group(process_group)
-    hs, ws, ht, wt, lead, rows = _check_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
-    )
-    k = check.check_k(k, ws.shape[0])
-    ops = get_backend(backend, hs.device)
-    n_rows = hs.shape[0]
-    with torch.no_grad():
-        result = ops.topk_overlap(select_rows(hs, rows), ws.detach(), select_rows(ht, rows), wt, k, temperature)
-    fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
-    return TopKOverlap(
-        *(scatter_rows(field, rows, n_rows, fill).view((*lead, *field.shape[1:])) for field, fill in zip(result, fills))
-    )

@@ -101,3 +101,81 @@ def materialized_topk_overlap(
             student_entropy=(-(lps.exp() * lps).sum(dim=-1)).float(),
             teacher_entropy=(-(lpt.exp() * lpt).sum(dim=-1)).float(),
         )
+
+
+def _topk_mask(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [..., V]: the k largest entries per row, ties to the smaller id (a stable sort)."""
+    ids = log_probs.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, ids, True)
+
+
+def _masked_kl(lp_a: torch.Tensor, lp_b: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Σ_{v ∈ support} p_a (lp_a − lp_b), with 0 · anything = 0 outside the support."""
+    terms = torch.where(support, lp_a.exp() * (lp_a - lp_b), 0.0)
+    return terms.sum(dim=-1)
+
+
+def materialized_topk_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    k: int = 16,
+    support: str = "student",
+    divergence: str = "reverse_kl",
+    renormalize: bool = True,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The top-k-support divergence of :func:`opd_fast.linear_topk_divergence` from materialized logits."""
+    lps = _log_softmax(student_hidden, student_weight, temperature)
+    with torch.no_grad():
+        lpt = _log_softmax(teacher_hidden, teacher_weight, temperature)
+        in_s, in_t = _topk_mask(lps, k), _topk_mask(lpt, k)
+        chosen = {"student": in_s, "teacher": in_t, "union": in_s | in_t, "intersection": in_s & in_t}[support]
+    if renormalize:
+        # log p̃ = lp − log Σ_S p over the support; rows with an empty support normalize over a dummy.
+        nonempty = chosen.any(dim=-1, keepdim=True)
+
+        def renorm(lp):
+            norm = torch.logsumexp(
+                torch.where(nonempty, torch.where(chosen, lp, -torch.inf), 0.0), dim=-1, keepdim=True
+            )
+            return torch.where(chosen, lp - norm, 0.0)
+
+        lps, lpt = renorm(lps), renorm(lpt)
+    per_token = _masked_kl(lps, lpt, chosen) if divergence == "reverse_kl" else _masked_kl(lpt, lps, chosen)
+    return _reduce(per_token, mask, reduction)
+
+
+def materialized_topk_target_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    add_tail: bool = True,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    tail_floor: float = 1e-12,
+) -> torch.Tensor:
+    """:func:`opd_fast.linear_topk_target_divergence` from materialized student log-probs."""
+    lps = _log_softmax(student_hidden, student_weight, temperature).gather(-1, teacher_topk_ids)
+    lpt = teacher_topk_logprobs.to(lps.dtype)
+    pt, ps = lpt.exp(), lps.exp()
+    if divergence == "forward_kl":
+        per_token = (torch.xlogy(pt, pt) - pt * lps).sum(dim=-1)
+    else:
+        per_token = (ps * (lps - lpt.clamp_min(math.log(tail_floor)))).sum(dim=-1)
+    if add_tail:
+        tail_t = (1 - pt.sum(dim=-1)).clamp_min(0.0)
+        tail_s = (1 - ps.sum(dim=-1)).clamp_min(tail_floor)
+        if divergence == "forward_kl":
+            per_token = per_token + torch.xlogy(tail_t, tail_t) - tail_t * tail_s.log()
+        else:
+            per_token = per_token + tail_s * (tail_s.log() - tail_t.clamp_min(tail_floor).log())
+    return _reduce(per_token, mask, reduction)

@@ -6,8 +6,11 @@ A backend module provides, on 2-D inputs (rows already selected by the mask):
 * ``divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw) -> (dh | None, dw | None)``
 * ``divergence_forward_backward(hs, ws, ht, wt, grad, spec, need_dh, need_dw) -> (stats, dh, dw)``
 * ``token_logprobs_forward(h, w, ids, temperature) -> (logprobs, lse)``
-* ``token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw) -> (dh | None, dw | None)``
-* ``topk_overlap(hs, ws, ht, wt, k, temperature) -> TopKOverlap``
+* ``token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps) -> (dh, dw)``
+* ``logsumexp_forward(h, w, temperature) -> lse``
+* ``logsumexp_backward(h, w, lse, grad, temperature, need_dh, need_dw, filter_eps) -> (dh, dw)``
+* ``topk(h, w, k, temperature) -> (ids, logprobs, lse, entropy)``: top-k sorted by descending log-prob,
+  ties by the smaller id, with the row's log-sum-exp and entropy
 
 ``grad`` is the per-token weight of the loss gradient ([N] fp32); gradients come back w.r.t. the student
 hidden states and weight, in any floating dtype (the autograd layer casts them).

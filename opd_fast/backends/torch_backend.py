@@ -27,7 +27,7 @@ import torch
 
 from opd_fast._validation import DivergenceSpec
 from opd_fast.chunking import TilePlan, plan_tiles
-from opd_fast.types import DivergenceStats, TopKOverlap
+from opd_fast.types import DivergenceStats
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -196,7 +196,8 @@ def divergence_forward_backward(hs, ws, ht, wt, grad, spec: DivergenceSpec, need
     return _divergence_sweep(hs, ws, ht, wt, spec, grad, None, need_dh, need_dw)
 
 
-def token_logprobs_forward(h, w, ids, temperature: float):
+def logsumexp_forward(h, w, temperature: float) -> torch.Tensor:
+    """lse of softmax(h Wᵀ / τ) per row."""
     dtype = _compute_dtype(h, w)
     h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
     n_tokens = h.shape[0]
@@ -204,12 +205,11 @@ def token_logprobs_forward(h, w, ids, temperature: float):
     lse = h.new_empty(n_tokens)
     for rows in plan.row_chunks(n_tokens):
         lse[rows] = _LogProbTiles([(h[rows], w)], plan).lse[0]
-    logprobs = _rowdot(h, w[ids]) - lse
-    return logprobs, lse
+    return lse
 
 
-def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: bool, need_dw: bool, filter_eps=None):
-    """∂ log p(y)/∂z_v = [v = y] − p_v, weighted per token by ``grad``; exact (``filter_eps`` is ignored)."""
+def logsumexp_backward(h, w, lse, grad, temperature: float, need_dh: bool, need_dw: bool, filter_eps=None):
+    """∂ lse / ∂z_v = p_v, weighted per token by ``grad``; exact (``filter_eps`` is ignored)."""
     dtype = _compute_dtype(h, w)
     h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
     grad = _upcast(grad, dtype)
@@ -219,33 +219,51 @@ def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: b
     dw = w.new_zeros(w.shape) if need_dw else None
     for rows in plan.row_chunks(n_tokens):
         for cols, (lp,) in _LogProbTiles([(h[rows], w)], plan, [lse[rows]]):
-            _accumulate_grads(lp.exp_(), w, -grad[rows], rows, cols, h, dh, dw)
+            _accumulate_grads(lp.exp_(), w, grad[rows], rows, cols, h, dh, dw)
     if dh is not None:
-        dh += grad[:, None] * w[ids]
         dh /= temperature
+    return dh, dw
+
+
+def token_logprobs_forward(h, w, ids, temperature: float):
+    lse = logsumexp_forward(h, w, temperature)
+    dtype = _compute_dtype(h, w)
+    return _rowdot(_scaled(h, temperature, dtype), _upcast(w, dtype)[ids]) - lse, lse
+
+
+def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: bool, need_dw: bool, filter_eps=None):
+    """∂ log p(y)/∂z_v = [v = y] − p_v: the log-sum-exp gradient, negated, plus the one-hot part."""
+    dh, dw = logsumexp_backward(h, w, lse, -grad, temperature, need_dh, need_dw)
+    dtype = _compute_dtype(h, w)
+    grad = _upcast(grad, dtype)[:, None] / temperature
+    if dh is not None:
+        dh += grad * _upcast(w, dtype)[ids]
     if dw is not None:
-        dw.index_add_(0, ids, grad[:, None] * h)
+        dw.index_add_(0, ids, grad * _upcast(h, dtype))
     return dh, dw
 
 
 def _tile_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``z`` in canonical order: value descending, ties by smaller column first.
 
-    torch.topk picks arbitrarily among values tied with the k-th largest; rows where that happens are
-    re-selected exactly (all values above the k-th, then the tied ones with the smallest columns).
+    torch.topk picks arbitrarily among values tied with the k-th largest; such a tie exists exactly when
+    the (k+1)-th largest equals the k-th, and those rows are re-selected exactly (all values above the
+    k-th, then the tied ones with the smallest columns).
     """
-    values, cols = torch.topk(z, k, dim=-1)
-    kth = values[:, -1:]
-    tied_rows = ((z >= kth).sum(dim=-1) > k).nonzero().view(-1)
-    if tied_rows.numel():
-        sub, sub_kth = z[tied_rows], kth[tied_rows]
-        above = sub > sub_kth
-        at = sub == sub_kth
-        needed = k - above.sum(dim=-1, keepdim=True)
-        chosen = above | (at & (at.cumsum(dim=-1) <= needed))
-        sub_cols = chosen.nonzero()[:, 1].view(-1, k)
-        cols[tied_rows] = sub_cols
-        values[tied_rows] = sub.gather(1, sub_cols)
+    width = z.shape[1]
+    values, cols = torch.topk(z, min(k + 1, width), dim=-1)
+    if width > k:
+        tied_rows = (values[:, k] == values[:, k - 1]).nonzero().view(-1)
+        values, cols = values[:, :k], cols[:, :k]
+        if tied_rows.numel():
+            sub, sub_kth = z[tied_rows], values[tied_rows, k - 1 :]
+            above = sub > sub_kth
+            at = sub == sub_kth
+            needed = k - above.sum(dim=-1, keepdim=True)
+            chosen = above | (at & (at.cumsum(dim=-1) <= needed))
+            sub_cols = chosen.nonzero()[:, 1].view(-1, k)
+            cols[tied_rows] = sub_cols
+            values[tied_rows] = sub.gather(1, sub_cols)
     cols, order = cols.sort(dim=-1)
     values = values.gather(1, order)
     values, order = values.sort(dim=-1, descending=True, stable=True)
@@ -263,63 +281,44 @@ def _merge_topk(best, tile_best, k: int):
 
 
 def _stream_topk_entropy(hidden: torch.Tensor, weight: torch.Tensor, plan: TilePlan, k: int):
-    """One sweep over the vocabulary tiles: running top-k logits plus online softmax statistics.
+    """One sweep over the vocabulary tiles: running top-k logits plus the softmax's lse and entropy.
 
-    Per row we keep the running max m, S = Σ e^{z−m} and T = Σ e^{z−m}(z − m); when m grows to m', both
-    rescale by e^{m−m'} and T also gains (m − m')·S. At the end lse = m + log S and the entropy
-    H = −Σ p log p = log S − T / S.
+    Everything is kept relative to the running max m, which keeps the entropy accurate for peaked rows:
+    ℓ = log Σ e^{z−m} and μ = E_p[z] − m. A tile with max m_t, softmax p and ℓ_t = −log max(p),
+    μ_t = Σ p (z − m_t), merges as a two-part mixture with weights ∝ e^{ℓ + m} and e^{ℓ_t + m_t}.
+    At the end lse = m + ℓ and the entropy H = lse − E_p[z] = ℓ − μ.
     """
     n_rows = hidden.shape[0]
     m = hidden.new_full((n_rows,), -math.inf)
-    s = hidden.new_zeros(n_rows)
-    t = hidden.new_zeros(n_rows)
+    ell = hidden.new_full((n_rows,), -math.inf)
+    mu = hidden.new_zeros(n_rows)
     best = None
     for cols in plan.col_tiles():
         z = hidden @ weight[cols].T
-        m_new = torch.maximum(m, z.amax(dim=-1))
-        scale = torch.exp(m - m_new)
-        t = scale * (t + torch.where(s > 0, (m - m_new) * s, 0.0))
-        s = scale * s
-        z_shift = z - m_new[:, None]
-        e = z_shift.exp()
-        s += e.sum(dim=-1)
-        t += _rowdot(e, z_shift)
-        m = m_new
         values, ids = _tile_topk(z, min(k, cols.stop - cols.start))
         best = _merge_topk(best, (values, ids + cols.start), k)
-    lse = m + torch.log(s)
-    return best[1], best[0] - lse[:, None], torch.log(s) - t / s
+        m_t = z.amax(dim=-1)
+        z -= m_t[:, None]
+        p = torch.softmax(z, dim=-1)
+        ell_t, mu_t = -torch.log(p.amax(dim=-1)), _rowdot(p, z)
+        m_new = torch.maximum(m, m_t)
+        log_old, log_new = ell + (m - m_new), ell_t + (m_t - m_new)
+        ell = torch.logaddexp(log_old, log_new)
+        w_old, w_new = torch.exp(log_old - ell), torch.exp(log_new - ell)
+        mu = torch.where(w_old > 0, w_old * (mu + m - m_new), 0.0) + w_new * (mu_t + m_t - m_new)
+        m = m_new
+    lse = m + ell
+    return best[1], best[0] - lse[:, None], lse, ell - mu
 
 
-def _membership(ids: torch.Tensor, other_ids: torch.Tensor) -> torch.Tensor:
-    """[n, k] bool: is ids[n, j] among other_ids[n, :]? (sort + binary search: O(k log k) per row)."""
-    sorted_other = other_ids.sort(dim=-1).values
-    pos = torch.searchsorted(sorted_other, ids).clamp_(max=other_ids.shape[1] - 1)
-    return sorted_other.gather(1, pos) == ids
-
-
-def overlap_statistics(s_ids, s_logprobs, t_ids, t_logprobs):
-    """(overlap_ratio, overlap_mass_student, overlap_mass_teacher) from the two top-k lists."""
-    s_shared = _membership(s_ids, t_ids)
-    t_shared = _membership(t_ids, s_ids)
-    ratio = s_shared.sum(dim=-1).float() / s_ids.shape[1]
-    mass_s = torch.where(s_shared, s_logprobs.exp(), 0.0).sum(dim=-1)
-    mass_t = torch.where(t_shared, t_logprobs.exp(), 0.0).sum(dim=-1)
-    return ratio, mass_s.float(), mass_t.float()
-
-
-def topk_overlap(hs, ws, ht, wt, k: int, temperature: float) -> TopKOverlap:
-    dtype = _compute_dtype(hs, ws, ht, wt)
-    hs, ht = _scaled(hs, temperature, dtype), _scaled(ht, temperature, dtype)
-    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
-    n_tokens = hs.shape[0]
-    plan = plan_tiles(n_tokens, ws.shape[0])
-    s_ids = hs.new_empty((n_tokens, k), dtype=torch.int64)
-    t_ids = torch.empty_like(s_ids)
-    s_lp, t_lp = hs.new_empty((n_tokens, k)), hs.new_empty((n_tokens, k))
-    s_ent, t_ent = hs.new_empty(n_tokens), hs.new_empty(n_tokens)
+def topk(h, w, k: int, temperature: float):
+    """(ids int64 [N, k], log-probs [N, k] descending, ties by smaller id; lse [N]; entropy [N])."""
+    dtype = _compute_dtype(h, w)
+    h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
+    n_tokens = h.shape[0]
+    plan = plan_tiles(n_tokens, w.shape[0])
+    ids = h.new_empty((n_tokens, k), dtype=torch.int64)
+    logprobs, lse, entropy = h.new_empty((n_tokens, k)), h.new_empty(n_tokens), h.new_empty(n_tokens)
     for rows in plan.row_chunks(n_tokens):
-        s_ids[rows], s_lp[rows], s_ent[rows] = _stream_topk_entropy(hs[rows], ws, plan, k)
-        t_ids[rows], t_lp[rows], t_ent[rows] = _stream_topk_entropy(ht[rows], wt, plan, k)
-    ratio, mass_s, mass_t = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
-    return TopKOverlap(s_ids, s_lp.float(), t_ids, t_lp.float(), ratio, mass_s, mass_t, s_ent.float(), t_ent.float())
+        ids[rows], logprobs[rows], lse[rows], entropy[rows] = _stream_topk_entropy(h[rows], w, plan, k)
+    return ids, logprobs, lse, entropy

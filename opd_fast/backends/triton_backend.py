@@ -18,6 +18,7 @@ from opd_fast.chunking import get_chunk_budget
 from opd_fast.kernels._common import dot_precision
 from opd_fast.kernels.linear_grad import FilterStats, logit_grad_backward
 from opd_fast.kernels.linear_softmax import jsd_terms, softmax_stats
+from opd_fast.kernels.linear_topk import MAX_K, topk_stats
 from opd_fast.types import DivergenceStats
 
 WORKSPACE_FACTOR = 8
@@ -72,30 +73,14 @@ def divergence_forward(hs, ws, ht, wt, spec: DivergenceSpec) -> DivergenceStats:
 
 
 def divergence_backward(hs, ws, ht, wt, stats: DivergenceStats, grad, spec: DivergenceSpec, need_dh, need_dw):
-    global _last_filter_stats
     hs, ws = _prepare(hs, ws)
     ht, wt = _prepare(ht, wt)
-    dh, dw, _last_filter_stats = logit_grad_backward(
-        hs,
-        ws,
-        ht,
-        wt,
-        None,
-        stats.student_lse,
-        stats.teacher_lse,
-        stats.loss,
-        stats.center,
-        grad.float().contiguous(),
-        mode=spec.kind,
-        temperature=spec.temperature,
-        beta=spec.beta,
-        filter_eps=_filter_eps(spec.filter_eps, ws),
-        precision=dot_precision(ws.dtype),
-        need_dh=need_dh,
-        need_dw=need_dw,
-        workspace_elements=WORKSPACE_FACTOR * get_chunk_budget(),
+    kw = dict(
+        temperature=spec.temperature, beta=spec.beta, filter_eps=spec.filter_eps, need_dh=need_dh, need_dw=need_dw
     )
-    return dh, dw
+    return _backward(
+        hs, ws, ht, wt, None, stats.student_lse, stats.teacher_lse, stats.loss, stats.center, grad, mode=spec.kind, **kw
+    )
 
 
 def divergence_forward_backward(hs, ws, ht, wt, grad, spec: DivergenceSpec, need_dh, need_dw):
@@ -104,31 +89,24 @@ def divergence_forward_backward(hs, ws, ht, wt, grad, spec: DivergenceSpec, need
     return stats, dh, dw
 
 
-def token_logprobs_forward(h, w, ids, temperature: float):
-    h, w = _prepare(h, w)
-    lse, _, picked = softmax_stats(
-        h, w, None, None, ids, mode="token_logprob", temperature=temperature, precision=dot_precision(w.dtype)
-    )
-    return picked - lse, lse
-
-
-def token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps=None):
+def _backward(
+    h, w, ht, wt, ids, lse, lse_t, loss, center, grad, *, mode, temperature, beta, filter_eps, need_dh, need_dw
+):
     global _last_filter_stats
-    h, w = _prepare(h, w)
     dh, dw, _last_filter_stats = logit_grad_backward(
         h,
         w,
-        None,
-        None,
+        ht,
+        wt,
         ids,
         lse,
-        None,
-        None,
-        None,
+        lse_t,
+        loss,
+        center,
         grad.float().contiguous(),
-        mode="token_logprob",
+        mode=mode,
         temperature=temperature,
-        beta=0.0,
+        beta=beta,
         filter_eps=_filter_eps(filter_eps, w),
         precision=dot_precision(w.dtype),
         need_dh=need_dh,
@@ -138,8 +116,38 @@ def token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw,
     return dh, dw
 
 
-def topk_overlap(hs, ws, ht, wt, k: int, temperature: float):
-    """Top-k statistics; streamed by the torch backend's tiles on this device until the Triton kernel lands."""
-    from opd_fast.backends import torch_backend
+def logsumexp_forward(h, w, temperature: float):
+    h, w = _prepare(h, w)
+    kw = dict(mode="logsumexp", temperature=temperature, precision=dot_precision(w.dtype))
+    return softmax_stats(h, w, None, None, None, **kw)[0]
 
-    return torch_backend.topk_overlap(hs, ws, ht, wt, k, temperature)
+
+def logsumexp_backward(h, w, lse, grad, temperature, need_dh, need_dw, filter_eps=None):
+    h, w = _prepare(h, w)
+    kw = dict(temperature=temperature, beta=0.0, filter_eps=filter_eps, need_dh=need_dh, need_dw=need_dw)
+    return _backward(h, w, None, None, None, lse, None, None, None, grad, mode="logsumexp", **kw)
+
+
+def token_logprobs_forward(h, w, ids, temperature: float):
+    h, w = _prepare(h, w)
+    kw = dict(mode="token_logprob", temperature=temperature, precision=dot_precision(w.dtype))
+    lse, _, picked = softmax_stats(h, w, None, None, ids, **kw)
+    return picked - lse, lse
+
+
+def token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps=None):
+    h, w = _prepare(h, w)
+    kw = dict(temperature=temperature, beta=0.0, filter_eps=filter_eps, need_dh=need_dh, need_dw=need_dw)
+    return _backward(h, w, None, None, ids, lse, None, None, None, grad, mode="token_logprob", **kw)
+
+
+def topk(h, w, k: int, temperature: float):
+    """(ids, log-probs, lse, entropy) like the torch backend's; top-k lists longer than the kernel's
+    register budget (k > MAX_K) are streamed by the torch implementation on the same device."""
+    if k > MAX_K:
+        from opd_fast.backends import torch_backend
+
+        return torch_backend.topk(h, w, k, temperature)
+    h, w = _prepare(h, w)
+    ids, logits, lse, entropy = topk_stats(h, w, k, temperature=temperature, precision=dot_precision(w.dtype))
+    return ids, logits - lse[:, None], lse, entropy

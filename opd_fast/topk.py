@@ -1,0 +1,386 @@
+"""Top-k shared mass: overlap diagnostics and top-k distillation losses (DESIGN.md §2).
+
+Everything full-vocabulary here is streamed by the backends — the top-k selection with its log-sum-exp
+and entropy (``ops.topk``) and, when needed, a differentiable log-sum-exp — so no [N, V] tensor exists.
+What remains is O(N · k): the logits at the selected ids, gathered with a chunked, recomputing
+autograd Function, and the divergence on the support, in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from opd_fast import _validation as check
+from opd_fast._rows import counted_rows, scatter_rows, select_rows
+from opd_fast.autograd import LinearLogSumExp
+from opd_fast.backends import get_backend
+from opd_fast.chunking import get_chunk_budget
+from opd_fast.types import TopKOverlap
+
+SUPPORTS = ("student", "teacher", "union", "intersection")
+TOPK_DIVERGENCES = ("reverse_kl", "forward_kl")
+# Teacher log-probs from a server are rounded: allow this much above 0, and this much total mass above 1.
+LOGPROB_TOLERANCE = 1e-3
+MASS_TOLERANCE = 1e-2
+# Floor of the leftover ("tail") masses inside logarithms: below it fp32 cannot resolve 1 − Σp anyway.
+TAIL_FLOOR = 1e-12
+
+
+def membership(ids: torch.Tensor, other_ids: torch.Tensor) -> torch.Tensor:
+    """[n, k] bool: is ids[n, j] among other_ids[n, :]? (sort + binary search: O(k log k) per row)."""
+    sorted_other = other_ids.sort(dim=-1).values
+    pos = torch.searchsorted(sorted_other, ids).clamp_(max=other_ids.shape[1] - 1)
+    return sorted_other.gather(1, pos) == ids
+
+
+def overlap_statistics(s_ids, s_logprobs, t_ids, t_logprobs):
+    """(overlap_ratio, overlap_mass_student, overlap_mass_teacher) from the two top-k lists."""
+    s_shared = membership(s_ids, t_ids)
+    t_shared = membership(t_ids, s_ids)
+    ratio = s_shared.sum(dim=-1).float() / s_ids.shape[1]
+    mass_s = torch.where(s_shared, s_logprobs.exp(), 0.0).sum(dim=-1)
+    mass_t = torch.where(t_shared, t_logprobs.exp(), 0.0).sum(dim=-1)
+    return ratio, mass_s.float(), mass_t.float()
+
+
+def _scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """target[index[i]] += values[i], deterministically on every device.
+
+    On CUDA index_add_ uses atomics when indices repeat; summing each index's values first (sort +
+    segment_reduce) leaves index_add_ with unique indices, so one writer per row.
+    """
+    if target.device.type == "cpu":
+        target.index_add_(0, index, values)
+        return
+    index, order = index.sort(stable=True)
+    unique, counts = torch.unique_consecutive(index, return_counts=True)
+    target.index_add_(0, unique, torch.segment_reduce(values[order], "sum", lengths=counts, axis=0))
+
+
+class LinearGatheredLogits(torch.autograd.Function):
+    """z[n, m] = h_n · W[ids[n, m]] / τ for a few ids per token; ids < 0 are padding (z = 0, no gradient).
+
+    Token chunks keep the gathered weight rows [rows, M, H] within the chunk budget, and the backward
+    gathers them again instead of saving them, so memory stays O(N · M) beyond the budget.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, ids, temperature: float, grad_on: bool):
+        dtype = torch.promote_types(torch.promote_types(h.dtype, w.dtype), torch.float32)
+        valid = ids >= 0
+        safe_ids = ids.clamp(min=0)
+        z = h.new_zeros(ids.shape, dtype=dtype)
+        for rows in _row_chunks(ids.shape[0], ids.shape[1] * h.shape[1]):
+            gathered = w[safe_ids[rows]].to(dtype)  # [rows, M, H]
+            z[rows] = torch.bmm(gathered, h[rows].to(dtype).unsqueeze(2)).squeeze(2) / temperature
+        z = torch.where(valid, z, 0.0)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        ctx.need_dh = grad_on and ctx.needs_input_grad[0]
+        ctx.need_dw = grad_on and ctx.needs_input_grad[1]
+        if ctx.need_dh or ctx.need_dw:
+            ctx.save_for_backward(h, w, ids)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, w, ids = ctx.saved_tensors
+        dtype, tau = ctx.dtype, ctx.temperature
+        valid = ids >= 0
+        grad = torch.where(valid, grad_out.to(dtype), 0.0) / tau
+        safe_ids = ids.clamp(min=0)
+        dh = torch.zeros(h.shape, device=h.device, dtype=dtype) if ctx.need_dh else None
+        dw = torch.zeros(w.shape, device=w.device, dtype=dtype) if ctx.need_dw else None
+        n_ids = ids.shape[1]
+        for rows in _row_chunks(ids.shape[0], n_ids * h.shape[1]):
+            if dh is not None:
+                gathered = w[safe_ids[rows]].to(dtype)
+                dh[rows] = torch.bmm(grad[rows].unsqueeze(1), gathered).squeeze(1)
+            if dw is not None:
+                keep = valid[rows].reshape(-1)
+                values = (grad[rows].unsqueeze(2) * h[rows].to(dtype).unsqueeze(1)).reshape(-1, h.shape[1])
+                _scatter_add_rows(dw, safe_ids[rows].reshape(-1)[keep], values[keep])
+        return (
+            None if dh is None else dh.to(h.dtype),
+            None if dw is None else dw.to(w.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _row_chunks(n_rows: int, elements_per_row: int):
+    step = max(1, get_chunk_budget() // max(1, elements_per_row))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _restricted_log_softmax(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the valid entries of each row (0 at invalid ones; rows with none stay finite)."""
+    has_any = valid.any(dim=-1, keepdim=True)
+    z_in = torch.where(has_any, torch.where(valid, z, -torch.inf), 0.0)
+    return torch.where(valid, z - torch.logsumexp(z_in, dim=-1, keepdim=True), 0.0)
+
+
+def _support_divergence(lps: torch.Tensor, lpt: torch.Tensor, valid: torch.Tensor, divergence: str) -> torch.Tensor:
+    if divergence == "reverse_kl":
+        return (torch.where(valid, lps.exp(), 0.0) * (lps - lpt)).sum(dim=-1)
+    return (torch.where(valid, lpt.exp(), 0.0) * (lpt - lps)).sum(dim=-1)
+
+
+def _support_ids(support: str, s_ids, t_ids) -> torch.Tensor:
+    """Token ids of the support per row, padded with -1 (union: up to 2k ids; intersection: up to k)."""
+    if support == "student":
+        return s_ids
+    if support == "teacher":
+        return t_ids
+    if support == "intersection":
+        return torch.where(membership(s_ids, t_ids), s_ids, -1)
+    return torch.cat([s_ids, torch.where(membership(t_ids, s_ids), -1, t_ids)], dim=1)
+
+
+def _no_tokens(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An empty per-token loss still connected to both student tensors (their gradients are zeros)."""
+    return hidden.sum(dim=-1) * 0.0 + weight.sum() * 0.0
+
+
+def _reduce(per_token: torch.Tensor, rows, n_rows: int, lead: torch.Size, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return scatter_rows(per_token, rows, n_rows).view(lead)
+    total = per_token.sum()
+    if reduction == "mean" and per_token.numel():
+        return total / per_token.numel()
+    return total
+
+
+def linear_topk_overlap(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    k: int = 16,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    process_group=None,
+    vocab_size: int | None = None,
+    check_finite: bool = False,
+) -> TopKOverlap:
+    """Top-k agreement diagnostics of DESIGN.md §2 per token; see :class:`opd_fast.TopKOverlap`.
+
+    Streams a running top-k and online softmax statistics over vocabulary tiles for both models, so it
+    needs O(tokens · k) memory. Ties are ordered by the smaller token id. Not differentiable (a
+    diagnostic). Arguments as in :func:`opd_fast.linear_divergence`, plus ``k`` in [1, V].
+    """
+    temperature = check.check_temperature(temperature)
+    check.check_process_group(process_group)
+    hs, ws, ht, wt, lead, rows = check.check_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+    )
+    k = check.check_k(k, ws.shape[0])
+    ops = get_backend(backend, hs.device)
+    n_rows = hs.shape[0]
+    with torch.no_grad():
+        s_ids, s_lp, _, s_ent = ops.topk(select_rows(hs, rows), ws.detach(), k, temperature)
+        t_ids, t_lp, _, t_ent = ops.topk(select_rows(ht, rows), wt, k, temperature)
+        stats = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
+        fields = (s_ids, s_lp.float(), t_ids, t_lp.float(), *stats, s_ent.float(), t_ent.float())
+    fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return TopKOverlap(
+        *(scatter_rows(field, rows, n_rows, fill).view((*lead, *field.shape[1:])) for field, fill in zip(fields, fills))
+    )
+
+
+def linear_topk_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    k: int = 16,
+    support: str = "student",
+    divergence: str = "reverse_kl",
+    renormalize: bool = True,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    process_group=None,
+    vocab_size: int | None = None,
+    check_finite: bool = False,
+    filter_eps: float | None = None,
+) -> torch.Tensor:
+    """The divergence restricted to a top-k support of each token.
+
+    The support S is the student's top-k ids (``"student"``), the teacher's (``"teacher"``), their union
+    (up to 2k ids) or their intersection (possibly empty: that token's loss is 0). With
+    ``renormalize=True`` both distributions are renormalized on S, p̃(v) = p(v) / Σ_{u∈S} p(u), and
+
+        reverse KL = Σ_{v∈S} p̃_s (log p̃_s − log p̃_t),   forward KL = Σ_{v∈S} p̃_t (log p̃_t − log p̃_s);
+
+    the gradient then reaches only the logits in S. With ``renormalize=False`` the full-vocabulary
+    log-probs are used on S, and the gradient also flows through the student's log-sum-exp (one more
+    streamed pass; ``filter_eps`` applies there). The support itself is not differentiated.
+
+    Arguments as in :func:`opd_fast.linear_divergence`; ``divergence`` is ``"reverse_kl"`` or
+    ``"forward_kl"``, ``k`` in [1, V]. Returns an fp32 loss (``[...]`` for ``reduction="none"``).
+    """
+    support = check.check_choice("support", support, SUPPORTS)
+    divergence = check.check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be True or False, got {type(renormalize).__name__}")
+    temperature = check.check_temperature(temperature)
+    reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
+    filter_eps = check.check_filter_eps(filter_eps)
+    check.check_process_group(process_group)
+    hs, ws, ht, wt, lead, rows = check.check_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+    )
+    k = check.check_k(k, ws.shape[0])
+    ops = get_backend(backend, hs.device)
+    grad_on = torch.is_grad_enabled()
+    n_rows = hs.shape[0]
+    hs_c, ht_c = select_rows(hs, rows), select_rows(ht, rows)
+    if hs_c.shape[0] == 0:
+        return _reduce(_no_tokens(hs_c, ws), rows, n_rows, lead, reduction)
+    with torch.no_grad():
+        s_ids = ops.topk(hs_c, ws.detach(), k, temperature)[0] if support != "teacher" else None
+        t_ids = ops.topk(ht_c, wt, k, temperature)[0] if support != "student" else None
+    ids = _support_ids(support, s_ids, t_ids)
+    valid = ids >= 0
+    zs = LinearGatheredLogits.apply(hs_c, ws, ids, temperature, grad_on)
+    zt = LinearGatheredLogits.apply(ht_c, wt, ids, temperature, False)
+    if renormalize:
+        lps, lpt = _restricted_log_softmax(zs, valid), _restricted_log_softmax(zt, valid)
+    else:
+        lse_s = LinearLogSumExp.apply(hs_c, ws, ops, temperature, filter_eps, grad_on)
+        with torch.no_grad():
+            lse_t = ops.logsumexp_forward(ht_c, wt, temperature)
+        lps = torch.where(valid, zs - lse_s.unsqueeze(1), 0.0)
+        lpt = torch.where(valid, zt - lse_t.to(zt.dtype).unsqueeze(1), 0.0)
+    return _reduce(_support_divergence(lps, lpt, valid, divergence), rows, n_rows, lead, reduction)
+
+
+def _check_teacher_topk(ids: object, logprobs: object, lead: torch.Size):
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError("teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids")
+    logprobs = check.check_tensor("teacher_topk_logprobs", logprobs)
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead or ids.shape[-1] < 1:
+        raise ValueError(
+            f"teacher_topk_ids must have shape [..., K] with the hidden states' leading shape {tuple(lead)}, "
+            f"got {tuple(ids.shape)}"
+        )
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"teacher_topk_logprobs must have the shape of teacher_topk_ids {tuple(ids.shape)}, "
+            f"got {tuple(logprobs.shape)}"
+        )
+    return ids, logprobs
+
+
+def _check_teacher_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
+    """Value checks on the counted rows (padding rows may hold anything)."""
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"teacher_topk_ids must lie in [0, {vocab}) (the student's vocabulary), found [{low}, {high}]")
+    sorted_ids = ids.sort(dim=-1).values
+    duplicated = (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(dim=-1)
+    if bool(duplicated.any()):
+        row = int(duplicated.nonzero()[0])
+        raise ValueError(f"teacher_topk_ids repeat a token id within a position (first at counted row {row})")
+    if bool(torch.isnan(logprobs).any()):
+        raise ValueError("teacher_topk_logprobs contain NaN")
+    top = float(logprobs.max())
+    if top > LOGPROB_TOLERANCE:
+        raise ValueError(f"teacher_topk_logprobs must be log-probabilities (≤ 0), found {top:.4g}")
+    mass = logprobs.double().exp().sum(dim=-1)
+    if float(mass.max()) > 1.0 + MASS_TOLERANCE:
+        row = int(mass.argmax())
+        raise ValueError(
+            f"teacher_topk_logprobs sum to a probability mass of {float(mass.max()):.4f} > 1 at counted row {row}; "
+            f"pass the teacher's normalized log-probs (log_softmax), not logits"
+        )
+
+
+def linear_topk_target_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    add_tail: bool = True,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    process_group=None,
+    check_finite: bool = False,
+    filter_eps: float | None = None,
+) -> torch.Tensor:
+    """Distill from a teacher that returns only its top-K log-probs per position (e.g. a vLLM server).
+
+    On the teacher's ids S, with the student's full-vocabulary log-probs lp_s (temperature τ applies to
+    the student; the teacher's log-probs are used as given):
+
+        forward KL = Σ_{v∈S} p_t (lp_t − lp_s),   reverse KL = Σ_{v∈S} p_s (lp_s − lp_t)
+
+    and with ``add_tail`` one more bucket matches the leftover masses, tail_t = 1 − Σ_S p_t against
+    tail_s = 1 − Σ_S p_s (floored at ``TAIL_FLOOR`` inside logarithms). The student's log-sum-exp is
+    streamed (differentiable; ``filter_eps`` applies to its gradient).
+
+    Args:
+        student_hidden: ``[..., H]``; student_weight: ``[V, H]``.
+        teacher_topk_ids: integer ``[..., K]``, distinct ids in [0, V) per position.
+        teacher_topk_logprobs: float ``[..., K]``, log-probabilities (≤ 0, total mass ≤ 1 up to rounding).
+        Others as in :func:`opd_fast.linear_divergence`. Invalid teacher inputs raise ValueError/TypeError.
+    """
+    divergence = check.check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    if not isinstance(add_tail, bool):
+        raise TypeError(f"add_tail must be True or False, got {type(add_tail).__name__}")
+    temperature = check.check_temperature(temperature)
+    reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
+    filter_eps = check.check_filter_eps(filter_eps)
+    check.check_process_group(process_group)
+    w = check.check_weight("student_weight", student_weight)
+    h = check.check_hidden("student_hidden", student_hidden, w, "student_weight")
+    lead = h.shape[:-1]
+    ids, lpt = _check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
+    mask = check.check_mask(mask, lead)
+    check.check_same_device(
+        student_hidden=h, student_weight=w, teacher_topk_ids=ids, teacher_topk_logprobs=lpt, mask=mask
+    )
+    if check_finite:
+        check.check_finite(student_hidden=h, student_weight=w)
+    rows = counted_rows(mask)
+    h_c = select_rows(check.flatten(h), rows)
+    ids_c = select_rows(ids.reshape(-1, ids.shape[-1]), rows).long()
+    lpt_c = select_rows(lpt.reshape(-1, lpt.shape[-1]), rows).detach()
+    _check_teacher_values(ids_c, lpt_c, w.shape[0])
+    n_rows = check.flatten(h).shape[0]
+    if h_c.shape[0] == 0:
+        return _reduce(_no_tokens(h_c, w), rows, n_rows, lead, reduction)
+    ops = get_backend(backend, h.device)
+    grad_on = torch.is_grad_enabled()
+    zs = LinearGatheredLogits.apply(h_c, w, ids_c, temperature, grad_on)
+    lse_s = LinearLogSumExp.apply(h_c, w, ops, temperature, filter_eps, grad_on)
+    lps = zs - lse_s.unsqueeze(1)
+    lpt_c = lpt_c.to(lps.dtype)
+    if divergence == "forward_kl":
+        per_token = torch.xlogy(lpt_c.exp(), lpt_c.exp()).sum(dim=-1) - (lpt_c.exp() * lps).sum(dim=-1)
+    else:
+        per_token = (lps.exp() * (lps - lpt_c.clamp_min(math.log(TAIL_FLOOR)))).sum(dim=-1)
+    if add_tail:
+        tail_t = (1.0 - lpt_c.exp().sum(dim=-1)).clamp_min(0.0)
+        tail_s = (-torch.expm1(torch.logsumexp(lps, dim=-1))).clamp_min(TAIL_FLOOR)
+        if divergence == "forward_kl":
+            per_token = per_token + torch.xlogy(tail_t, tail_t) - tail_t * tail_s.log()
+        else:
+            per_token = per_token + tail_s * (tail_s.log() - tail_t.clamp_min(TAIL_FLOOR).log())
+    return _reduce(per_token, rows, n_rows, lead, reduction)
