@@ -1,29 +1,98 @@
 """Build script for opd_fast.
 
-Project metadata lives in pyproject.toml; this file only maps the source folders onto the package:
+Project metadata lives in pyproject.toml; this file maps the source folders onto the package:
 
 * ``opd_fast/``  -> ``opd_fast``              (public API, backends, CLI)
 * ``kernels/``   -> ``opd_fast.kernels``      (Triton kernels). Never a top-level ``kernels``: that import
                                               name belongs to another PyPI project.
-* ``csrc/``      -> ``opd_fast._C``           (CUDA C++). Not built by this version: the install is pure
-                                              Python and says so.
+* ``csrc/``      -> ``opd_fast._C``           (CUDA C++), built only when torch is a CUDA build and nvcc
+                                              is found; otherwise the install is pure Python and says why.
 
-Nothing here imports torch, so ``pip install -e .`` works with build isolation on any machine.
+torch is imported lazily, inside a try: under build isolation (a plain ``pip install -e .``) the build
+environment has no torch, so the install is pure Python and never pulls a multi-GB torch into it. The
+CUDA build uses the torch already installed, like flash-attention:
+
+    pip install -e . --no-build-isolation
+
+Environment: ``OPD_FAST_CUDA_ARCHS`` (default "80;90a") lists the GPU architectures to compile for;
+``OPD_FAST_SKIP_CUDA_BUILD=1`` skips the extension.
 """
 
+import importlib
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
 PACKAGES = ["opd_fast", "opd_fast.backends", "opd_fast.kernels"]
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+DEFAULT_ARCHS = "80;90a"
 
-print(
-    "opd_fast: installing the pure-Python package (torch and Triton backends); "
-    "the CUDA extension opd_fast._C is not built by this version.",
-    file=sys.stderr,
-)
+
+def _say(message: str) -> None:
+    print(f"opd_fast: {message}", file=sys.stderr)
+
+
+def _pure_python(reason: str) -> dict:
+    _say(
+        f"installing the pure-Python package (torch and Triton backends); the CUDA extension opd_fast._C is "
+        f"not built: {reason}"
+    )
+    return {}
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    """nvcc -gencode flags for "80;90a"-style lists (real code per architecture, no PTX)."""
+    flags = []
+    for arch in (a.strip() for a in archs.replace(",", ";").split(";")):
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    if not flags:
+        raise SystemExit(f"OPD_FAST_CUDA_ARCHS={archs!r} lists no architecture; use e.g. '80;90a'")
+    return flags
+
+
+def cuda_extension() -> dict:
+    """setup() keywords that build opd_fast._C, or {} (pure Python) with the reason printed."""
+    if os.environ.get("OPD_FAST_SKIP_CUDA_BUILD", "0") == "1":
+        return _pure_python("OPD_FAST_SKIP_CUDA_BUILD=1")
+    try:
+        torch = importlib.import_module("torch")
+        cpp_extension = importlib.import_module("torch.utils.cpp_extension")
+    except ImportError as exc:
+        return _pure_python(
+            f"torch is not importable in this build environment ({exc}); for the CUDA build install torch "
+            f"first and run `pip install -e . --no-build-isolation`"
+        )
+    if torch.version.cuda is None:
+        return _pure_python(f"torch {torch.__version__} is a CPU build")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and cpp_extension.CUDA_HOME is not None:
+        candidate = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+        nvcc = str(candidate) if candidate.exists() else None
+    if nvcc is None:
+        return _pure_python("nvcc was not found (put the CUDA toolkit's bin/ on PATH or set CUDA_HOME)")
+    archs = os.environ.get("OPD_FAST_CUDA_ARCHS", DEFAULT_ARCHS)
+    _say(f"building the CUDA extension opd_fast._C with {nvcc} for architectures {archs}")
+    # Relative paths: setuptools refuses absolute source paths.
+    sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))] + ["csrc/bindings.cpp"]
+    extension = cpp_extension.CUDAExtension(
+        name="opd_fast._C",
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", *_gencode_flags(archs)]},
+    )
+    return {
+        "ext_modules": [extension],
+        "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    }
+
 
 setup(
     packages=PACKAGES,
     package_dir={"opd_fast": "opd_fast", "opd_fast.kernels": "kernels"},
+    **cuda_extension(),
 )

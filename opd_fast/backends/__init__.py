@@ -57,7 +57,18 @@ def _triton_unavailable(device: torch.device) -> str | None:
 
 
 def _cuda_unavailable(device: torch.device) -> str | None:
-    return "the CUDA extension opd_fast._C is not built by this version of opd_fast; use backend='torch'"
+    # Imported here: the backend module registers its custom ops, and importing opd_fast must never
+    # depend on the compiled extension (cuda_backend imports opd_fast._C only when asked).
+    from opd_fast.backends.cuda_backend import extension_error
+
+    reasons = []
+    if device.type != "cuda":
+        gpu = "" if torch.cuda.is_available() else " (and torch sees no CUDA GPU here)"
+        reasons.append(f"the CUDA kernels need CUDA tensors, these are on {device.type}{gpu}")
+    error = extension_error()
+    if error is not None:
+        reasons.append(error)
+    return "; ".join(reasons) + "; use backend='torch'" if reasons else None
 
 
 # name -> (module implementing the ops, function giving the reason it cannot run on a device or None)

@@ -1,0 +1,250 @@
+// pybind11 bindings of opd_fast._C: argument checks, then the raw launchers of launchers.h.
+//
+// Every check names the op and the argument and says how to fix it. Python (opd_fast/backends/
+// cuda_backend.py) wraps these functions as torch.library custom ops and passes the current CUDA stream
+// as an integer, so nothing here needs CUDA or torch-CUDA headers.
+//
+// Built with -DOPD_FAST_HOST_BUILD (and csrc/host/launchers_host.cpp instead of the .cu files) the same
+// bindings take CPU tensors: that host build lets the tests run this code and the epilogue math on
+// machines without a GPU.
+#include <ATen/core/Tensor.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "epilogue.h"
+#include "launchers.h"
+
+namespace opd_fast {
+namespace {
+
+#ifdef OPD_FAST_HOST_BUILD
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+#endif
+
+// One grid block per token row: the row count is bounded by gridDim.x.
+constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                  const std::vector<int64_t>& shape, const at::Device& device) {
+  TORCH_CHECK(t.device().type() == kDevice, "opd_fast._C.", op, ": ", name, " must be a ", kDevice,
+              " tensor, got one on ", t.device(), "; move it with .to(", device, ")");
+  TORCH_CHECK(t.device() == device, "opd_fast._C.", op, ": ", name, " is on ", t.device(), " but the chunk is on ",
+              device, "; put every argument on the same device");
+  TORCH_CHECK(t.scalar_type() == dtype, "opd_fast._C.", op, ": ", name, " must be ", dtype, ", got ", t.scalar_type(),
+              "; cast it with .to(", dtype, ")");
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "opd_fast._C.", op, ": ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "opd_fast._C.", op, ": ", name, " must be contiguous; pass ", name,
+              ".contiguous()");
+}
+
+const at::Tensor& required(const char* op, const char* name, const OptionalTensor& t, const char* when) {
+  TORCH_CHECK(t.has_value(), "opd_fast._C.", op, ": ", name, " is required ", when, ", got None");
+  return *t;
+}
+
+// The fp32 [N, width] logits chunk every op starts from (named `name`); returns (N, width).
+std::pair<int64_t, int64_t> check_chunk(const char* op, const char* name, const at::Tensor& z) {
+  TORCH_CHECK(z.device().type() == kDevice, "opd_fast._C.", op, ": ", name, " must be a ", kDevice,
+              " tensor, got one on ", z.device());
+  TORCH_CHECK(z.dim() == 2, "opd_fast._C.", op, ": ", name, " must be 2-D [N, width] logits, got shape ", z.sizes());
+  check_tensor(op, name, z, at::kFloat, {z.size(0), z.size(1)}, z.device());
+  TORCH_CHECK(z.size(0) <= kMaxRows, "opd_fast._C.", op, ": at most ", kMaxRows, " token rows per call, got ",
+              z.size(0), "; split the tokens into several calls");
+  return {z.size(0), z.size(1)};
+}
+
+void check_mode(const char* op, int64_t mode) {
+  TORCH_CHECK(mode >= kReverseKL && mode <= kLogSumExp, "opd_fast._C.", op,
+              ": mode must be 0 (reverse_kl), 1 (forward_kl), 2 (jsd), 3 (token_logprob) or 4 (logsumexp), got ",
+              mode);
+}
+
+void check_inv_tau(const char* op, double inv_tau) {
+  TORCH_CHECK(std::isfinite(inv_tau) && inv_tau > 0, "opd_fast._C.", op,
+              ": inv_tau (1 / temperature) must be finite and > 0, got ", inv_tau);
+}
+
+void check_launch(const char* op, const char* error) {
+  TORCH_CHECK(error == nullptr, "opd_fast._C.", op, ": kernel launch failed: ", error);
+}
+
+void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt,
+                          const OptionalTensor& ids, at::Tensor& state, int64_t v_lo, double inv_tau,
+                          int64_t mode, int64_t stream) {
+  const char* op = "softmax_stats_update";
+  const auto [n, width] = check_chunk(op, "zs", zs);
+  check_mode(op, mode);
+  check_inv_tau(op, inv_tau);
+  TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
+  const float* zt_ptr = nullptr;
+  if (two_models(static_cast<int>(mode))) {
+    const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    check_tensor(op, "zt", t, at::kFloat, {n, width}, zs.device());
+    zt_ptr = t.data_ptr<float>();
+  }
+  const int64_t* ids_ptr = nullptr;
+  if (mode == kTokenLogprob) {
+    const at::Tensor& t = required(op, "ids", ids, "in token_logprob mode");
+    check_tensor(op, "ids", t, at::kLong, {n}, zs.device());
+    ids_ptr = t.data_ptr<int64_t>();
+  }
+  check_tensor(op, "state", state, at::kFloat, {5, n}, zs.device());
+  check_launch(op, launch_softmax_stats_update(zs.data_ptr<float>(), zt_ptr, ids_ptr, state.data_ptr<float>(), n,
+                                               width, v_lo, static_cast<float>(inv_tau), static_cast<int>(mode),
+                                               static_cast<std::intptr_t>(stream)));
+}
+
+void jsd_terms_update(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                      at::Tensor& terms, double inv_tau, double beta, int64_t stream) {
+  const char* op = "jsd_terms_update";
+  const auto [n, width] = check_chunk(op, "zs", zs);
+  check_inv_tau(op, inv_tau);
+  TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
+              ": beta must be in (0, 1) (0 and 1 are forward and reverse KL), got ", beta);
+  check_tensor(op, "zt", zt, at::kFloat, {n, width}, zs.device());
+  check_tensor(op, "lse_s", lse_s, at::kFloat, {n}, zs.device());
+  check_tensor(op, "lse_t", lse_t, at::kFloat, {n}, zs.device());
+  check_tensor(op, "terms", terms, at::kFloat, {2, n}, zs.device());
+  check_launch(op, launch_jsd_terms_update(zs.data_ptr<float>(), zt.data_ptr<float>(), lse_s.data_ptr<float>(),
+                                           lse_t.data_ptr<float>(), terms.data_ptr<float>(), n, width,
+                                           static_cast<float>(inv_tau), static_cast<float>(beta),
+                                           static_cast<std::intptr_t>(stream)));
+}
+
+int grad_dtype_code(const char* op, const at::Tensor& g) {
+  const at::ScalarType dtype = g.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "opd_fast._C.", op,
+              ": g must be float32, bfloat16 or float16 (the student weight's dtype), got ", dtype);
+  return dtype == at::kFloat ? kGradFloat32 : dtype == at::kBFloat16 ? kGradBFloat16 : kGradFloat16;
+}
+
+void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& ids, const at::Tensor& lse_s,
+                const OptionalTensor& lse_t, const OptionalTensor& loss, const OptionalTensor& center,
+                const at::Tensor& row_weight, const OptionalTensor& g, int64_t v_lo, double inv_tau, double beta,
+                int64_t mode, int64_t stream) {
+  const char* op = "logit_grad";
+  const auto [n, width] = check_chunk(op, "zs", zs);
+  check_mode(op, mode);
+  check_inv_tau(op, inv_tau);
+  TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
+  const auto vec = [&](const char* name, const OptionalTensor& t, const char* when) {
+    const at::Tensor& r = required(op, name, t, when);
+    check_tensor(op, name, r, at::kFloat, {n}, zs.device());
+    return r.data_ptr<float>();
+  };
+  check_tensor(op, "lse_s", lse_s, at::kFloat, {n}, zs.device());
+  check_tensor(op, "row_weight", row_weight, at::kFloat, {n}, zs.device());
+  const float* zt_ptr = nullptr;
+  const float* lse_t_ptr = nullptr;
+  if (two_models(static_cast<int>(mode))) {
+    const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    check_tensor(op, "zt", t, at::kFloat, {n, width}, zs.device());
+    zt_ptr = t.data_ptr<float>();
+    lse_t_ptr = vec("lse_t", lse_t, "in two-model modes (reverse_kl, forward_kl, jsd)");
+  }
+  const float* loss_ptr = mode == kReverseKL ? vec("loss", loss, "in reverse_kl mode") : nullptr;
+  const float* center_ptr = nullptr;
+  if (mode == kJSD) {
+    TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
+                ": beta must be in (0, 1) in jsd mode (0 and 1 are forward and reverse KL), got ", beta);
+    center_ptr = vec("center", center, "in jsd mode");
+  }
+  const int64_t* ids_ptr = nullptr;
+  if (mode == kTokenLogprob) {
+    const at::Tensor& t = required(op, "ids", ids, "in token_logprob mode");
+    check_tensor(op, "ids", t, at::kLong, {n}, zs.device());
+    ids_ptr = t.data_ptr<int64_t>();
+  }
+  void* g_ptr = zs.data_ptr();  // no g: the gradient overwrites the fp32 logits in place
+  int g_dtype = kGradFloat32;
+  if (g.has_value()) {
+    g_dtype = grad_dtype_code(op, *g);
+    check_tensor(op, "g", *g, g->scalar_type(), {n, width}, zs.device());
+    g_ptr = g->data_ptr();
+  }
+  check_launch(op, launch_logit_grad(zs.data_ptr<float>(), zt_ptr, ids_ptr, lse_s.data_ptr<float>(), lse_t_ptr,
+                                     loss_ptr, center_ptr, row_weight.data_ptr<float>(), g_ptr, g_dtype, n, width, v_lo,
+                                     static_cast<float>(inv_tau), static_cast<float>(beta), static_cast<int>(mode),
+                                     static_cast<std::intptr_t>(stream)));
+}
+
+int64_t check_keys(const char* op, const at::Tensor& keys, int64_t n, const at::Device& device) {
+  TORCH_CHECK(keys.dim() == 2, "opd_fast._C.", op, ": keys must be 2-D [N, k] (packed top-k keys), got shape ",
+              keys.sizes());
+  const int64_t k = keys.size(1);
+  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "opd_fast._C.", op, ": k (keys.shape[1]) must be in [1, ", kMaxTopK, "], got ",
+              k, "; longer top-k lists are computed by the torch backend");
+  check_tensor(op, "keys", keys, at::kLong, {n, k}, device);
+  return k;
+}
+
+void topk_update(const at::Tensor& z, at::Tensor& keys, at::Tensor& state, int64_t v_lo, double inv_tau,
+                 int64_t stream) {
+  const char* op = "topk_update";
+  const auto [n, width] = check_chunk(op, "z", z);
+  check_inv_tau(op, inv_tau);
+  TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
+  TORCH_CHECK(v_lo + width <= std::numeric_limits<int32_t>::max(), "opd_fast._C.", op,
+              ": token ids must fit in 31 bits (packed keys), got a chunk ending at column ", v_lo + width);
+  const int64_t k = check_keys(op, keys, n, z.device());
+  check_tensor(op, "state", state, at::kFloat, {3, n}, z.device());
+  // int64 storage holds the unsigned key bits unchanged: only the kernels interpret them.
+  check_launch(op, launch_topk_update(z.data_ptr<float>(), reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
+                                      state.data_ptr<float>(), n, width, v_lo, k, static_cast<float>(inv_tau),
+                                      static_cast<std::intptr_t>(stream)));
+}
+
+void topk_finalize(const at::Tensor& keys, const at::Tensor& state, at::Tensor& ids, at::Tensor& logprobs,
+                   at::Tensor& lse, at::Tensor& entropy, int64_t stream) {
+  const char* op = "topk_finalize";
+  TORCH_CHECK(keys.device().type() == kDevice, "opd_fast._C.", op, ": keys must be a ", kDevice,
+              " tensor, got one on ", keys.device());
+  TORCH_CHECK(keys.dim() == 2, "opd_fast._C.", op, ": keys must be 2-D [N, k], got shape ", keys.sizes());
+  const int64_t n = keys.size(0);
+  const int64_t k = check_keys(op, keys, n, keys.device());
+  check_tensor(op, "state", state, at::kFloat, {3, n}, keys.device());
+  check_tensor(op, "ids", ids, at::kLong, {n, k}, keys.device());
+  check_tensor(op, "logprobs", logprobs, at::kFloat, {n, k}, keys.device());
+  check_tensor(op, "lse", lse, at::kFloat, {n}, keys.device());
+  check_tensor(op, "entropy", entropy, at::kFloat, {n}, keys.device());
+  check_launch(op, launch_topk_finalize(reinterpret_cast<const uint64_t*>(keys.data_ptr<int64_t>()),
+                                        state.data_ptr<float>(), ids.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                                        lse.data_ptr<float>(), entropy.data_ptr<float>(), n, k,
+                                        static_cast<std::intptr_t>(stream)));
+}
+
+}  // namespace
+}  // namespace opd_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "opd_fast fused epilogue kernels (see csrc/README.md); called through opd_fast.backends.cuda_backend";
+  m.attr("MAX_TOPK") = opd_fast::kMaxTopK;
+  m.attr("HOST_BUILD") = opd_fast::kDevice == c10::DeviceType::CPU;
+  m.def("softmax_stats_update", &opd_fast::softmax_stats_update, py::arg("zs"), py::arg("zt"), py::arg("ids"),
+        py::arg("state"), py::arg("v_lo"), py::arg("inv_tau"), py::arg("mode"), py::arg("stream"),
+        "Merge the chunk's online-softmax statistics into state [5, N].");
+  m.def("jsd_terms_update", &opd_fast::jsd_terms_update, py::arg("zs"), py::arg("zt"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("terms"), py::arg("inv_tau"), py::arg("beta"), py::arg("stream"),
+        "Add the chunk's JSD terms to terms [2, N].");
+  m.def("logit_grad", &opd_fast::logit_grad, py::arg("zs"), py::arg("zt"), py::arg("ids"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("loss"), py::arg("center"), py::arg("row_weight"), py::arg("g"), py::arg("v_lo"),
+        py::arg("inv_tau"), py::arg("beta"), py::arg("mode"), py::arg("stream"),
+        "Write the chunk's logit gradient into g (or in place into zs when g is None).");
+  m.def("topk_update", &opd_fast::topk_update, py::arg("z"), py::arg("keys"), py::arg("state"), py::arg("v_lo"),
+        py::arg("inv_tau"), py::arg("stream"), "Merge the chunk into the running top-k keys [N, k] and state [3, N].");
+  m.def("topk_finalize", &opd_fast::topk_finalize, py::arg("keys"), py::arg("state"), py::arg("ids"),
+        py::arg("logprobs"), py::arg("lse"), py::arg("entropy"), py::arg("stream"),
+        "Decode the top-k keys into ids and log-probs, with each row's lse and entropy.");
+}

@@ -1,0 +1,408 @@
+// Per-element and per-row math of the fused epilogues, shared by the CUDA kernels (csrc/*.cu) and their
+// host build (csrc/host/launchers_host.cpp, used by the tests to check this very code on CPU tensors).
+//
+// Every function here is `__host__ __device__` under nvcc and plain `inline` C++ otherwise. The row
+// algorithms are templates over a thread group `Group` that provides
+//
+//     rank(), size()   this thread's index in the group and the group's size (a power of two)
+//     sync()           a barrier for the whole group (__syncthreads on the GPU)
+//     append(count)    an atomic `(*count)++` on a counter shared by the group
+//
+// and receive the group-shared memory they need (`scratch`, `buf`, `count`) from their caller. The GPU
+// runs one thread block per token row (BlockGroup, block.cuh). The host build runs the same code with a
+// few OS threads and a std::barrier standing in for the block (csrc/host/launchers_host.cpp), so the
+// arithmetic, the online-softmax merges, the reductions, the buffer management and the barrier
+// placement are all exercised on CPU tensors by the tests.
+//
+// Notation (DESIGN.md §2): a chunk holds the fp32 logits z = h Wᵀ of `width` vocabulary columns
+// starting at column v_lo, one row per token; the temperature enters as z·inv_tau. All accumulation
+// is fp32.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define OPD_HD __host__ __device__ __forceinline__
+#else
+#define OPD_HD inline
+#endif
+
+namespace opd_fast {
+
+// Op codes: the numbers of MODES in kernels/_common.py and opd_fast/backends/cuda_backend.py.
+enum Mode : int { kReverseKL = 0, kForwardKL = 1, kJSD = 2, kTokenLogprob = 3, kLogSumExp = 4 };
+
+// Output dtypes of the logit gradient (the student weight's dtype, so dH and dW GEMMs take it as is).
+enum GradDtype : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
+
+// Largest top-k a block keeps in shared memory (as the Triton kernel's MAX_K); longer lists go to the
+// torch backend.
+constexpr int64_t kMaxTopK = 1024;
+
+OPD_HD constexpr bool two_models(int mode) { return mode == kReverseKL || mode == kForwardKL || mode == kJSD; }
+
+// log(e^a + e^b). A ternary rather than fmaxf so that a NaN operand propagates instead of being dropped.
+OPD_HD float logaddexp(float a, float b) {
+  const float top = a > b ? a : b;
+  if (top == -INFINITY) return -INFINITY;
+  return top + log1pf(expf(-fabsf(a - b)));
+}
+
+// Online softmax with one extra accumulator: m = max z, s = Σ e^{z−m}, a = Σ e^{z−m}·x. When the max
+// grows from m to z both sums are rescaled by e^{m−z}, so (m, s, a) always describe the same values
+// relative to the current max. s = 0 marks an empty state (a non-empty one holds e^0 = 1 for its max).
+struct OnlineAcc {
+  float m, s, a;
+
+  OPD_HD static OnlineAcc empty() { return {-INFINITY, 0.f, 0.f}; }
+
+  OPD_HD void add(float z, float x) {
+    if (s == 0.f) {
+      m = z;
+      s = 1.f;
+      a = x;
+    } else if (z > m) {
+      const float f = expf(m - z);
+      s = s * f + 1.f;
+      a = a * f + x;
+      m = z;
+    } else {
+      const float e = expf(z - m);
+      s += e;
+      a += e * x;
+    }
+  }
+};
+
+// Exact merge of two online states: both are brought to the larger max.
+OPD_HD OnlineAcc merge(const OnlineAcc& p, const OnlineAcc& q) {
+  if (q.s == 0.f) return p;
+  if (p.s == 0.f) return q;
+  const float m = p.m > q.m ? p.m : q.m;
+  const float fp = expf(p.m - m), fq = expf(q.m - m);
+  return {m, p.s * fp + q.s * fq, p.a * fp + q.a * fq};
+}
+
+// The student's and the teacher's online states of one row.
+struct PairAcc {
+  OnlineAcc s, t;
+};
+
+struct MergePairAcc {
+  OPD_HD PairAcc operator()(const PairAcc& p, const PairAcc& q) const { return {merge(p.s, q.s), merge(p.t, q.t)}; }
+};
+
+// Online softmax statistics for the entropy: m, s = Σ e^{z−m} and t = Σ e^{z−m}(z − m), so that at the
+// end lse = m + log s and H = −Σ p log p = log s − t / s. Moving to a larger max m' turns t into
+// e^{m−m'}·(t + (m − m')·s), since every z − m' = (z − m) + (m − m').
+struct EntropyAcc {
+  float m, s, t;
+
+  OPD_HD static EntropyAcc empty() { return {-INFINITY, 0.f, 0.f}; }
+
+  OPD_HD void add(float z) {
+    if (s == 0.f) {
+      m = z;
+      s = 1.f;
+      t = 0.f;
+    } else if (z > m) {
+      const float f = expf(m - z);
+      t = f * (t + (m - z) * s);  // the new element itself contributes e^0·0
+      s = s * f + 1.f;
+      m = z;
+    } else {
+      const float d = z - m, e = expf(d);
+      s += e;
+      t += e * d;
+    }
+  }
+};
+
+OPD_HD EntropyAcc merge(const EntropyAcc& p, const EntropyAcc& q) {
+  if (q.s == 0.f) return p;
+  if (p.s == 0.f) return q;
+  const float m = p.m > q.m ? p.m : q.m;
+  const float fp = expf(p.m - m), fq = expf(q.m - m);
+  return {m, p.s * fp + q.s * fq, fp * (p.t + (p.m - m) * p.s) + fq * (q.t + (q.m - m) * q.s)};
+}
+
+struct MergeEntropyAcc {
+  OPD_HD EntropyAcc operator()(const EntropyAcc& p, const EntropyAcc& q) const { return merge(p, q); }
+};
+
+struct Sum2 {
+  float a, b;
+};
+
+struct MergeSum2 {
+  OPD_HD Sum2 operator()(const Sum2& p, const Sum2& q) const { return {p.a + q.a, p.b + q.b}; }
+};
+
+// Every thread gets merge() over the group's values. Tree in group-shared memory (scratch: size() slots)
+// with a fixed pairing, so the result is bitwise reproducible; the trailing barrier lets the caller
+// reuse scratch right away.
+template <class Group, class T, class Merge>
+OPD_HD T all_reduce(const Group& g, const T& value, Merge merge, T* scratch) {
+  const int i = g.rank();
+  scratch[i] = value;
+  g.sync();
+  for (int half = g.size() / 2; half > 0; half >>= 1) {
+    if (i < half) scratch[i] = merge(scratch[i], scratch[i + half]);
+    g.sync();
+  }
+  const T result = scratch[0];
+  g.sync();
+  return result;
+}
+
+// The column of row n's token inside the chunk [v_lo, v_lo + width), or −1 when it lies elsewhere.
+OPD_HD int64_t token_column(const int64_t* ids, int64_t n, int64_t v_lo, int64_t width) {
+  const int64_t col = ids[n] - v_lo;
+  return 0 <= col && col < width ? col : -1;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward statistics. The running state of a row lives in `state` at stride `stride` (= N) as
+//     [m_s, s_s, m_t, s_t, acc]
+// with, per mode (D from the final values, lse = m + log s):
+//     reverse KL:  acc = Σ e^{z_s − m_s}(z_s − z_t)   (rescaled with the student)  D = acc/s_s − lse_s + lse_t
+//     forward KL:  acc = Σ e^{z_t − m_t}(z_t − z_s)   (rescaled with the teacher)  D = acc/s_t − lse_t + lse_s
+//     token:       acc = z_y, the logit of the row's token (from the one chunk that holds it)
+//     JSD, logsumexp: acc unused (JSD's terms need the final lse: row_jsd_terms, a second pass)
+// Each chunk's row state is reduced over the group, then merged into the running state by rank 0.
+template <int kMode, class Group>
+OPD_HD void row_softmax_stats(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
+                              float inv_tau, float* state, int64_t stride, PairAcc* scratch) {
+  PairAcc local = {OnlineAcc::empty(), OnlineAcc::empty()};
+  for (int64_t j = g.rank(); j < width; j += g.size()) {
+    const float a = zs[j] * inv_tau;
+    if (kMode == kReverseKL) {
+      const float b = zt[j] * inv_tau;
+      local.s.add(a, a - b);
+      local.t.add(b, 0.f);
+    } else if (kMode == kForwardKL) {
+      const float b = zt[j] * inv_tau;
+      local.s.add(a, 0.f);
+      local.t.add(b, b - a);
+    } else if (kMode == kJSD) {
+      local.s.add(a, 0.f);
+      local.t.add(zt[j] * inv_tau, 0.f);
+    } else {
+      local.s.add(a, 0.f);
+    }
+  }
+  const PairAcc row = all_reduce(g, local, MergePairAcc(), scratch);
+  if (g.rank() != 0) return;
+  const bool acc_student = kMode == kReverseKL, acc_teacher = kMode == kForwardKL;
+  const OnlineAcc s = merge(OnlineAcc{state[0], state[stride], acc_student ? state[4 * stride] : 0.f}, row.s);
+  state[0] = s.m;
+  state[stride] = s.s;
+  if (acc_student) state[4 * stride] = s.a;
+  if (two_models(kMode)) {
+    const float acc = acc_teacher ? state[4 * stride] : 0.f;
+    const OnlineAcc t = merge(OnlineAcc{state[2 * stride], state[3 * stride], acc}, row.t);
+    state[2 * stride] = t.m;
+    state[3 * stride] = t.s;
+    if (acc_teacher) state[4 * stride] = t.a;
+  }
+  if (kMode == kTokenLogprob && y_col >= 0) state[4 * stride] += zs[y_col] * inv_tau;
+}
+
+// JSD(β) terms of one element given the final log-probs, m = β p_t + (1 − β) p_s:
+// (p_s log(p_s / m), p_t log(p_t / m)); summed they give KL(p_s ‖ m) and KL(p_t ‖ m).
+OPD_HD Sum2 jsd_terms(float lp_s, float lp_t, float log_beta, float log_1m_beta) {
+  const float log_m = logaddexp(lp_s + log_1m_beta, lp_t + log_beta);
+  return {expf(lp_s) * (lp_s - log_m), expf(lp_t) * (lp_t - log_m)};
+}
+
+// Second JSD pass: adds this chunk's Σ of jsd_terms to terms[0] (student) and terms[stride] (teacher).
+template <class Group>
+OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int64_t width, float inv_tau, float lse_s,
+                          float lse_t, float beta, float* terms, int64_t stride, Sum2* scratch) {
+  const float log_beta = logf(beta), log_1m_beta = log1pf(-beta);
+  Sum2 local = {0.f, 0.f};
+  for (int64_t j = g.rank(); j < width; j += g.size()) {
+    const Sum2 e = jsd_terms(zs[j] * inv_tau - lse_s, zt[j] * inv_tau - lse_t, log_beta, log_1m_beta);
+    local.a += e.a;
+    local.b += e.b;
+  }
+  const Sum2 row = all_reduce(g, local, MergeSum2(), scratch);
+  if (g.rank() != 0) return;
+  terms[0] += row.a;
+  terms[stride] += row.b;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Logit gradients (the formulas of kernels/linear_grad.py), given the forward's per-row statistics:
+//     reverse KL:  p_s (lp_s − lp_t − D)
+//     forward KL:  p_s − p_t
+//     JSD(β):      p_s ((1 − β) log(p_s / m) − center),  m = β p_t + (1 − β) p_s
+//     token:       [v = y] − p_s
+//     logsumexp:   p_s
+template <int kMode>
+OPD_HD float logit_grad_element(float lp_s, float lp_t, bool hit, float loss, float center, float beta,
+                                float log_beta, float log_1m_beta) {
+  const float p_s = expf(lp_s);
+  if (kMode == kReverseKL) return p_s * (lp_s - lp_t - loss);
+  if (kMode == kForwardKL) return p_s - expf(lp_t);
+  if (kMode == kJSD) {
+    const float log_m = logaddexp(lp_s + log_1m_beta, lp_t + log_beta);
+    return p_s * ((1.f - beta) * (lp_s - log_m) - center);
+  }
+  if (kMode == kTokenLogprob) return (hit ? 1.f : 0.f) - p_s;
+  return p_s;
+}
+
+// One row of G, scaled by `scale` = (per-token gradient weight) / τ so that the GEMMs that follow give
+// dH = G W and dW = Gᵀ H directly. `store(j, value)` writes column j in the output dtype; it may write
+// over zs[j] (in place) because each column is read before it is written, by the same thread.
+template <int kMode, class Group, class Store>
+OPD_HD void row_logit_grad(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
+                           float inv_tau, float lse_s, float lse_t, float loss, float center, float beta, float scale,
+                           Store store) {
+  const float log_beta = kMode == kJSD ? logf(beta) : 0.f;
+  const float log_1m_beta = kMode == kJSD ? log1pf(-beta) : 0.f;
+  for (int64_t j = g.rank(); j < width; j += g.size()) {
+    const float lp_s = zs[j] * inv_tau - lse_s;
+    const float lp_t = two_models(kMode) ? zt[j] * inv_tau - lse_t : 0.f;
+    store(j, scale * logit_grad_element<kMode>(lp_s, lp_t, j == y_col, loss, center, beta, log_beta, log_1m_beta));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Top-k selection on packed 64-bit keys (the scheme of kernels/linear_topk.py, unsigned here):
+//     key = (ordered(z) << 32) | (2³² − 1 − id)
+// ordered() maps the float's bits onto an unsigned int with the same order as the float (flip the sign
+// bit of non-negative floats, all bits of negative ones). One integer comparison orders by logit and
+// equal logits by the smaller id first, so the selection is exact and deterministic and two keys are
+// never equal. Key 0 is the "empty" sentinel: a real key's low word is ≥ 2³² − V > 0.
+OPD_HD uint32_t float_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+OPD_HD float bits_float(uint32_t u) {
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+OPD_HD uint64_t pack_key(float z, int64_t id) {
+  uint32_t u = float_bits(z);
+  if (u == 0x80000000u) u = 0u;  // −0.0 → +0.0, so equal logits get equal high words
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(id));
+}
+
+OPD_HD float key_logit(uint64_t key) {
+  const uint32_t u = static_cast<uint32_t>(key >> 32);
+  return bits_float((u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u);
+}
+
+OPD_HD int64_t key_id(uint64_t key) {
+  return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
+}
+
+// Sorts buf[0, n) in descending order; n a power of two. Bitonic network: in each stage every pair
+// (i, i ^ j) is compared by the one thread that owns the smaller index, then the group synchronizes.
+template <class Group>
+OPD_HD void bitonic_sort_desc(const Group& g, uint64_t* buf, int n) {
+  for (int k = 2; k <= n; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = g.rank(); i < n; i += g.size()) {
+        const int l = i ^ j;
+        if (l > i) {
+          const uint64_t a = buf[i], b = buf[l];
+          // Blocks with (i & k) == 0 sort descending, the others ascending; the last stage (k = n)
+          // merges everything descending.
+          if (((i & k) == 0) ? (a < b) : (a > b)) {
+            buf[i] = b;
+            buf[l] = a;
+          }
+        }
+      }
+      g.sync();
+    }
+  }
+}
+
+// Sorts the `filled` candidates of buf (capacity `cap`, a power of two), keeps the best k at the front
+// and returns the k-th best key, the admission threshold of later candidates.
+template <class Group>
+OPD_HD uint64_t keep_best(const Group& g, uint64_t* buf, int filled, int cap, int k, int* count) {
+  for (int i = filled + g.rank(); i < cap; i += g.size()) buf[i] = 0;
+  g.sync();
+  bitonic_sort_desc(g, buf, cap);
+  const uint64_t threshold = buf[k - 1];
+  if (g.rank() == 0) *count = k;
+  g.sync();
+  return threshold;
+}
+
+// The smallest buffer capacity row_topk_update accepts: a power of two ≥ k + one key per thread.
+OPD_HD constexpr int topk_buffer_capacity(int64_t k, int group_size) {
+  int cap = 1;
+  while (cap < k + group_size) cap <<= 1;
+  return cap;
+}
+
+// Streaming top-k of one row over one chunk, plus the entropy statistics.
+//
+// `keys` holds the row's running top-k from earlier chunks (k keys, descending, sentinel-padded) and
+// `state` its running (m, s, t) at stride `stride`; both are updated. Memory plan: a buffer of `cap`
+// keys (cap = topk_buffer_capacity(k, size)) starts with the running top-k. The chunk is scanned in
+// rounds of one column per thread; a column is a candidate only if its key beats the k-th best key
+// known so far (`threshold`), and candidates are appended to the buffer. When the next round might
+// overflow it, the buffer is sorted and cut back to the best k, which also raises the threshold. Keys
+// are unique, so the result does not depend on the order in which candidates were appended.
+template <class Group>
+OPD_HD void row_topk_update(const Group& g, const float* z, int64_t width, int64_t v_lo, float inv_tau, uint64_t* keys,
+                            int k, float* state, int64_t stride, uint64_t* buf, int cap, int* count,
+                            EntropyAcc* scratch) {
+  EntropyAcc local = EntropyAcc::empty();
+  for (int64_t j = g.rank(); j < width; j += g.size()) local.add(z[j] * inv_tau);
+  const EntropyAcc row = all_reduce(g, local, MergeEntropyAcc(), scratch);
+  if (g.rank() == 0) {
+    const EntropyAcc merged = merge(EntropyAcc{state[0], state[stride], state[2 * stride]}, row);
+    state[0] = merged.m;
+    state[stride] = merged.s;
+    state[2 * stride] = merged.t;
+  }
+
+  for (int i = g.rank(); i < k; i += g.size()) buf[i] = keys[i];
+  if (g.rank() == 0) *count = k;
+  g.sync();
+  uint64_t threshold = buf[k - 1];
+  for (int64_t base = 0; base < width; base += g.size()) {
+    const int64_t j = base + g.rank();
+    if (j < width) {
+      const uint64_t key = pack_key(z[j] * inv_tau, v_lo + j);
+      if (key > threshold) buf[g.append(count)] = key;
+    }
+    g.sync();
+    const int filled = *count;
+    g.sync();  // everyone has read the count before the next round appends again
+    if (filled > cap - g.size()) threshold = keep_best(g, buf, filled, cap, k, count);
+  }
+  const int filled = *count;
+  if (filled > k) keep_best(g, buf, filled, cap, k, count);
+  for (int i = g.rank(); i < k; i += g.size()) keys[i] = buf[i];
+}
+
+// Final per-row results: ids and log-probs of the top k (descending), the log-sum-exp and the entropy.
+OPD_HD void row_topk_finalize(const uint64_t* keys, int64_t k, float m, float s, float t, int64_t* ids,
+                              float* logprobs, float* lse, float* entropy) {
+  const float log_s = logf(s);
+  const float row_lse = m + log_s;
+  for (int64_t i = 0; i < k; ++i) {
+    ids[i] = key_id(keys[i]);
+    logprobs[i] = key_logit(keys[i]) - row_lse;
+  }
+  *lse = row_lse;
+  *entropy = log_s - t / s;
+}
+
+}  // namespace opd_fast

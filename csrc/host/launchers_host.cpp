@@ -1,0 +1,198 @@
+// Host build of the launchers in launchers.h: the row algorithms of epilogue.h on CPU tensors. It is
+// compiled, with bindings.cpp and -DOPD_FAST_HOST_BUILD, into a CPU extension by
+// tests/test_cuda_backend.py, so that the epilogue math and the Python driver of the CUDA backend are
+// exercised on machines without a GPU. It is not part of opd_fast._C. The stream argument is ignored.
+//
+// A thread block is emulated by kHostThreads OS threads that share the block's "shared memory" (local
+// arrays here) and meet at a std::barrier wherever the GPU code calls __syncthreads. They walk the rows
+// one after another, with a barrier between rows (a block boundary). Same code, same synchronization
+// as on the GPU, only with 4 threads instead of 256.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "../epilogue.h"
+#include "../launchers.h"
+
+namespace opd_fast {
+namespace {
+
+constexpr int kHostThreads = 2;  // a power of two, like the GPU's block size
+
+class ThreadGroup {
+ public:
+  ThreadGroup(int rank, std::barrier<>* barrier) : rank_(rank), barrier_(barrier) {}
+  int rank() const { return rank_; }
+  int size() const { return kHostThreads; }
+  void sync() const { barrier_->arrive_and_wait(); }
+  int append(int* count) const { return std::atomic_ref<int>(*count).fetch_add(1); }
+
+ private:
+  int rank_;
+  std::barrier<>* barrier_;
+};
+
+// Runs row(group, i_n) for every row on the emulated block.
+template <class Row>
+void for_each_row(int64_t n_rows, const Row& row) {
+  std::barrier<> barrier(kHostThreads);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < kHostThreads; ++rank) {
+    threads.emplace_back([&, rank] {
+      const ThreadGroup group(rank, &barrier);
+      for (int64_t i_n = 0; i_n < n_rows; ++i_n) {
+        row(group, i_n);
+        group.sync();
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+template <class T>
+struct RowStore {
+  T* row;
+  void operator()(int64_t j, float v) const { row[j] = static_cast<T>(v); }
+};
+
+template <int kMode>
+void stats_rows(const float* zs, const float* zt, const int64_t* ids, float* state, int64_t n_rows, int64_t width,
+                int64_t v_lo, float inv_tau) {
+  PairAcc scratch[kHostThreads];
+  for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
+    const int64_t o_row = i_n * width;
+    const int64_t y_col = kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1;
+    row_softmax_stats<kMode>(g, zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, inv_tau,
+                             state + i_n, n_rows, scratch);
+  });
+}
+
+template <int kMode, class T>
+void grad_rows(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
+               const float* loss, const float* center, const float* row_weight, T* g, int64_t n_rows, int64_t width,
+               int64_t v_lo, float inv_tau, float beta) {
+  const bool two = two_models(kMode);
+  for_each_row(n_rows, [&](const ThreadGroup& group, int64_t i_n) {
+    const int64_t o_row = i_n * width;
+    row_logit_grad<kMode>(group, zs + o_row, two ? zt + o_row : nullptr, width,
+                          kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, inv_tau, lse_s[i_n],
+                          two ? lse_t[i_n] : 0.f, kMode == kReverseKL ? loss[i_n] : 0.f,
+                          kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n] * inv_tau, RowStore<T>{g + o_row});
+  });
+}
+
+template <int kMode>
+const char* grad_mode(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
+                      const float* loss, const float* center, const float* row_weight, void* g, int g_dtype,
+                      int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, float beta) {
+  switch (g_dtype) {
+    case kGradFloat32:
+      grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<float*>(g), n_rows, width,
+                       v_lo, inv_tau, beta);
+      return nullptr;
+    case kGradBFloat16:
+      grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<c10::BFloat16*>(g), n_rows,
+                       width, v_lo, inv_tau, beta);
+      return nullptr;
+    case kGradFloat16:
+      grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<c10::Half*>(g), n_rows, width,
+                       v_lo, inv_tau, beta);
+      return nullptr;
+    default:
+      return "unknown gradient dtype";
+  }
+}
+
+}  // namespace
+
+const char* launch_softmax_stats_update(const float* zs, const float* zt, const int64_t* ids, float* state,
+                                        int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, int mode,
+                                        std::intptr_t) {
+  switch (mode) {
+    case kReverseKL:
+      stats_rows<kReverseKL>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      return nullptr;
+    case kForwardKL:
+      stats_rows<kForwardKL>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      return nullptr;
+    case kJSD:
+      stats_rows<kJSD>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      return nullptr;
+    case kTokenLogprob:
+      stats_rows<kTokenLogprob>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      return nullptr;
+    case kLogSumExp:
+      stats_rows<kLogSumExp>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      return nullptr;
+    default:
+      return "unknown mode";
+  }
+}
+
+const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
+                                    float* terms, int64_t n_rows, int64_t width, float inv_tau, float beta,
+                                    std::intptr_t) {
+  Sum2 scratch[kHostThreads];
+  for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
+    const int64_t o_row = i_n * width;
+    row_jsd_terms(g, zs + o_row, zt + o_row, width, inv_tau, lse_s[i_n], lse_t[i_n], beta, terms + i_n, n_rows,
+                  scratch);
+  });
+  return nullptr;
+}
+
+const char* launch_logit_grad(const float* zs, const float* zt, const int64_t* ids, const float* lse_s,
+                              const float* lse_t, const float* loss, const float* center, const float* row_weight,
+                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau,
+                              float beta, int mode, std::intptr_t) {
+  switch (mode) {
+    case kReverseKL:
+      return grad_mode<kReverseKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
+                                   v_lo, inv_tau, beta);
+    case kForwardKL:
+      return grad_mode<kForwardKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
+                                   v_lo, inv_tau, beta);
+    case kJSD:
+      return grad_mode<kJSD>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width, v_lo,
+                             inv_tau, beta);
+    case kTokenLogprob:
+      return grad_mode<kTokenLogprob>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
+                                      v_lo, inv_tau, beta);
+    case kLogSumExp:
+      return grad_mode<kLogSumExp>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
+                                   v_lo, inv_tau, beta);
+    default:
+      return "unknown mode";
+  }
+}
+
+const char* launch_topk_update(const float* z, uint64_t* keys, float* state, int64_t n_rows, int64_t width,
+                               int64_t v_lo, int64_t k, float inv_tau, std::intptr_t) {
+  if (k < 1 || k > kMaxTopK) return "k must be in [1, 1024]";
+  const int cap = topk_buffer_capacity(k, kHostThreads);
+  std::vector<uint64_t> buf(static_cast<size_t>(cap));
+  EntropyAcc scratch[kHostThreads];
+  int count = 0;
+  for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
+    row_topk_update(g, z + i_n * width, width, v_lo, inv_tau, keys + i_n * k, static_cast<int>(k), state + i_n, n_rows,
+                    buf.data(), cap, &count, scratch);
+  });
+  return nullptr;
+}
+
+const char* launch_topk_finalize(const uint64_t* keys, const float* state, int64_t* ids, float* logprobs, float* lse,
+                                 float* entropy, int64_t n_rows, int64_t k, std::intptr_t) {
+  for (int64_t i_n = 0; i_n < n_rows; ++i_n) {
+    const int64_t o_k = i_n * k;
+    row_topk_finalize(keys + o_k, k, state[i_n], state[n_rows + i_n], state[2 * n_rows + i_n], ids + o_k,
+                      logprobs + o_k, lse + i_n, entropy + i_n);
+  }
+  return nullptr;
+}
+
+}  // namespace opd_fast
