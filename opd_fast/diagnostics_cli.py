@@ -1,0 +1,184 @@
+"""`opd-fast diagnose`: the command-line front end of :mod:`opd_fast.diagnostics` (DESIGN.md §4).
+
+Bad input (arguments, paths, unreadable checkpoints) ends with exit code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _hill_k(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"the Hill estimator needs k >= 2, got {value}")
+    return value
+
+
+def _eta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 such as 1e-3, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 such as 1e-3, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text}")
+    return value
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression ({exc}): {text!r}") from None
+    return text
+
+
+def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``diagnose CHECKPOINT CHECKPOINT [CHECKPOINT ...] [options]`` on ``subparsers``."""
+    from opd_fast import diagnostics as d
+
+    p = subparsers.add_parser(
+        "diagnose",
+        help="geometry of the weight update between checkpoints (sparsity, angles, stable rank, ...)",
+        description="Per 2-D weight matrix and per layer type: bf16-aware update sparsity, principal angles of "
+        "the top-k singular subspaces, normalized spectral shift, update/mask overlaps, stable rank, "
+        "Frobenius norm and Hill tail index of the update (Shen et al., arXiv:2606.07082). Give BEFORE AFTER, "
+        "or a series BEFORE ... AFTER in training order to add the subspace emergence Sim_K.",
+    )
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="BEFORE AFTER [MORE ...]: model directories (*.safetensors, sharded or not) or .safetensors files",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=d.DEFAULT_TOP_K,
+        metavar="K",
+        help=f"singular subspace size for the principal angles, clipped to the matrix (default {d.DEFAULT_TOP_K})",
+    )
+    p.add_argument(
+        "--eta",
+        type=_eta,
+        default=d.DEFAULT_ETA,
+        help=f"relative tolerance of a bf16-unchanged entry (default {d.DEFAULT_ETA:g})",
+    )
+    p.add_argument(
+        "--alpha",
+        type=_fraction,
+        default=d.DEFAULT_ALPHA,
+        metavar="A",
+        help=f"fraction of entries in the principal and low-magnitude masks (default {d.DEFAULT_ALPHA})",
+    )
+    p.add_argument(
+        "--rank",
+        type=_positive_int,
+        default=d.DEFAULT_RANK,
+        metavar="R",
+        help=f"rank of the reconstruction of BEFORE behind the principal mask (default {d.DEFAULT_RANK})",
+    )
+    p.add_argument(
+        "--sim-k",
+        type=_positive_int,
+        default=d.DEFAULT_SIM_K,
+        metavar="K",
+        help=f"right singular vectors compared by Sim_K in a series (default {d.DEFAULT_SIM_K})",
+    )
+    p.add_argument(
+        "--hill-k",
+        type=_hill_k,
+        default=None,
+        metavar="K",
+        help="top singular values in the Hill estimate (default ceil(sqrt(numerical rank of the update)))",
+    )
+    p.add_argument("--include", type=_regex, metavar="REGEX", help="only matrices whose name matches REGEX")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the float64 SVDs run (default cpu, as in the paper)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; 1 can be faster on a machine shared with other jobs)",
+    )
+    p.set_defaults(run=_run_diagnose)
+    return p
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    import torch
+
+    from opd_fast import diagnostics as d
+
+    if len(args.checkpoints) < 2:
+        print(f"error: diagnose needs BEFORE and AFTER checkpoints, got only {args.checkpoints[0]}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA GPU here; use --device cpu", file=sys.stderr)
+        return 2
+    if args.plot:
+        from opd_fast.bench import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except RuntimeError as exc:
+            print(f"error: --plot: {exc}", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = d.diagnose(
+            args.checkpoints,
+            eta=args.eta,
+            top_k=args.top_k,
+            alpha=args.alpha,
+            rank=args.rank,
+            sim_k=args.sim_k,
+            hill_k=args.hill_k,
+            include=args.include,
+            device=args.device,
+        )
+    except d.DiagnosticsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(d.format_table(report))
+    try:
+        if args.json:
+            d.write_json(args.json, report)
+            print(f"wrote {args.json}")
+        if args.plot:
+            for path in d.plot(report, args.plot):
+                print(f"wrote {path}")
+    except OSError as exc:
+        print(f"error: cannot write the output: {exc}", file=sys.stderr)
+        return 2
+    return 0
