@@ -26,7 +26,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-PACKAGES = ["opd_fast", "opd_fast.backends", "opd_fast.kernels"]
+PACKAGES = ["opd_fast", "opd_fast.backends", "opd_fast.kernels", "opd_fast.trainer"]
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "80;90a"

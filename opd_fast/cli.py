@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
 import torch
+
+from opd_fast.diagnostics_cli import add_diagnose_parser
 
 
 def _csv_choices(choices: Sequence[str], what: str):
@@ -114,12 +117,52 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="on-policy distillation training (the built-in CPU demo when no model is given)",
+        description="Train a student against a teacher with opd_fast's fused losses. With no student.path it runs "
+        "the built-in demo end to end on the CPU. Settings come from defaults, then --config, then "
+        "section.key=value overrides (e.g. loss.mode=jsd optim.lr=1e-5 student.path=/models/student).",
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file with the sections of TrainConfig")
+    p.add_argument("--out", metavar="DIR", help="output directory (metrics.jsonl, checkpoints, plots, summary.json)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from opd_fast.trainer import ConfigError, TrainingInterrupted, load_config, run
+    from opd_fast.trainer.checkpoint import CheckpointError
+    from opd_fast.trainer.demo import DEMO_DEFAULTS
+
+    try:
+        config = load_config(args.config, args.overrides, out_dir=args.out)
+        if config.student.path is None:  # the demo: its defaults go under the user's settings
+            config = load_config(args.config, args.overrides, base=DEMO_DEFAULTS, out_dir=args.out)
+        summary = run(config, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(f"{exc}; continue with --resume", file=sys.stderr)
+        return 128 + exc.signum
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opd-fast", description="Fused on-policy distillation losses: benchmarks and tools."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    _add_train(sub)
+    add_diagnose_parser(sub)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""Checkpoints written atomically and read back safely.
+
+Layout of ``<out_dir>/checkpoints/``::
+
+    step-00000100/
+        model.safetensors      trainable student weights (full model, or the LoRA adapters)
+        optimizer.pt           optimizer state dict (torch.save; loaded with weights_only=True)
+        rng.safetensors        torch CPU (and CUDA) generator states
+        rollout.safetensors    the rollout being reused (rollout.reuse > 1), so a resumed run trains on it
+        subspace.safetensors   the captured bases of subspace-locked training (empty before the capture)
+        trainer_state.json     step, scheduler, Python RNG state, config, that rollout's texts
+    latest                     the name of the newest complete checkpoint
+
+A checkpoint is written into ``step-XXXXXXXX.tmp-<pid>`` and renamed only once every file is flushed
+and fsync'ed, then ``latest`` is replaced atomically; a process killed at any moment leaves the previous
+``latest`` intact. Loading checks every file and names the one that is missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = (
+    "model.safetensors",
+    "optimizer.pt",
+    "rng.safetensors",
+    "trainer_state.json",
+)
+ROLLOUT_FILE, SUBSPACE_FILE = "rollout.safetensors", "subspace.safetensors"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The weights that training changes: all of them, or only the LoRA adapters under peft."""
+    if hasattr(model, "get_base_model"):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    # safetensors refuses tensors that share storage (tied embeddings): store each storage once.
+    seen: dict[tuple[int, int], str] = {}
+    unique = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen[key] = name
+        unique[name] = tensor.detach().cpu().contiguous()
+    return unique
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    if hasattr(model, "get_base_model"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name in missing if _is_tied(model, name)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights do not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def _is_tied(model, name: str) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensor = params.get(name)
+    return tensor is not None and any(other is tensor for key, other in params.items() if key != name)
+
+
+def _rollout_tensors(rollouts) -> dict[str, torch.Tensor]:
+    return {
+        f"{i}.{name}": getattr(batch, name).detach().cpu().contiguous()
+        for i, batch in enumerate(rollouts)
+        for name in batch.TENSORS
+        if getattr(batch, name) is not None
+    }
+
+
+def _rollout_texts(rollouts) -> list[dict]:
+    return [
+        {
+            "prompts": [e.prompt for e in b.examples],
+            "answers": [e.answer for e in b.examples],
+            "completions": b.completions,
+            "correct": b.correct,
+        }
+        for b in rollouts
+    ]
+
+
+def _restore_rollouts(tensors: dict[str, torch.Tensor], texts: list[dict], device) -> list:
+    from opd_fast.trainer.rollout import Batch
+    from opd_fast.trainer.tasks import Example
+
+    batches = []
+    for i, text in enumerate(texts):
+        fields = {name: tensors[f"{i}.{name}"].to(device) for name in Batch.TENSORS if f"{i}.{name}" in tensors}
+        examples = [Example(p, a) for p, a in zip(text["prompts"], text["answers"])]
+        batches.append(Batch(**fields, examples=examples, completions=text["completions"], correct=text["correct"]))
+    return batches
+
+
+def save_checkpoint(
+    directory: Path, step: int, model, optimizer, scheduler, config: dict, keep: int, rollouts=(), subspace=None
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``directory``; keep the newest ``keep`` ones."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = directory / name
+    staging = directory / f"{name}.tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    save_file(trainable_state(model), staging / MODEL_FILE)
+    torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, staging / RNG_FILE)
+    save_file(_rollout_tensors(rollouts), staging / ROLLOUT_FILE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in (subspace or {}).items()}, staging / SUBSPACE_FILE)
+    python_state = random.getstate()
+    _write_json(
+        staging / STATE_FILE,
+        {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "python_random": [python_state[0], list(python_state[1]), python_state[2]],
+            "config": config,
+            "rollout": _rollout_texts(rollouts),
+        },
+    )
+    for file in staging.iterdir():
+        _fsync_file(file)
+    _fsync_dir(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer = directory / f"{LATEST}.tmp-{os.getpid()}"
+    pointer.write_text(name)
+    _fsync_file(pointer)
+    os.replace(pointer, directory / LATEST)
+    _fsync_dir(directory)
+    for old in sorted(p for p in directory.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    path = directory / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} points to {path}, which does not exist")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> tuple[int, list, dict[str, torch.Tensor]]:
+    """Restore model, optimizer, scheduler and RNG states from ``path``.
+
+    Returns (step, the reused rollout, the subspace-lock bases {} if none were captured)."""
+    for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, ROLLOUT_FILE, SUBSPACE_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {path / name} is missing")
+    try:
+        weights = load_file(path / MODEL_FILE)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path / MODEL_FILE} (truncated or corrupt?): {exc}") from None
+    try:
+        optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises several types for bad pickles
+        raise CheckpointError(f"cannot read {path / OPTIMIZER_FILE} (truncated or corrupt?): {exc}") from None
+    try:
+        rng = load_file(path / RNG_FILE)
+        state = json.loads((path / STATE_FILE).read_text())
+        step = int(state["step"])
+        rollouts = _restore_rollouts(load_file(path / ROLLOUT_FILE), state["rollout"], device)
+        subspace = load_file(path / SUBSPACE_FILE, device=str(device))
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read the trainer state in {path}: {exc}") from None
+    load_trainable_state(model, weights)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return step, rollouts, subspace

@@ -1,0 +1,298 @@
+"""Trainer configuration: dataclasses, YAML loading, ``section.key=value`` overrides and validation.
+
+A YAML file mirrors the dataclasses (sections ``student``, ``teacher``, ``lora``, ``data``, ``rollout``,
+``loss``, ``optim``, ``train`` plus top-level ``out_dir``, ``seed``, ``device``). Unknown keys, wrong
+types and out-of-range values are refused with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOSS_MODES = ("reverse_kl", "forward_kl", "jsd", "topk", "sampled_token", "sft")
+ROLLOUT_SOURCES = ("student", "teacher", "reference")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+TOPK_SUPPORTS = ("student", "teacher", "union", "intersection")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """A local transformers causal-LM directory (None: the built-in demo's model)."""
+
+    path: str | None = None
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student via peft (optional dependency: pip install 'opd_fast[lora]')."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataConfig:
+    """Prompts with verifiable answers: a built-in synthetic task, or JSONL files of {"prompt", "answer"}."""
+
+    task: str = "reverse"
+    train_path: str | None = None
+    eval_path: str | None = None
+    eval_size: int = 256
+    verifier: str = "exact"
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of completions: who samples, how many prompts per micro-batch, and how."""
+
+    source: str = "student"
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reuse: int = 1
+
+
+@dataclass
+class LossConfig:
+    """The per-token loss on completion tokens (see opd_fast.trainer.losses)."""
+
+    mode: str = "reverse_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    top_k: int = 16
+    support: str = "student"
+    renormalize: bool = True
+    topk_divergence: str = "reverse_kl"
+    discount: float = 0.0
+    ratio_clip: float | None = None
+    backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and a schedule, gradient clipping and accumulation."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class LoopConfig:
+    """Length of training and the cadence of logging, evaluation and checkpoints."""
+
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    overlap_k: int = 16
+    # Subspace-locked training (opd_fast.diagnostics.SubspaceLock): after this many steps, project every
+    # later gradient of the selected matrices onto the top right singular vectors of their update so far.
+    subspace_lock_step: int | None = None
+    subspace_lock_rank: int = 16
+    subspace_lock_include: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/opd"
+    seed: int = 0
+    device: str = "auto"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Check every value; returns self. Raises ConfigError naming the key."""
+        _choice("device", self.device, DEVICES)
+        for role in ("student", "teacher"):
+            _choice(f"{role}.dtype", getattr(self, role).dtype, DTYPES)
+        _positive("lora.r", self.lora.r)
+        _positive("lora.alpha", self.lora.alpha)
+        _range("lora.dropout", self.lora.dropout, 0.0, 1.0, high_open=True)
+        _positive("data.eval_size", self.data.eval_size)
+        _choice("rollout.source", self.rollout.source, ROLLOUT_SOURCES)
+        _positive("rollout.batch_size", self.rollout.batch_size)
+        _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
+        _range("rollout.temperature", self.rollout.temperature, 0.0, math.inf, low_open=True)
+        _range("rollout.top_p", self.rollout.top_p, 0.0, 1.0, low_open=True)
+        _positive("rollout.reuse", self.rollout.reuse)
+        _choice("loss.mode", self.loss.mode, LOSS_MODES)
+        _range("loss.beta", self.loss.beta, 0.0, 1.0)
+        _range("loss.temperature", self.loss.temperature, 0.0, math.inf, low_open=True)
+        _positive("loss.top_k", self.loss.top_k)
+        _choice("loss.support", self.loss.support, TOPK_SUPPORTS)
+        _choice("loss.topk_divergence", self.loss.topk_divergence, ("reverse_kl", "forward_kl"))
+        _range("loss.discount", self.loss.discount, 0.0, 1.0)
+        if self.loss.ratio_clip is not None:
+            _range("loss.ratio_clip", self.loss.ratio_clip, 1.0, math.inf)
+        _choice("loss.backend", self.loss.backend, ("auto", "torch", "triton", "cuda"))
+        _range("optim.lr", self.optim.lr, 0.0, math.inf, low_open=True)
+        _range("optim.weight_decay", self.optim.weight_decay, 0.0, math.inf)
+        _range("optim.beta1", self.optim.beta1, 0.0, 1.0, high_open=True)
+        _range("optim.beta2", self.optim.beta2, 0.0, 1.0, high_open=True)
+        _choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _range("optim.warmup_steps", self.optim.warmup_steps, 0, math.inf)
+        _range("optim.min_lr_ratio", self.optim.min_lr_ratio, 0.0, 1.0)
+        _range("optim.max_grad_norm", self.optim.max_grad_norm, 0.0, math.inf, low_open=True)
+        _positive("optim.grad_accum", self.optim.grad_accum)
+        for key in ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "overlap_k"):
+            _positive(f"train.{key}", getattr(self.train, key))
+        if self.train.subspace_lock_step is not None:
+            _positive("train.subspace_lock_step", self.train.subspace_lock_step)
+        _positive("train.subspace_lock_rank", self.train.subspace_lock_rank)
+        if self.loss.mode == "sft" and self.rollout.source == "student":
+            raise ConfigError(
+                "loss.mode=sft learns from someone else's completions: set rollout.source=teacher (distill the "
+                "teacher's samples) or rollout.source=reference (the dataset's answers)"
+            )
+        if self.loss.mode != "sft" and self.rollout.source == "reference":
+            raise ConfigError(
+                f"rollout.source=reference (dataset answers) only works with loss.mode=sft, not {self.loss.mode}"
+            )
+        if self.lora.enabled and self.student.path is None:
+            raise ConfigError("lora.enabled needs student.path (the built-in demo trains full weights)")
+        return self
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer; got {value!r}")
+
+
+def _range(key, value, low, high, low_open=False, high_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{key} must be a number; got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}; got {value!r}")
+
+
+def _coerce(key: str, value: object, annotation) -> object:
+    """Check a YAML value against a dataclass field's type (ints are accepted where floats are)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            raise ConfigError(f"{key} must be a list of {args[0].__name__}; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if hint in (int, float, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be a {hint.__name__}; got {value!r}")
+    return value
+
+
+def _apply(target, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    names = {f.name for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{key} must be a mapping of its keys ({', '.join(f.name for f in dataclasses.fields(current))})"
+                )
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"optim.lr=3e-4"`` → (["optim", "lr"], 3e-4); the value is parsed as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
+    return parts, value
+
+
+def _apply_overrides(config: TrainConfig, overrides) -> None:
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: object = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _apply(config, nested)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), *, base: list[str] = (), **top_level
+) -> TrainConfig:
+    """Defaults ← ``base`` overrides ← YAML file ← ``section.key=value`` overrides ← keyword arguments; validated."""
+    config = TrainConfig()
+    _apply_overrides(config, base)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        _apply(config, data)
+    _apply_overrides(config, overrides)
+    _apply(config, {k: v for k, v in top_level.items() if v is not None})
+    return config.validate()

@@ -1,0 +1,421 @@
+"""The on-policy distillation training loop.
+
+Each optimizer step: sample prompts → the student samples completions (or the teacher, or the dataset's
+answers, for SFT) → the teacher runs over prompt + completion and returns final hidden states only →
+the student's final hidden states → the fused loss on completion tokens → backward → AdamW step with
+warm-up, schedule, gradient clipping and accumulation. Every ``log_every`` steps a line goes to
+``metrics.jsonl`` (with top-k overlap and entropy diagnostics), every ``eval_every`` the held-out
+accuracy, every ``save_every`` an atomic checkpoint.
+
+Reproducibility: the prompts and the sampling randomness of step s are seeded from (seed, rank, s), and
+checkpoints hold the weights, optimizer, scheduler, RNG states and any reused rollout, so a resumed run
+continues the same trajectory and its losses match the uninterrupted run's exactly on CPU.
+
+Data parallelism: under ``torchrun`` each rank samples its own prompts; the student's hidden-state
+module is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU), so gradients — including the
+lm_head's, which is applied inside the loss — are averaged across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from opd_fast.trainer import checkpoint as ckpt
+from opd_fast.trainer.config import TrainConfig
+from opd_fast.trainer.losses import compute_loss, overlap_metrics
+from opd_fast.trainer.modeling import (
+    HiddenStates,
+    apply_lora,
+    check_same_tokenizer,
+    final_hidden_states,
+    lm_head_weight,
+    load_causal_lm,
+    load_tokenizer,
+    shared_vocab_size,
+)
+from opd_fast.trainer.plots import plot_training_curves
+from opd_fast.trainer.rollout import Batch, encode_prompts, generate, make_batch, reference_completions
+from opd_fast.trainer.tasks import Task, build_task
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was written first."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint: {path}")
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but torch sees no CUDA GPU here; use device=cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs :meth:`train`.
+
+    ``task`` overrides the task built from ``config.data`` (the demo passes its own); ``progress`` shows a
+    tqdm bar on rank 0.
+    """
+
+    def __init__(self, config: TrainConfig, *, task: Task | None = None, progress: bool = True) -> None:
+        self.config = config.validate()
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        torch.manual_seed(config.seed)
+        self.task = task or build_task(
+            config.data.task, config.data.train_path, config.data.eval_path, config.data.verifier
+        )
+        if config.student.path is None:
+            raise ValueError("student.path is required (the built-in demo supplies its own models)")
+        self.tokenizer = load_tokenizer(config.student.path, "student.path")
+        self.needs_teacher = not (config.loss.mode == "sft" and config.rollout.source == "reference")
+        self.teacher = None
+        if self.needs_teacher:
+            if config.teacher.path is None:
+                raise ValueError(
+                    f"teacher.path is required for loss.mode={config.loss.mode}, rollout.source={config.rollout.source}"
+                )
+            check_same_tokenizer(self.tokenizer, load_tokenizer(config.teacher.path, "teacher.path"))
+            self.teacher = load_causal_lm(config.teacher.path, "teacher.path", config.teacher.dtype, self.device)
+            self.teacher.eval().requires_grad_(False)
+        student = load_causal_lm(
+            config.student.path,
+            "student.path",
+            config.student.dtype,
+            self.device,
+            config.student.gradient_checkpointing,
+        )
+        self.student = apply_lora(student, config.lora) if config.lora.enabled else student
+        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
+        hidden = HiddenStates(self.student)
+        self.forward = torch.nn.parallel.DistributedDataParallel(hidden) if self.world_size > 1 else hidden
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.optim.lr,
+            betas=(config.optim.beta1, config.optim.beta2),
+            weight_decay=config.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.eval_examples = self.task.eval_set(config.data.eval_size)
+        self.lock = None
+        if config.train.subspace_lock_step is not None:
+            from opd_fast.diagnostics import SubspaceLock
+
+            self.lock = SubspaceLock(
+                self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
+            )
+        self._rollouts: list[Batch] = []
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------------------------------------- schedule
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine / linear decay to min_lr_ratio, or constant."""
+        optim, total = self.config.optim, self.config.train.steps
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+    def _seed_step(self, step: int) -> random.Random:
+        """Seed torch for this step's sampling and return its prompt RNG: both pure functions of (seed, rank, step)."""
+        torch.manual_seed(self.config.seed * 1_000_003 + self.rank * 7_919 + step)
+        return random.Random(f"{self.config.seed}/{self.rank}/{step}")
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _sampler(self):
+        return self.teacher if self.config.rollout.source == "teacher" else self.student
+
+    def make_rollouts(self, rng: random.Random) -> list[Batch]:
+        """``grad_accum`` micro-batches of prompts with completions from the configured source."""
+        cfg = self.config.rollout
+        batches = []
+        for _ in range(self.config.optim.grad_accum):
+            examples = self.task.sample(rng, cfg.batch_size)
+            prompts = encode_prompts(self.tokenizer, examples)
+            if cfg.source == "reference":
+                completions = reference_completions(self.tokenizer, examples)
+            else:
+                completions = generate(
+                    self._sampler(),
+                    self.tokenizer,
+                    prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    greedy=False,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    vocab_size=self.vocab_size,
+                )
+            batch = make_batch(self.tokenizer, examples, prompts, completions, self.task, self.device)
+            if cfg.reuse > 1 and self.config.loss.mode == "sampled_token":
+                batch.behaviour_logprobs = self._behaviour_logprobs(batch)
+            batches.append(batch)
+        return batches
+
+    @torch.no_grad()
+    def _behaviour_logprobs(self, batch: Batch) -> torch.Tensor:
+        """log p(y) of the sampled tokens under the student that sampled them (for the importance ratio)."""
+        from opd_fast import linear_token_logprobs
+
+        hidden = final_hidden_states(self.student, batch.input_ids, batch.attention_mask)[:, :-1]
+        head = lm_head_weight(self.student)[: self.vocab_size]
+        return linear_token_logprobs(
+            hidden, head, batch.targets, temperature=self.config.loss.temperature, backend=self.config.loss.backend
+        )
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _micro_step(self, batch: Batch, diagnostics: bool) -> dict[str, float]:
+        cfg = self.config
+        student_hidden = self.forward(batch.input_ids, batch.attention_mask)
+        teacher_hidden = teacher_head = None
+        if self.needs_teacher:
+            with torch.no_grad():
+                teacher_hidden = final_hidden_states(self.teacher, batch.input_ids, batch.attention_mask)
+            teacher_head = lm_head_weight(self.teacher)
+        student_head = lm_head_weight(self.student)
+        loss, metrics = compute_loss(
+            cfg.loss,
+            batch,
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            self.vocab_size,
+            batch.behaviour_logprobs,
+        )
+        (loss / cfg.optim.grad_accum).backward()
+        if diagnostics and teacher_hidden is not None:
+            metrics.update(
+                overlap_metrics(
+                    student_hidden.detach(),
+                    student_head.detach(),
+                    teacher_hidden,
+                    teacher_head,
+                    batch.completion_mask,
+                    k=cfg.train.overlap_k,
+                    temperature=cfg.loss.temperature,
+                    backend=cfg.loss.backend,
+                    vocab_size=self.vocab_size,
+                )
+            )
+        metrics["rollout/accuracy"] = sum(batch.correct) / len(batch.correct)
+        metrics["rollout/completion_tokens"] = batch.completion_tokens / len(batch.correct)
+        return metrics
+
+    def train_step(self, step: int, diagnostics: bool) -> dict[str, float]:
+        """One optimizer step (step is 0-based); returns the step's metrics averaged over micro-batches."""
+        rng = self._seed_step(step)
+        if step % self.config.rollout.reuse == 0 or not self._rollouts:
+            self._rollouts = self.make_rollouts(rng)
+        self.student.train()
+        records = []
+        for index, batch in enumerate(self._rollouts):
+            last = index == len(self._rollouts) - 1
+            sync = nullcontext() if last or self.world_size == 1 else self.forward.no_sync()
+            with sync:
+                records.append(self._micro_step(batch, diagnostics and index == 0))
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {
+            key: sum(r[key] for r in records if key in r) / sum(key in r for r in records)
+            for key in dict.fromkeys(k for r in records for k in r)
+        }
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return self._all_reduce_mean(metrics)
+
+    def _all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: v / self.world_size for k, v in zip(keys, values.tolist())}
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model=None) -> float:
+        """Greedy held-out accuracy of ``model`` (default: the student), sharded over ranks."""
+        model = model or self.student
+        mine = self.eval_examples[self.rank :: self.world_size]
+        correct = 0
+        for start in range(0, len(mine), 128):
+            chunk = mine[start : start + 128]
+            prompts = encode_prompts(self.tokenizer, chunk)
+            completions = generate(
+                model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=self.config.rollout.max_new_tokens,
+                greedy=True,
+                vocab_size=self.vocab_size,
+            )
+            texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+            correct += sum(self.task.verify(e, t) for e, t in zip(chunk, texts))
+        if self.world_size > 1:
+            total = torch.tensor([correct], dtype=torch.float64)
+            dist.all_reduce(total)
+            correct = int(total.item())
+        return correct / len(self.eval_examples)
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume: drop log lines past the checkpoint, so the file reads as one uninterrupted run."""
+        if self.is_main and self.metrics_path.is_file():
+            kept = [
+                line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+            ]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _lock_subspace(self) -> dict[str, int]:
+        """Capture the subspace of each locked matrix's update so far and project gradients from now on.
+
+        Adam's moments for those matrices restart: what they gathered before holds unprojected gradients.
+        """
+        ranks = self.lock.capture(self.student)
+        self.lock.attach(self.student)
+        for param in self.lock.locked_parameters(self.student).values():
+            self.optimizer.state.pop(param, None)
+        return ranks
+
+    def save(self, step: int) -> Path | None:
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir,
+                step,
+                self.student,
+                self.optimizer,
+                self.scheduler,
+                self.config.to_dict(),
+                self.config.train.keep_checkpoints,
+                self._rollouts,
+                self.lock.bases if self.lock is not None else None,
+            )
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def export(self, directory: Path) -> Path:
+        """The trained student as a transformers model directory (plus tokenizer), loadable as a model path;
+        LoRA adapters are merged into a copy of the base weights first."""
+        if self.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            merged = copy.deepcopy(self.student).merge_and_unload() if self.config.lora.enabled else self.student
+            merged.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+        if self.world_size > 1:
+            dist.barrier()
+        return directory
+
+    def _handle_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second signal: stop right away
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> int | None:
+        if self.world_size == 1:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    # ---------------------------------------------------------------------------------------------------- run
+    def train(self, resume: bool = False) -> dict:
+        """Run to ``train.steps``; returns the final metrics. Raises TrainingInterrupted on SIGINT/SIGTERM."""
+        cfg = self.config.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start = 0
+        if resume:
+            path = ckpt.latest_checkpoint(self.checkpoint_dir)
+            if path is None:
+                raise ckpt.CheckpointError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+            start, self._rollouts, bases = ckpt.load_checkpoint(
+                path, self.student, self.optimizer, self.scheduler, self.device
+            )
+            if self.lock is not None and bases:
+                self.lock.bases = bases
+                self.lock.attach(self.student)
+            self._truncate_metrics(start)
+        else:
+            if self.is_main:
+                self.metrics_path.write_text("")
+                (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            self._log({"step": 0, "eval/student_accuracy": self.evaluate()})
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=cfg.steps, initial=start, desc="opd-fast train", disable=not self.progress, dynamic_ncols=True)
+        last: dict = {}
+        started = time.perf_counter()
+        try:
+            for step in range(start, cfg.steps):
+                number = step + 1
+                diagnostics = number % cfg.log_every == 0 or number == cfg.steps
+                metrics = self.train_step(step, diagnostics)
+                record = {"step": number, **metrics, "time_s": time.perf_counter() - started}
+                if self.lock is not None and number == cfg.subspace_lock_step:
+                    ranks = self._lock_subspace()
+                    record["subspace/locked_matrices"] = len(ranks)
+                    record["subspace/mean_rank"] = sum(ranks.values()) / max(1, len(ranks))
+                if number % cfg.eval_every == 0 or number == cfg.steps:
+                    record["eval/student_accuracy"] = self.evaluate()
+                if diagnostics or "eval/student_accuracy" in record or "subspace/locked_matrices" in record:
+                    self._log(record)
+                last = {**last, **record}
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", acc=f"{last.get('eval/student_accuracy', float('nan')):.2f}"
+                )
+                if number % cfg.save_every == 0 or number == cfg.steps:
+                    self.save(number)
+                signum = self._stop_requested()
+                if signum is not None and number < cfg.steps:
+                    path = self.save(number)
+                    self.plot()
+                    raise TrainingInterrupted(signum, number, path)
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        self.plot()
+        return last
+
+    def plot(self) -> Path | None:
+        if not self.is_main:
+            return None
+        title = f"{self.config.loss.mode} — {Path(self.config.student.path).name}"
+        return plot_training_curves(self.metrics_path, self.out_dir / "training_curves.png", title)

@@ -1,0 +1,179 @@
+"""Prompts with verifiable answers: the built-in synthetic tasks, JSONL datasets and answer verifiers.
+
+A task hands out training prompts (sampled with a caller-provided RNG, so every step's batch is a
+pure function of the seed and the step), a fixed held-out evaluation set, and a verifier that decides
+whether a completion answers its prompt.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd_fast.trainer.config import ConfigError
+
+EVAL_SEED = 20261122  # the held-out set is fixed, and disjoint in practice from training draws
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+Verifier = Callable[[Example, str], bool]
+
+
+class Task:
+    """Base class: ``sample`` training prompts, a fixed ``eval_set``, and ``verify`` completions."""
+
+    name = "task"
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verify = verifier
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        raise NotImplementedError
+
+    def eval_set(self, n: int) -> list[Example]:
+        raise NotImplementedError
+
+
+class ReverseTask(Task):
+    """Reverse a random string: ``"cabd="`` → ``"dbac"``. Small transformers learn it; how fast depends on size."""
+
+    name = "reverse"
+
+    def __init__(
+        self, alphabet: str = "abcdefghij", min_len: int = 4, max_len: int = 9, verifier: Verifier | None = None
+    ):
+        super().__init__(verifier or exact_match)
+        self.alphabet, self.min_len, self.max_len = alphabet, min_len, max_len
+        self.characters = alphabet + "="
+
+    def _one(self, rng: random.Random) -> Example:
+        text = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(self.min_len, self.max_len)))
+        return Example(prompt=f"{text}=", answer=text[::-1])
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        return [self._one(rng) for _ in range(n)]
+
+    def eval_set(self, n: int) -> list[Example]:
+        return self.sample(random.Random(EVAL_SEED), n)
+
+
+class AdditionTask(Task):
+    """Add two numbers, answer written least-significant digit first: ``"123+45="`` → ``"861"``."""
+
+    name = "addition"
+
+    def __init__(self, digits: int = 3, verifier: Verifier | None = None):
+        super().__init__(verifier or exact_match)
+        self.digits = digits
+        self.characters = "0123456789+="
+
+    def _one(self, rng: random.Random) -> Example:
+        a, b = rng.randrange(10**self.digits), rng.randrange(10**self.digits)
+        return Example(prompt=f"{a}+{b}=", answer=str(a + b)[::-1])
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        return [self._one(rng) for _ in range(n)]
+
+    def eval_set(self, n: int) -> list[Example]:
+        return self.sample(random.Random(EVAL_SEED), n)
+
+
+class JsonlTask(Task):
+    """Prompts from JSONL files, one ``{"prompt": str, "answer": str}`` object per line."""
+
+    name = "jsonl"
+
+    def __init__(self, train_path: str, eval_path: str | None, verifier: Verifier):
+        super().__init__(verifier)
+        self.train = _read_jsonl(train_path, "data.train_path")
+        self.eval = _read_jsonl(eval_path, "data.eval_path") if eval_path else self.train
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        return [rng.choice(self.train) for _ in range(n)]
+
+    def eval_set(self, n: int) -> list[Example]:
+        return self.eval[:n]
+
+
+def _read_jsonl(path: str, key: str) -> list[Example]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key}: {file} does not exist")
+    examples = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            examples.append(Example(prompt=str(record["prompt"]), answer=str(record["answer"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{key}: {file} line {number} is not a JSON object with 'prompt' and 'answer' ({exc})"
+            ) from None
+    if not examples:
+        raise ConfigError(f"{key}: {file} holds no examples")
+    return examples
+
+
+def exact_match(example: Example, completion: str) -> bool:
+    return completion.strip() == example.answer.strip()
+
+
+def contains(example: Example, completion: str) -> bool:
+    return example.answer.strip() in completion
+
+
+def last_boxed(example: Example, completion: str) -> bool:
+    """The content of the last ``\\boxed{...}`` equals the answer (math-style completions)."""
+    start = completion.rfind("\\boxed{")
+    if start < 0:
+        return False
+    depth, i = 0, start + len("\\boxed{")
+    for j in range(i, len(completion)):
+        depth += {"{": 1, "}": -1}.get(completion[j], 0)
+        if depth < 0:
+            return completion[i:j].strip() == example.answer.strip()
+    return False
+
+
+VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "contains": contains, "boxed": last_boxed}
+
+
+def resolve_verifier(spec: str) -> Verifier:
+    """A verifier by name (exact, contains, boxed) or ``"package.module:function"``."""
+    if spec in VERIFIERS:
+        return VERIFIERS[spec]
+    if ":" not in spec:
+        raise ConfigError(f"data.verifier must be one of {', '.join(VERIFIERS)} or 'module:function'; got {spec!r}")
+    module_name, function_name = spec.split(":", 1)
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"data.verifier {spec!r} cannot be imported: {exc}") from None
+    if not callable(function):
+        raise ConfigError(f"data.verifier {spec!r} is not callable")
+    return function
+
+
+BUILTIN_TASKS = {"reverse": ReverseTask, "addition": AdditionTask}
+
+
+def build_task(task: str, train_path: str | None, eval_path: str | None, verifier: str) -> Task:
+    """The task named by the data config: a built-in synthetic one, or ``jsonl`` with train_path."""
+    verify = resolve_verifier(verifier)
+    if task == "jsonl":
+        if not train_path:
+            raise ConfigError("data.task=jsonl needs data.train_path (a JSONL file of {'prompt', 'answer'})")
+        return JsonlTask(train_path, eval_path, verify)
+    if task not in BUILTIN_TASKS:
+        raise ConfigError(f"data.task must be one of {', '.join([*BUILTIN_TASKS, 'jsonl'])}; got {task!r}")
+    return BUILTIN_TASKS[task](verifier=verify)
