@@ -6,6 +6,7 @@ teacher are never materialized. See DESIGN.md §3 for the contract and README.md
 
 from opd_fast.backends import BackendUnavailableError
 from opd_fast.chunking import chunk_budget, get_chunk_budget, set_chunk_budget
+from opd_fast.distributed import shard_rows
 from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs
 from opd_fast.modules import OPDLoss
 from opd_fast.topk import linear_topk_divergence, linear_topk_overlap, linear_topk_target_divergence
@@ -27,4 +28,5 @@ __all__ = [
     "linear_topk_overlap",
     "linear_topk_target_divergence",
     "set_chunk_budget",
+    "shard_rows",
 ]

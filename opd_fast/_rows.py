@@ -23,3 +23,17 @@ def scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n_rows: int, f
         return values
     full = values.new_full((n_rows, *values.shape[1:]), fill)
     return full.index_copy_(0, rows, values)
+
+
+def scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """target[index[i]] += values[i], deterministically on every device.
+
+    On CUDA index_add_ uses atomics when indices repeat; summing each index's values first (sort +
+    segment_reduce) leaves index_add_ with unique indices, so one writer per row.
+    """
+    if target.device.type == "cpu":
+        target.index_add_(0, index, values)
+        return
+    index, order = index.sort(stable=True)
+    unique, counts = torch.unique_consecutive(index, return_counts=True)
+    target.index_add_(0, unique, torch.segment_reduce(values[order], "sum", lengths=counts, axis=0))

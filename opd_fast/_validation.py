@@ -159,11 +159,17 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
 
 
 def check_process_group(process_group: object) -> None:
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group (vocabulary-parallel losses over a sharded lm_head) is not supported by this version "
-            "of opd_fast; pass the full weight and process_group=None"
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or dist.new_group(...)) "
+            f"or None, got {type(process_group).__name__}"
         )
+    if not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized; call init_process_group")
 
 
 @dataclass(frozen=True)
@@ -199,10 +205,14 @@ def flatten(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, refuse_non_finite):
+def check_pair(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, refuse_non_finite, sharded=False
+):
     """Validate a student/teacher pair; returns (hs [N, Hs], ws, ht [N, Ht], wt, leading shape, counted rows).
 
-    Both weights are cut to the shared vocabulary; the teacher's tensors come back detached.
+    Both weights are cut to the shared vocabulary; the teacher's tensors come back detached. With
+    ``sharded`` the weights are this rank's vocabulary shards: they must have the same number of rows,
+    and ``vocab_size`` (a global size) is applied later, when the shards' offsets are known.
     """
     ws = check_weight("student_weight", student_weight)
     wt = check_weight("teacher_weight", teacher_weight)
@@ -215,8 +225,15 @@ def check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, m
         )
     mask = check_mask(mask, hs.shape[:-1])
     check_same_device(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, mask=mask)
-    vocab = check_vocab(ws, wt, vocab_size)
-    ws, wt = ws[:vocab], wt[:vocab]
+    if sharded:
+        if ws.shape[0] != wt.shape[0]:
+            raise ValueError(
+                f"student_weight's shard has {ws.shape[0]} rows but teacher_weight's has {wt.shape[0]} on this rank; "
+                "shard both lm_heads the same way (opd_fast.shard_rows)"
+            )
+    else:
+        vocab = check_vocab(ws, wt, vocab_size)
+        ws, wt = ws[:vocab], wt[:vocab]
     if refuse_non_finite:
         check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt)
     return flatten(hs), ws, flatten(ht).detach(), wt.detach(), hs.shape[:-1], counted_rows(mask)

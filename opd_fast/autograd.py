@@ -18,6 +18,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from opd_fast import distributed as vp
 from opd_fast._rows import scatter_rows, select_rows
 from opd_fast._validation import DivergenceSpec
 
@@ -35,6 +36,18 @@ def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _divergence_forward(backend, shard, hs, ws, ht, wt, spec):
+    if shard is None:
+        return backend.divergence_forward(hs, ws, ht, wt, spec)
+    return vp.divergence_stats(backend, hs, ws, ht, wt, spec, shard)
+
+
+def _divergence_backward(backend, shard, hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw):
+    if shard is None:
+        return backend.divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw)
+    return vp.divergence_backward(backend, hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw, shard)
+
+
 def _cast_grad(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if grad is None else grad.to(dtype)
 
@@ -43,7 +56,9 @@ class LinearDivergence(torch.autograd.Function):
     """Per-token divergence between softmax(hs Wsᵀ/τ) and softmax(ht Wtᵀ/τ), reduced; grads for hs, Ws."""
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, rows, backend: ModuleType, spec: DivergenceSpec, reduction: str, grad_on: bool):
+    def forward(
+        ctx, hs, ws, ht, wt, rows, backend: ModuleType, spec: DivergenceSpec, reduction: str, grad_on: bool, shard=None
+    ):
         n_rows = hs.shape[0]
         hs_c, ht_c = select_rows(hs, rows), select_rows(ht, rows)
         count = hs_c.shape[0]
@@ -51,9 +66,9 @@ class LinearDivergence(torch.autograd.Function):
         need_dw = grad_on and ctx.needs_input_grad[1]
         ctx.reduction, ctx.hidden_dtype, ctx.weight_dtype = reduction, hs.dtype, ws.dtype
         out_dtype = _result_dtype(hs, ws, ht, wt)
-        ctx.backend, ctx.spec, ctx.need_dh, ctx.need_dw = backend, spec, need_dh, need_dw
+        ctx.backend, ctx.spec, ctx.need_dh, ctx.need_dw, ctx.shard = backend, spec, need_dh, need_dw, shard
         if reduction == "none":
-            stats = backend.divergence_forward(hs_c, ws, ht_c, wt, spec) if count else None
+            stats = _divergence_forward(backend, shard, hs_c, ws, ht_c, wt, spec) if count else None
             if need_dh or need_dw:
                 ctx.save_for_backward(hs, ws, ht, wt, rows)
                 ctx.stats = stats
@@ -68,11 +83,15 @@ class LinearDivergence(torch.autograd.Function):
             return hs.new_zeros((), dtype=out_dtype)
         if need_dh or need_dw:
             grad = hs_c.new_full((count,), weight, dtype=out_dtype)
-            stats, dh, dw = backend.divergence_forward_backward(hs_c, ws, ht_c, wt, grad, spec, need_dh, need_dw)
+            if shard is None:  # one call: a backend may fuse the forward and the gradient sweep
+                stats, dh, dw = backend.divergence_forward_backward(hs_c, ws, ht_c, wt, grad, spec, need_dh, need_dw)
+            else:
+                stats = _divergence_forward(backend, shard, hs_c, ws, ht_c, wt, spec)
+                dh, dw = _divergence_backward(backend, shard, hs_c, ws, ht_c, wt, stats, grad, spec, need_dh, need_dw)
             ctx.dh = None if dh is None else scatter_rows(dh, rows, n_rows)
             ctx.dw = dw
         else:
-            stats = backend.divergence_forward(hs_c, ws, ht_c, wt, spec)
+            stats = _divergence_forward(backend, shard, hs_c, ws, ht_c, wt, spec)
         return stats.loss.to(out_dtype).sum() * weight
 
     @staticmethod
@@ -83,7 +102,9 @@ class LinearDivergence(torch.autograd.Function):
             dh = dw = None
             if ctx.stats is not None:
                 grad_c = select_rows(grad_out, rows)
-                dh, dw = ctx.backend.divergence_backward(
+                dh, dw = _divergence_backward(
+                    ctx.backend,
+                    ctx.shard,
                     select_rows(hs, rows),
                     ws,
                     select_rows(ht, rows),
@@ -98,7 +119,7 @@ class LinearDivergence(torch.autograd.Function):
             else:
                 dh = torch.zeros_like(hs) if ctx.need_dh else None
                 dw = torch.zeros_like(ws) if ctx.need_dw else None
-            return _cast_grad(dh, hs.dtype), _cast_grad(dw, ws.dtype), None, None, None, None, None, None, None
+            return _cast_grad(dh, hs.dtype), _cast_grad(dw, ws.dtype), *([None] * 8)
 
         if (ctx.need_dh and ctx.dh is None) or (ctx.need_dw and ctx.dw is None):
             raise RuntimeError(_SECOND_BACKWARD)
@@ -106,16 +127,19 @@ class LinearDivergence(torch.autograd.Function):
         ctx.dh = ctx.dw = None
         dh = None if dh is None else _cast_grad(dh.mul_(grad_out.to(dh.dtype)), ctx.hidden_dtype)
         dw = None if dw is None else _cast_grad(dw.mul_(grad_out.to(dw.dtype)), ctx.weight_dtype)
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, *([None] * 8)
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """log softmax(h Wᵀ/τ)[y] per token, differentiable w.r.t. h and W."""
+    """log softmax(h Wᵀ/τ)[y] per token, differentiable w.r.t. h and W (``shard``: W is a vocabulary shard)."""
 
     @staticmethod
-    def forward(ctx, h, w, ids, backend: ModuleType, temperature: float, filter_eps, grad_on: bool):
-        logprobs, lse = backend.token_logprobs_forward(h, w, ids, temperature)
-        ctx.backend, ctx.temperature, ctx.filter_eps = backend, temperature, filter_eps
+    def forward(ctx, h, w, ids, backend: ModuleType, temperature: float, filter_eps, grad_on: bool, shard=None):
+        if shard is None:
+            logprobs, lse = backend.token_logprobs_forward(h, w, ids, temperature)
+        else:
+            logprobs, lse = vp.token_logprobs_forward(backend, h, w, ids, temperature, shard)
+        ctx.backend, ctx.temperature, ctx.filter_eps, ctx.shard = backend, temperature, filter_eps, shard
         ctx.need_dh = grad_on and ctx.needs_input_grad[0]
         ctx.need_dw = grad_on and ctx.needs_input_grad[1]
         if ctx.need_dh or ctx.need_dw:
@@ -126,19 +150,24 @@ class LinearTokenLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         h, w, ids, lse = ctx.saved_tensors
-        dh, dw = ctx.backend.token_logprobs_backward(
-            h, w, ids, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps
-        )
-        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), None, None, None, None, None
+        args = (h, w, ids, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps)
+        if ctx.shard is None:
+            dh, dw = ctx.backend.token_logprobs_backward(*args)
+        else:
+            dh, dw = vp.token_logprobs_backward(ctx.backend, *args, ctx.shard)
+        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), *([None] * 6)
 
 
 class LinearLogSumExp(torch.autograd.Function):
     """log Σ_v exp(h W_vᵀ / τ) per token, differentiable w.r.t. h and W (∂/∂z = softmax)."""
 
     @staticmethod
-    def forward(ctx, h, w, backend: ModuleType, temperature: float, filter_eps, grad_on: bool):
-        lse = backend.logsumexp_forward(h, w, temperature)
-        ctx.backend, ctx.temperature, ctx.filter_eps = backend, temperature, filter_eps
+    def forward(ctx, h, w, backend: ModuleType, temperature: float, filter_eps, grad_on: bool, shard=None):
+        if shard is None:
+            lse = backend.logsumexp_forward(h, w, temperature)
+        else:
+            lse = vp.logsumexp_forward(backend, h, w, temperature, shard)
+        ctx.backend, ctx.temperature, ctx.filter_eps, ctx.shard = backend, temperature, filter_eps, shard
         ctx.need_dh = grad_on and ctx.needs_input_grad[0]
         ctx.need_dw = grad_on and ctx.needs_input_grad[1]
         if ctx.need_dh or ctx.need_dw:
@@ -149,7 +178,9 @@ class LinearLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         h, w, lse = ctx.saved_tensors
-        dh, dw = ctx.backend.logsumexp_backward(
-            h, w, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps
-        )
-        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), None, None, None, None
+        args = (h, w, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps)
+        if ctx.shard is None:
+            dh, dw = ctx.backend.logsumexp_backward(*args)
+        else:
+            dh, dw = vp.logsumexp_backward(ctx.backend, *args, ctx.shard)
+        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), *([None] * 5)

@@ -9,8 +9,17 @@ from __future__ import annotations
 import torch
 
 from opd_fast import _validation as check
+from opd_fast import distributed as vp
 from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
 from opd_fast.backends import get_backend
+
+
+def sharded_pair(hs, ws, ht, wt, process_group, vocab_size):
+    """(shard | None, ws, wt): this rank's vocabulary shard and both weights cut to the global vocab_size."""
+    if process_group is None:
+        return None, ws, wt
+    shard = vp.restrict_vocab(vp.vocab_shard(process_group, ws.shape[0], hs.device), vocab_size)
+    return shard, ws[: shard.rows], wt[: shard.rows]
 
 
 def linear_divergence(
@@ -51,8 +60,12 @@ def linear_divergence(
         reduction: ``"mean"`` over counted tokens (0 when none count), ``"sum"``, or ``"none"`` (``[...]``,
             0 at tokens the mask leaves out).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"``; env ``OPD_FAST_BACKEND`` overrides auto.
-        process_group: vocabulary-parallel group; not supported yet (must be None).
-        vocab_size: use only the first ``vocab_size`` rows of both weights (padded lm_heads).
+        process_group: a torch.distributed group over which the weights are vocabulary shards: each rank passes
+            the same hidden states and its contiguous rows of both lm_heads (uneven shards allowed; see
+            :mod:`opd_fast.distributed`). Results and the hidden-state gradient are global and identical on
+            every rank; each weight gradient is the rank's own slice.
+        vocab_size: use only the first ``vocab_size`` rows of both weights (padded lm_heads; a global size
+            under ``process_group``).
         check_finite: raise ValueError on NaN/Inf in any input instead of letting NaN propagate.
         filter_eps: gradient filtering of the triton/cuda backends: logits tiles whose probabilities are
             all below it contribute no gradient. None = the default (finfo(weight dtype).eps / 32, 2**-12
@@ -67,10 +80,18 @@ def linear_divergence(
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_process_group(process_group)
     hs, ws, ht, wt, lead, rows = check.check_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        vocab_size,
+        check_finite,
+        sharded=process_group is not None,
     )
     ops = get_backend(backend, hs.device)
-    loss = LinearDivergence.apply(hs, ws, ht, wt, rows, ops, spec, reduction, torch.is_grad_enabled())
+    shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
+    loss = LinearDivergence.apply(hs, ws, ht, wt, rows, ops, spec, reduction, torch.is_grad_enabled(), shard)
     return loss.view(lead) if reduction == "none" else loss
 
 
@@ -125,7 +146,8 @@ def linear_token_logprobs(
         weight: ``[V, H]`` lm_head weight.
         token_ids: integer ``[...]`` in [0, V), the token whose log-prob is wanted at each position.
         temperature: τ > 0.
-        backend, process_group, check_finite, filter_eps: as in :func:`linear_divergence`.
+        backend, process_group, check_finite, filter_eps: as in :func:`linear_divergence` (under
+            ``process_group``, ``weight`` is this rank's vocabulary shard and ``token_ids`` are global ids).
 
     Returns:
         fp32 ``[...]`` (fp64 for fp64 inputs), differentiable w.r.t. ``hidden`` and ``weight``.
@@ -135,13 +157,14 @@ def linear_token_logprobs(
     check.check_process_group(process_group)
     w = check.check_weight("weight", weight)
     h = check.check_hidden("hidden", hidden, w, "weight")
-    ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0])
+    shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
+    ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0] if shard is None else shard.vocab)
     check.check_same_device(hidden=h, weight=w, token_ids=ids)
     if check_finite:
         check.check_finite(hidden=h, weight=w)
     ops = get_backend(backend, h.device)
     flat_ids = ids.reshape(-1).long()
     out = LinearTokenLogprobs.apply(
-        check.flatten(h), w, flat_ids, ops, temperature, filter_eps, torch.is_grad_enabled()
+        check.flatten(h), w, flat_ids, ops, temperature, filter_eps, torch.is_grad_enabled(), shard
     )
     return out.view(h.shape[:-1])

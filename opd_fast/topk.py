@@ -14,10 +14,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from opd_fast import _validation as check
-from opd_fast._rows import counted_rows, scatter_rows, select_rows
+from opd_fast import distributed as vp
+from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
 from opd_fast.autograd import LinearLogSumExp
 from opd_fast.backends import get_backend
 from opd_fast.chunking import get_chunk_budget
+from opd_fast.functional import sharded_pair
 from opd_fast.types import TopKOverlap
 
 SUPPORTS = ("student", "teacher", "union", "intersection")
@@ -46,20 +48,6 @@ def overlap_statistics(s_ids, s_logprobs, t_ids, t_logprobs):
     return ratio, mass_s.float(), mass_t.float()
 
 
-def _scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """target[index[i]] += values[i], deterministically on every device.
-
-    On CUDA index_add_ uses atomics when indices repeat; summing each index's values first (sort +
-    segment_reduce) leaves index_add_ with unique indices, so one writer per row.
-    """
-    if target.device.type == "cpu":
-        target.index_add_(0, index, values)
-        return
-    index, order = index.sort(stable=True)
-    unique, counts = torch.unique_consecutive(index, return_counts=True)
-    target.index_add_(0, unique, torch.segment_reduce(values[order], "sum", lengths=counts, axis=0))
-
-
 class LinearGatheredLogits(torch.autograd.Function):
     """z[n, m] = h_n · W[ids[n, m]] / τ for a few ids per token; ids < 0 are padding (z = 0, no gradient).
 
@@ -73,7 +61,7 @@ class LinearGatheredLogits(torch.autograd.Function):
         valid = ids >= 0
         safe_ids = ids.clamp(min=0)
         z = h.new_zeros(ids.shape, dtype=dtype)
-        for rows in _row_chunks(ids.shape[0], ids.shape[1] * h.shape[1]):
+        for rows in _row_chunks(ids.shape[0] if w.shape[0] else 0, ids.shape[1] * h.shape[1]):
             gathered = w[safe_ids[rows]].to(dtype)  # [rows, M, H]
             z[rows] = torch.bmm(gathered, h[rows].to(dtype).unsqueeze(2)).squeeze(2) / temperature
         z = torch.where(valid, z, 0.0)
@@ -95,14 +83,14 @@ class LinearGatheredLogits(torch.autograd.Function):
         dh = torch.zeros(h.shape, device=h.device, dtype=dtype) if ctx.need_dh else None
         dw = torch.zeros(w.shape, device=w.device, dtype=dtype) if ctx.need_dw else None
         n_ids = ids.shape[1]
-        for rows in _row_chunks(ids.shape[0], n_ids * h.shape[1]):
+        for rows in _row_chunks(ids.shape[0] if w.shape[0] else 0, n_ids * h.shape[1]):
             if dh is not None:
                 gathered = w[safe_ids[rows]].to(dtype)
                 dh[rows] = torch.bmm(grad[rows].unsqueeze(1), gathered).squeeze(1)
             if dw is not None:
                 keep = valid[rows].reshape(-1)
                 values = (grad[rows].unsqueeze(2) * h[rows].to(dtype).unsqueeze(1)).reshape(-1, h.shape[1])
-                _scatter_add_rows(dw, safe_ids[rows].reshape(-1)[keep], values[keep])
+                scatter_add_rows(dw, safe_ids[rows].reshape(-1)[keep], values[keep])
         return (
             None if dh is None else dh.to(h.dtype),
             None if dw is None else dw.to(w.dtype),
@@ -110,6 +98,22 @@ class LinearGatheredLogits(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _topk(ops, shard, h, w, k: int, temperature: float):
+    """(ids, log-probs, lse, entropy) of the top-k, over the whole vocabulary or across the shards."""
+    if shard is None:
+        return ops.topk(h, w, k, temperature)
+    return vp.topk(ops, h, w, k, temperature, shard)
+
+
+def _gathered_logits(h, w, ids, temperature, grad_on, shard):
+    """Logits at global ``ids`` [N, M] (-1 = padding): each shard contributes the ids it owns."""
+    if shard is None:
+        return LinearGatheredLogits.apply(h, w, ids, temperature, grad_on)
+    local_ids = torch.where(shard.owned(ids), ids - shard.offset, -1)
+    local = LinearGatheredLogits.apply(vp.CopyToShards.apply(h, shard), w, local_ids, temperature, grad_on)
+    return vp.ReduceFromShards.apply(local, shard)
 
 
 def _row_chunks(n_rows: int, elements_per_row: int):
@@ -179,14 +183,22 @@ def linear_topk_overlap(
     temperature = check.check_temperature(temperature)
     check.check_process_group(process_group)
     hs, ws, ht, wt, lead, rows = check.check_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        vocab_size,
+        check_finite,
+        sharded=process_group is not None,
     )
-    k = check.check_k(k, ws.shape[0])
+    shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
+    k = check.check_k(k, ws.shape[0] if shard is None else shard.vocab)
     ops = get_backend(backend, hs.device)
     n_rows = hs.shape[0]
     with torch.no_grad():
-        s_ids, s_lp, _, s_ent = ops.topk(select_rows(hs, rows), ws.detach(), k, temperature)
-        t_ids, t_lp, _, t_ent = ops.topk(select_rows(ht, rows), wt, k, temperature)
+        s_ids, s_lp, _, s_ent = _topk(ops, shard, select_rows(hs, rows), ws.detach(), k, temperature)
+        t_ids, t_lp, _, t_ent = _topk(ops, shard, select_rows(ht, rows), wt, k, temperature)
         stats = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
         fields = (s_ids, s_lp.float(), t_ids, t_lp.float(), *stats, s_ent.float(), t_ent.float())
     fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -238,9 +250,17 @@ def linear_topk_divergence(
     filter_eps = check.check_filter_eps(filter_eps)
     check.check_process_group(process_group)
     hs, ws, ht, wt, lead, rows = check.check_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        vocab_size,
+        check_finite,
+        sharded=process_group is not None,
     )
-    k = check.check_k(k, ws.shape[0])
+    shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
+    k = check.check_k(k, ws.shape[0] if shard is None else shard.vocab)
     ops = get_backend(backend, hs.device)
     grad_on = torch.is_grad_enabled()
     n_rows = hs.shape[0]
@@ -248,18 +268,21 @@ def linear_topk_divergence(
     if hs_c.shape[0] == 0:
         return _reduce(_no_tokens(hs_c, ws), rows, n_rows, lead, reduction)
     with torch.no_grad():
-        s_ids = ops.topk(hs_c, ws.detach(), k, temperature)[0] if support != "teacher" else None
-        t_ids = ops.topk(ht_c, wt, k, temperature)[0] if support != "student" else None
+        s_ids = _topk(ops, shard, hs_c, ws.detach(), k, temperature)[0] if support != "teacher" else None
+        t_ids = _topk(ops, shard, ht_c, wt, k, temperature)[0] if support != "student" else None
     ids = _support_ids(support, s_ids, t_ids)
     valid = ids >= 0
-    zs = LinearGatheredLogits.apply(hs_c, ws, ids, temperature, grad_on)
-    zt = LinearGatheredLogits.apply(ht_c, wt, ids, temperature, False)
+    zs = _gathered_logits(hs_c, ws, ids, temperature, grad_on, shard)
+    zt = _gathered_logits(ht_c, wt, ids, temperature, False, shard)
     if renormalize:
         lps, lpt = _restricted_log_softmax(zs, valid), _restricted_log_softmax(zt, valid)
     else:
-        lse_s = LinearLogSumExp.apply(hs_c, ws, ops, temperature, filter_eps, grad_on)
+        lse_s = LinearLogSumExp.apply(hs_c, ws, ops, temperature, filter_eps, grad_on, shard)
         with torch.no_grad():
-            lse_t = ops.logsumexp_forward(ht_c, wt, temperature)
+            if shard is None:
+                lse_t = ops.logsumexp_forward(ht_c, wt, temperature)
+            else:
+                lse_t = vp.logsumexp_forward(ops, ht_c, wt, temperature, shard)
         lps = torch.where(valid, zs - lse_s.unsqueeze(1), 0.0)
         lpt = torch.where(valid, zt - lse_t.to(zt.dtype).unsqueeze(1), 0.0)
     return _reduce(_support_divergence(lps, lpt, valid, divergence), rows, n_rows, lead, reduction)
@@ -358,18 +381,19 @@ def linear_topk_target_divergence(
     )
     if check_finite:
         check.check_finite(student_hidden=h, student_weight=w)
+    shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
     rows = counted_rows(mask)
     h_c = select_rows(check.flatten(h), rows)
     ids_c = select_rows(ids.reshape(-1, ids.shape[-1]), rows).long()
     lpt_c = select_rows(lpt.reshape(-1, lpt.shape[-1]), rows).detach()
-    _check_teacher_values(ids_c, lpt_c, w.shape[0])
+    _check_teacher_values(ids_c, lpt_c, w.shape[0] if shard is None else shard.vocab)
     n_rows = check.flatten(h).shape[0]
     if h_c.shape[0] == 0:
         return _reduce(_no_tokens(h_c, w), rows, n_rows, lead, reduction)
     ops = get_backend(backend, h.device)
     grad_on = torch.is_grad_enabled()
-    zs = LinearGatheredLogits.apply(h_c, w, ids_c, temperature, grad_on)
-    lse_s = LinearLogSumExp.apply(h_c, w, ops, temperature, filter_eps, grad_on)
+    zs = _gathered_logits(h_c, w, ids_c, temperature, grad_on, shard)
+    lse_s = LinearLogSumExp.apply(h_c, w, ops, temperature, filter_eps, grad_on, shard)
     lps = zs - lse_s.unsqueeze(1)
     lpt_c = lpt_c.to(lps.dtype)
     if divergence == "forward_kl":

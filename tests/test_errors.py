@@ -74,7 +74,7 @@ DIVERGENCE_CASES = [
     (dict(teacher_weight=torch.randn(0, 12)), ValueError, r"teacher_weight has no vocabulary rows"),
     (dict(student_hidden=torch.tensor(1.0)), ValueError, r"student_hidden must have shape \[\.\.\., H\]"),
     (dict(teacher_weight=torch.randn(50, 12, device="meta")), ValueError, r"same device.*teacher_weight is on meta"),
-    (dict(process_group=object()), NotImplementedError, r"process_group"),
+    (dict(process_group=object()), TypeError, r"process_group must be a torch\.distributed ProcessGroup"),
 ]
 
 
@@ -106,7 +106,7 @@ TOKEN_CASES = [
     (dict(weight=torch.randn(50)), ValueError, r"weight must be 2-D"),
     (dict(temperature=0), ValueError, r"temperature must be a finite number > 0"),
     (dict(backend="gpu"), ValueError, r"backend must be one of"),
-    (dict(process_group=object()), NotImplementedError, r"process_group"),
+    (dict(process_group=object()), TypeError, r"process_group must be a torch\.distributed ProcessGroup"),
 ]
 
 

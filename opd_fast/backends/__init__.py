@@ -5,6 +5,7 @@ A backend module provides, on 2-D inputs (rows already selected by the mask):
 * ``divergence_forward(hs, ws, ht, wt, spec) -> DivergenceStats``
 * ``divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw) -> (dh | None, dw | None)``
 * ``divergence_forward_backward(hs, ws, ht, wt, grad, spec, need_dh, need_dw) -> (stats, dh, dw)``
+* ``jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec) -> (KL(p_s‖m), KL(p_t‖m))`` with given log-sum-exps
 * ``token_logprobs_forward(h, w, ids, temperature) -> (logprobs, lse)``
 * ``token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps) -> (dh, dw)``
 * ``logsumexp_forward(h, w, temperature) -> lse``

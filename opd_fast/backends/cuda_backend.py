@@ -355,6 +355,15 @@ def divergence_forward(hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, spec: Div
     return DivergenceStats(loss, lse_s, lse_t, (1.0 - spec.beta) * kl_student)
 
 
+def jsd_terms(hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, lse_s: Tensor, lse_t: Tensor, spec: DivergenceSpec):
+    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row, fp32 [N] each, over these vocabulary rows with the given
+    log-sum-exps (the global ones when the weights are a vocabulary shard)."""
+    hs, ws = _prepare(hs, ws)
+    ht, wt = _prepare(ht, wt)
+    terms = _jsd_terms(hs, ws, ht, wt, _row_vector(lse_s), _row_vector(lse_t), 1.0 / spec.temperature, spec.beta)
+    return terms[0], terms[1]
+
+
 def divergence_backward(
     hs: Tensor,
     ws: Tensor,

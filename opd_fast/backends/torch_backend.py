@@ -183,6 +183,25 @@ def _divergence_sweep(hs, ws, ht, wt, spec, grad, stats, need_dh, need_dw):
     return out, dh, dw
 
 
+def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec: DivergenceSpec):
+    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row over these vocabulary rows, with the rows' log-sum-exps given
+    (the global ones when the weights are a vocabulary shard)."""
+    dtype = _compute_dtype(hs, ws, ht, wt)
+    tau = spec.temperature
+    hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)
+    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
+    plan = plan_tiles(hs.shape[0], ws.shape[0])
+    loss, center = hs.new_zeros(hs.shape[0]), hs.new_zeros(hs.shape[0])
+    for rows in plan.row_chunks(hs.shape[0]):
+        lse = [_upcast(lse_s[rows], dtype), _upcast(lse_t[rows], dtype)]
+        for _, (lps, lpt) in _LogProbTiles([(hs[rows], ws), (ht[rows], wt)], plan, lse):
+            tile_loss, tile_center, _ = _divergence_tile(lps, lpt, spec)
+            loss[rows] += tile_loss
+            center[rows] += tile_center
+    kl_student = center / (1.0 - spec.beta)  # center = (1 − β)·KL(p_s ‖ m), loss = β·KL(p_t ‖ m) + center
+    return kl_student, (loss - center) / spec.beta
+
+
 def divergence_forward(hs, ws, ht, wt, spec: DivergenceSpec) -> DivergenceStats:
     return _divergence_sweep(hs, ws, ht, wt, spec, None, None, False, False)[0]
 

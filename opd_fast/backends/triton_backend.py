@@ -17,7 +17,8 @@ from opd_fast._validation import DivergenceSpec
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.kernels._common import dot_precision
 from opd_fast.kernels.linear_grad import FilterStats, logit_grad_backward
-from opd_fast.kernels.linear_softmax import jsd_terms, softmax_stats
+from opd_fast.kernels.linear_softmax import jsd_terms as linear_jsd_terms
+from opd_fast.kernels.linear_softmax import softmax_stats
 from opd_fast.kernels.linear_topk import MAX_K, topk_stats
 from opd_fast.types import DivergenceStats
 
@@ -67,9 +68,17 @@ def divergence_forward(hs, ws, ht, wt, spec: DivergenceSpec) -> DivergenceStats:
         return DivergenceStats(loss, lse_s, lse_t, loss)
     if spec.kind == "forward_kl":
         return DivergenceStats(mean - lse_t + lse_s, lse_s, lse_t, torch.zeros_like(lse_s))
-    kl_student, kl_teacher = jsd_terms(hs, ws, ht, wt, lse_s, lse_t, beta=spec.beta, **kw)
+    kl_student, kl_teacher = linear_jsd_terms(hs, ws, ht, wt, lse_s, lse_t, beta=spec.beta, **kw)
     loss = spec.beta * kl_teacher + (1.0 - spec.beta) * kl_student
     return DivergenceStats(loss, lse_s, lse_t, (1.0 - spec.beta) * kl_student)
+
+
+def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec: DivergenceSpec):
+    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row over these vocabulary rows with the given log-sum-exps."""
+    hs, ws = _prepare(hs, ws)
+    ht, wt = _prepare(ht, wt)
+    kw = dict(beta=spec.beta, temperature=spec.temperature, precision=dot_precision(ws.dtype))
+    return linear_jsd_terms(hs, ws, ht, wt, lse_s.float().contiguous(), lse_t.float().contiguous(), **kw)
 
 
 def divergence_backward(hs, ws, ht, wt, stats: DivergenceStats, grad, spec: DivergenceSpec, need_dh, need_dw):
