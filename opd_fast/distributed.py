@@ -74,13 +74,16 @@ def restrict_vocab(shard: VocabShard, vocab_size: int | None) -> VocabShard:
     return VocabShard(shard.group, shard.rank, shard.world, shard.offset, rows, vocab_size)
 
 
-def shard_rows(weight: torch.Tensor, process_group=None, sizes: list[int] | None = None) -> torch.Tensor:
-    """This rank's contiguous slice of ``weight`` [V, H] (a view, so gradients reach the original).
+def shard_rows(weight: torch.Tensor | torch.nn.Linear, process_group=None, sizes: list[int] | None = None):
+    """This rank's contiguous slice of an lm_head ``weight`` [V, H] or ``nn.Linear`` (a view, so gradients
+    reach the original).
 
     ``sizes`` (one per rank, summing to V) sets uneven shards; by default the rows are split as evenly
-    as possible, the first V mod R ranks getting one more. Works for the student's lm_head and the
-    teacher's alike: ``shard_rows(model.lm_head.weight, group)``.
+    as possible, the first V mod R ranks getting one more. Shard the student's and the teacher's heads
+    with the same sizes: ``shard_rows(student.lm_head, group)``, ``shard_rows(teacher.lm_head, group)``.
     """
+    if isinstance(weight, torch.nn.Linear):
+        weight = weight.weight
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
     vocab = weight.shape[0]

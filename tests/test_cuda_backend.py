@@ -193,6 +193,20 @@ def test_host_many_chunks_and_odd_shapes(cuda_on_cpu, divergence, beta, budget):
         _check_divergence(hs, ws, ht, wt, 2e-5, divergence=divergence, beta=beta, reduction="none")
 
 
+def test_host_jsd_terms_on_a_shard_with_global_lse(cuda_on_cpu):
+    """The op vocabulary parallelism uses: a shard's JSD terms given the full vocabulary's log-sum-exps."""
+    from opd_fast._validation import DivergenceSpec
+    from opd_fast.backends import torch_backend
+
+    hs, ws, ht, wt = (t.detach() for t in _cpu_pair((9,), 12, 20, 90, torch.float32))
+    spec = DivergenceSpec.make("jsd", 0.3, 1.2)
+    full = torch_backend.divergence_forward(hs, ws, ht, wt, spec)
+    ours = cuda_backend.jsd_terms(hs, ws[40:], ht, wt[40:], full.student_lse, full.teacher_lse, spec)
+    ref = torch_backend.jsd_terms(hs, ws[40:], ht, wt[40:], full.student_lse, full.teacher_lse, spec)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_host_single_token_and_temperature(cuda_on_cpu):
     hs, ws, ht, wt = _cpu_pair((1,), 16, 16, 130, torch.float32)
     _check_divergence(hs, ws, ht, wt, 2e-5, temperature=0.45)

@@ -71,6 +71,8 @@ def test_shard_rows_splits_evenly_and_refuses_bad_sizes(tmp_path):
     try:
         weight = torch.arange(10.0)[:, None]
         assert torch.equal(shard_rows(weight), weight)
+        head = torch.nn.Linear(3, 10, bias=False)
+        assert shard_rows(head).data_ptr() == head.weight.data_ptr()
         with pytest.raises(ValueError, match="one non-negative row count per rank"):
             shard_rows(weight, sizes=[4, 6])
         with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed ProcessGroup"):
