@@ -9,10 +9,23 @@ trained model), then times the chosen mode:
 * ``bwd``: ``loss.backward()`` alone, after an untimed forward;
 * ``fwd+bwd``: both.
 
-Timing: CUDA events around each call on GPU, wall clock on CPU, after warm-up; median and the 20th/80th
-percentiles. Memory: the peak beyond the inputs (:func:`opd_fast.memory.peak_extra_bytes`: the CUDA
-allocator's peak delta, or on CPU the peak of live tensor storages created by the operation), outputs
-and gradients included. A case that fails (e.g. out of memory) becomes a row with an ``error`` field.
+Backends: ``naive`` (materialized logits and autograd, the baseline), ``compile`` (torch.compile of a
+chunked plain-PyTorch loss), ``liger`` (Liger-Kernel's fused linear JSD, β = 1) and ``liger_chunked``
+(its chunked JSD loss, β = 1) when Liger-Kernel is installed — see :mod:`opd_fast.baselines` — and
+ours: ``torch``, ``triton``, ``cuda``. A backend that cannot run here becomes a row whose ``error`` says
+``skipped:`` and why.
+
+Timing: CUDA events around each call on GPU, wall clock on CPU, after warm-up (which includes any
+compilation); median and the 20th/80th percentiles. Memory: the peak beyond the inputs
+(:func:`opd_fast.memory.peak_extra_bytes`: the CUDA allocator's peak delta, or on CPU the peak of live
+tensor storages created by the operation), outputs and gradients included. A case that fails (e.g. out
+of memory) becomes a row with an ``error`` field.
+
+Rate: ``floor_gflop`` is the matmul work any exact method must do — 2·N·V·(Hs + Ht) for the forward
+(both models' logits) and 4·N·V·Hs for the backward (dH and dW) — and ``effective_tflops`` that floor
+over the median time. On GPU the device's measured bf16 matmul rate is in the environment
+(``matmul_tflops_bf16``) and each bf16 row gets ``fraction_of_matmul_rate``. The Triton backend's rows
+report ``filter_skipped_fraction``, the share of logits tiles gradient filtering skipped.
 """
 
 from __future__ import annotations
@@ -29,12 +42,12 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import backends
+from opd_fast import backends, baselines
 from opd_fast.functional import linear_reverse_kl
 from opd_fast.memory import peak_extra_bytes
 from opd_fast.reference import materialized_divergence
 
-BACKENDS = ("naive", "torch", "triton", "cuda", "liger", "compile")
+BACKENDS = ("naive", "torch", "triton", "cuda", "liger", "liger_chunked", "compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,7 +79,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         return "the Triton kernels need a CUDA GPU (Triton's CPU interpreter checks correctness, not speed)"
     if backend in ("torch", "triton", "cuda"):
         return backends.unavailable_reason(backend, device)
-    return f"the {backend!r} comparison is not part of this version of opd_fast's benchmark"
+    return baselines.unavailable_reason(backend, torch.device(device))
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -87,7 +100,34 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, to
 def loss_function(backend: str) -> Callable[..., torch.Tensor]:
     if backend == "naive":
         return materialized_divergence
+    if backend in baselines.LOSSES:
+        return baselines.LOSSES[backend]
     return lambda *args: linear_reverse_kl(*args, backend=backend)
+
+
+def floor_flops(case: Case) -> float:
+    """Matmul FLOPs any exact method needs: 2·N·V·(Hs+Ht) forward, 4·N·V·Hs backward."""
+    forward = 2.0 * case.tokens * case.vocab * (case.hidden + case.teacher_hidden)
+    backward = 4.0 * case.tokens * case.vocab * case.hidden
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[case.mode]
+
+
+def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float | None:
+    """The device's bf16 matmul rate (TFLOP/s) from timing a [size]³ product; None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2.0 * size**3 * repeats / (begin.elapsed_time(end) * 1e-3) / 1e12
 
 
 def timed_call(case: Case, inputs: dict[str, torch.Tensor]) -> tuple[Callable[[], object], Callable[[], object] | None]:
@@ -157,7 +197,13 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def run_case(
-    case: Case, device: torch.device | str, *, warmup: int = 1, repeats: int = 5, min_seconds: float = 0.0
+    case: Case,
+    device: torch.device | str,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_seconds: float = 0.0,
+    matmul_tflops: float | None = None,
 ) -> dict:
     """Benchmark one case; returns a result row (with an ``error`` field if it could not run)."""
     device = torch.device(device)
@@ -180,19 +226,22 @@ def run_case(
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    extra = {}
+    median = statistics.median(times)
+    extra = {"floor_gflop": floor_flops(case) / 1e9, "effective_tflops": floor_flops(case) / (median * 1e-3) / 1e12}
+    if matmul_tflops and case.dtype == "bf16":
+        extra["fraction_of_matmul_rate"] = extra["effective_tflops"] / matmul_tflops
     if case.backend == "triton":
         from opd_fast.backends import triton_backend
 
         extra["filter_skipped_fraction"] = triton_backend.last_filter_stats()["skipped_fraction"]
     return {
         **row,
-        **extra,
-        "median_ms": statistics.median(times),
+        "median_ms": median,
         "p20_ms": _quantile(times, 0.2),
         "p80_ms": _quantile(times, 0.8),
         "repeats": len(times),
         "peak_mem_mb": peak / 2**20,
+        **extra,
     }
 
 
@@ -206,7 +255,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, matmul_tflops: float | None = None) -> dict:
     try:
         import triton
 
@@ -240,13 +289,14 @@ def environment(device: torch.device) -> dict:
         "commit": _git_commit(),
         "opd_fast": __import__("opd_fast").__version__,
         "device": str(device),
+        "matmul_tflops_bf16": matmul_tflops,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'backend':>8} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
-    header += f"{'median ms':>10} {'p20-p80 ms':>17} {'peak MB':>9}  vs naive"
+    header = f"{'backend':>13} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
+    header += f"{'median ms':>10} {'p20-p80 ms':>17} {'peak MB':>9} {'TFLOP/s':>8}  vs naive"
     lines = [header, "-" * len(header)]
     naive = {
         (r["tokens"], r["hidden"], r["teacher_hidden"], r["vocab"], r["dtype"], r["mode"]): r
@@ -255,7 +305,7 @@ def format_table(rows: list[dict]) -> str:
     }
     for r in rows:
         shape = f"{r['hidden']}/{r['teacher_hidden']}"
-        prefix = f"{r['backend']:>8} {r['tokens']:>7} {shape:>11} {r['vocab']:>7} {r['dtype']:>5} {r['mode']:>7} "
+        prefix = f"{r['backend']:>13} {r['tokens']:>7} {shape:>11} {r['vocab']:>7} {r['dtype']:>5} {r['mode']:>7} "
         if "error" in r:
             lines.append(prefix + r["error"])
             continue
@@ -266,7 +316,8 @@ def format_table(rows: list[dict]) -> str:
             memory = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] else float("nan")
             ratio = f"{speed:.2f}x faster, {100 * memory:.1f}% memory"
         spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
-        lines.append(prefix + f"{r['median_ms']:>10.1f} {spread:>17} {r['peak_mem_mb']:>9.1f}  {ratio}")
+        rate = f"{r['effective_tflops']:>8.3f}"
+        lines.append(prefix + f"{r['median_ms']:>10.1f} {spread:>17} {r['peak_mem_mb']:>9.1f} {rate}  {ratio}")
     return "\n".join(lines)
 
 
@@ -274,6 +325,21 @@ def write_json(path: str | os.PathLike, env: dict, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
+
+
+def write_csv(path: str | os.PathLike, env: dict, rows: list[dict]) -> None:
+    """One line per result; the environment is repeated in ``env_*`` columns so each line stands alone."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    env_columns = {f"env_{k}": v for k, v in env.items()}
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns + list(env_columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **env_columns})
 
 
 def require_matplotlib():
@@ -293,11 +359,11 @@ def plot(path: str | os.PathLike, rows: list[dict], title: str) -> None:
     plt = require_matplotlib()
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     ok = [r for r in rows if "error" not in r]
-    several_modes = len({r["mode"] for r in ok}) > 1
-    for backend, mode in dict.fromkeys((r["backend"], r["mode"]) for r in ok):
-        mine = sorted((r for r in ok if (r["backend"], r["mode"]) == (backend, mode)), key=lambda r: r["tokens"])
+    varying = [key for key in ("mode", "dtype") if len({r[key] for r in ok}) > 1]
+    for series in dict.fromkeys((r["backend"], *(r[k] for k in varying)) for r in ok):
+        mine = sorted((r for r in ok if (r["backend"], *(r[k] for k in varying)) == series), key=lambda r: r["tokens"])
         tokens = [r["tokens"] for r in mine]
-        label = f"{backend} {mode}" if several_modes else backend
+        label = " ".join(series)
         ax_time.plot(tokens, [r["median_ms"] for r in mine], marker="o", label=label)
         ax_mem.plot(tokens, [r["peak_mem_mb"] for r in mine], marker="o", label=label)
     for ax, label in ((ax_time, "median time (ms)"), (ax_mem, "peak memory beyond inputs (MB)")):

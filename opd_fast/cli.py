@@ -49,14 +49,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--backends",
         type=_csv_choices(bench.BACKENDS, "backend"),
         default=None,
-        help=f"comma-separated subset of {','.join(bench.BACKENDS)} (default: naive,torch,triton,cuda)",
+        help=f"comma-separated subset of {','.join(bench.BACKENDS)} (default: all; unavailable ones are reported "
+        "as skipped with the reason)",
     )
     p.add_argument("--tokens", type=_positive_int, nargs="+", help="token counts N to sweep")
     p.add_argument("--hidden", type=_positive_int, help="student hidden size Hs")
     p.add_argument("--teacher-hidden", type=_positive_int, help="teacher hidden size Ht (default: Hs)")
     p.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
     p.add_argument("--preset", choices=sorted(bench.PRESETS), help="shapes of a real student/teacher pair")
-    p.add_argument("--dtype", choices=sorted(bench.DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes")
     p.add_argument(
         "--modes", type=_csv_choices(bench.MODES, "mode"), default=["fwd+bwd"], help="fwd, bwd and/or fwd+bwd"
     )
@@ -64,6 +65,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the results as CSV (environment in env_* columns)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory vs tokens")
     p.set_defaults(run=_run_bench)
 
@@ -91,26 +93,31 @@ def _run_bench(args: argparse.Namespace) -> int:
             shape[key] = getattr(args, key)
     if args.teacher_hidden is None and args.hidden is not None and args.preset is None:
         shape["teacher_hidden"] = args.hidden
-    names = args.backends or ["naive", "torch", "triton", "cuda"]
+    names = args.backends or list(bench.BACKENDS)
     cases = [
-        bench.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], args.dtype, mode)
+        bench.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, mode)
+        for dtype in args.dtype
         for mode in args.modes
         for n in shape["tokens"]
         for name in names
     ]
-    env = bench.environment(device)
+    matmul_tflops = bench.measure_matmul_tflops(device)
+    env = bench.environment(device, matmul_tflops)
     rows = []
     for case in tqdm(cases, desc="opd-fast bench", unit="case", file=sys.stderr):
-        rows.append(bench.run_case(case, device, warmup=args.warmup, repeats=args.repeats))
+        rows.append(bench.run_case(case, device, warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops))
     print(f"device: {env['gpu'] or env['cpu']} ({device}), torch {env['torch']}, threads {env['threads']}")
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(args.json, env, rows)
         print(f"wrote {args.json}")
+    if args.csv:
+        bench.write_csv(args.csv, env, rows)
+        print(f"wrote {args.csv}")
     if args.plot:
         title = (
-            f"reverse KL, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, {args.dtype}, "
-            f"{env['gpu'] or 'CPU'}"
+            f"reverse KL, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
+            f"{'/'.join(args.dtype)}, {env['gpu'] or 'CPU'}"
         )
         bench.plot(args.plot, rows, title)
         print(f"wrote {args.plot}")
