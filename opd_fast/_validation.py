@@ -179,25 +179,36 @@ class DivergenceSpec:
     ``kind`` is already resolved: JSD with β = 0 is forward KL and with β = 1 reverse KL (TRL's and
     Liger-Kernel's convention), so backends only ever see ``jsd`` with 0 < β < 1. ``filter_eps`` is the
     gradient-filtering threshold of the kernel backends (None = their default, 0 = exact); the torch
-    backend is always exact.
+    backend is always exact. ``entry_clip`` (torch backend only) caps each vocabulary entry's term.
     """
 
     kind: str
     beta: float
     temperature: float
     filter_eps: float | None = None
+    entry_clip: float | None = None
 
     @classmethod
-    def make(cls, divergence: object, beta: object, temperature: object, filter_eps: object = None) -> DivergenceSpec:
+    def make(
+        cls, divergence: object, beta: object, temperature: object, filter_eps: object = None, entry_clip: object = None
+    ) -> DivergenceSpec:
         kind = check_choice("divergence", divergence, DIVERGENCES)
         beta = check_beta(beta)
         temperature = check_temperature(temperature)
         filter_eps = check_filter_eps(filter_eps)
+        if entry_clip is not None:
+            if isinstance(entry_clip, bool) or not isinstance(entry_clip, (int, float)):
+                raise TypeError(f"entry_clip must be a number > 0 or None, got {type(entry_clip).__name__}")
+            if not math.isfinite(entry_clip) or entry_clip <= 0:
+                raise ValueError(
+                    f"entry_clip must be a finite number > 0 (or None for no clipping), got {entry_clip!r}"
+                )
+            entry_clip = float(entry_clip)
         if kind == "jsd" and beta == 0.0:
             kind = "forward_kl"
         elif kind == "jsd" and beta == 1.0:
             kind = "reverse_kl"
-        return cls(kind=kind, beta=beta, temperature=temperature, filter_eps=filter_eps)
+        return cls(kind=kind, beta=beta, temperature=temperature, filter_eps=filter_eps, entry_clip=entry_clip)
 
 
 def flatten(hidden: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ def linear_divergence(
     vocab_size: int | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
+    entry_clip: float | None = None,
 ) -> torch.Tensor:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
@@ -70,13 +71,17 @@ def linear_divergence(
         filter_eps: gradient filtering of the triton/cuda backends: logits tiles whose probabilities are
             all below it contribute no gradient. None = the default (finfo(weight dtype).eps / 32, 2**-12
             for bf16); 0 = exact. The torch backend is always exact.
+        entry_clip: per-entry clipping (on-policy self-distillation): each vocabulary entry's term ℓ_v of
+            the divergence (e.g. p_s(v) log(p_s(v)/p_t(v)) for reverse KL) becomes min(ℓ_v, entry_clip)
+            before the sum, with no gradient where clipped. Computed by the torch backend only (``"auto"``
+            picks it; another explicit backend is refused); needs a whole vocabulary row per chunk.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
         w.r.t. ``student_hidden`` and ``student_weight``; the memory used beyond the inputs and gradients is
         bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary).
     """
-    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps)
+    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_process_group(process_group)
     hs, ws, ht, wt, lead, rows = check.check_pair(
@@ -89,6 +94,12 @@ def linear_divergence(
         check_finite,
         sharded=process_group is not None,
     )
+    if spec.entry_clip is not None:
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"entry_clip is computed by the torch backend only; pass backend='torch' (got {backend!r})"
+            )
+        backend = "torch"
     ops = get_backend(backend, hs.device)
     shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
     loss = LinearDivergence.apply(hs, ws, ht, wt, rows, ops, spec, reduction, torch.is_grad_enabled(), shard)

@@ -54,3 +54,41 @@ def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor | None = None)
     if grad_output is None:
         grad_output = torch.ones_like(output)
     return torch.autograd.grad(output, inputs, grad_output)
+
+
+# ---- the trainer's tiny models (tests/test_trainer.py, tests/test_recipes.py) -------------------------------
+from opd_fast.trainer import load_config  # noqa: E402
+from opd_fast.trainer.demo import ModelSpec, build_tokenizer, create_model  # noqa: E402
+from opd_fast.trainer.tasks import ReverseTask  # noqa: E402
+
+TASK = ReverseTask()  # the default data.task
+TINY_RUN = [
+    "rollout.batch_size=6",
+    "rollout.max_new_tokens=10",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.save_every=2",
+    "train.overlap_k=3",
+    "data.eval_size=8",
+    "optim.lr=0.01",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """A student and a wider teacher with a padded lm_head (20 rows for a 15-token tokenizer)."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tokenizer(TASK.characters)
+    student = create_model(ModelSpec(hidden=16, layers=1, heads=2, vocab_rows=0), tokenizer, root / "student", seed=1)
+    teacher = create_model(ModelSpec(hidden=24, layers=1, heads=2, vocab_rows=20), tokenizer, root / "teacher", seed=2)
+    return student, teacher
+
+
+def tiny_config(models, out_dir, *overrides):
+    """A validated TrainConfig for the tiny models: TINY_RUN plus ``overrides``, writing to ``out_dir``."""
+    student, teacher = models
+    return load_config(
+        None, [*TINY_RUN, f"student.path={student}", f"teacher.path={teacher}", *overrides], out_dir=str(out_dir)
+    )

@@ -13,42 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TASK, tiny_config
 
 from opd_fast.trainer import ConfigError, Trainer, TrainingInterrupted, load_config, run
 from opd_fast.trainer.checkpoint import CheckpointError
 from opd_fast.trainer.demo import ModelSpec, build_tokenizer, create_model
-from opd_fast.trainer.tasks import ReverseTask
-
-TASK = ReverseTask()  # the default data.task
-TINY_RUN = [
-    "rollout.batch_size=6",
-    "rollout.max_new_tokens=10",
-    "train.steps=4",
-    "train.log_every=1",
-    "train.eval_every=2",
-    "train.save_every=2",
-    "train.overlap_k=3",
-    "data.eval_size=8",
-    "optim.lr=0.01",
-    "device=cpu",
-]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A student and a wider teacher with a padded lm_head (20 rows for a 15-token tokenizer)."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = build_tokenizer(TASK.characters)
-    student = create_model(ModelSpec(hidden=16, layers=1, heads=2, vocab_rows=0), tokenizer, root / "student", seed=1)
-    teacher = create_model(ModelSpec(hidden=24, layers=1, heads=2, vocab_rows=20), tokenizer, root / "teacher", seed=2)
-    return student, teacher
-
-
-def _config(models, out_dir, *overrides):
-    student, teacher = models
-    return load_config(
-        None, [*TINY_RUN, f"student.path={student}", f"teacher.path={teacher}", *overrides], out_dir=str(out_dir)
-    )
 
 
 def _losses(out_dir: Path) -> list[float]:
@@ -75,7 +44,7 @@ def _losses(out_dir: Path) -> list[float]:
     ],
 )
 def test_every_loss_mode_trains(models, tmp_path, overrides):
-    config = _config(models, tmp_path, *overrides)
+    config = tiny_config(models, tmp_path, *overrides)
     summary = run(config)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -94,10 +63,10 @@ def test_every_loss_mode_trains(models, tmp_path, overrides):
 )
 def test_resume_after_sigterm_reproduces_the_uninterrupted_run(models, tmp_path, monkeypatch, overrides):
     straight = tmp_path / "straight"
-    run(_config(models, straight, "train.steps=6", "train.save_every=6", *overrides))
+    run(tiny_config(models, straight, "train.steps=6", "train.save_every=6", *overrides))
 
     interrupted = tmp_path / "interrupted"
-    config = _config(models, interrupted, "train.steps=6", "train.save_every=6", *overrides)
+    config = tiny_config(models, interrupted, "train.steps=6", "train.save_every=6", *overrides)
     original = Trainer.train_step
 
     def train_step(self, step, diagnostics):
@@ -117,7 +86,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(models, tmp_path,
 
 def test_lora_trains_only_adapters(models, tmp_path):
     pytest.importorskip("peft")
-    config = _config(models, tmp_path, "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj, v_proj]")
+    config = tiny_config(models, tmp_path, "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj, v_proj]")
     trainer = Trainer(config, task=TASK, progress=False)
     frozen = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if not p.requires_grad}
     trainer.train()
@@ -134,7 +103,7 @@ def test_lora_trains_only_adapters(models, tmp_path):
 
 
 def test_subspace_locked_training_projects_gradients_and_survives_resume(models, tmp_path):
-    config = _config(
+    config = tiny_config(
         models,
         tmp_path,
         "train.subspace_lock_step=2",
@@ -151,7 +120,7 @@ def test_subspace_locked_training_projects_gradients_and_survives_resume(models,
     param = dict(trainer.student.named_parameters())[name]
     trainer.train_step(4, diagnostics=False)  # its backward ran through the projection hooks
     resumed = Trainer(
-        _config(
+        tiny_config(
             models,
             tmp_path,
             "train.subspace_lock_step=2",
@@ -172,8 +141,8 @@ def test_subspace_locked_training_projects_gradients_and_survives_resume(models,
 
 
 def test_gradient_checkpointing_gives_the_same_losses(models, tmp_path):
-    plain = _config(models, tmp_path / "plain", "train.steps=2")
-    checkpointed = _config(models, tmp_path / "ckpt", "train.steps=2", "student.gradient_checkpointing=true")
+    plain = tiny_config(models, tmp_path / "plain", "train.steps=2")
+    checkpointed = tiny_config(models, tmp_path / "ckpt", "train.steps=2", "student.gradient_checkpointing=true")
     run(plain)
     run(checkpointed)
     torch.testing.assert_close(_losses(tmp_path / "ckpt"), _losses(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
@@ -198,16 +167,16 @@ def test_gradient_checkpointing_gives_the_same_losses(models, tmp_path):
 )
 def test_bad_configs_are_refused_with_the_key(models, tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        _config(models, tmp_path, *overrides)
+        tiny_config(models, tmp_path, *overrides)
 
 
 def test_bad_paths_and_mismatched_tokenizers(models, tmp_path):
     with pytest.raises(ConfigError, match=r"not a local transformers model directory"):
-        Trainer(_config(models, tmp_path, f"teacher.path={tmp_path / 'nowhere'}"), task=TASK)
+        Trainer(tiny_config(models, tmp_path, f"teacher.path={tmp_path / 'nowhere'}"), task=TASK)
     other_tokenizer = build_tokenizer(TASK.characters + "k")  # one character more
     other = create_model(ModelSpec(16, 1, 2, 0), other_tokenizer, tmp_path / "other", seed=0)
     with pytest.raises(ConfigError, match="student and teacher tokenizers differ"):
-        Trainer(_config(models, tmp_path, f"teacher.path={other}"), task=TASK)
+        Trainer(tiny_config(models, tmp_path, f"teacher.path={other}"), task=TASK)
     yaml_file = tmp_path / "bad.yaml"
     yaml_file.write_text("loss: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -215,11 +184,11 @@ def test_bad_paths_and_mismatched_tokenizers(models, tmp_path):
 
 
 def test_corrupt_checkpoint_is_named(models, tmp_path):
-    run(_config(models, tmp_path, "train.steps=2"))
+    run(tiny_config(models, tmp_path, "train.steps=2"))
     weights = tmp_path / "checkpoints" / "step-00000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
-        run(_config(models, tmp_path, "train.steps=3"), resume=True)
+        run(tiny_config(models, tmp_path, "train.steps=3"), resume=True)
 
 
 def test_cli_train_with_yaml_and_overrides(models, tmp_path):

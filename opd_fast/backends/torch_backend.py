@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.chunking import TilePlan, plan_tiles
+from opd_fast.chunking import TilePlan, get_chunk_budget, plan_tiles
 from opd_fast.types import DivergenceStats
 
 
@@ -140,11 +140,56 @@ def _accumulate_grads(grad, weight, row_grad, rows, cols, hs, dh, dw) -> None:
         dw[cols] += grad.T @ (hs[rows] * row_grad[:, None])
 
 
+def _entry_terms(lps: torch.Tensor, lpt: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor:
+    """The divergence's per-entry terms ℓ_v (summing to D over the vocabulary), as a differentiable tile."""
+    if spec.kind == "reverse_kl":
+        return lps.exp() * (lps - lpt)
+    if spec.kind == "forward_kl":
+        return lpt.exp() * (lpt - lps)
+    log_m = torch.logaddexp(lps + math.log1p(-spec.beta), lpt + math.log(spec.beta))
+    return spec.beta * lpt.exp() * (lpt - log_m) + (1.0 - spec.beta) * lps.exp() * (lps - log_m)
+
+
+def _clipped_sweep(hs, ws, ht, wt, spec, grad, need_dh, need_dw):
+    """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped) by autograd on each
+    token chunk's logits; a whole vocabulary row per chunk (the clip breaks the closed-form gradient)."""
+    dtype = _compute_dtype(hs, ws, ht, wt)
+    tau = spec.temperature
+    hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)
+    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
+    n_tokens, vocab = hs.shape[0], ws.shape[0]
+    rows_per_chunk = max(1, get_chunk_budget() // vocab)
+    out = DivergenceStats(*(hs.new_zeros(n_tokens) for _ in range(4)))
+    dh = hs.new_zeros(hs.shape) if grad is not None and need_dh else None
+    dw = ws.new_zeros(ws.shape) if grad is not None and need_dw else None
+    for start in range(0, n_tokens, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n_tokens))
+        with torch.enable_grad():
+            zs = (hs[rows] @ ws.T).detach().requires_grad_(grad is not None)
+            lps, lpt = torch.log_softmax(zs, dim=-1), torch.log_softmax(ht[rows] @ wt.T, dim=-1)
+            loss = _entry_terms(lps, lpt, spec).clamp(max=spec.entry_clip).sum(dim=-1)
+            if grad is not None:
+                (g,) = torch.autograd.grad(loss, zs, grad_outputs=_upcast(grad[rows], dtype))
+        out.loss[rows] = loss.detach()
+        out.student_lse[rows] = torch.logsumexp(zs.detach(), dim=-1)
+        out.teacher_lse[rows] = torch.logsumexp(ht[rows] @ wt.T, dim=-1)
+        if grad is not None:
+            if dh is not None:
+                dh[rows] = g @ ws
+            if dw is not None:
+                dw += g.T @ hs[rows]
+    if dh is not None:
+        dh /= tau
+    return out, dh, dw
+
+
 def _divergence_sweep(hs, ws, ht, wt, spec, grad, stats, need_dh, need_dw):
     """Shared driver: per-token statistics and, when ``grad`` is given, the student gradients.
 
     ``stats`` (from an earlier forward) lets the gradient sweep skip recomputing the log-sum-exps.
     """
+    if spec.entry_clip is not None:
+        return _clipped_sweep(hs, ws, ht, wt, spec, grad, need_dh, need_dw)
     dtype = _compute_dtype(hs, ws, ht, wt)
     tau = spec.temperature
     hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)

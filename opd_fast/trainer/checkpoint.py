@@ -100,13 +100,24 @@ def _is_tied(model, name: str) -> bool:
     return tensor is not None and any(other is tensor for key, other in params.items() if key != name)
 
 
+# Teacher tensors that are the student's own (same prompts) are stored once and restored from these.
+_SHARED_WITH_STUDENT = {
+    "teacher_input_ids": "input_ids",
+    "teacher_attention_mask": "attention_mask",
+    "teacher_positions": "student_positions",
+}
+
+
 def _rollout_tensors(rollouts) -> dict[str, torch.Tensor]:
-    return {
-        f"{i}.{name}": getattr(batch, name).detach().cpu().contiguous()
-        for i, batch in enumerate(rollouts)
-        for name in batch.TENSORS
-        if getattr(batch, name) is not None
-    }
+    tensors = {}
+    for i, batch in enumerate(rollouts):
+        for name in batch.TENSORS:
+            value = getattr(batch, name)
+            shared = _SHARED_WITH_STUDENT.get(name)
+            if value is None or (shared is not None and value is getattr(batch, shared)):
+                continue
+            tensors[f"{i}.{name}"] = value.detach().cpu().contiguous()
+    return tensors
 
 
 def _rollout_texts(rollouts) -> list[dict]:
@@ -128,6 +139,8 @@ def _restore_rollouts(tensors: dict[str, torch.Tensor], texts: list[dict], devic
     batches = []
     for i, text in enumerate(texts):
         fields = {name: tensors[f"{i}.{name}"].to(device) for name in Batch.TENSORS if f"{i}.{name}" in tensors}
+        for teacher_name, student_name in _SHARED_WITH_STUDENT.items():
+            fields.setdefault(teacher_name, fields[student_name])
         examples = [Example(p, a) for p, a in zip(text["prompts"], text["answers"])]
         batches.append(Batch(**fields, examples=examples, completions=text["completions"], correct=text["correct"]))
     return batches

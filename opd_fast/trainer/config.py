@@ -35,6 +35,12 @@ class ModelConfig:
     path: str | None = None
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
+    # Run Python code shipped with the model directory (config auto_map). Off: only set it for code you trust.
+    trust_remote_code: bool = False
+    # Teacher only: on-policy self-distillation (OPSD). The student is its own teacher, frozen at the
+    # initial weights (a frozen copy; with LoRA, the student with its adapters disabled), and the teacher
+    # pass sees data.teacher_template (privileged context such as the reference answer).
+    self_distill: bool = False
 
 
 @dataclass
@@ -57,6 +63,17 @@ class DataConfig:
     eval_path: str | None = None
     eval_size: int = 256
     verifier: str = "exact"
+    # The teacher's prompt, from {prompt} and {answer}: "{prompt}" unless it gets privileged context.
+    teacher_template: str = "{prompt}"
+    # Drop teacher samples whose format is wrong: None, "task" (the task's own check) or "module:function".
+    format_filter: str | None = None
+    # Teacher-aligned prompt selection: score select_pool candidate prompts by the teacher-student top-k
+    # overlap mass on a probe rollout of select_probe_tokens tokens and train on the best select_keep.
+    select_pool: int | None = None
+    select_keep: float = 0.5
+    select_probe_tokens: int = 8
+    # Near-duplicate removal of the candidate pool: character 3-gram Jaccard similarity ≥ this drops a prompt.
+    dedup_threshold: float | None = None
 
 
 @dataclass
@@ -69,6 +86,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     reuse: int = 1
+    # λ: the probability that a step's rollout is on-policy; otherwise the teacher samples it (GKD mixing).
+    on_policy_fraction: float = 1.0
 
 
 @dataclass
@@ -85,6 +104,17 @@ class LossConfig:
     discount: float = 0.0
     ratio_clip: float | None = None
     backend: str = "auto"
+    # Per-entry clipping (OPSD v3): each vocabulary entry's divergence term ℓ_v becomes min(ℓ_v, entry_clip)
+    # before the sum; no gradient where clipped. Torch backend only.
+    entry_clip: float | None = None
+    # Token sparsification: keep this fraction ρ of each micro-batch's completion tokens, chosen by the
+    # largest per-token divergence ("top_divergence") or at random; the loss is their mean (× T/Σmask).
+    token_keep: float = 1.0
+    token_select: str = "top_divergence"
+    # Reward mixing (sampled_token): advantage α·A_OPD + (1 − α)·A_RLVR, the verifiable reward of the
+    # completion on every token. reward: None (the task's verifier, 1/0) or "module:function".
+    reward_mix: float = 1.0
+    reward: str | None = None
 
 
 @dataclass
@@ -107,6 +137,8 @@ class LoopConfig:
     """Length of training and the cadence of logging, evaluation and checkpoints."""
 
     steps: int = 100
+    # Off-policy cold start: the first cold_start_steps steps are SFT on (format-filtered) teacher samples.
+    cold_start_steps: int = 0
     log_every: int = 10
     eval_every: int = 50
     save_every: int = 100
@@ -172,6 +204,21 @@ class TrainConfig:
         _positive("optim.grad_accum", self.optim.grad_accum)
         for key in ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "overlap_k"):
             _positive(f"train.{key}", getattr(self.train, key))
+        _range("train.cold_start_steps", self.train.cold_start_steps, 0, self.train.steps)
+        _range("rollout.on_policy_fraction", self.rollout.on_policy_fraction, 0.0, 1.0)
+        if self.loss.entry_clip is not None:
+            _range("loss.entry_clip", self.loss.entry_clip, 0.0, math.inf, low_open=True)
+        _range("loss.token_keep", self.loss.token_keep, 0.0, 1.0, low_open=True)
+        _choice("loss.token_select", self.loss.token_select, ("top_divergence", "random"))
+        _range("loss.reward_mix", self.loss.reward_mix, 0.0, 1.0)
+        if self.data.select_pool is not None:
+            _positive("data.select_pool", self.data.select_pool)
+        _range("data.select_keep", self.data.select_keep, 0.0, 1.0, low_open=True)
+        _positive("data.select_probe_tokens", self.data.select_probe_tokens)
+        if self.data.dedup_threshold is not None:
+            _range("data.dedup_threshold", self.data.dedup_threshold, 0.0, 1.0, low_open=True)
+        if "{prompt}" not in self.data.teacher_template:
+            raise ConfigError("data.teacher_template must contain {prompt} (the question the student answers)")
         if self.train.subspace_lock_step is not None:
             _positive("train.subspace_lock_step", self.train.subspace_lock_step)
         _positive("train.subspace_lock_rank", self.train.subspace_lock_rank)
@@ -186,6 +233,21 @@ class TrainConfig:
             )
         if self.lora.enabled and self.student.path is None:
             raise ConfigError("lora.enabled needs student.path (the built-in demo trains full weights)")
+        if self.teacher.self_distill and self.teacher.path is not None:
+            raise ConfigError(
+                "teacher.self_distill uses the student as its own (frozen) teacher: leave teacher.path unset"
+            )
+        if self.rollout.on_policy_fraction < 1.0 and self.loss.mode == "sampled_token":
+            raise ConfigError(
+                "rollout.on_policy_fraction < 1 mixes in teacher samples, where the sampled-token advantage has no "
+                "meaning; use a full-vocabulary loss (reverse_kl, forward_kl, jsd, topk)"
+            )
+        if self.loss.reward_mix < 1.0 and self.loss.mode != "sampled_token":
+            raise ConfigError("loss.reward_mix mixes advantages: it needs loss.mode=sampled_token")
+        if self.loss.entry_clip is not None and self.loss.mode not in ("reverse_kl", "forward_kl", "jsd"):
+            raise ConfigError(
+                "loss.entry_clip clips full-vocabulary divergence terms: use reverse_kl, forward_kl or jsd"
+            )
         return self
 
 
@@ -252,14 +314,28 @@ def _apply(target, values: dict, prefix: str = "") -> None:
             setattr(target, name, _coerce(key, value, hints[name]))
 
 
-def parse_override(text: str) -> tuple[list[str], object]:
-    """``"optim.lr=3e-4"`` → (["optim", "lr"], 3e-4); the value is parsed as YAML (numbers, bools, null, lists)."""
+def _is_text_field(config: TrainConfig, parts: list[str]) -> bool:
+    """Whether ``parts`` names a str (or str | None) field: its override value is taken verbatim."""
+    target = config
+    for part in parts[:-1]:
+        target = getattr(target, part, None)
+        if not dataclasses.is_dataclass(target):
+            return False
+    hint = typing.get_type_hints(type(target)).get(parts[-1]) if dataclasses.is_dataclass(target) else None
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+
+
+def parse_override(text: str, config: TrainConfig | None = None) -> tuple[list[str], object]:
+    """``"optim.lr=3e-4"`` → (["optim", "lr"], 3e-4). Values are parsed as YAML (numbers, bools, null,
+    lists), except for text fields of ``config``, which take the text verbatim (e.g. templates with braces)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key part")
+    if config is not None and _is_text_field(config, parts) and raw.strip() not in ("null", "~", ""):
+        return parts, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -269,7 +345,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 def _apply_overrides(config: TrainConfig, overrides) -> None:
     for text in overrides:
-        parts, value = parse_override(text)
+        parts, value = parse_override(text, config)
         nested: object = value
         for part in reversed(parts):
             nested = {part: nested}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from opd_fast.trainer.config import TrainConfig
+from opd_fast.trainer.config import TrainConfig, load_config
 from opd_fast.trainer.loop import Trainer
 from opd_fast.trainer.plots import plot_accuracy_comparison, read_metrics
 from opd_fast.trainer.tasks import ReverseTask
@@ -101,7 +101,7 @@ def create_model(spec: ModelSpec, tokenizer, directory: Path, seed: int) -> Path
     return directory
 
 
-def _stage_config(base: TrainConfig, out_dir: Path, **sections) -> TrainConfig:
+def stage_config(base: TrainConfig, out_dir: Path, **sections) -> TrainConfig:
     """A copy of ``base`` with out_dir and the given ``section={key: value}`` changes."""
     config = copy.deepcopy(base)
     config.out_dir = str(out_dir)
@@ -120,34 +120,47 @@ def _mark_done(directory: Path, info: dict) -> None:
     (directory / "demo_stage.json").write_text(json.dumps(info, indent=2))
 
 
-def _accuracy_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
+def accuracy_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
     points = [
         (r["step"], r["eval/student_accuracy"]) for r in read_metrics(metrics_path) if "eval/student_accuracy" in r
     ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
-    """All stages of the demo; returns the summary written to ``<out_dir>/summary.json``."""
-    started = time.perf_counter()
-    out_dir = Path(config.out_dir)
-    demo_dir = out_dir / "demo"
+@dataclass(frozen=True)
+class DemoModels:
+    """The demo's cached models: the trained teacher, the student's random init and its cold start."""
+
+    task: ReverseTask
+    teacher: Path
+    student_init: Path
+    student_cold_start: Path
+    teacher_info: dict
+    cold_info: dict
+
+
+def _plain_demo_config(config: TrainConfig) -> TrainConfig:
+    """The demo's defaults with the user's device, seed and backend, and none of the user's recipe switches:
+    stages 1 and 2 are the same for every OPD variant run on top of them (and cached once)."""
+    plain = load_config(None, DEMO_DEFAULTS, out_dir=config.out_dir, seed=config.seed, device=config.device)
+    plain.loss.backend = config.loss.backend
+    return plain
+
+
+def prepare_models(config: TrainConfig, *, log=print) -> DemoModels:
+    """Stages 1 and 2 of the demo (teacher SFT, student cold start), each skipped when cached."""
+    config = _plain_demo_config(config)
+    demo_dir = Path(config.out_dir) / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     task = ReverseTask()
     tokenizer = build_tokenizer(task.characters)
-    steps = config.train.steps
-    summary: dict = {
-        "task": "reverse strings of 4-9 letters (a-j), exact match",
-        "steps": steps,
-        "loss_mode": config.loss.mode,
-    }
 
     teacher_dir = demo_dir / "teacher"
     teacher_info = _done(teacher_dir)
     if teacher_info is None:
         log("demo 1/4: training the teacher by SFT on the task's answers")
         init = create_model(TEACHER, tokenizer, demo_dir / "teacher_init", seed=config.seed)
-        stage = _stage_config(
+        stage = stage_config(
             config,
             demo_dir / "teacher_sft",
             student={"path": str(init)},
@@ -169,17 +182,16 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         _mark_done(teacher_dir, teacher_info)
     else:
         log(f"demo 1/4: teacher cached in {teacher_dir}")
-    summary["teacher_accuracy"] = teacher_info["accuracy"]
 
-    cold_dir = demo_dir / "student_cold_start"
+    init_dir, cold_dir = demo_dir / "student_init", demo_dir / "student_cold_start"
     cold_info = _done(cold_dir)
     if cold_info is None:
         log("demo 2/4: creating the student and cold-starting it on teacher samples")
-        init = create_model(STUDENT, tokenizer, demo_dir / "student_init", seed=config.seed + 1)
-        stage = _stage_config(
+        create_model(STUDENT, tokenizer, init_dir, seed=config.seed + 1)
+        stage = stage_config(
             config,
             demo_dir / "cold_start",
-            student={"path": str(init)},
+            student={"path": str(init_dir)},
             teacher={"path": str(teacher_dir)},
             loss={"mode": "sft"},
             rollout={"source": "teacher"},
@@ -193,12 +205,30 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         _mark_done(cold_dir, cold_info)
     else:
         log(f"demo 2/4: cold-started student cached in {cold_dir}")
-    summary["student_accuracy_initial"] = cold_info["initial_accuracy"]
-    summary["student_accuracy_before"] = cold_info["accuracy"]
-    summary["cold_start_steps"] = cold_info["steps"]
+    return DemoModels(task, teacher_dir, init_dir, cold_dir, teacher_info, cold_info)
+
+
+def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
+    """All stages of the demo; returns the summary written to ``<out_dir>/summary.json``."""
+    started = time.perf_counter()
+    out_dir = Path(config.out_dir)
+    demo_dir = out_dir / "demo"
+    steps = config.train.steps
+    models = prepare_models(config, log=log)
+    task, teacher_dir, cold_dir = models.task, models.teacher, models.student_cold_start
+    summary: dict = {
+        "task": "reverse strings of 4-9 letters (a-j), exact match",
+        "steps": steps,
+        "loss_mode": config.loss.mode,
+        "teacher_accuracy": models.teacher_info["accuracy"],
+        "student_accuracy_initial": models.cold_info["initial_accuracy"],
+        "student_accuracy_before": models.cold_info["accuracy"],
+        "cold_start_steps": models.cold_info["steps"],
+    }
 
     log(f"demo 3/4: on-policy distillation ({config.loss.mode}) for {steps} steps")
-    opd_config = _stage_config(config, out_dir, student={"path": str(cold_dir)}, teacher={"path": str(teacher_dir)})
+    teacher = {"path": None} if config.teacher.self_distill else {"path": str(teacher_dir)}
+    opd_config = stage_config(config, out_dir, student={"path": str(cold_dir)}, teacher=teacher)
     opd = Trainer(opd_config, task=task)
     opd.train(resume=resume and (out_dir / "checkpoints" / "latest").is_file())
     opd.export(out_dir / "student_final")
@@ -206,13 +236,14 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
     log(f"demo 4/4: SFT-only baseline on teacher samples for {steps} steps")
     sft_dir = demo_dir / "sft_only"
-    sft_config = _stage_config(
+    sft_config = stage_config(
         config,
         sft_dir,
         student={"path": str(cold_dir)},
-        teacher={"path": str(teacher_dir)},
-        loss={"mode": "sft"},
-        rollout={"source": "teacher"},
+        teacher={"path": str(teacher_dir), "self_distill": False},
+        data={"teacher_template": "{prompt}"},
+        loss={"mode": "sft", "token_keep": 1.0, "reward_mix": 1.0, "entry_clip": None},
+        rollout={"source": "teacher", "on_policy_fraction": 1.0},
     )
     sft = Trainer(sft_config, task=task)
     sft.train(resume=resume and (sft_dir / "checkpoints" / "latest").is_file())
@@ -222,8 +253,8 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
     plot_accuracy_comparison(
         {
-            f"OPD ({config.loss.mode})": _accuracy_curve(out_dir / "metrics.jsonl"),
-            "SFT-only on teacher samples": _accuracy_curve(sft_dir / "metrics.jsonl"),
+            f"OPD ({config.loss.mode})": accuracy_curve(out_dir / "metrics.jsonl"),
+            "SFT-only on teacher samples": accuracy_curve(sft_dir / "metrics.jsonl"),
         },
         out_dir / "accuracy_vs_steps.png",
         "demo: held-out accuracy of the cold-started student",

@@ -19,6 +19,7 @@ lm_head's, which is applied inside the loss — are averaged across ranks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from opd_fast.trainer import checkpoint as ckpt
 from opd_fast.trainer.config import TrainConfig
-from opd_fast.trainer.losses import compute_loss, overlap_metrics
+from opd_fast.trainer.losses import compute_loss, overlap_metrics, overlap_statistics
 from opd_fast.trainer.modeling import (
     HiddenStates,
     apply_lora,
@@ -46,8 +47,22 @@ from opd_fast.trainer.modeling import (
     shared_vocab_size,
 )
 from opd_fast.trainer.plots import plot_training_curves
-from opd_fast.trainer.rollout import Batch, encode_prompts, generate, make_batch, reference_completions
-from opd_fast.trainer.tasks import Task, build_task
+from opd_fast.trainer.rollout import (
+    Batch,
+    encode_prompts,
+    gather_positions,
+    generate,
+    make_batch,
+    reference_completions,
+)
+from opd_fast.trainer.tasks import (
+    SelectedTask,
+    Task,
+    build_task,
+    deduplicate,
+    resolve_format_filter,
+    resolve_reward,
+)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -91,25 +106,24 @@ class Trainer:
         )
         if config.student.path is None:
             raise ValueError("student.path is required (the built-in demo supplies its own models)")
-        self.tokenizer = load_tokenizer(config.student.path, "student.path")
-        self.needs_teacher = not (config.loss.mode == "sft" and config.rollout.source == "reference")
+        self.tokenizer = load_tokenizer(config.student, "student.path")
+        self.needs_teacher = not (
+            config.loss.mode == "sft" and config.rollout.source == "reference" and config.train.cold_start_steps == 0
+        )
+        student = load_causal_lm(config.student, "student.path", self.device)
+        self.student = apply_lora(student, config.lora) if config.lora.enabled else student
         self.teacher = None
-        if self.needs_teacher:
+        if config.teacher.self_distill:
+            # Frozen at the initial weights: the LoRA student with its adapters disabled, or a frozen copy.
+            self.teacher = self.student if config.lora.enabled else copy.deepcopy(student).eval().requires_grad_(False)
+        elif self.needs_teacher:
             if config.teacher.path is None:
                 raise ValueError(
                     f"teacher.path is required for loss.mode={config.loss.mode}, rollout.source={config.rollout.source}"
                 )
-            check_same_tokenizer(self.tokenizer, load_tokenizer(config.teacher.path, "teacher.path"))
-            self.teacher = load_causal_lm(config.teacher.path, "teacher.path", config.teacher.dtype, self.device)
+            check_same_tokenizer(self.tokenizer, load_tokenizer(config.teacher, "teacher.path"))
+            self.teacher = load_causal_lm(config.teacher, "teacher.path", self.device)
             self.teacher.eval().requires_grad_(False)
-        student = load_causal_lm(
-            config.student.path,
-            "student.path",
-            config.student.dtype,
-            self.device,
-            config.student.gradient_checkpointing,
-        )
-        self.student = apply_lora(student, config.lora) if config.lora.enabled else student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
         hidden = HiddenStates(self.student)
         self.forward = torch.nn.parallel.DistributedDataParallel(hidden) if self.world_size > 1 else hidden
@@ -122,6 +136,12 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.eval_examples = self.task.eval_set(config.data.eval_size)
+        self.format_filter = resolve_format_filter(config.data.format_filter, self.task)
+        self.reward_fn = resolve_reward(config.loss.reward, self.task)
+        self.cold_start_loss = dataclasses.replace(config.loss, mode="sft", token_keep=1.0, reward_mix=1.0)
+        self.selection: dict[str, float] = {}
+        if config.data.select_pool is not None or config.data.dedup_threshold is not None:
+            self.task = self._select_prompts()
         self.lock = None
         if config.train.subspace_lock_step is not None:
             from opd_fast.diagnostics import SubspaceLock
@@ -150,30 +170,74 @@ class Trainer:
         return random.Random(f"{self.config.seed}/{self.rank}/{step}")
 
     # ------------------------------------------------------------------------------------------------ rollout
-    def _sampler(self):
-        return self.teacher if self.config.rollout.source == "teacher" else self.student
+    def _teacher_context(self):
+        """Self-distillation with LoRA: the teacher is the student with its adapters disabled."""
+        if self.config.teacher.self_distill and self.config.lora.enabled:
+            return self.student.disable_adapter()
+        return nullcontext()
 
-    def make_rollouts(self, rng: random.Random) -> list[Batch]:
-        """``grad_accum`` micro-batches of prompts with completions from the configured source."""
+    def _teacher_prompts(self, examples) -> list[list[int]] | None:
+        """The teacher's prompts from data.teacher_template (None when it sees the student's prompts)."""
+        template = self.config.data.teacher_template
+        if template == "{prompt}":
+            return None
+        texts = [template.format(prompt=e.prompt, answer=e.answer) for e in examples]
+        return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+
+    def _sample(self, source: str, examples) -> tuple[list, list, list | None, list]:
+        """(examples, student prompts, teacher prompts, completions) with completions from ``source``.
+
+        Teacher samples failing data.format_filter are dropped (the batch may shrink; all of them
+        failing is an error).
+        """
+        cfg = self.config.rollout
+        prompts, teacher_prompts = encode_prompts(self.tokenizer, examples), self._teacher_prompts(examples)
+        if source == "reference":
+            return examples, prompts, teacher_prompts, reference_completions(self.tokenizer, examples)
+        sampler = self.teacher if source == "teacher" else self.student
+        context = self._teacher_context() if source == "teacher" else nullcontext()
+        with context:
+            completions = generate(
+                sampler,
+                self.tokenizer,
+                teacher_prompts if source == "teacher" and teacher_prompts else prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                greedy=False,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                vocab_size=self.vocab_size,
+            )
+        if source == "teacher" and self.format_filter is not None:
+            keep = [
+                i
+                for i, (e, c) in enumerate(zip(examples, completions))
+                if self.format_filter(e, self.tokenizer.decode(c, skip_special_tokens=True))
+            ]
+            if not keep:
+                raise RuntimeError("data.format_filter rejected every teacher sample of a batch; check the filter")
+            pick = lambda items: [items[i] for i in keep]  # noqa: E731
+            examples, prompts, completions = pick(examples), pick(prompts), pick(completions)
+            teacher_prompts = pick(teacher_prompts) if teacher_prompts else None
+        return examples, prompts, teacher_prompts, completions
+
+    def _source(self, step: int, rng: random.Random) -> str:
+        """Who produces this step's completions: the teacher during the cold start, and with probability
+        1 − λ (rollout.on_policy_fraction) afterwards; otherwise rollout.source."""
+        if step < self.config.train.cold_start_steps:
+            return "teacher"
+        if self.config.rollout.on_policy_fraction < 1.0 and rng.random() >= self.config.rollout.on_policy_fraction:
+            return "teacher"
+        return self.config.rollout.source
+
+    def make_rollouts(self, rng: random.Random, source: str) -> list[Batch]:
+        """``grad_accum`` micro-batches of prompts with completions from ``source``."""
         cfg = self.config.rollout
         batches = []
         for _ in range(self.config.optim.grad_accum):
-            examples = self.task.sample(rng, cfg.batch_size)
-            prompts = encode_prompts(self.tokenizer, examples)
-            if cfg.source == "reference":
-                completions = reference_completions(self.tokenizer, examples)
-            else:
-                completions = generate(
-                    self._sampler(),
-                    self.tokenizer,
-                    prompts,
-                    max_new_tokens=cfg.max_new_tokens,
-                    greedy=False,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    vocab_size=self.vocab_size,
-                )
-            batch = make_batch(self.tokenizer, examples, prompts, completions, self.task, self.device)
+            examples, prompts, teacher_prompts, completions = self._sample(
+                source, self.task.sample(rng, cfg.batch_size)
+            )
+            batch = make_batch(self.tokenizer, examples, prompts, completions, self.task, self.device, teacher_prompts)
             if cfg.reuse > 1 and self.config.loss.mode == "sampled_token":
                 batch.behaviour_logprobs = self._behaviour_logprobs(batch)
             batches.append(batch)
@@ -184,46 +248,110 @@ class Trainer:
         """log p(y) of the sampled tokens under the student that sampled them (for the importance ratio)."""
         from opd_fast import linear_token_logprobs
 
-        hidden = final_hidden_states(self.student, batch.input_ids, batch.attention_mask)[:, :-1]
+        hidden = gather_positions(
+            final_hidden_states(self.student, batch.input_ids, batch.attention_mask), batch.student_positions
+        )
         head = lm_head_weight(self.student)[: self.vocab_size]
         return linear_token_logprobs(
             hidden, head, batch.targets, temperature=self.config.loss.temperature, backend=self.config.loss.backend
         )
 
-    # ---------------------------------------------------------------------------------------------- training
-    def _micro_step(self, batch: Batch, diagnostics: bool) -> dict[str, float]:
+    @torch.no_grad()
+    def _teacher_hidden(self, batch: Batch) -> torch.Tensor:
+        with self._teacher_context():
+            hidden = final_hidden_states(self.teacher, batch.teacher_input_ids, batch.teacher_attention_mask)
+        return gather_positions(hidden, batch.teacher_positions)
+
+    def _overlap(self, batch: Batch, student_hidden, teacher_hidden):
         cfg = self.config
-        student_hidden = self.forward(batch.input_ids, batch.attention_mask)
-        teacher_hidden = teacher_head = None
-        if self.needs_teacher:
-            with torch.no_grad():
-                teacher_hidden = final_hidden_states(self.teacher, batch.input_ids, batch.attention_mask)
+        with self._teacher_context():
             teacher_head = lm_head_weight(self.teacher)
-        student_head = lm_head_weight(self.student)
+        return overlap_statistics(
+            student_hidden,
+            lm_head_weight(self.student).detach(),
+            teacher_hidden,
+            teacher_head,
+            batch.completion_mask,
+            k=cfg.train.overlap_k,
+            temperature=cfg.loss.temperature,
+            backend=cfg.loss.backend,
+            vocab_size=self.vocab_size,
+        )
+
+    # ---------------------------------------------------------------------------------------- prompt selection
+    @torch.no_grad()
+    def _select_prompts(self) -> SelectedTask:
+        """A candidate pool, near-duplicates removed, then (teacher-aligned selection) the prompts on which the
+        student's probe rollout has the highest teacher–student top-k overlap mass."""
+        cfg = self.config.data
+        pool_size = cfg.select_pool or 4 * self.config.rollout.batch_size
+        pool = self.task.sample(random.Random(f"{self.config.seed}/selection"), pool_size)
+        unique = deduplicate(pool, cfg.dedup_threshold) if cfg.dedup_threshold is not None else pool
+        self.selection = {"selection/pool": len(pool), "selection/after_dedup": len(unique)}
+        if cfg.select_pool is None:
+            return SelectedTask(self.task, unique)
+        scores = []
+        for start in range(0, len(unique), 128):
+            examples = unique[start : start + 128]
+            prompts = encode_prompts(self.tokenizer, examples)
+            completions = generate(
+                self.student,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=cfg.select_probe_tokens,
+                greedy=False,
+                temperature=self.config.rollout.temperature,
+                top_p=self.config.rollout.top_p,
+                vocab_size=self.vocab_size,
+            )
+            batch = make_batch(
+                self.tokenizer, examples, prompts, completions, self.task, self.device, self._teacher_prompts(examples)
+            )
+            student_hidden = gather_positions(
+                final_hidden_states(self.student, batch.input_ids, batch.attention_mask), batch.student_positions
+            )
+            mass = self._overlap(batch, student_hidden, self._teacher_hidden(batch)).overlap_mass_student
+            mask = batch.completion_mask
+            scores += (torch.where(mask, mass, 0.0).sum(1) / mask.sum(1).clamp_min(1)).tolist()
+        order = sorted(range(len(unique)), key=lambda i: -scores[i])
+        kept = order[: max(1, round(cfg.select_keep * len(unique)))]
+        self.selection.update(
+            {
+                "selection/kept": len(kept),
+                "selection/mass_all": sum(scores) / len(scores),
+                "selection/mass_kept": sum(scores[i] for i in kept) / len(kept),
+            }
+        )
+        return SelectedTask(self.task, [unique[i] for i in sorted(kept)])
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _micro_step(self, batch: Batch, diagnostics: bool, loss_config) -> dict[str, float]:
+        student_hidden = gather_positions(self.forward(batch.input_ids, batch.attention_mask), batch.student_positions)
+        teacher_hidden = teacher_head = None
+        if self.teacher is not None and (loss_config.mode != "sft" or diagnostics):
+            teacher_hidden = self._teacher_hidden(batch)
+            with self._teacher_context():
+                teacher_head = lm_head_weight(self.teacher).detach()
+        rewards = None
+        if loss_config.reward_mix < 1.0:
+            rewards = torch.tensor(
+                [self.reward_fn(e, c) for e, c in zip(batch.examples, batch.completions)], device=self.device
+            )
         loss, metrics = compute_loss(
-            cfg.loss,
+            loss_config,
             batch,
             student_hidden,
-            student_head,
+            lm_head_weight(self.student),
             teacher_hidden,
             teacher_head,
             self.vocab_size,
             batch.behaviour_logprobs,
+            rewards,
         )
-        (loss / cfg.optim.grad_accum).backward()
+        (loss / self.config.optim.grad_accum).backward()
         if diagnostics and teacher_hidden is not None:
             metrics.update(
-                overlap_metrics(
-                    student_hidden.detach(),
-                    student_head.detach(),
-                    teacher_hidden,
-                    teacher_head,
-                    batch.completion_mask,
-                    k=cfg.train.overlap_k,
-                    temperature=cfg.loss.temperature,
-                    backend=cfg.loss.backend,
-                    vocab_size=self.vocab_size,
-                )
+                overlap_metrics(self._overlap(batch, student_hidden.detach(), teacher_hidden), batch.completion_mask)
             )
         metrics["rollout/accuracy"] = sum(batch.correct) / len(batch.correct)
         metrics["rollout/completion_tokens"] = batch.completion_tokens / len(batch.correct)
@@ -233,14 +361,18 @@ class Trainer:
         """One optimizer step (step is 0-based); returns the step's metrics averaged over micro-batches."""
         rng = self._seed_step(step)
         if step % self.config.rollout.reuse == 0 or not self._rollouts:
-            self._rollouts = self.make_rollouts(rng)
+            self._rollouts = self.make_rollouts(rng, self._source(step, rng))
+        cold = step < self.config.train.cold_start_steps
+        loss_config = self.cold_start_loss if cold else self.config.loss
         self.student.train()
         records = []
         for index, batch in enumerate(self._rollouts):
             last = index == len(self._rollouts) - 1
             sync = nullcontext() if last or self.world_size == 1 else self.forward.no_sync()
             with sync:
-                records.append(self._micro_step(batch, diagnostics and index == 0))
+                records.append(self._micro_step(batch, diagnostics and index == 0, loss_config))
+        if cold:
+            records[0]["cold_start"] = 1.0
         params = [p for p in self.student.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.max_grad_norm)
         self.optimizer.step()
@@ -265,21 +397,24 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, model=None) -> float:
-        """Greedy held-out accuracy of ``model`` (default: the student), sharded over ranks."""
+        """Greedy held-out accuracy of ``model`` (default: the student), sharded over ranks. The teacher is
+        evaluated on its own prompts (data.teacher_template), with its self-distillation context."""
+        as_teacher = model is not None and model is self.teacher
         model = model or self.student
         mine = self.eval_examples[self.rank :: self.world_size]
         correct = 0
         for start in range(0, len(mine), 128):
             chunk = mine[start : start + 128]
-            prompts = encode_prompts(self.tokenizer, chunk)
-            completions = generate(
-                model,
-                self.tokenizer,
-                prompts,
-                max_new_tokens=self.config.rollout.max_new_tokens,
-                greedy=True,
-                vocab_size=self.vocab_size,
-            )
+            prompts = (as_teacher and self._teacher_prompts(chunk)) or encode_prompts(self.tokenizer, chunk)
+            with self._teacher_context() if as_teacher else nullcontext():
+                completions = generate(
+                    model,
+                    self.tokenizer,
+                    prompts,
+                    max_new_tokens=self.config.rollout.max_new_tokens,
+                    greedy=True,
+                    vocab_size=self.vocab_size,
+                )
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             correct += sum(self.task.verify(e, t) for e, t in zip(chunk, texts))
         if self.world_size > 1:
@@ -376,7 +511,7 @@ class Trainer:
             if self.is_main:
                 self.metrics_path.write_text("")
                 (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            self._log({"step": 0, "eval/student_accuracy": self.evaluate()})
+            self._log({"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection})
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.steps, initial=start, desc="opd-fast train", disable=not self.progress, dynamic_ncols=True)
         last: dict = {}

@@ -1,21 +1,29 @@
 """The trainer's loss modes, all computed from final hidden states and lm_head weights by opd_fast's ops.
 
-Position t of a sequence predicts token t + 1; only positions predicting completion tokens count, and
-every loss is a mean over those tokens in the micro-batch.
+Hidden states arrive already gathered at the positions that predict completion tokens (``[B, L, H]``,
+aligned with ``batch.targets``), so the student and the teacher may have seen different prompts. Every
+loss is a mean over the completion tokens of the micro-batch.
 
-* ``reverse_kl`` / ``forward_kl`` / ``jsd``: the full-vocabulary divergence per token (linear_divergence).
+* ``reverse_kl`` / ``forward_kl`` / ``jsd``: the full-vocabulary divergence per token (linear_divergence),
+  optionally with per-entry clipping (``entry_clip``).
 * ``topk``: the divergence on a top-k support per token (linear_topk_divergence).
 * ``sampled_token``: OPD as reinforcement learning with the teacher as the reward. The per-token
   estimate of the reverse KL at the sampled token y is r = log p_old(y) − log p_t(y), with p_old the
   policy that sampled the rollout; the advantage is A = −r (detached), optionally discounted over the
-  rest of the completion, A_t = Σ_{t'≥t} γ^{t'−t}(−r_{t'}). The loss is −ρ·A with the importance ratio
-  ρ = p_θ(y)/p_old(y): 1 (with the REINFORCE gradient A ∇log p_θ) on fresh rollouts, and the
-  correction when rollouts are reused (``rollout.reuse`` > 1). ``ratio_clip`` caps ρ (no gradient
-  above the cap).
+  rest of the completion, A_t = Σ_{t'≥t} γ^{t'−t}(−r_{t'}), and optionally mixed with a verifiable reward
+  R of the completion: A ← α·A + (1 − α)·R. The loss is −ρ·A with the importance ratio
+  ρ = p_θ(y)/p_old(y): 1 (with the REINFORCE gradient A ∇log p_θ) on fresh rollouts, and the correction
+  when rollouts are reused (``rollout.reuse`` > 1). ``ratio_clip`` caps ρ (no gradient above the cap).
 * ``sft``: cross-entropy on the completions (teacher samples or reference answers).
+
+Token sparsification (``token_keep`` = ρ < 1) keeps that fraction of each micro-batch's completion
+tokens — those with the largest per-token divergence (|r| for sampled_token) or a random draw — and
+averages the loss over them, i.e. rescales the kept terms by T / Σmask.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,6 +48,20 @@ def discounted_advantage(advantage: torch.Tensor, mask: torch.Tensor, discount: 
     return out
 
 
+def sparsify(mask: torch.Tensor, scores: torch.Tensor, keep: float, select: str, generator=None) -> torch.Tensor:
+    """A sub-mask keeping ⌈keep · Σmask⌉ tokens: the highest ``scores`` or a random draw (``select``)."""
+    count = int(mask.sum())
+    kept = max(1, math.ceil(keep * count)) if count else 0
+    if keep >= 1.0 or kept >= count:
+        return mask
+    if select == "random":
+        scores = torch.rand(mask.shape, generator=generator, device=mask.device)
+    ranked = torch.where(mask, scores.detach().float(), -torch.inf).flatten()
+    chosen = torch.zeros_like(mask).flatten()
+    chosen[ranked.topk(kept).indices] = True
+    return chosen.view_as(mask)
+
+
 def compute_loss(
     cfg: LossConfig,
     batch,
@@ -49,60 +71,97 @@ def compute_loss(
     teacher_head: torch.Tensor | None,
     vocab_size: int,
     behaviour_logprobs: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(loss, metrics) for one micro-batch; hidden states are [B, T, H] for the full sequences."""
-    hs = student_hidden[:, :-1]
-    ht = None if teacher_hidden is None else teacher_hidden[:, :-1]
-    mask = batch.completion_mask
-    common = dict(mask=mask, temperature=cfg.temperature, backend=cfg.backend)
+    """(loss, metrics) for one micro-batch; hidden states ``[B, L, H]`` at the completion positions."""
+    hs, ht, mask = student_hidden, teacher_hidden, batch.completion_mask
+    common = dict(temperature=cfg.temperature, backend=cfg.backend)
     metrics: dict[str, float] = {}
-    if cfg.mode in ("reverse_kl", "forward_kl", "jsd"):
-        loss = linear_divergence(
-            hs, student_head, ht, teacher_head, divergence=cfg.mode, beta=cfg.beta, vocab_size=vocab_size, **common
-        )
-    elif cfg.mode == "topk":
-        loss = linear_topk_divergence(
-            hs,
-            student_head,
-            ht,
-            teacher_head,
-            k=cfg.top_k,
-            support=cfg.support,
-            divergence=cfg.topk_divergence,
-            renormalize=cfg.renormalize,
-            vocab_size=vocab_size,
-            **common,
-        )
+    sparse = cfg.token_keep < 1.0
+    if cfg.mode in ("reverse_kl", "forward_kl", "jsd", "topk"):
+        if cfg.mode == "topk":
+            per_token = linear_topk_divergence(
+                hs,
+                student_head,
+                ht,
+                teacher_head,
+                k=cfg.top_k,
+                support=cfg.support,
+                divergence=cfg.topk_divergence,
+                renormalize=cfg.renormalize,
+                vocab_size=vocab_size,
+                mask=mask,
+                reduction="none",
+                **common,
+            )
+        elif sparse:
+            per_token = linear_divergence(
+                hs,
+                student_head,
+                ht,
+                teacher_head,
+                divergence=cfg.mode,
+                beta=cfg.beta,
+                vocab_size=vocab_size,
+                mask=mask,
+                reduction="none",
+                entry_clip=cfg.entry_clip,
+                **common,
+            )
+        else:  # the mean straight from the fused op: its gradients come out of the forward sweep
+            loss = linear_divergence(
+                hs,
+                student_head,
+                ht,
+                teacher_head,
+                divergence=cfg.mode,
+                beta=cfg.beta,
+                vocab_size=vocab_size,
+                mask=mask,
+                reduction="mean",
+                entry_clip=cfg.entry_clip,
+                **common,
+            )
+            metrics["loss"] = loss.item()
+            return loss, metrics
+        kept = sparsify(mask, per_token, cfg.token_keep, cfg.token_select)
+        loss = _masked_mean(per_token, kept)
     else:
-        kw = dict(temperature=cfg.temperature, backend=cfg.backend)
-        logprobs = linear_token_logprobs(hs, student_head[:vocab_size], batch.targets, **kw)
+        logprobs = linear_token_logprobs(hs, student_head[:vocab_size], batch.targets, **common)
         if cfg.mode == "sft":
-            loss = -_masked_mean(logprobs, mask)
+            kept = sparsify(mask, -logprobs, cfg.token_keep, cfg.token_select)
+            loss = -_masked_mean(logprobs, kept)
         else:
             with torch.no_grad():
-                teacher_logprobs = linear_token_logprobs(ht, teacher_head[:vocab_size], batch.targets, **kw)
+                teacher_logprobs = linear_token_logprobs(ht, teacher_head[:vocab_size], batch.targets, **common)
             old = logprobs.detach() if behaviour_logprobs is None else behaviour_logprobs
             estimate = old - teacher_logprobs  # one-sample reverse KL at the sampled token
             advantage = discounted_advantage(-estimate, mask, cfg.discount)
+            if cfg.reward_mix < 1.0:
+                advantage = cfg.reward_mix * advantage + (1.0 - cfg.reward_mix) * rewards[:, None].to(advantage)
+                metrics["reward/mean"] = rewards.float().mean().item()
             ratio = torch.exp(logprobs - old)
             if cfg.ratio_clip is not None:
                 ratio = ratio.clamp(max=cfg.ratio_clip)
-            loss = -_masked_mean(ratio * advantage, mask)
+            kept = sparsify(mask, estimate.abs(), cfg.token_keep, cfg.token_select)
+            loss = -_masked_mean(ratio * advantage, kept)
             metrics["sampled/reverse_kl"] = _masked_mean(estimate, mask).item()
             metrics["sampled/ratio_mean"] = _masked_mean(ratio.detach(), mask).item()
+    if sparse:
+        metrics["tokens/kept_fraction"] = (kept.sum() / mask.sum().clamp_min(1)).item()
     metrics["loss"] = loss.item()
     return loss, metrics
 
 
 @torch.no_grad()
-def overlap_metrics(
+def overlap_statistics(
     student_hidden, student_head, teacher_hidden, teacher_head, mask, *, k, temperature, backend, vocab_size
-) -> dict[str, float]:
-    """Mean top-k agreement and entropies over the completion tokens (DESIGN.md §2)."""
-    stats = linear_topk_overlap(
-        student_hidden[:, :-1],
+):
+    """Per-token top-k agreement (linear_topk_overlap) at the completion positions."""
+    return linear_topk_overlap(
+        student_hidden,
         student_head,
-        teacher_hidden[:, :-1],
+        teacher_hidden,
         teacher_head,
         k=min(k, vocab_size),
         mask=mask,
@@ -110,6 +169,10 @@ def overlap_metrics(
         backend=backend,
         vocab_size=vocab_size,
     )
+
+
+def overlap_metrics(stats, mask) -> dict[str, float]:
+    """Mean top-k agreement and entropies over the completion tokens (DESIGN.md §2)."""
     mean = lambda t: _masked_mean(t, mask).item()  # noqa: E731
     return {
         "overlap/ratio": mean(stats.overlap_ratio),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from opd_fast.trainer.config import ConfigError, LoraConfig
+from opd_fast.trainer.config import ConfigError, LoraConfig, ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -22,12 +22,14 @@ def _local_dir(path: str, key: str) -> Path:
     return directory
 
 
-def load_tokenizer(path: str, key: str):
+def load_tokenizer(model: ModelConfig, key: str):
     from transformers import AutoTokenizer
 
-    directory = _local_dir(path, key)
+    directory = _local_dir(model.path, key)
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=model.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot load a tokenizer from {directory}: {exc}") from None
 
@@ -50,17 +52,21 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
             raise ConfigError(f"student and teacher tokenizers disagree on {attribute}: {s_id} vs {t_id}")
 
 
-def load_causal_lm(path: str, key: str, dtype: str, device: torch.device, gradient_checkpointing: bool = False):
+def load_causal_lm(model_config: ModelConfig, key: str, device: torch.device):
+    """The model of ``model_config.path``; repository code (``auto_map``) runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
-    directory = _local_dir(path, key)
+    directory = _local_dir(model_config.path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=TORCH_DTYPES[dtype], local_files_only=True, trust_remote_code=False
+            directory,
+            dtype=TORCH_DTYPES[model_config.dtype],
+            local_files_only=True,
+            trust_remote_code=model_config.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot load a causal LM from {directory}: {exc}") from None
-    if gradient_checkpointing:  # renamed to activation checkpointing in transformers 5
+    if model_config.gradient_checkpointing:  # renamed to activation checkpointing in transformers 5
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     return model.to(device)

@@ -57,10 +57,13 @@ def plot_accuracy_comparison(
     out_path: Path,
     title: str,
     reference: dict[str, float] | None = None,
+    ylabel: str = "held-out accuracy",
+    legend_outside: bool = False,
 ) -> Path:
-    """Held-out accuracy vs steps for several runs on one axis, with optional horizontal reference lines."""
+    """A metric in [0, 1] (by default held-out accuracy) vs steps for several runs on one axis, with optional
+    horizontal reference lines; ``legend_outside`` puts a long legend to the right of the axes."""
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(11.5, 4.6) if legend_outside else (6.4, 4.2))
     for label, (steps, values) in curves.items():
         ax.plot(steps, values, marker="o", markersize=3, label=label)
     for label, value in (reference or {}).items():
@@ -69,10 +72,13 @@ def plot_accuracy_comparison(
             1.0, value, f"{label} ", va="top", ha="right", fontsize=8, color="gray", transform=ax.get_yaxis_transform()
         )
     ax.set_xlabel("training step")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="center right")
+    if legend_outside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend(loc="center right")
     ax.set_title(title)
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,15 +17,22 @@ from opd_fast.trainer.tasks import Example
 
 @dataclass
 class Batch:
-    """A micro-batch of prompt + completion sequences.
+    """A micro-batch of prompt + completion sequences, for the student and (possibly other prompts) the teacher.
 
-    ``input_ids``/``attention_mask`` are ``[B, T]`` (right-padded). Position t predicts token t + 1, so the
-    per-token tensors are ``[B, T-1]``: ``targets`` = input_ids[:, 1:] and ``completion_mask`` marks the
-    positions whose next token belongs to a completion.
+    ``input_ids``/``attention_mask`` ``[B, T]`` are the student's right-padded sequences; the teacher's
+    ``teacher_input_ids``/``teacher_attention_mask`` ``[B, T']`` are the same tensors unless the teacher
+    sees another prompt (self-distillation with privileged context). Completions are aligned in
+    ``[B, L]`` tensors (L = the longest completion): ``targets`` holds completion token j of each row,
+    ``completion_mask`` whether it exists, and ``student_positions``/``teacher_positions`` the position
+    in each sequence whose hidden state predicts it (the position just before the token).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    teacher_input_ids: torch.Tensor
+    teacher_attention_mask: torch.Tensor
+    student_positions: torch.Tensor
+    teacher_positions: torch.Tensor
     targets: torch.Tensor
     completion_mask: torch.Tensor
     examples: list[Example]
@@ -33,11 +40,26 @@ class Batch:
     correct: list[bool]
     behaviour_logprobs: torch.Tensor | None = None
 
-    TENSORS = ("input_ids", "attention_mask", "targets", "completion_mask", "behaviour_logprobs")
+    TENSORS = (
+        "input_ids",
+        "attention_mask",
+        "teacher_input_ids",
+        "teacher_attention_mask",
+        "student_positions",
+        "teacher_positions",
+        "targets",
+        "completion_mask",
+        "behaviour_logprobs",
+    )
 
     @property
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H] at positions [B, L] → [B, L, H] (differentiable)."""
+    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
 def encode_prompts(tokenizer, examples: list[Example]) -> list[list[int]]:
@@ -100,22 +122,44 @@ def reference_completions(tokenizer, examples: list[Example]) -> list[list[int]]
     return [tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for e in examples]
 
 
-def make_batch(tokenizer, examples, prompt_ids, completion_ids, task, device) -> Batch:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def _pack(prompt_ids, completion_ids, pad_id):
+    """Right-padded prompt + completion sequences and, per completion token, the position predicting it."""
     sequences = [p + c for p, c in zip(prompt_ids, completion_ids)]
     longest = max(len(s) for s in sequences)
+    longest_completion = max(len(c) for c in completion_ids)
     input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros((len(sequences), longest - 1), dtype=torch.bool)
+    positions = torch.zeros((len(sequences), longest_completion), dtype=torch.long)
     for row, (prompt, sequence) in enumerate(zip(prompt_ids, sequences)):
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         attention[row, : len(sequence)] = 1
-        completion_mask[row, len(prompt) - 1 : len(sequence) - 1] = True
+        positions[row, : len(sequence) - len(prompt)] = torch.arange(len(prompt) - 1, len(sequence) - 1)
+    return input_ids, attention, positions
+
+
+def make_batch(tokenizer, examples, prompt_ids, completion_ids, task, device, teacher_prompt_ids=None) -> Batch:
+    """Pack a micro-batch; ``teacher_prompt_ids`` (default: the student's) are the teacher's prompts."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention, student_positions = _pack(prompt_ids, completion_ids, pad_id)
+    if teacher_prompt_ids is None:
+        teacher_ids, teacher_attention, teacher_positions = input_ids, attention, student_positions
+    else:
+        teacher_ids, teacher_attention, teacher_positions = _pack(teacher_prompt_ids, completion_ids, pad_id)
+    longest = student_positions.shape[1]
+    targets = torch.full((len(completion_ids), longest), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(completion_ids), longest), dtype=torch.bool)
+    for row, completion in enumerate(completion_ids):
+        targets[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+        completion_mask[row, : len(completion)] = True
     texts = [decode_completion(tokenizer, c) for c in completion_ids]
     return Batch(
         input_ids=input_ids.to(device),
         attention_mask=attention.to(device),
-        targets=input_ids[:, 1:].to(device),
+        teacher_input_ids=teacher_ids.to(device),
+        teacher_attention_mask=teacher_attention.to(device),
+        student_positions=student_positions.to(device),
+        teacher_positions=teacher_positions.to(device),
+        targets=targets.to(device),
         completion_mask=completion_mask.to(device),
         examples=list(examples),
         completions=texts,

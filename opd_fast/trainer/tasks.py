@@ -29,7 +29,8 @@ Verifier = Callable[[Example, str], bool]
 
 
 class Task:
-    """Base class: ``sample`` training prompts, a fixed ``eval_set``, and ``verify`` completions."""
+    """Base class: ``sample`` training prompts, a fixed ``eval_set``, ``verify`` completions, and
+    ``format_ok``, a format-only check (no correctness) for filtering teacher samples."""
 
     name = "task"
 
@@ -41,6 +42,28 @@ class Task:
 
     def eval_set(self, n: int) -> list[Example]:
         raise NotImplementedError
+
+    def format_ok(self, example: Example, completion: str) -> bool:
+        return bool(completion.strip())
+
+
+class SelectedTask(Task):
+    """A task restricted to a fixed pool of training prompts (after deduplication or prompt selection)."""
+
+    def __init__(self, base: Task, pool: list[Example]):
+        super().__init__(base.verify)
+        if not pool:
+            raise ValueError("prompt selection kept no prompt; raise data.select_keep or data.select_pool")
+        self.base, self.pool, self.name = base, pool, f"{base.name}(selected)"
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        return [rng.choice(self.pool) for _ in range(n)]
+
+    def eval_set(self, n: int) -> list[Example]:
+        return self.base.eval_set(n)
+
+    def format_ok(self, example: Example, completion: str) -> bool:
+        return self.base.format_ok(example, completion)
 
 
 class ReverseTask(Task):
@@ -65,6 +88,10 @@ class ReverseTask(Task):
     def eval_set(self, n: int) -> list[Example]:
         return self.sample(random.Random(EVAL_SEED), n)
 
+    def format_ok(self, example: Example, completion: str) -> bool:
+        """Letters of the alphabet only, at most as many as the longest input: a well-formed answer."""
+        return 0 < len(completion) <= self.max_len and all(c in self.alphabet for c in completion)
+
 
 class AdditionTask(Task):
     """Add two numbers, answer written least-significant digit first: ``"123+45="`` → ``"861"``."""
@@ -85,6 +112,9 @@ class AdditionTask(Task):
 
     def eval_set(self, n: int) -> list[Example]:
         return self.sample(random.Random(EVAL_SEED), n)
+
+    def format_ok(self, example: Example, completion: str) -> bool:
+        return 0 < len(completion) <= self.digits + 1 and completion.isdigit()
 
 
 class JsonlTask(Task):
@@ -148,20 +178,60 @@ def last_boxed(example: Example, completion: str) -> bool:
 VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "contains": contains, "boxed": last_boxed}
 
 
+def import_function(spec: str, key: str) -> Callable:
+    """The callable named by ``"package.module:function"`` (``key`` names the config entry in errors)."""
+    if ":" not in spec:
+        raise ConfigError(f"{key} must be 'package.module:function'; got {spec!r}")
+    module_name, function_name = spec.split(":", 1)
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{key} {spec!r} cannot be imported: {exc}") from None
+    if not callable(function):
+        raise ConfigError(f"{key} {spec!r} is not callable")
+    return function
+
+
 def resolve_verifier(spec: str) -> Verifier:
     """A verifier by name (exact, contains, boxed) or ``"package.module:function"``."""
     if spec in VERIFIERS:
         return VERIFIERS[spec]
     if ":" not in spec:
         raise ConfigError(f"data.verifier must be one of {', '.join(VERIFIERS)} or 'module:function'; got {spec!r}")
-    module_name, function_name = spec.split(":", 1)
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"data.verifier {spec!r} cannot be imported: {exc}") from None
-    if not callable(function):
-        raise ConfigError(f"data.verifier {spec!r} is not callable")
-    return function
+    return import_function(spec, "data.verifier")
+
+
+def resolve_format_filter(spec: str | None, task: Task) -> Verifier | None:
+    """None (keep every teacher sample), the task's own format check ("task"), or a "module:function"."""
+    if spec is None:
+        return None
+    return task.format_ok if spec == "task" else import_function(spec, "data.format_filter")
+
+
+def resolve_reward(spec: str | None, task: Task) -> Callable[[Example, str], float]:
+    """The verifiable reward of a completion: the task's verifier as 1/0, or a "module:function"."""
+    if spec is None:
+        return lambda example, completion: float(task.verify(example, completion))
+    return import_function(spec, "loss.reward")
+
+
+def _trigrams(text: str) -> set[str]:
+    return {text[i : i + 3] for i in range(max(1, len(text) - 2))}
+
+
+def deduplicate(examples: list[Example], threshold: float) -> list[Example]:
+    """Drop prompts whose character-trigram Jaccard similarity to an earlier kept prompt is ≥ threshold.
+
+    A lexical stand-in for embedding similarity that needs no model download; O(n²) in the pool size.
+    """
+    kept: list[Example] = []
+    kept_grams: list[set[str]] = []
+    for example in examples:
+        grams = _trigrams(example.prompt)
+        if all(len(grams & other) / len(grams | other) < threshold for other in kept_grams):
+            kept.append(example)
+            kept_grams.append(grams)
+    return kept
 
 
 BUILTIN_TASKS = {"reverse": ReverseTask, "addition": AdditionTask}
