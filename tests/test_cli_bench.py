@@ -1,13 +1,17 @@
 """`opd-fast bench`: the DESIGN.md §4 contract on a tiny CPU case."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from opd_fast.bench import Case, run_case
 from opd_fast.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
 
 ROW_KEYS = {
     "backend",
@@ -118,3 +122,43 @@ def test_baselines_agree_with_our_loss():
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6, msg=name)
         for a, b in zip(torch.autograd.grad(loss, inputs[:2]), expected_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _gpu_verify():
+    spec = importlib.util.spec_from_file_location("gpu_verify", REPO / "benchmarks" / "gpu_verify.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_verify_targets_on_the_committed_cpu_results():
+    results = json.loads((REPO / "benchmarks" / "results" / "cpu-2core-2026-11-22.json").read_text())["results"]
+    verdicts = {v["tokens"]: v for v in _gpu_verify().check_targets(results)}
+    assert sorted(verdicts) == [1024, 2048, 4096]
+    rows = {(r["backend"], r["tokens"]): r for r in results}
+    at_4096 = verdicts[4096]
+    assert at_4096["backend"] == "torch"  # triton/cuda are skipped rows on CPU and must not count
+    assert at_4096["speedup_vs_naive"] == pytest.approx(rows["naive", 4096]["median_ms"] / at_4096["median_ms"])
+    assert at_4096["rival"] == "liger_chunked"  # liger (fused) is skipped on CPU: the chunked path is the rival
+    assert at_4096["meets_naive"] and at_4096["meets_memory"]
+    assert not verdicts[1024]["meets_naive"]  # 2.5× at N=1024: below the 3× target
+
+
+def test_gpu_verify_falls_back_to_compile_and_flags_missing_rows():
+    row = {"tokens": 8, "peak_mem_mb": 1.0}
+    results = [
+        {**row, "backend": "naive", "median_ms": 10.0, "peak_mem_mb": 100.0},
+        {**row, "backend": "triton", "median_ms": 2.0},
+        {**row, "backend": "cuda", "median_ms": 3.0},
+        {**row, "backend": "compile", "median_ms": 2.2},
+        {**row, "backend": "liger", "error": "skipped: no Liger-Kernel"},
+        {**row, "tokens": 16, "backend": "torch", "median_ms": 1.0},
+    ]
+    module = _gpu_verify()
+    eight, sixteen = module.check_targets(results)
+    assert eight["backend"] == "triton" and eight["rival"] == "compile"
+    assert eight["speedup_vs_rival"] == pytest.approx(1.1) and not eight["meets_rival"]
+    assert eight["meets_naive"] and eight["meets_memory"]
+    assert "error" in sixteen
+    table = module.format_targets([eight, sixteen])
+    assert "NO" in table and "needs a row of ours and a naive row" in table
