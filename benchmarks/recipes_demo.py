@@ -48,6 +48,22 @@ def _curve(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def plot(results: dict, steps: int, docs: Path) -> None:
+    plot_accuracy_comparison(
+        {name: tuple(r["accuracy_curve"]) for name, r in results.items()},
+        docs / "recipes_accuracy.png",
+        f"demo task: held-out accuracy per recipe ({steps} steps)",
+        legend_outside=True,
+    )
+    plot_accuracy_comparison(
+        {name: tuple(r["overlap_mass_curve"]) for name, r in results.items()},
+        docs / "recipes_overlap.png",
+        "student's top-3 overlap mass with its teacher",
+        ylabel="overlap mass (student)",
+        legend_outside=True,
+    )
+
+
 def main(out: Path, steps: int, docs: Path) -> dict:
     base = load_config(None, [*DEMO_DEFAULTS, f"train.steps={steps}", "device=cpu"], out_dir=str(out))
     models = prepare_models(base)
@@ -81,19 +97,7 @@ def main(out: Path, steps: int, docs: Path) -> dict:
         )
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "recipes.json").write_text(json.dumps({"steps": steps, "variants": results}, indent=2))
-    plot_accuracy_comparison(
-        {name: tuple(r["accuracy_curve"]) for name, r in results.items()},
-        docs / "recipes_accuracy.png",
-        f"demo task: held-out accuracy per recipe ({steps} steps)",
-        legend_outside=True,
-    )
-    plot_accuracy_comparison(
-        {name: tuple(r["overlap_mass_curve"]) for name, r in results.items()},
-        docs / "recipes_overlap.png",
-        "student's top-3 overlap mass with its teacher",
-        ylabel="overlap mass (student)",
-        legend_outside=True,
-    )
+    plot(results, steps, docs)
     return results
 
 
@@ -102,5 +106,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots from <docs>/recipes.json")
     args = parser.parse_args()
-    main(args.out, args.steps, args.docs)
+    if args.replot:
+        saved = json.loads((args.docs / "recipes.json").read_text())
+        plot(saved["variants"], saved["steps"], args.docs)
+    else:
+        main(args.out, args.steps, args.docs)

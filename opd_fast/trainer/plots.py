@@ -64,8 +64,9 @@ def plot_accuracy_comparison(
     horizontal reference lines; ``legend_outside`` puts a long legend to the right of the axes."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(11.5, 4.6) if legend_outside else (6.4, 4.2))
-    for label, (steps, values) in curves.items():
-        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    for index, (label, (steps, values)) in enumerate(curves.items()):
+        style = ("-", "--", ":")[index // 10 % 3]  # the colour cycle has 10 colours: vary the line after that
+        ax.plot(steps, values, marker="o", markersize=3, linestyle=style, label=label)
     for label, value in (reference or {}).items():
         ax.axhline(value, linestyle="--", color="gray", linewidth=1)
         ax.text(
