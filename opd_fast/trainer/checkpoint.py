@@ -146,16 +146,39 @@ def _restore_rollouts(tensors: dict[str, torch.Tensor], texts: list[dict], devic
     return batches
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def _remove_leftovers(directory: Path, step: int) -> None:
+    """Before writing checkpoint ``step``: drop what killed runs left behind — staging directories and
+    pointer files (``*.tmp-<pid>``), and checkpoints of steps ≥ ``step`` that ``latest`` never pointed to
+    (renamed into place just before a kill; this run is redoing those steps)."""
+    current = latest_checkpoint(directory)
+    for path in directory.iterdir():
+        if ".tmp-" in path.name:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif path.is_dir() and path.name.startswith("step-") and path != current and _step_of(path) >= step:
+            shutil.rmtree(path)
+
+
 def save_checkpoint(
     directory: Path, step: int, model, optimizer, scheduler, config: dict, keep: int, rollouts=(), subspace=None
 ) -> Path:
-    """Write checkpoint ``step`` atomically under ``directory``; keep the newest ``keep`` ones."""
+    """Write checkpoint ``step`` atomically under ``directory``; keep the newest ``keep`` ones.
+
+    Crash safety: every file goes into a staging directory, is fsync'ed, the directory is renamed into place
+    and only then is ``latest`` replaced (atomically, via a fsync'ed temporary file). A kill at any moment
+    leaves ``latest`` pointing at a complete checkpoint, and nothing ``latest`` points to is ever deleted
+    or overwritten.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = directory / name
+    if latest_checkpoint(directory) == final:
+        raise CheckpointError(f"{final} is the latest checkpoint already; a step is saved once")
+    _remove_leftovers(directory, step)
     staging = directory / f"{name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
     staging.mkdir()
     save_file(trainable_state(model), staging / MODEL_FILE)
     torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
@@ -179,15 +202,15 @@ def save_checkpoint(
     for file in staging.iterdir():
         _fsync_file(file)
     _fsync_dir(staging)
-    if final.exists():
-        shutil.rmtree(final)
     os.replace(staging, final)
+    _fsync_dir(directory)
     pointer = directory / f"{LATEST}.tmp-{os.getpid()}"
     pointer.write_text(name)
     _fsync_file(pointer)
     os.replace(pointer, directory / LATEST)
     _fsync_dir(directory)
-    for old in sorted(p for p in directory.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)[:-keep]:
+    complete = sorted((p for p in directory.glob("step-*") if p.is_dir() and ".tmp-" not in p.name), key=_step_of)
+    for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -202,6 +225,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return path
 
 
+def _read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file, device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {exc}") from None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> tuple[int, list, dict[str, torch.Tensor]]:
     """Restore model, optimizer, scheduler and RNG states from ``path``.
 
@@ -209,29 +239,36 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> tuple[in
     for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, ROLLOUT_FILE, SUBSPACE_FILE, STATE_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {path / name} is missing")
-    try:
-        weights = load_file(path / MODEL_FILE)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path / MODEL_FILE} (truncated or corrupt?): {exc}") from None
+    weights = _read_safetensors(path / MODEL_FILE)
     try:
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises several types for bad pickles
         raise CheckpointError(f"cannot read {path / OPTIMIZER_FILE} (truncated or corrupt?): {exc}") from None
+    rng, rollout_tensors = _read_safetensors(path / RNG_FILE), _read_safetensors(path / ROLLOUT_FILE)
+    subspace = _read_safetensors(path / SUBSPACE_FILE, device)
     try:
-        rng = load_file(path / RNG_FILE)
         state = json.loads((path / STATE_FILE).read_text())
         step = int(state["step"])
-        rollouts = _restore_rollouts(load_file(path / ROLLOUT_FILE), state["rollout"], device)
-        subspace = load_file(path / SUBSPACE_FILE, device=str(device))
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"cannot read the trainer state in {path}: {exc}") from None
-    load_trainable_state(model, weights)
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rng["torch_cpu"])
+        rollouts = _restore_rollouts(rollout_tensors, state["rollout"], device)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {path / STATE_FILE} (truncated or corrupt?): {exc!r}") from None
+    _restore(path / MODEL_FILE, "this model", lambda: load_trainable_state(model, weights))
+    _restore(path / OPTIMIZER_FILE, "this optimizer", lambda: optimizer.load_state_dict(optimizer_state))
+    _restore(path / STATE_FILE, "this scheduler", lambda: scheduler.load_state_dict(state["scheduler"]))
+    _restore(path / RNG_FILE, "torch's generator", lambda: torch.set_rng_state(rng["torch_cpu"]))
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss = state["python_random"]
-    random.setstate((version, tuple(internal), gauss))
+    _restore(path / STATE_FILE, "Python's generator", lambda: random.setstate((version, tuple(internal), gauss)))
     return step, rollouts, subspace
+
+
+def _restore(file: Path, what: str, apply) -> None:
+    """Run ``apply``, naming ``file`` when its content does not fit (another model, a hand-edited file)."""
+    try:
+        apply()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{file}: {exc}") from None
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{file} does not fit {what}: {exc!r}") from None

@@ -535,11 +535,12 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}", acc=f"{last.get('eval/student_accuracy', float('nan')):.2f}"
                 )
-                if number % cfg.save_every == 0 or number == cfg.steps:
-                    self.save(number)
+                scheduled = number % cfg.save_every == 0 or number == cfg.steps
+                path = self.save(number) if scheduled else None
                 signum = self._stop_requested()
                 if signum is not None and number < cfg.steps:
-                    path = self.save(number)
+                    if not scheduled:  # a step is saved once: never over the latest checkpoint
+                        path = self.save(number)
                     self.plot()
                     raise TrainingInterrupted(signum, number, path)
         finally:
