@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,29 @@ def check_filter_eps(filter_eps: object) -> float | None:
     return float(filter_eps)
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A True/False switch (1, "yes" or None are refused: a truthy string would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_int(name: str, value: object, what: str) -> int:
+    """An integer (Python or NumPy/0-d integer types with __index__; not bool, not float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}; pass int({name})") from None
+
+
 def check_tensor(name: str, value: object, *, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        hint = "; convert it with torch.as_tensor(...)" if type(value).__name__ in ("ndarray", "list", "tuple") else ""
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}{hint}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; pass {name}.to_dense()")
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {value.dtype}; "
@@ -60,12 +81,15 @@ def check_tensor(name: str, value: object, *, floating: bool = True) -> torch.Te
     return value
 
 
-def check_weight(name: str, weight: object) -> torch.Tensor:
+def check_weight(name: str, weight: object, shard: bool = False) -> torch.Tensor:
+    """A [V, H] lm_head weight; a vocabulary ``shard`` (under a process group) may have no rows on a rank."""
     weight = check_tensor(name, weight)
     if weight.dim() != 2:
         raise ValueError(f"{name} must be 2-D [V, H] (an lm_head weight), got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"{name} has no vocabulary rows (shape {tuple(weight.shape)})")
+    if weight.shape[0] < 1 and not shard:
+        raise ValueError(f"{name} has no vocabulary rows (shape {tuple(weight.shape)}); pass the [V, H] lm_head weight")
+    if weight.shape[1] < 1:
+        raise ValueError(f"{name} has no hidden columns (shape {tuple(weight.shape)}); pass the [V, H] lm_head weight")
     return weight
 
 
@@ -105,11 +129,14 @@ def check_mask(mask: object, lead_shape: torch.Size) -> torch.Tensor | None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.layout != torch.strided:
+        raise TypeError(f"mask must be a dense (strided) bool tensor, got layout {mask.layout}; pass mask.to_dense()")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = token counts), got {mask.dtype}; pass mask.bool()")
     if mask.shape != lead_shape:
         raise ValueError(
-            f"mask must have the leading shape of the hidden states {tuple(lead_shape)}, got {tuple(mask.shape)}"
+            f"mask must have the leading shape of the hidden states {tuple(lead_shape)}, got {tuple(mask.shape)}; "
+            "pass one bool per token (True = the token counts)"
         )
     return mask
 
@@ -124,8 +151,7 @@ def check_vocab(student_weight: torch.Tensor, teacher_weight: torch.Tensor, voca
                 f"(e.g. 151936 vs 152064) pass vocab_size={min(v_s, v_t)} to use the first rows of both"
             )
         return v_s
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    vocab_size = check_int("vocab_size", vocab_size, "an int or None")
     if not 1 <= vocab_size <= min(v_s, v_t):
         raise ValueError(
             f"vocab_size must be in [1, {min(v_s, v_t)}] (student_weight has {v_s} rows, teacher_weight {v_t}), "
@@ -135,16 +161,17 @@ def check_vocab(student_weight: torch.Tensor, teacher_weight: torch.Tensor, voca
 
 
 def check_k(k: object, vocab: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = check_int("k", k, "an int")
     if not 1 <= k <= vocab:
-        raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}")
+        raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}; pick k ≤ the vocabulary rows of the weights")
     return k
 
 
 def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> torch.Tensor:
     if not isinstance(token_ids, torch.Tensor):
         raise TypeError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.layout != torch.strided:
+        raise TypeError(f"token_ids must be a dense (strided) tensor, got layout {token_ids.layout}")
     if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
         raise TypeError(f"token_ids must be an integer tensor (e.g. int64), got {token_ids.dtype}; pass .long()")
     if token_ids.shape != lead_shape:
@@ -154,7 +181,10 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
     if token_ids.numel():
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= vocab:
-            raise ValueError(f"token_ids must lie in [0, {vocab}) (rows of weight), found values in [{low}, {high}]")
+            raise ValueError(
+                f"token_ids must lie in [0, {vocab}) (rows of weight), found values in [{low}, {high}]; "
+                "check the tokenizer matches this lm_head and that padding ids are masked out or replaced"
+            )
     return token_ids
 
 
@@ -225,8 +255,9 @@ def check_pair(
     ``sharded`` the weights are this rank's vocabulary shards: they must have the same number of rows,
     and ``vocab_size`` (a global size) is applied later, when the shards' offsets are known.
     """
-    ws = check_weight("student_weight", student_weight)
-    wt = check_weight("teacher_weight", teacher_weight)
+    refuse_non_finite = check_flag("check_finite", refuse_non_finite)
+    ws = check_weight("student_weight", student_weight, sharded)
+    wt = check_weight("teacher_weight", teacher_weight, sharded)
     hs = check_hidden("student_hidden", student_hidden, ws, "student_weight")
     ht = check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
     if hs.shape[:-1] != ht.shape[:-1]:

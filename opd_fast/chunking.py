@@ -20,6 +20,7 @@ environment variable ``OPD_FAST_CHUNK_ELEMENTS``.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,9 +36,19 @@ _budget_override: int | None = None
 
 
 def _validated_budget(value: object, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{source} must be a positive integer number of logits elements per tile, got {value!r}")
-    return value
+    """A positive int (NumPy integers too). Wrong types are ValueErrors as well, as they always were here."""
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+    if number is None or number < 1:
+        raise ValueError(
+            f"{source} must be a positive integer number of logits elements per tile (the default is "
+            f"{DEFAULT_CHUNK_ELEMENTS} = 2**22, about 80 MB of fp32 tiles), got {value!r}"
+        )
+    return number
 
 
 def get_chunk_budget() -> int:

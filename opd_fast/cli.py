@@ -4,12 +4,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from opd_fast.diagnostics_cli import add_diagnose_parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``opd-fast bench: error: argument --tokens: ... (run ... --help)``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (run '{self.prog} --help' for usage)\n")
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line: multi-line texts (YAML parser errors, OS errors) joined with spaces."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(message: object) -> int:
+    """Print ``error: message`` as one line on stderr; returns the exit status of bad input, 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def output_path_problem(path: str | os.PathLike, *, directory: bool = False) -> str | None:
+    """Why ``path`` (a file to write, or a ``directory`` to create/fill) cannot be written; None when it can.
+
+    Checked before any work starts, so a long benchmark or training run never fails at its very end.
+    """
+    target = Path(path)
+    if target.exists():
+        if directory and not target.is_dir():
+            return f"{target} exists and is not a directory; choose a directory path"
+        if not directory and target.is_dir():
+            return f"{target} is a directory; give a file path such as {target / 'out'}"
+        writable = target if directory else target.parent
+        if not os.access(writable, os.W_OK):
+            return f"{writable} is not writable; choose another path"
+        return None
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a directory, so {target} cannot be created there; choose another path"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"the directory {ancestor} is not writable, so {target} cannot be created; choose another path"
+    return None
 
 
 def _csv_choices(choices: Sequence[str], what: str):
@@ -32,6 +77,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -62,7 +117,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--modes", type=_csv_choices(bench.MODES, "mode"), default=["fwd+bwd"], help="fwd, bwd and/or fwd+bwd"
     )
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per case (at least)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first")
+    p.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed calls per case first")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the results as CSV (environment in env_* columns)")
@@ -76,14 +131,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     from opd_fast import bench
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU here; use --device cpu", file=sys.stderr)
-        return 2
+        return fail("--device cuda but torch sees no CUDA GPU here; use --device cpu")
+    for option in ("json", "csv", "plot"):
+        path = getattr(args, option)
+        problem = None if path is None else output_path_problem(path)
+        if problem:
+            return fail(f"--{option} {path}: cannot write there: {problem}")
     if args.plot:
         try:
             bench.require_matplotlib()
         except RuntimeError as exc:
-            print(f"error: --plot: {exc}", file=sys.stderr)
-            return 2
+            return fail(f"--plot: {exc}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,19 +166,22 @@ def _run_bench(args: argparse.Namespace) -> int:
         rows.append(bench.run_case(case, device, warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops))
     print(f"device: {env['gpu'] or env['cpu']} ({device}), torch {env['torch']}, threads {env['threads']}")
     print(bench.format_table(rows))
-    if args.json:
-        bench.write_json(args.json, env, rows)
-        print(f"wrote {args.json}")
-    if args.csv:
-        bench.write_csv(args.csv, env, rows)
-        print(f"wrote {args.csv}")
-    if args.plot:
-        title = (
-            f"reverse KL, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
-            f"{'/'.join(args.dtype)}, {env['gpu'] or 'CPU'}"
-        )
-        bench.plot(args.plot, rows, title)
-        print(f"wrote {args.plot}")
+    try:
+        if args.json:
+            bench.write_json(args.json, env, rows)
+            print(f"wrote {args.json}")
+        if args.csv:
+            bench.write_csv(args.csv, env, rows)
+            print(f"wrote {args.csv}")
+        if args.plot:
+            title = (
+                f"reverse KL, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
+                f"{'/'.join(args.dtype)}, {env['gpu'] or 'CPU'}"
+            )
+            bench.plot(args.plot, rows, title)
+            print(f"wrote {args.plot}")
+    except OSError as exc:
+        return fail(f"cannot write the output: {exc}")
     return 0
 
 
@@ -139,6 +200,47 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_train)
 
 
+def _train_preflight(config, out_option: str) -> None:
+    """Bad input that the trainer would only meet late (after the demo's first stages, or at the first
+    write): refused up front with a ConfigError naming the key."""
+    from opd_fast.trainer import ConfigError, TrainConfig
+    from opd_fast.trainer.tasks import import_function, resolve_verifier
+
+    problem = output_path_problem(config.out_dir, directory=True)
+    if problem:
+        raise ConfigError(f"{out_option} {config.out_dir}: cannot write the run there: {problem}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA GPU here; use device=cpu or device=auto")
+    resolve_verifier(config.data.verifier)
+    if config.data.format_filter not in (None, "task"):
+        import_function(config.data.format_filter, "data.format_filter")
+    if config.loss.reward is not None:
+        import_function(config.loss.reward, "loss.reward")
+    if config.student.path is None:  # the demo trains on its own task: data settings would be ignored
+        defaults = TrainConfig().data
+        for key in ("task", "train_path", "eval_path", "verifier"):
+            value = getattr(config.data, key)
+            if value != getattr(defaults, key):
+                raise ConfigError(
+                    f"data.{key}={value} needs student.path (and teacher.path): the built-in demo always trains "
+                    "on its own string-reversal task; drop the setting or give the models"
+                )
+        # Its vocabulary is known before any training: a k beyond it would fail only after the demo's
+        # first two stages (minutes), at the first top-k call.
+        from opd_fast.trainer.demo import build_tokenizer
+        from opd_fast.trainer.tasks import ReverseTask
+
+        vocab = len(build_tokenizer(ReverseTask().characters))
+        ks = {"train.overlap_k": config.train.overlap_k}
+        if config.loss.mode == "topk":
+            ks["loss.top_k"] = config.loss.top_k
+        for key, k in ks.items():
+            if k > vocab:
+                raise ConfigError(
+                    f"{key}={k} exceeds the demo's vocabulary of {vocab} tokens; use {key}={vocab} or less"
+                )
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from opd_fast.trainer import ConfigError, TrainingInterrupted, load_config, run
     from opd_fast.trainer.checkpoint import CheckpointError
@@ -148,12 +250,15 @@ def _run_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides, out_dir=args.out)
         if config.student.path is None:  # the demo: its defaults go under the user's settings
             config = load_config(args.config, args.overrides, base=DEMO_DEFAULTS, out_dir=args.out)
+        _train_preflight(config, "--out" if args.out else "out_dir")
+    except ConfigError as exc:
+        return fail(exc)
+    try:
         summary = run(config, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
         print(f"{exc}; continue with --resume", file=sys.stderr)
@@ -163,9 +268,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="opd-fast", description="Fused on-policy distillation losses: benchmarks and tools."
-    )
+    parser = _Parser(prog="opd-fast", description="Fused on-policy distillation losses: benchmarks and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_train(sub)

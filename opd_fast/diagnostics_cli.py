@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 
 
 def _positive_int(text: str) -> int:
@@ -138,21 +137,26 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     import torch
 
     from opd_fast import diagnostics as d
+    from opd_fast.cli import fail, output_path_problem  # here: opd_fast.cli imports this module
 
     if len(args.checkpoints) < 2:
-        print(f"error: diagnose needs BEFORE and AFTER checkpoints, got only {args.checkpoints[0]}", file=sys.stderr)
-        return 2
+        return fail(
+            f"diagnose needs BEFORE and AFTER checkpoints, got only {args.checkpoints[0]}; "
+            "pass two model directories or .safetensors files"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU here; use --device cpu", file=sys.stderr)
-        return 2
+        return fail("--device cuda but torch sees no CUDA GPU here; use --device cpu")
+    for option, path, directory in (("--json", args.json, False), ("--plot", args.plot, True)):
+        problem = None if path is None else output_path_problem(path, directory=directory)
+        if problem:
+            return fail(f"{option} {path}: cannot write there: {problem}")
     if args.plot:
         from opd_fast.bench import require_matplotlib
 
         try:
             require_matplotlib()
         except RuntimeError as exc:
-            print(f"error: --plot: {exc}", file=sys.stderr)
-            return 2
+            return fail(f"--plot: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -168,8 +172,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
             device=args.device,
         )
     except d.DiagnosticsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(d.format_table(report))
     try:
         if args.json:
@@ -179,6 +182,5 @@ def _run_diagnose(args: argparse.Namespace) -> int:
             for path in d.plot(report, args.plot):
                 print(f"wrote {path}")
     except OSError as exc:
-        print(f"error: cannot write the output: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"cannot write the output: {exc}")
     return 0

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from opd_fast._rows import scatter_add_rows
-from opd_fast._validation import DivergenceSpec
+from opd_fast._validation import DivergenceSpec, check_int, check_process_group, check_weight
 from opd_fast.types import DivergenceStats
 
 
@@ -59,6 +59,8 @@ def vocab_shard(process_group, local_rows: int, device: torch.device) -> VocabSh
     counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([local_rows], dtype=torch.int64, device=device), group=process_group)
     sizes = [int(c.item()) for c in counts]
+    if sum(sizes) == 0:
+        raise ValueError("every rank's lm_head shard is empty: the vocabulary needs at least one row somewhere")
     return VocabShard(process_group, rank, world, sum(sizes[:rank]), local_rows, sum(sizes))
 
 
@@ -84,6 +86,24 @@ def shard_rows(weight: torch.Tensor | torch.nn.Linear, process_group=None, sizes
     """
     if isinstance(weight, torch.nn.Linear):
         weight = weight.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"weight must be an lm_head weight tensor [V, H] or an nn.Linear (e.g. model.lm_head), "
+            f"got {type(weight).__name__}"
+        )
+    weight = check_weight("weight", weight)
+    if sizes is not None:
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+            raise TypeError(
+                f"sizes must be a list of row counts, one int per rank, or None, got {type(sizes).__name__}"
+            )
+        sizes = [check_int(f"sizes[{i}]", size, "an int (a row count)") for i, size in enumerate(sizes)]
+    check_process_group(process_group)
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "shard_rows needs torch.distributed: call dist.init_process_group(...) first "
+            "(process_group=None means the default group)"
+        )
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
     vocab = weight.shape[0]
@@ -91,7 +111,8 @@ def shard_rows(weight: torch.Tensor | torch.nn.Linear, process_group=None, sizes
         sizes = [vocab // world + (r < vocab % world) for r in range(world)]
     if len(sizes) != world or sum(sizes) != vocab or min(sizes) < 0:
         raise ValueError(
-            f"sizes must give one non-negative row count per rank ({world}) summing to {vocab}, got {sizes}"
+            f"sizes must give one non-negative row count per rank ({world}) summing to {vocab}, got {sizes}; "
+            "or leave sizes=None for an even split"
         )
     start = sum(sizes[:rank])
     return weight[start : start + sizes[rank]]

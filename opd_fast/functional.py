@@ -165,12 +165,16 @@ def linear_token_logprobs(
     """
     temperature = check.check_temperature(temperature)
     filter_eps = check.check_filter_eps(filter_eps)
+    check_finite = check.check_flag("check_finite", check_finite)
     check.check_process_group(process_group)
-    w = check.check_weight("weight", weight)
+    w = check.check_weight("weight", weight, shard=process_group is not None)
     h = check.check_hidden("hidden", hidden, w, "weight")
+    if isinstance(token_ids, torch.Tensor):  # before the range check, which reads the ids' values
+        check.check_same_device(hidden=h, weight=w, token_ids=token_ids)
+    else:
+        check.check_same_device(hidden=h, weight=w)
     shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
     ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0] if shard is None else shard.vocab)
-    check.check_same_device(hidden=h, weight=w, token_ids=ids)
     if check_finite:
         check.check_finite(hidden=h, weight=w)
     ops = get_backend(backend, h.device)

@@ -243,8 +243,7 @@ def linear_topk_divergence(
     """
     support = check.check_choice("support", support, SUPPORTS)
     divergence = check.check_choice("divergence", divergence, TOPK_DIVERGENCES)
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize must be True or False, got {type(renormalize).__name__}")
+    renormalize = check.check_flag("renormalize", renormalize)
     temperature = check.check_temperature(temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
@@ -289,8 +288,16 @@ def linear_topk_divergence(
 
 
 def _check_teacher_topk(ids: object, logprobs: object, lead: torch.Size):
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError("teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(
+            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {type(ids).__name__}"
+        )
+    if ids.layout != torch.strided:
+        raise TypeError(f"teacher_topk_ids must be a dense (strided) tensor, got layout {ids.layout}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(
+            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {ids.dtype}; pass .long()"
+        )
     logprobs = check.check_tensor("teacher_topk_logprobs", logprobs)
     if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead or ids.shape[-1] < 1:
         raise ValueError(
@@ -365,13 +372,12 @@ def linear_topk_target_divergence(
         Others as in :func:`opd_fast.linear_divergence`. Invalid teacher inputs raise ValueError/TypeError.
     """
     divergence = check.check_choice("divergence", divergence, TOPK_DIVERGENCES)
-    if not isinstance(add_tail, bool):
-        raise TypeError(f"add_tail must be True or False, got {type(add_tail).__name__}")
+    add_tail = check.check_flag("add_tail", add_tail)
     temperature = check.check_temperature(temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
     check.check_process_group(process_group)
-    w = check.check_weight("student_weight", student_weight)
+    w = check.check_weight("student_weight", student_weight, shard=process_group is not None)
     h = check.check_hidden("student_hidden", student_hidden, w, "student_weight")
     lead = h.shape[:-1]
     ids, lpt = _check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
@@ -379,7 +385,7 @@ def linear_topk_target_divergence(
     check.check_same_device(
         student_hidden=h, student_weight=w, teacher_topk_ids=ids, teacher_topk_logprobs=lpt, mask=mask
     )
-    if check_finite:
+    if check.check_flag("check_finite", check_finite):
         check.check_finite(student_hidden=h, student_weight=w)
     shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
     rows = counted_rows(mask)

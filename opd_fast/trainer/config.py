@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TOPK_SUPPORTS = ("student", "teacher", "union", "intersection")
+
+
+# Numbers in exponent notation without a dot (1e-4, -3E5), which YAML 1.1 leaves as strings.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -180,12 +185,12 @@ class TrainConfig:
         _choice("rollout.source", self.rollout.source, ROLLOUT_SOURCES)
         _positive("rollout.batch_size", self.rollout.batch_size)
         _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
-        _range("rollout.temperature", self.rollout.temperature, 0.0, math.inf, low_open=True)
+        _range("rollout.temperature", self.rollout.temperature, 0.0, math.inf, low_open=True, high_open=True)
         _range("rollout.top_p", self.rollout.top_p, 0.0, 1.0, low_open=True)
         _positive("rollout.reuse", self.rollout.reuse)
         _choice("loss.mode", self.loss.mode, LOSS_MODES)
         _range("loss.beta", self.loss.beta, 0.0, 1.0)
-        _range("loss.temperature", self.loss.temperature, 0.0, math.inf, low_open=True)
+        _range("loss.temperature", self.loss.temperature, 0.0, math.inf, low_open=True, high_open=True)
         _positive("loss.top_k", self.loss.top_k)
         _choice("loss.support", self.loss.support, TOPK_SUPPORTS)
         _choice("loss.topk_divergence", self.loss.topk_divergence, ("reverse_kl", "forward_kl"))
@@ -207,7 +212,7 @@ class TrainConfig:
         _range("train.cold_start_steps", self.train.cold_start_steps, 0, self.train.steps)
         _range("rollout.on_policy_fraction", self.rollout.on_policy_fraction, 0.0, 1.0)
         if self.loss.entry_clip is not None:
-            _range("loss.entry_clip", self.loss.entry_clip, 0.0, math.inf, low_open=True)
+            _range("loss.entry_clip", self.loss.entry_clip, 0.0, math.inf, low_open=True, high_open=True)
         _range("loss.token_keep", self.loss.token_keep, 0.0, 1.0, low_open=True)
         _choice("loss.token_select", self.loss.token_select, ("top_divergence", "random"))
         _range("loss.reward_mix", self.loss.reward_mix, 0.0, 1.0)
@@ -217,7 +222,7 @@ class TrainConfig:
         _positive("data.select_probe_tokens", self.data.select_probe_tokens)
         if self.data.dedup_threshold is not None:
             _range("data.dedup_threshold", self.data.dedup_threshold, 0.0, 1.0, low_open=True)
-        if "{prompt}" not in self.data.teacher_template:
+        if not isinstance(self.data.teacher_template, str) or "{prompt}" not in self.data.teacher_template:
             raise ConfigError("data.teacher_template must contain {prompt} (the question the student answers)")
         if self.train.subspace_lock_step is not None:
             _positive("train.subspace_lock_step", self.train.subspace_lock_step)
@@ -271,8 +276,9 @@ def _range(key, value, low, high, low_open=False, high_open=False) -> None:
         raise ConfigError(f"{key} must be in {interval}; got {value!r}")
 
 
-def _coerce(key: str, value: object, annotation) -> object:
-    """Check a YAML value against a dataclass field's type (ints are accepted where floats are)."""
+def _coerce(key: str, value: object, annotation, example: object = 1) -> object:
+    """Check a YAML value against a dataclass field's type (ints are accepted where floats are); ``example``
+    (the field's current value, when of the right type) illustrates a valid value in the message."""
     hint = annotation
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -283,16 +289,22 @@ def _coerce(key: str, value: object, annotation) -> object:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
-            raise ConfigError(f"{key} must be a list of {args[0].__name__}; got {value!r}")
+            raise ConfigError(
+                f"{key} must be a list of {args[0].__name__}; got {value!r} (write it as [a, b] in YAML, or "
+                f"{key}=[a,b] as an override)"
+            )
         return value
     if hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 as text: only 1.0e-4 is a float there
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number; got {value!r}")
+            raise ConfigError(f"{key} must be a number (e.g. 0.5, 1e-4, .inf); got {value!r}")
         return float(value)
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false; got {value!r}")
-    if hint in (int, float, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{key} must be a {hint.__name__}; got {value!r}")
+    if hint in (int, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        what = f"an integer (e.g. {example})" if hint is int else "a string (quote it in YAML)"
+        raise ConfigError(f"{key} must be {what}; got {value!r}")
     return value
 
 
@@ -311,7 +323,8 @@ def _apply(target, values: dict, prefix: str = "") -> None:
                 )
             _apply(current, value, f"{key}.")
         else:
-            setattr(target, name, _coerce(key, value, hints[name]))
+            example = current if isinstance(current, int) and not isinstance(current, bool) else 1
+            setattr(target, name, _coerce(key, value, hints[name], example))
 
 
 def _is_text_field(config: TrainConfig, parts: list[str]) -> bool:
@@ -339,8 +352,17 @@ def parse_override(text: str, config: TrainConfig | None = None) -> tuple[list[s
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
+        raise ConfigError(
+            f"override {text!r}: cannot parse the value as YAML ({_yaml_problem(exc)}); quote text values"
+        ) from None
     return parts, value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint on one line, with its position (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _apply_overrides(config: TrainConfig, overrides) -> None:
@@ -360,12 +382,16 @@ def load_config(
     _apply_overrides(config, base)
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass a YAML file such as {path / 'run.yaml'}")
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist; check the path passed to --config")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
         _apply(config, data)
