@@ -37,7 +37,7 @@ def _run_ranks(tmp_path, sizes, backend="torch", dtype="float64"):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(len(sizes))]
 
 
-@pytest.mark.parametrize("sizes", [[30, 17], [20, 1, 26]], ids=["2-ranks", "3-ranks"])
+@pytest.mark.parametrize("sizes", [[30, 17], [20, 1, 26], [0, 20, 27]], ids=["2-ranks", "3-ranks", "rank-without-rows"])
 def test_every_op_matches_one_process(tmp_path, sizes):
     ranks = _run_ranks(tmp_path, sizes)
     reference = _reference()

@@ -1,0 +1,187 @@
+"""Numerics at the edges: logits of ±1e4, all-equal rows, near one-hot rows, fp16 overflow, NaN and Inf.
+
+The rule: a finite result is the right one (it matches the float64 reference); when the inputs make that
+impossible, the result is NaN/Inf (or, with ``check_finite=True``, a ValueError naming the tensor) —
+never a finite wrong number.
+
+Logits are set exactly by feeding them as the hidden states of an identity lm_head (H = V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from opd_fast import (
+    linear_divergence,
+    linear_token_logprobs,
+    linear_topk_divergence,
+    linear_topk_overlap,
+    linear_topk_target_divergence,
+)
+from opd_fast.backends import triton_backend
+from opd_fast.reference import materialized_divergence, materialized_token_logprobs
+
+# NaN/Inf inputs make Triton's interpreter (NumPy) warn; the values are what the tests check.
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+BACKENDS = ["torch"] + (["triton"] if triton_backend is not None else [])
+V = 37
+
+
+def _rows(kind: str, n: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "huge":
+        return (torch.rand(n, V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+    if kind == "all-equal":
+        return torch.full((n, V), 5e3, dtype=torch.float64)
+    if kind == "one-hot":
+        rows = torch.zeros(n, V, dtype=torch.float64)
+        rows[torch.arange(n), torch.randint(0, V, (n,), generator=g)] = 1e4
+        return rows
+    return torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+
+
+def _as_pair(student_logits, teacher_logits, dtype=torch.float32):
+    eye = torch.eye(V, dtype=torch.float64)
+    hs, ws = student_logits.to(DEVICE, dtype), eye.to(DEVICE, dtype)
+    ht, wt = teacher_logits.to(DEVICE, dtype), eye.to(DEVICE, dtype)
+    return hs.requires_grad_(), ws.requires_grad_(), ht, wt
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> bool:
+    return bool(((actual.double() - expected.double()).abs() <= rel * (1 + expected.double().abs())).all())
+
+
+KINDS = [("huge", "huge"), ("all-equal", "all-equal"), ("one-hot", "one-hot"), ("one-hot", "all-equal")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("student", "teacher"), KINDS)
+@pytest.mark.parametrize(("divergence", "temperature"), [("reverse_kl", 1.0), ("forward_kl", 0.25), ("jsd", 2.0)])
+def test_extreme_logits_give_the_exact_divergence_and_gradients(backend, student, teacher, divergence, temperature):
+    """Exact up to the conditioning of fp32 logits: a logit z is only known to eps·|z| (1e-3 at 1e4), so
+    log-probabilities, the loss and the logit gradients are allowed eps·max|z|/τ, and the weight gradient
+    (Σ over tokens of logit gradient × hidden state) that times Σ|h|. Never NaN, never further off."""
+    pair = _as_pair(_rows(student, seed=1), _rows(teacher, seed=2))
+    kw = dict(divergence=divergence, beta=0.5, temperature=temperature, reduction="none")
+    extra = {} if backend == "torch" else {"filter_eps": 0.0}
+    ours = linear_divergence(*pair, backend=backend, **kw, **extra)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in pair]
+    reference = materialized_divergence(*exact, **kw)
+    logit_error = 8 * torch.finfo(torch.float32).eps * max(1.0, exact[0].abs().max().item()) / temperature
+    assert torch.isfinite(ours).all() and _within(ours, reference, logit_error), (ours, reference)
+    if student == teacher == "all-equal" and divergence != "jsd":
+        assert torch.equal(ours, torch.zeros_like(ours))  # identical distributions: exactly 0 (JSD: to rounding)
+    d_hidden, d_weight = torch.autograd.grad(ours.sum(), pair[:2])
+    ref_hidden, ref_weight = torch.autograd.grad(reference.sum(), exact[:2])
+    assert torch.isfinite(d_hidden).all() and torch.isfinite(d_weight).all()
+    assert _within(d_hidden, ref_hidden, logit_error)
+    assert _within(d_weight, ref_weight, logit_error * exact[0].abs().sum(dim=0).max().item())
+
+
+def _within(actual: torch.Tensor, expected: torch.Tensor, bound: float) -> bool:
+    return bool(((actual.double() - expected.double()).abs() <= bound + 1e-5 * expected.double().abs()).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["huge", "all-equal", "one-hot"])
+def test_extreme_logits_token_logprobs(backend, kind):
+    hs, ws, _, _ = _as_pair(_rows(kind), _rows(kind))
+    ids = torch.arange(6, device=DEVICE) * 5 % V
+    extra = {} if backend == "torch" else {"filter_eps": 0.0}
+    ours = linear_token_logprobs(hs, ws, ids, backend=backend, **extra)
+    reference = materialized_token_logprobs(hs.detach().double(), ws.detach().double(), ids)
+    logit_error = 8 * torch.finfo(torch.float32).eps * hs.detach().abs().max().item()  # fp32 logits' resolution
+    assert torch.isfinite(ours).all() and _within(ours, reference, logit_error)
+    if kind == "all-equal":
+        assert _within(ours, torch.full_like(reference, -math.log(V)), logit_error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_equal_rows_break_top_k_ties_by_the_smaller_id(backend):
+    pair = _as_pair(_rows("all-equal"), _rows("all-equal"))
+    stats = linear_topk_overlap(*pair, k=5, backend=backend)
+    assert stats.student_topk_ids.tolist() == [[0, 1, 2, 3, 4]] * 6
+    assert torch.equal(stats.overlap_ratio, torch.ones(6, device=DEVICE))
+    logit_error = 8 * torch.finfo(torch.float32).eps * 5e3  # fp32 logits of 5e3 are known to ~5e-4
+    assert _within(stats.overlap_mass_student, torch.full((6,), 5 / V), logit_error)
+    assert _within(stats.student_entropy, torch.full((6,), math.log(V)), logit_error)
+    loss = linear_topk_divergence(*pair, k=5, support="union", backend=backend)
+    assert loss.item() == 0.0
+
+
+def test_fp16_logits_beyond_the_fp16_range_are_exact_or_not_finite():
+    """|logits| ≈ 1.3e5 > 65504: a backend whose logits overflow fp16 returns NaN/Inf; one that accumulates
+    in fp32 (Triton, CUDA: tl.dot / cuBLAS with fp32 output) returns the exact value. Never finite and wrong."""
+    g = torch.Generator().manual_seed(0)
+    hs = (torch.rand(5, 8, generator=g, dtype=torch.float64) + 1) * 200
+    ws = (torch.rand(V, 8, generator=g, dtype=torch.float64) - 0.5) * 120
+    ht = (torch.rand(5, 8, generator=g, dtype=torch.float64) + 1) * 150
+    wt = (torch.rand(V, 8, generator=g, dtype=torch.float64) - 0.5) * 120
+    assert (hs @ ws.T).abs().max() > 65504
+    reference = materialized_divergence(hs, ws, ht, wt, reduction="none")
+    finite_results = 0
+    for backend in BACKENDS:
+        half = [t.to(DEVICE, torch.float16) for t in (hs, ws, ht, wt)]
+        exact = materialized_divergence(*(t.double() for t in half), reduction="none")  # the fp16 inputs, exactly
+        extra = {} if backend == "torch" else {"filter_eps": 0.0}
+        ours = linear_divergence(*half, reduction="none", backend=backend, **extra)
+        if torch.isfinite(ours).all():
+            finite_results += 1
+            assert _close(ours, exact.to(ours.device), 1e-3), (backend, ours, exact)
+        else:
+            assert not torch.isfinite(ours).any(), (backend, ours)  # every overflowing row is flagged
+    assert torch.isfinite(reference).all() and finite_results >= (1 if "triton" in BACKENDS else 0)
+
+
+def _poison(tensor: torch.Tensor, value: float, row: int = 2) -> torch.Tensor:
+    poisoned = tensor.detach().clone()
+    poisoned.view(-1, poisoned.shape[-1])[row, 3] = value
+    return poisoned.requires_grad_(tensor.requires_grad)
+
+
+def _calls(hs, ws, ht, wt):
+    """Every public op on one pair: name → callable(check_finite, backend)."""
+    ids = torch.arange(hs.shape[0], device=DEVICE) % V
+    with torch.no_grad():
+        top = torch.log_softmax(ht.double() @ wt.double().T, dim=-1).topk(4, dim=-1)
+    return {
+        "divergence": lambda c, b: linear_divergence(hs, ws, ht, wt, reduction="none", check_finite=c, backend=b),
+        "token_logprobs": lambda c, b: linear_token_logprobs(hs, ws, ids, check_finite=c, backend=b),
+        "topk_overlap": lambda c, b: linear_topk_overlap(hs, ws, ht, wt, k=3, check_finite=c, backend=b).overlap_ratio,
+        "topk_divergence": lambda c, b: linear_topk_divergence(
+            hs, ws, ht, wt, k=3, reduction="none", check_finite=c, backend=b
+        ),
+        "topk_target": lambda c, b: linear_topk_target_divergence(
+            hs, ws, top.indices, top.values.float(), reduction="none", check_finite=c, backend="torch"
+        ),
+    }
+
+
+OPS = ["divergence", "token_logprobs", "topk_overlap", "topk_divergence", "topk_target"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["student_hidden", "student_weight"])
+def test_non_finite_inputs_raise_when_checked_and_propagate_otherwise(backend, op, bad, where):
+    pair = list(_as_pair(_rows("random", seed=3), _rows("random", seed=4)))
+    index = {"student_hidden": 0, "student_weight": 1}[where]
+    pair[index] = _poison(pair[index], bad)
+    call = _calls(*pair)[op]
+    name = where.removeprefix("student_") if op == "token_logprobs" else where  # its arguments: hidden, weight
+    with pytest.raises(ValueError, match=f"^{name} contains 1 non-finite"):
+        call(True, backend)
+    out = call(False, backend)
+    if op == "topk_overlap":
+        return  # statistics of a NaN row: ids are undefined; the checked path is the contract here
+    poisoned_rows = slice(None) if where == "student_weight" else slice(2, 3)  # one weight row feeds every token
+    assert not torch.isfinite(out[poisoned_rows]).all(), out  # the poison reaches the result...
+    if where == "student_hidden":
+        clean = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+        clean[2] = False
+        assert torch.isfinite(out[clean]).all()  # ...and only the tokens it belongs to
