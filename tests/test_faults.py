@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import TASK, TINY_RUN, tiny_config
 
-from opd_fast.trainer import ConfigError, Trainer, TrainingInterrupted, run
+from opd_fast.trainer import Trainer, TrainingInterrupted, run
 from opd_fast.trainer import checkpoint as ckpt
 
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -184,18 +184,28 @@ def _model_with_code(models, tmp_path) -> tuple[Path, Path]:
     return directory, marker
 
 
+def _load_in_subprocess(directory: Path, trust: bool, modules: Path) -> subprocess.CompletedProcess:
+    """Load the model as the trainer does, in a fresh process: transformers registers trusted classes
+    globally, which must not leak into the other tests."""
+    code = (
+        "import sys, torch; from opd_fast.trainer.config import ConfigError, ModelConfig; "
+        "from opd_fast.trainer.modeling import load_causal_lm\n"
+        "try: load_causal_lm(ModelConfig(path=sys.argv[1], trust_remote_code=sys.argv[2] == 'True'), "
+        "'student.path', torch.device('cpu'))\n"
+        "except ConfigError as exc: print('refused:', exc)"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(modules)}
+    return subprocess.run(
+        [sys.executable, "-c", code, str(directory), str(trust)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
 def test_model_code_runs_only_when_trusted(models, tmp_path):
     directory, marker = _model_with_code(models, tmp_path)
-    config = tiny_config(models, tmp_path / "out", f"student.path={directory}")
-    assert config.student.trust_remote_code is False
-    try:
-        Trainer(config, task=TASK, progress=False)
-    except ConfigError as exc:  # transformers may refuse the auto_map outright: also safe
-        assert "student.path" in str(exc)
+    assert tiny_config(models, tmp_path / "out", f"student.path={directory}").student.trust_remote_code is False
+    untrusted = _load_in_subprocess(directory, False, tmp_path / "modules")
+    assert untrusted.returncode == 0, untrusted.stderr[-2000:]  # loaded as plain Llama, or refused: both safe
     assert not marker.exists()
-    Trainer(
-        tiny_config(models, tmp_path / "out", f"student.path={directory}", "student.trust_remote_code=true"),
-        task=TASK,
-        progress=False,
-    )
+    trusted = _load_in_subprocess(directory, True, tmp_path / "modules")
+    assert trusted.returncode == 0 and "refused" not in trusted.stdout, trusted.stderr[-2000:]
     assert marker.exists()  # the switch is real: the directory's code ran because the user asked
