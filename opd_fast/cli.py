@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from opd_fast._argtypes import nonnegative_int, positive_int
 from opd_fast.diagnostics_cli import add_diagnose_parser
 
 
@@ -70,26 +71,6 @@ def _csv_choices(choices: Sequence[str], what: str):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from opd_fast import bench
 
@@ -107,18 +88,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated subset of {','.join(bench.BACKENDS)} (default: all; unavailable ones are reported "
         "as skipped with the reason)",
     )
-    p.add_argument("--tokens", type=_positive_int, nargs="+", help="token counts N to sweep")
-    p.add_argument("--hidden", type=_positive_int, help="student hidden size Hs")
-    p.add_argument("--teacher-hidden", type=_positive_int, help="teacher hidden size Ht (default: Hs)")
-    p.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
+    p.add_argument("--tokens", type=positive_int, nargs="+", help="token counts N to sweep")
+    p.add_argument("--hidden", type=positive_int, help="student hidden size Hs")
+    p.add_argument("--teacher-hidden", type=positive_int, help="teacher hidden size Ht (default: Hs)")
+    p.add_argument("--vocab", type=positive_int, help="vocabulary size V")
     p.add_argument("--preset", choices=sorted(bench.PRESETS), help="shapes of a real student/teacher pair")
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes")
     p.add_argument(
         "--modes", type=_csv_choices(bench.MODES, "mode"), default=["fwd+bwd"], help="fwd, bwd and/or fwd+bwd"
     )
-    p.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per case (at least)")
-    p.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed calls per case first")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per case (at least)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls per case first")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the results as CSV (environment in env_* columns)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory vs tokens")

@@ -9,19 +9,11 @@ import argparse
 import math
 import re
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from opd_fast._argtypes import positive_int
 
 
 def _hill_k(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"the Hill estimator needs k >= 2, got {value}")
     return value
@@ -77,7 +69,7 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument(
         "--top-k",
-        type=_positive_int,
+        type=positive_int,
         default=d.DEFAULT_TOP_K,
         metavar="K",
         help=f"singular subspace size for the principal angles, clipped to the matrix (default {d.DEFAULT_TOP_K})",
@@ -97,14 +89,14 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument(
         "--rank",
-        type=_positive_int,
+        type=positive_int,
         default=d.DEFAULT_RANK,
         metavar="R",
         help=f"rank of the reconstruction of BEFORE behind the principal mask (default {d.DEFAULT_RANK})",
     )
     p.add_argument(
         "--sim-k",
-        type=_positive_int,
+        type=positive_int,
         default=d.DEFAULT_SIM_K,
         metavar="K",
         help=f"right singular vectors compared by Sim_K in a series (default {d.DEFAULT_SIM_K})",
@@ -125,7 +117,7 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="torch CPU threads (default: torch's choice; 1 can be faster on a machine shared with other jobs)",
     )
