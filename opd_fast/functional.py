@@ -14,12 +14,16 @@ from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
 from opd_fast.backends import get_backend
 
 
-def sharded_pair(hs, ws, ht, wt, process_group, vocab_size):
-    """(shard | None, ws, wt): this rank's vocabulary shard and both weights cut to the global vocab_size."""
-    if process_group is None:
-        return None, ws, wt
+def checked_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, process_group):
+    """Validate a student/teacher pair (:func:`opd_fast._validation.check_pair`) and find this rank's
+    vocabulary shard; returns (hs, ws, ht, wt, lead, rows, shard | None), the weights cut to the vocabulary."""
+    check.check_process_group(process_group)
+    sharded = process_group is not None
+    hs, ws, ht, wt, lead, rows = check.check_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, sharded=sharded)
+    if not sharded:
+        return hs, ws, ht, wt, lead, rows, None
     shard = vp.restrict_vocab(vp.vocab_shard(process_group, ws.shape[0], hs.device), vocab_size)
-    return shard, ws[: shard.rows], wt[: shard.rows]
+    return hs, ws[: shard.rows], ht, wt[: shard.rows], lead, rows, shard
 
 
 def linear_divergence(
@@ -83,16 +87,8 @@ def linear_divergence(
     """
     spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_process_group(process_group)
-    hs, ws, ht, wt, lead, rows = check.check_pair(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        mask,
-        vocab_size,
-        check_finite,
-        sharded=process_group is not None,
+    hs, ws, ht, wt, lead, rows, shard = checked_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, process_group
     )
     if spec.entry_clip is not None:
         if backend not in ("auto", "torch"):
@@ -101,7 +97,6 @@ def linear_divergence(
             )
         backend = "torch"
     ops = get_backend(backend, hs.device)
-    shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
     loss = LinearDivergence.apply(hs, ws, ht, wt, rows, ops, spec, reduction, torch.is_grad_enabled(), shard)
     return loss.view(lead) if reduction == "none" else loss
 

@@ -19,7 +19,7 @@ from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_
 from opd_fast.autograd import LinearLogSumExp
 from opd_fast.backends import get_backend
 from opd_fast.chunking import get_chunk_budget
-from opd_fast.functional import sharded_pair
+from opd_fast.functional import checked_pair
 from opd_fast.types import TopKOverlap
 
 SUPPORTS = ("student", "teacher", "union", "intersection")
@@ -181,18 +181,9 @@ def linear_topk_overlap(
     diagnostic). Arguments as in :func:`opd_fast.linear_divergence`, plus ``k`` in [1, V].
     """
     temperature = check.check_temperature(temperature)
-    check.check_process_group(process_group)
-    hs, ws, ht, wt, lead, rows = check.check_pair(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        mask,
-        vocab_size,
-        check_finite,
-        sharded=process_group is not None,
+    hs, ws, ht, wt, lead, rows, shard = checked_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, process_group
     )
-    shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
     k = check.check_k(k, ws.shape[0] if shard is None else shard.vocab)
     ops = get_backend(backend, hs.device)
     n_rows = hs.shape[0]
@@ -247,18 +238,9 @@ def linear_topk_divergence(
     temperature = check.check_temperature(temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
-    check.check_process_group(process_group)
-    hs, ws, ht, wt, lead, rows = check.check_pair(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        mask,
-        vocab_size,
-        check_finite,
-        sharded=process_group is not None,
+    hs, ws, ht, wt, lead, rows, shard = checked_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, process_group
     )
-    shard, ws, wt = sharded_pair(hs, ws, ht, wt, process_group, vocab_size)
     k = check.check_k(k, ws.shape[0] if shard is None else shard.vocab)
     ops = get_backend(backend, hs.device)
     grad_on = torch.is_grad_enabled()
