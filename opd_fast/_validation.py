@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from opd_fast._rows import counted_rows
+from opd_fast.types import IDENTITY_HEAD, HeadTransform
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -91,6 +93,24 @@ def check_weight(name: str, weight: object, shard: bool = False) -> torch.Tensor
     if weight.shape[1] < 1:
         raise ValueError(f"{name} has no hidden columns (shape {tuple(weight.shape)}); pass the [V, H] lm_head weight")
     return weight
+
+
+def check_head(
+    name: str, value: object, shard: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, HeadTransform]:
+    """(weight [V, H], bias [V] | None, scalar transform) of an lm_head given as a weight tensor or an
+    :class:`opd_fast.LMHead` (validated when it was built)."""
+    from opd_fast.heads import LMHead
+
+    if isinstance(value, LMHead):
+        weight = check_weight(f"{name}.weight", value.weight, shard)
+        return weight, value.bias, HeadTransform(value.scale, value.softcap)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an lm_head weight tensor [V, H] or an opd_fast.LMHead (LMHead.from_model(model) "
+            f"reads bias, logit scaling and softcapping from a transformers model), got {type(value).__name__}"
+        )
+    return check_weight(name, value, shard), None, IDENTITY_HEAD
 
 
 def check_hidden(name: str, hidden: object, weight: torch.Tensor, weight_name: str) -> torch.Tensor:
@@ -246,18 +266,33 @@ def flatten(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+class CheckedPair(NamedTuple):
+    """A validated student/teacher pair: 2-D hidden states, each head's weight, bias and transform, the
+    leading shape of the tokens and the counted rows (None = all)."""
+
+    hs: torch.Tensor
+    ws: torch.Tensor
+    bs: torch.Tensor | None
+    ht: torch.Tensor
+    wt: torch.Tensor
+    bt: torch.Tensor | None
+    heads: tuple[HeadTransform, HeadTransform]
+    lead: torch.Size
+    rows: torch.Tensor | None
+
+
 def check_pair(
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, refuse_non_finite, sharded=False
-):
-    """Validate a student/teacher pair; returns (hs [N, Hs], ws, ht [N, Ht], wt, leading shape, counted rows).
+) -> CheckedPair:
+    """Validate a student/teacher pair; weights may be tensors or :class:`opd_fast.LMHead` objects.
 
-    Both weights are cut to the shared vocabulary; the teacher's tensors come back detached. With
+    Both heads are cut to the shared vocabulary; the teacher's tensors come back detached. With
     ``sharded`` the weights are this rank's vocabulary shards: they must have the same number of rows,
     and ``vocab_size`` (a global size) is applied later, when the shards' offsets are known.
     """
     refuse_non_finite = check_flag("check_finite", refuse_non_finite)
-    ws = check_weight("student_weight", student_weight, sharded)
-    wt = check_weight("teacher_weight", teacher_weight, sharded)
+    ws, bs, head_s = check_head("student_weight", student_weight, sharded)
+    wt, bt, head_t = check_head("teacher_weight", teacher_weight, sharded)
     hs = check_hidden("student_hidden", student_hidden, ws, "student_weight")
     ht = check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
     if hs.shape[:-1] != ht.shape[:-1]:
@@ -266,7 +301,15 @@ def check_pair(
             f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
         )
     mask = check_mask(mask, hs.shape[:-1])
-    check_same_device(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, mask=mask)
+    check_same_device(
+        student_hidden=hs,
+        student_weight=ws,
+        student_bias=bs,
+        teacher_hidden=ht,
+        teacher_weight=wt,
+        teacher_bias=bt,
+        mask=mask,
+    )
     if sharded:
         if ws.shape[0] != wt.shape[0]:
             raise ValueError(
@@ -276,6 +319,18 @@ def check_pair(
     else:
         vocab = check_vocab(ws, wt, vocab_size)
         ws, wt = ws[:vocab], wt[:vocab]
+        bs, bt = (None if b is None else b[:vocab] for b in (bs, bt))
     if refuse_non_finite:
-        check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt)
-    return flatten(hs), ws, flatten(ht).detach(), wt.detach(), hs.shape[:-1], counted_rows(mask)
+        biases = {name: b for name, b in (("student_bias", bs), ("teacher_bias", bt)) if b is not None}
+        check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, **biases)
+    return CheckedPair(
+        flatten(hs),
+        ws,
+        bs,
+        flatten(ht).detach(),
+        wt.detach(),
+        None if bt is None else bt.detach(),
+        (head_s, head_t),
+        hs.shape[:-1],
+        counted_rows(mask),
+    )

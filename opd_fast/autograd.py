@@ -1,26 +1,26 @@
-"""One autograd.Function per op; each dispatches to the backend module chosen by :mod:`opd_fast.backends`.
+"""One autograd.Function per op; each calls the ops object chosen by :func:`opd_fast.backends.get_backend`.
 
 Inputs here are already validated and flattened to 2-D ``[N, H]`` hidden states. ``rows`` holds the
-indices of the tokens that count (``None`` = all), so backends only ever see the counted rows.
+indices of the tokens that count (``None`` = all), so the ops only ever see the counted rows. Each model's
+output head is its weight, its bias (or None) and a :class:`opd_fast.types.HeadTransform`; gradients flow
+to the student's hidden states, weight and bias (the teacher never gets any).
 
 Gradient timing. For "mean" and "sum" the per-token gradient weights are known in the forward, so the
-student gradients are computed there (in one sweep over the logits when a vocabulary row fits the chunk
-budget) and the backward only scales them by the incoming scalar; a second backward through the same
-graph is refused because the buffers are scaled in place. For "none" the forward keeps O(N) statistics
-and the backward sweeps the logits once more with the per-token incoming gradient. Nothing gradient-
-related runs when grad mode is off or no student tensor requires grad.
+student gradients are made in the same sweep over the logits (the floor's FLOPs: no recompute) and the
+backward only scales them by the incoming scalar; a second backward through the same graph is refused
+because the buffers are scaled in place. For "none" the forward keeps O(N) statistics and the backward
+sweeps the logits once more with the per-token incoming gradient. Nothing gradient-related runs when grad
+mode is off or no student tensor requires grad.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from opd_fast import distributed as vp
 from opd_fast._rows import scatter_rows, select_rows
 from opd_fast._validation import DivergenceSpec
+from opd_fast.types import Grads, HeadTransform, Need, Side
 
 _SECOND_BACKWARD = (
     "opd_fast computed this loss's gradients in the forward and has already handed them out; a second "
@@ -36,151 +36,145 @@ def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _divergence_forward(backend, shard, hs, ws, ht, wt, spec):
-    if shard is None:
-        return backend.divergence_forward(hs, ws, ht, wt, spec)
-    return vp.divergence_stats(backend, hs, ws, ht, wt, spec, shard)
+def _need(ctx, grad_on: bool, hidden: int, weight: int, bias: int) -> Need:
+    """Which student gradients the graph asks for (``hidden``/``weight``/``bias``: input positions)."""
+    if not grad_on:
+        return Need()
+    wants = ctx.needs_input_grad
+    return Need(wants[hidden], wants[weight], wants[bias])
 
 
-def _divergence_backward(backend, shard, hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw):
-    if shard is None:
-        return backend.divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw)
-    return vp.divergence_backward(backend, hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw, shard)
-
-
-def _cast_grad(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if grad is None else grad.to(dtype)
+def _cast(grads: Grads, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale=None) -> tuple:
+    """Gradients in their inputs' dtypes, optionally multiplied (in place) by the incoming scalar."""
+    out = []
+    for grad, like in zip(grads, (h, w, b)):
+        if grad is None:
+            out.append(None)
+            continue
+        if scale is not None:
+            grad = grad.mul_(scale.to(grad.dtype))
+        out.append(grad.to(like.dtype))
+    return tuple(out)
 
 
 class LinearDivergence(torch.autograd.Function):
-    """Per-token divergence between softmax(hs Wsᵀ/τ) and softmax(ht Wtᵀ/τ), reduced; grads for hs, Ws."""
+    """Per-token divergence between the student's and the teacher's next-token distributions, reduced."""
 
     @staticmethod
     def forward(
-        ctx, hs, ws, ht, wt, rows, backend: ModuleType, spec: DivergenceSpec, reduction: str, grad_on: bool, shard=None
+        ctx,
+        hs,
+        ws,
+        bs,
+        ht,
+        wt,
+        bt,
+        rows,
+        ops,
+        spec: DivergenceSpec,
+        heads: tuple[HeadTransform, HeadTransform],
+        reduction: str,
+        grad_on: bool,
     ):
         n_rows = hs.shape[0]
-        hs_c, ht_c = select_rows(hs, rows), select_rows(ht, rows)
-        count = hs_c.shape[0]
-        need_dh = grad_on and ctx.needs_input_grad[0]
-        need_dw = grad_on and ctx.needs_input_grad[1]
-        ctx.reduction, ctx.hidden_dtype, ctx.weight_dtype = reduction, hs.dtype, ws.dtype
+        s = Side(select_rows(hs, rows), ws, bs, heads[0])
+        t = Side(select_rows(ht, rows), wt, bt, heads[1])
+        count = s.hidden.shape[0]
+        need = _need(ctx, grad_on, 0, 1, 2)
         out_dtype = _result_dtype(hs, ws, ht, wt)
-        ctx.backend, ctx.spec, ctx.need_dh, ctx.need_dw, ctx.shard = backend, spec, need_dh, need_dw, shard
+        ctx.reduction, ctx.ops, ctx.spec, ctx.need, ctx.heads = reduction, ops, spec, need, heads
         if reduction == "none":
-            stats = _divergence_forward(backend, shard, hs_c, ws, ht_c, wt, spec) if count else None
-            if need_dh or need_dw:
-                ctx.save_for_backward(hs, ws, ht, wt, rows)
+            stats = ops.divergence(s, t, spec, None, Need())[0] if count else None
+            if need.any:
+                ctx.save_for_backward(hs, ws, bs, ht, wt, bt, rows)
                 ctx.stats = stats
             if stats is None:
                 return hs.new_zeros(n_rows, dtype=out_dtype)
             return scatter_rows(stats.loss.to(out_dtype), rows, n_rows)
 
         weight = 1.0 / count if reduction == "mean" and count else 1.0
+        ctx.like = (hs, ws, bs)
         if not count:
-            ctx.dh = torch.zeros_like(hs) if need_dh else None
-            ctx.dw = torch.zeros_like(ws) if need_dw else None
+            zeros = Grads(
+                torch.zeros_like(hs) if need.hidden else None,
+                torch.zeros_like(ws) if need.weight else None,
+                torch.zeros_like(bs) if need.bias else None,
+            )
+            ctx.grads = zeros
             return hs.new_zeros((), dtype=out_dtype)
-        if need_dh or need_dw:
-            grad = hs_c.new_full((count,), weight, dtype=out_dtype)
-            if shard is None:  # one call: a backend may fuse the forward and the gradient sweep
-                stats, dh, dw = backend.divergence_forward_backward(hs_c, ws, ht_c, wt, grad, spec, need_dh, need_dw)
-            else:
-                stats = _divergence_forward(backend, shard, hs_c, ws, ht_c, wt, spec)
-                dh, dw = _divergence_backward(backend, shard, hs_c, ws, ht_c, wt, stats, grad, spec, need_dh, need_dw)
-            ctx.dh = None if dh is None else scatter_rows(dh, rows, n_rows)
-            ctx.dw = dw
-        else:
-            stats = _divergence_forward(backend, shard, hs_c, ws, ht_c, wt, spec)
+        row_weight = s.hidden.new_full((count,), weight, dtype=out_dtype) if need.any else None
+        stats, grads = ops.divergence(s, t, spec, row_weight, need)
+        if grads.hidden is not None:
+            grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, n_rows))
+        ctx.grads = grads
         return stats.loss.to(out_dtype).sum() * weight
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            hs, ws, ht, wt, rows = ctx.saved_tensors
-            dh = dw = None
-            if ctx.stats is not None:
-                grad_c = select_rows(grad_out, rows)
-                dh, dw = _divergence_backward(
-                    ctx.backend,
-                    ctx.shard,
-                    select_rows(hs, rows),
-                    ws,
-                    select_rows(ht, rows),
-                    wt,
-                    ctx.stats,
-                    grad_c,
-                    ctx.spec,
-                    ctx.need_dh,
-                    ctx.need_dw,
+            hs, ws, bs, ht, wt, bt, rows = ctx.saved_tensors
+            if ctx.stats is None:
+                grads = Grads(
+                    torch.zeros_like(hs) if ctx.need.hidden else None,
+                    torch.zeros_like(ws) if ctx.need.weight else None,
+                    torch.zeros_like(bs) if ctx.need.bias else None,
                 )
-                dh = None if dh is None else scatter_rows(dh, rows, hs.shape[0])
             else:
-                dh = torch.zeros_like(hs) if ctx.need_dh else None
-                dw = torch.zeros_like(ws) if ctx.need_dw else None
-            return _cast_grad(dh, hs.dtype), _cast_grad(dw, ws.dtype), *([None] * 8)
+                s = Side(select_rows(hs, rows), ws, bs, ctx.heads[0])
+                t = Side(select_rows(ht, rows), wt, bt, ctx.heads[1])
+                row_weight = select_rows(grad_out, rows).contiguous()
+                grads = ctx.ops.divergence_backward(s, t, ctx.spec, ctx.stats, row_weight, ctx.need)
+                if grads.hidden is not None:
+                    grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, hs.shape[0]))
+            return *_cast(grads, hs, ws, bs), *([None] * 9)
 
-        if (ctx.need_dh and ctx.dh is None) or (ctx.need_dw and ctx.dw is None):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
             raise RuntimeError(_SECOND_BACKWARD)
-        dh, dw = ctx.dh, ctx.dw
-        ctx.dh = ctx.dw = None
-        dh = None if dh is None else _cast_grad(dh.mul_(grad_out.to(dh.dtype)), ctx.hidden_dtype)
-        dw = None if dw is None else _cast_grad(dw.mul_(grad_out.to(dw.dtype)), ctx.weight_dtype)
-        return dh, dw, *([None] * 8)
+        return *_cast(grads, *ctx.like, scale=grad_out), *([None] * 9)
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """log softmax(h Wᵀ/τ)[y] per token, differentiable w.r.t. h and W (``shard``: W is a vocabulary shard)."""
+    """log softmax(z)[y] per token, z = the head's logits / τ; differentiable w.r.t. h, W and the bias."""
 
     @staticmethod
-    def forward(ctx, h, w, ids, backend: ModuleType, temperature: float, filter_eps, grad_on: bool, shard=None):
-        if shard is None:
-            logprobs, lse = backend.token_logprobs_forward(h, w, ids, temperature)
-        else:
-            logprobs, lse = vp.token_logprobs_forward(backend, h, w, ids, temperature, shard)
-        ctx.backend, ctx.temperature, ctx.filter_eps, ctx.shard = backend, temperature, filter_eps, shard
-        ctx.need_dh = grad_on and ctx.needs_input_grad[0]
-        ctx.need_dw = grad_on and ctx.needs_input_grad[1]
-        if ctx.need_dh or ctx.need_dw:
-            ctx.save_for_backward(h, w, ids, lse)
-        return logprobs.to(_result_dtype(h, w))
+    def forward(ctx, h, w, b, ids, ops, head: HeadTransform, temperature: float, filter_eps, grad_on: bool):
+        side = Side(h, w, b, head)
+        picked, lse = ops.token_logits(side, ids, temperature)
+        ctx.ops, ctx.head, ctx.temperature, ctx.filter_eps = ops, head, temperature, filter_eps
+        ctx.need = _need(ctx, grad_on, 0, 1, 2)
+        if ctx.need.any:
+            ctx.save_for_backward(h, w, b, ids, lse)
+        return (picked - lse).to(_result_dtype(h, w))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        h, w, ids, lse = ctx.saved_tensors
-        args = (h, w, ids, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps)
-        if ctx.shard is None:
-            dh, dw = ctx.backend.token_logprobs_backward(*args)
-        else:
-            dh, dw = vp.token_logprobs_backward(ctx.backend, *args, ctx.shard)
-        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), *([None] * 6)
+        h, w, b, ids, lse = ctx.saved_tensors
+        side = Side(h, w, b, ctx.head)
+        weight = grad_out.contiguous()
+        grads = ctx.ops.logits_backward(side, ids, lse, weight, ctx.temperature, ctx.need, ctx.filter_eps)
+        return *_cast(grads, h, w, b), *([None] * 6)
 
 
 class LinearLogSumExp(torch.autograd.Function):
-    """log Σ_v exp(h W_vᵀ / τ) per token, differentiable w.r.t. h and W (∂/∂z = softmax)."""
+    """log Σ_v exp(z_v) per token, z = the head's logits / τ; differentiable w.r.t. h, W and the bias."""
 
     @staticmethod
-    def forward(ctx, h, w, backend: ModuleType, temperature: float, filter_eps, grad_on: bool, shard=None):
-        if shard is None:
-            lse = backend.logsumexp_forward(h, w, temperature)
-        else:
-            lse = vp.logsumexp_forward(backend, h, w, temperature, shard)
-        ctx.backend, ctx.temperature, ctx.filter_eps, ctx.shard = backend, temperature, filter_eps, shard
-        ctx.need_dh = grad_on and ctx.needs_input_grad[0]
-        ctx.need_dw = grad_on and ctx.needs_input_grad[1]
-        if ctx.need_dh or ctx.need_dw:
-            ctx.save_for_backward(h, w, lse)
+    def forward(ctx, h, w, b, ops, head: HeadTransform, temperature: float, filter_eps, grad_on: bool):
+        lse = ops.logsumexp(Side(h, w, b, head), temperature)
+        ctx.ops, ctx.head, ctx.temperature, ctx.filter_eps = ops, head, temperature, filter_eps
+        ctx.need = _need(ctx, grad_on, 0, 1, 2)
+        if ctx.need.any:
+            ctx.save_for_backward(h, w, b, lse)
         return lse.to(_result_dtype(h, w))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        h, w, lse = ctx.saved_tensors
-        args = (h, w, lse, grad_out, ctx.temperature, ctx.need_dh, ctx.need_dw, ctx.filter_eps)
-        if ctx.shard is None:
-            dh, dw = ctx.backend.logsumexp_backward(*args)
-        else:
-            dh, dw = vp.logsumexp_backward(ctx.backend, *args, ctx.shard)
-        return _cast_grad(dh, h.dtype), _cast_grad(dw, w.dtype), *([None] * 5)
+        h, w, b, lse = ctx.saved_tensors
+        side = Side(h, w, b, ctx.head)
+        weight = grad_out.contiguous()
+        grads = ctx.ops.logits_backward(side, None, lse, weight, ctx.temperature, ctx.need, ctx.filter_eps)
+        return *_cast(grads, h, w, b), *([None] * 5)

@@ -1,21 +1,21 @@
-"""The chunk budget: how the torch backend tiles [N tokens × V vocab] logits so no N×V tensor ever exists.
+"""The chunk budget and the tile plans: how [N tokens × V vocab] logits are cut so no N×V tensor exists.
 
-The torch backend walks the tokens in chunks of ``rows`` and each chunk's vocabulary in tiles of ``cols``
-columns, with ``rows · cols ≤ budget`` elements per logits tile. A tile is fp32 (fp64 for fp64 inputs), and
-the backend keeps at most about five tile-sized tensors alive at once, so its transient memory is about
-``5 · 4 · budget`` bytes on top of O((N + V) · H) for fp32 copies of low-precision inputs and the gradients.
-The default budget of 2**22 elements is therefore about 80 MB, whatever N and V are.
+Every backend walks the tokens in chunks of ``rows`` and each chunk's vocabulary in tiles of ``cols``
+columns, with ``rows · cols ≤ budget`` logits per model and tile. Two plans (see docs/design.md):
 
-When a whole vocabulary row fits (``V · min(N, MIN_ROWS) ≤ budget``, true for every real vocabulary at
-the default) each token chunk's logits are computed once and reused for everything; otherwise the
-vocabulary is tiled too, and a first sweep over the tiles finds each row's log-sum-exp before later sweeps
-recompute the tiles.
+* **chunked** (the default): whole vocabulary rows, ``cols = V``, as many token rows as the budget holds.
+  Each chunk's logits are computed once (cuBLAS on a GPU) and one fused pass over them gives the
+  log-sum-exps, the divergence and the logit gradient, so forward + backward do exactly the GEMM FLOPs
+  of the floor. When not even ``MIN_ROWS`` whole rows fit the budget (tiny budgets in tests, vocabularies
+  beyond the budget) the vocabulary is tiled too, and the gradient needs a second sweep.
+* **streaming** (low memory): all tokens at once over vocabulary tiles of ``budget / N`` columns with
+  online softmax statistics; the gradient sweep recomputes the tiles (≈1.5× the floor's FLOPs). The
+  Triton backend streams with its own fused GEMM kernels instead (no logits workspace at all).
 
-The Triton backend's gradient workspace (logit gradients of one vocabulary chunk, in the weights' dtype)
-holds up to 8 × budget elements, about 64 MB in bf16 at the default.
-
-Set the budget with :func:`set_chunk_budget`, temporarily with :func:`chunk_budget`, or with the
-environment variable ``OPD_FAST_CHUNK_ELEMENTS``.
+The budget is in logits elements per model and tile. Its default knows the device: 2**22 on the CPU
+(16 MB fp32 tiles, what measures best there) and 2**28 on CUDA (1 GiB of fp32 logits per model, so both
+models' chunk logits take ≤ 2 GiB; at V = 151936 that is 1536-row chunks). Set it with
+:func:`set_chunk_budget`, temporarily with :func:`chunk_budget`, or with ``OPD_FAST_CHUNK_ELEMENTS``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
+from opd_fast._validation import check_choice
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+CUDA_CHUNK_ELEMENTS = 1 << 28
 CHUNK_ELEMENTS_ENV = "OPD_FAST_CHUNK_ELEMENTS"
+PLANS = ("chunked", "streaming")
 # Fewest token rows per chunk before the vocabulary gets tiled instead: fewer rows would re-read the
 # weights once per handful of tokens.
 MIN_ROWS = 16
+# On CUDA, chunk rows are a multiple of this when the budget allows, so the GEMMs' M dimension fills
+# whole tensor-core tiles (cuBLAS uses 128- and 256-row tiles at these shapes).
+CUDA_ROW_ALIGN = 256
 
 _budget_override: int | None = None
 
@@ -46,18 +55,23 @@ def _validated_budget(value: object, source: str) -> int:
     if number is None or number < 1:
         raise ValueError(
             f"{source} must be a positive integer number of logits elements per tile (the default is "
-            f"{DEFAULT_CHUNK_ELEMENTS} = 2**22, about 80 MB of fp32 tiles), got {value!r}"
+            f"{DEFAULT_CHUNK_ELEMENTS} = 2**22 on the CPU and {CUDA_CHUNK_ELEMENTS} = 2**28 on CUDA), got {value!r}"
         )
     return number
 
 
-def get_chunk_budget() -> int:
-    """The current budget: elements per logits tile of the torch backend (see the module docstring)."""
+def get_chunk_budget(device: torch.device | str | None = None) -> int:
+    """The current budget: logits elements per model and tile (see the module docstring).
+
+    An explicit setting (:func:`set_chunk_budget`, :func:`chunk_budget`, then ``OPD_FAST_CHUNK_ELEMENTS``)
+    wins; otherwise the default for ``device`` (the CPU's when None).
+    """
     if _budget_override is not None:
         return _budget_override
     env = os.environ.get(CHUNK_ELEMENTS_ENV)
     if env is None or env.strip() == "":
-        return DEFAULT_CHUNK_ELEMENTS
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return CUDA_CHUNK_ELEMENTS if on_cuda else DEFAULT_CHUNK_ELEMENTS
     try:
         parsed = int(env)
     except ValueError:
@@ -68,7 +82,7 @@ def get_chunk_budget() -> int:
 
 
 def set_chunk_budget(elements: int | None) -> None:
-    """Set the budget (elements per logits tile) for this process; ``None`` restores the env/default."""
+    """Set the budget (logits elements per tile) for this process; ``None`` restores the env/default."""
     global _budget_override
     _budget_override = None if elements is None else _validated_budget(elements, "elements")
 
@@ -85,9 +99,13 @@ def chunk_budget(elements: int) -> Iterator[None]:
         _budget_override = previous
 
 
+def check_plan(plan: object) -> str:
+    return check_choice("plan", plan, PLANS)
+
+
 @dataclass(frozen=True)
 class TilePlan:
-    """Token rows per chunk and vocabulary columns per tile; ``rows · cols ≤ budget``."""
+    """Token rows per chunk and vocabulary columns per tile; ``rows · cols ≤ budget`` (or cols = 1)."""
 
     rows: int
     cols: int
@@ -106,10 +124,36 @@ class TilePlan:
             yield slice(start, min(start + self.cols, self.vocab))
 
 
-def plan_tiles(n_tokens: int, vocab: int, budget: int | None = None) -> TilePlan:
-    """Choose the tile shape for ``n_tokens`` rows over a vocabulary of ``vocab`` within ``budget`` elements."""
-    budget = get_chunk_budget() if budget is None else _validated_budget(budget, "budget")
-    min_rows = max(1, min(n_tokens, MIN_ROWS))
+def _balanced_rows(n_tokens: int, rows: int, align: int) -> int:
+    """``rows`` evened out over the chunks it implies (same chunk count, ≤ rows), a multiple of ``align``
+    when that keeps it ≤ rows: 8192 tokens at ≤ 1766 rows become 6 chunks of 1536 (aligned to 256)."""
+    chunks = -(-n_tokens // rows)
+    even = -(-n_tokens // chunks)
+    if even >= align:
+        aligned = -(-even // align) * align
+        even = aligned if aligned <= rows else rows // align * align
+    return max(1, min(even, rows))
+
+
+def plan_tiles(
+    n_tokens: int,
+    vocab: int,
+    budget: int | None = None,
+    *,
+    plan: str = "chunked",
+    device: torch.device | str | None = None,
+) -> TilePlan:
+    """The tile shape for ``n_tokens`` rows over a vocabulary of ``vocab`` within ``budget`` elements."""
+    budget = get_chunk_budget(device) if budget is None else _validated_budget(budget, "budget")
+    n_tokens = max(n_tokens, 1)
+    if check_plan(plan) == "streaming":
+        cols = min(vocab, max(1, budget // n_tokens))
+        if cols >= 128:
+            cols = cols // 128 * 128
+        return TilePlan(rows=n_tokens, cols=cols, vocab=vocab)
+    min_rows = min(n_tokens, MIN_ROWS)
     cols = vocab if vocab * min_rows <= budget else max(1, budget // min_rows)
-    rows = max(1, min(max(n_tokens, 1), budget // cols))
+    rows = max(1, min(n_tokens, budget // cols))
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    rows = _balanced_rows(n_tokens, rows, CUDA_ROW_ALIGN if on_cuda else 1)
     return TilePlan(rows=rows, cols=cols, vocab=vocab)

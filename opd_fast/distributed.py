@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from opd_fast._rows import scatter_add_rows
 from opd_fast._validation import DivergenceSpec, check_int, check_process_group, check_weight
-from opd_fast.types import DivergenceStats
+from opd_fast.backends.sweep import jsd_loss
+from opd_fast.types import DivergenceStats, Grads, Need, Side
 
 
 @dataclass(frozen=True)
@@ -151,135 +151,139 @@ def _empty_stats(n_rows: int, like: torch.Tensor, dtype: torch.dtype) -> Diverge
     return DivergenceStats(zero, lse, lse.clone(), zero)
 
 
-def divergence_stats(backend, hs, ws, ht, wt, spec: DivergenceSpec, shard: VocabShard) -> DivergenceStats:
-    """Global per-token statistics (loss, lse_s, lse_t, center) from this rank's vocabulary shard."""
-    n_rows, dtype = hs.shape[0], _stat_dtype(hs, ws, ht, wt)
-    if spec.kind == "jsd":
-        lse_spec = DivergenceSpec("reverse_kl", spec.beta, spec.temperature, spec.filter_eps)
-        local = backend.divergence_forward(hs, ws, ht, wt, lse_spec) if shard.rows else _empty_stats(n_rows, hs, dtype)
-        lse_s = global_lse(local.student_lse.to(dtype), shard)[0]
-        lse_t = global_lse(local.teacher_lse.to(dtype), shard)[0]
-        terms = torch.zeros((2, n_rows), dtype=dtype, device=hs.device)
-        if shard.rows:
-            kl_student, kl_teacher = backend.jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec)
-            terms[0], terms[1] = kl_student, kl_teacher
-        kl_student, kl_teacher = _all_reduce(terms, shard)
-        loss = spec.beta * kl_teacher + (1.0 - spec.beta) * kl_student
-        return DivergenceStats(loss, lse_s, lse_t, (1.0 - spec.beta) * kl_student)
-    local = backend.divergence_forward(hs, ws, ht, wt, spec) if shard.rows else _empty_stats(n_rows, hs, dtype)
-    gathered = _gather(torch.stack([local.loss, local.student_lse, local.teacher_lse]).to(dtype), shard)
-    loss_r, lse_s_r, lse_t_r = gathered.unbind(1)  # [R, N] each
-    lse_s, lse_t = torch.logsumexp(lse_s_r, dim=0), torch.logsumexp(lse_t_r, dim=0)
-    log_w, log_u = lse_s_r - lse_s, lse_t_r - lse_t
-    if spec.kind == "reverse_kl":
-        weight, terms = log_w.exp(), loss_r + log_w - log_u
-    else:
-        weight, terms = log_u.exp(), loss_r + log_u - log_w
-    loss = torch.where(weight > 0, weight * terms, 0.0).sum(dim=0)
-    center = loss if spec.kind == "reverse_kl" else torch.zeros_like(loss)
-    return DivergenceStats(loss, lse_s, lse_t, center)
+def _zero_grads(side: Side, need: Need) -> Grads:
+    """A shard without rows contributes nothing (its weight and bias gradients are empty slices)."""
+    dtype = _stat_dtype(side.hidden, side.weight)
+    return Grads(
+        side.hidden.new_zeros(side.hidden.shape, dtype=dtype) if need.hidden else None,
+        torch.zeros_like(side.weight) if need.weight else None,
+        side.weight.new_zeros(0, dtype=dtype) if need.bias else None,
+    )
 
 
-def divergence_backward(backend, hs, ws, ht, wt, stats, grad, spec, need_dh: bool, need_dw: bool, shard: VocabShard):
-    """This shard's logit gradients from the global statistics; dh summed over the shards."""
-    if shard.rows:
-        dh, dw = backend.divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw)
-    else:
-        dh = hs.new_zeros(hs.shape, dtype=_stat_dtype(hs, ws)) if need_dh else None
-        dw = torch.zeros_like(ws) if need_dw else None
-    if dh is not None:
-        dh = _all_reduce(dh.contiguous(), shard)
-    return dh, dw
+class VocabParallelOps:
+    """The ops contract of :mod:`opd_fast.backends` over a vocabulary shard: ``inner`` runs on this rank's
+    rows and the collectives of the module docstring make every result (and the hidden-state gradient)
+    global; weight and bias gradients are this rank's own slices."""
 
+    def __init__(self, inner, shard: VocabShard):
+        self.inner, self.shard = inner, shard
+        self.name, self.plan = inner.name, inner.plan
 
-def logsumexp_forward(backend, h, w, temperature: float, shard: VocabShard) -> torch.Tensor:
-    dtype = _stat_dtype(h, w)
-    if shard.rows:
-        local = backend.logsumexp_forward(h, w, temperature).to(dtype)
-    else:
-        local = h.new_full((h.shape[0],), -torch.inf, dtype=dtype)
-    return global_lse(local, shard)[0]
+    def _reduce_hidden(self, grads: Grads) -> Grads:
+        if grads.hidden is None:
+            return grads
+        return grads._replace(hidden=_all_reduce(grads.hidden.contiguous(), self.shard))
 
+    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+        stats = self._divergence_stats(s, t, spec)
+        if row_weight is None or not need.any:
+            return stats, Grads()
+        return stats, self.divergence_backward(s, t, spec, stats, row_weight, need)
 
-def logsumexp_backward(backend, h, w, lse, grad, temperature, need_dh, need_dw, filter_eps, shard: VocabShard):
-    """∂lse/∂z_v = p_v on this shard's columns; dh summed over the shards."""
-    if shard.rows:
-        dh, dw = backend.logsumexp_backward(h, w, lse, grad, temperature, need_dh, need_dw, filter_eps)
-    else:
-        dh = h.new_zeros(h.shape, dtype=_stat_dtype(h, w)) if need_dh else None
-        dw = torch.zeros_like(w) if need_dw else None
-    if dh is not None:
-        dh = _all_reduce(dh.contiguous(), shard)
-    return dh, dw
+    def _divergence_stats(self, s: Side, t: Side, spec: DivergenceSpec) -> DivergenceStats:
+        shard, inner = self.shard, self.inner
+        n_rows, dtype = s.hidden.shape[0], _stat_dtype(s.hidden, s.weight, t.hidden, t.weight)
 
+        def local(local_spec):
+            if not shard.rows:
+                return _empty_stats(n_rows, s.hidden, dtype)
+            return inner.divergence(s, t, local_spec, None, Need())[0]
 
-def _owned_logits(h, w, ids, temperature, shard: VocabShard):
-    """(z_y where this shard owns y, else 0; the owned mask; local ids) for token ids ``ids`` [N]."""
-    owned = shard.owned(ids)
-    local_ids = torch.where(owned, ids - shard.offset, 0)
-    dtype = _stat_dtype(h, w)
-    rows = w[local_ids].to(dtype) if shard.rows else h.new_zeros(h.shape, dtype=dtype)
-    z = (h.to(dtype) * rows).sum(dim=-1) / temperature
-    return torch.where(owned, z, 0.0), owned, local_ids
+        if spec.kind == "jsd":
+            local_lse = local(DivergenceSpec("reverse_kl", spec.beta, spec.temperature, spec.filter_eps))
+            lse_s = global_lse(local_lse.student_lse.to(dtype), shard)[0]
+            lse_t = global_lse(local_lse.teacher_lse.to(dtype), shard)[0]
+            terms = torch.zeros((2, n_rows), dtype=dtype, device=s.hidden.device)
+            if shard.rows:
+                terms[0], terms[1] = inner.jsd_terms(s, t, spec, lse_s, lse_t)
+            kl_student, kl_teacher = _all_reduce(terms, shard)
+            loss, center = jsd_loss(kl_student, kl_teacher, spec.beta)
+            return DivergenceStats(loss, lse_s, lse_t, center)
+        stats = local(spec)
+        gathered = _gather(torch.stack([stats.loss, stats.student_lse, stats.teacher_lse]).to(dtype), shard)
+        loss_r, lse_s_r, lse_t_r = gathered.unbind(1)  # [R, N] each
+        lse_s, lse_t = torch.logsumexp(lse_s_r, dim=0), torch.logsumexp(lse_t_r, dim=0)
+        log_w, log_u = lse_s_r - lse_s, lse_t_r - lse_t
+        if spec.kind == "reverse_kl":
+            weight, terms = log_w.exp(), loss_r + log_w - log_u
+        else:
+            weight, terms = log_u.exp(), loss_r + log_u - log_w
+        loss = torch.where(weight > 0, weight * terms, 0.0).sum(dim=0)
+        center = loss if spec.kind == "reverse_kl" else torch.zeros_like(loss)
+        return DivergenceStats(loss, lse_s, lse_t, center)
 
+    def divergence_backward(self, s: Side, t: Side, spec, stats: DivergenceStats, row_weight, need: Need) -> Grads:
+        """This shard's logit gradients from the global statistics; dh summed over the shards."""
+        if self.shard.rows:
+            grads = self.inner.divergence_backward(s, t, spec, stats, row_weight, need)
+        else:
+            grads = _zero_grads(s, need)
+        return self._reduce_hidden(grads)
 
-def token_logprobs_forward(backend, h, w, ids, temperature: float, shard: VocabShard):
-    """(log p(y) [N], global lse [N]): z_y from the shard that owns y, all-reduced."""
-    lse = logsumexp_forward(backend, h, w, temperature, shard)
-    picked = _all_reduce(_owned_logits(h, w, ids, temperature, shard)[0].contiguous(), shard)
-    return picked - lse, lse
+    def _local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global token ids → this shard's rows, −1 where another shard owns the token."""
+        return torch.where(self.shard.owned(ids), ids - self.shard.offset, -1)
 
+    def logsumexp(self, side: Side, temperature: float) -> torch.Tensor:
+        dtype = _stat_dtype(side.hidden, side.weight)
+        if self.shard.rows:
+            local = self.inner.logsumexp(side, temperature).to(dtype)
+        else:
+            local = side.hidden.new_full((side.hidden.shape[0],), -torch.inf, dtype=dtype)
+        return global_lse(local, self.shard)[0]
 
-def token_logprobs_backward(backend, h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps, shard):
-    """∂log p(y)/∂z_v = [v = y] − p_v: the negated log-sum-exp gradient plus the one-hot part of the
-    shard that owns y; dh summed over the shards (inside logsumexp_backward plus the one-hot term)."""
-    dtype = _stat_dtype(h, w)
-    if shard.rows:
-        dh, dw = backend.logsumexp_backward(h, w, lse, -grad, temperature, need_dh, need_dw, filter_eps)
-    else:
-        dh = h.new_zeros(h.shape, dtype=dtype) if need_dh else None
-        dw = torch.zeros_like(w) if need_dw else None
-    _, owned, local_ids = _owned_logits(h, w, ids, temperature, shard)
-    scale = torch.where(owned, grad.to(dtype), 0.0)[:, None] / temperature
-    if dh is not None and shard.rows:
-        dh = dh.to(dtype) + scale * w[local_ids].to(dtype)
-    if dw is not None and shard.rows:
-        dw = dw.to(dtype)
-        keep = owned.nonzero().view(-1)
-        scatter_add_rows(dw, local_ids[keep], (scale * h.to(dtype))[keep])
-    if dh is not None:
-        dh = _all_reduce(dh.contiguous(), shard)
-    return dh, dw
+    def token_logits(self, side: Side, ids: torch.Tensor, temperature: float):
+        """(z_y, global lse): z_y from the shard that owns y (0 elsewhere), all-reduced."""
+        dtype = _stat_dtype(side.hidden, side.weight)
+        n_rows = side.hidden.shape[0]
+        if self.shard.rows:
+            picked, local_lse = self.inner.token_logits(side, self._local_ids(ids), temperature)
+            picked, local_lse = picked.to(dtype), local_lse.to(dtype)
+        else:
+            picked = side.hidden.new_zeros(n_rows, dtype=dtype)
+            local_lse = side.hidden.new_full((n_rows,), -torch.inf, dtype=dtype)
+        return _all_reduce(picked.contiguous(), self.shard), global_lse(local_lse, self.shard)[0]
 
+    def logits_backward(self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None) -> Grads:
+        """∂lse/∂z_v = p_v on this shard's columns, plus [v = y] where this shard owns y; dh summed over
+        the shards."""
+        if self.shard.rows:
+            local_ids = None if ids is None else self._local_ids(ids)
+            grads = self.inner.logits_backward(side, local_ids, lse, row_weight, temperature, need, filter_eps)
+        else:
+            grads = _zero_grads(side, need)
+        return self._reduce_hidden(grads)
 
-def topk(backend, h, w, k: int, temperature: float, shard: VocabShard):
-    """Global (ids, log-probs, lse, entropy) like the backends' ``topk`` op, from this rank's shard.
+    def topk(self, side: Side, k: int, temperature: float):
+        """Global (ids, log-probs, lse, entropy) from this rank's shard.
 
-    Each rank's candidates are its local top-min(k, rows), with global ids and global log-probs; the
-    all-gathered lists are concatenated in rank order (so ids ascend across ranks) and a stable sort by
-    log-prob keeps ties ordered by the smaller id.
-    """
-    n_rows, dtype = h.shape[0], _stat_dtype(h, w)
-    local_k = min(k, shard.rows)
-    ids = h.new_full((n_rows, k), shard.vocab, dtype=torch.int64)
-    logprobs = h.new_full((n_rows, k), -torch.inf, dtype=dtype)
-    local_lse = h.new_full((n_rows,), -torch.inf, dtype=dtype)
-    local_entropy = h.new_zeros(n_rows, dtype=dtype)
-    if local_k:
-        l_ids, l_lp, l_lse, l_entropy = backend.topk(h, w, local_k, temperature)
-        ids[:, :local_k] = l_ids + shard.offset
-        logprobs[:, :local_k] = l_lp.to(dtype)
-        local_lse, local_entropy = l_lse.to(dtype), l_entropy.to(dtype)
-    lse, lse_r = global_lse(local_lse, shard)
-    logprobs = logprobs + (local_lse - lse)[:, None]  # local → global log-probs (−inf stays −inf)
-    all_lp = _gather(logprobs, shard).permute(1, 0, 2).reshape(n_rows, -1)
-    all_ids = _gather(ids, shard).permute(1, 0, 2).reshape(n_rows, -1)
-    all_lp, order = all_lp.sort(dim=-1, descending=True, stable=True)
-    ids, logprobs = all_ids.gather(1, order[:, :k]), all_lp[:, :k]
-    log_w = lse_r - lse
-    entropy_r = _gather(local_entropy, shard)
-    entropy = torch.where(log_w > -torch.inf, log_w.exp() * (entropy_r - log_w), 0.0).sum(dim=0)
-    return ids, logprobs, lse, entropy
+        Each rank's candidates are its local top-min(k, rows), with global ids and global log-probs; the
+        all-gathered lists are concatenated in rank order (so ids ascend across ranks) and a stable sort by
+        log-prob keeps ties ordered by the smaller id.
+        """
+        shard = self.shard
+        n_rows, dtype = side.hidden.shape[0], _stat_dtype(side.hidden, side.weight)
+        local_k = min(k, shard.rows)
+        ids = side.hidden.new_full((n_rows, k), shard.vocab, dtype=torch.int64)
+        logprobs = side.hidden.new_full((n_rows, k), -torch.inf, dtype=dtype)
+        local_lse = side.hidden.new_full((n_rows,), -torch.inf, dtype=dtype)
+        local_entropy = side.hidden.new_zeros(n_rows, dtype=dtype)
+        if local_k:
+            l_ids, l_lp, l_lse, l_entropy = self.inner.topk(side, local_k, temperature)
+            ids[:, :local_k] = l_ids + shard.offset
+            logprobs[:, :local_k] = l_lp.to(dtype)
+            local_lse, local_entropy = l_lse.to(dtype), l_entropy.to(dtype)
+        lse, lse_r = global_lse(local_lse, shard)
+        logprobs = logprobs + (local_lse - lse)[:, None]  # local → global log-probs (−inf stays −inf)
+        all_lp = _gather(logprobs, shard).permute(1, 0, 2).reshape(n_rows, -1)
+        all_ids = _gather(ids, shard).permute(1, 0, 2).reshape(n_rows, -1)
+        all_lp, order = all_lp.sort(dim=-1, descending=True, stable=True)
+        ids, logprobs = all_ids.gather(1, order[:, :k]), all_lp[:, :k]
+        log_w = lse_r - lse
+        entropy_r = _gather(local_entropy, shard)
+        entropy = torch.where(log_w > -torch.inf, log_w.exp() * (entropy_r - log_w), 0.0).sum(dim=0)
+        return ids, logprobs, lse, entropy
 
 
 class CopyToShards(torch.autograd.Function):

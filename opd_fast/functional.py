@@ -12,25 +12,35 @@ from opd_fast import _validation as check
 from opd_fast import distributed as vp
 from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
 from opd_fast.backends import get_backend
+from opd_fast.chunking import check_plan
+from opd_fast.heads import LMHead
 
 
-def checked_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, process_group):
-    """Validate a student/teacher pair (:func:`opd_fast._validation.check_pair`) and find this rank's
-    vocabulary shard; returns (hs, ws, ht, wt, lead, rows, shard | None), the weights cut to the vocabulary."""
+def checked_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, process_group, plan, backend):
+    """Validate a student/teacher pair (:func:`opd_fast._validation.check_pair`), find this rank's vocabulary
+    shard and pick the ops; returns (:class:`opd_fast._validation.CheckedPair` cut to this rank's rows, ops)."""
     check.check_process_group(process_group)
+    check_plan(plan)
     sharded = process_group is not None
-    hs, ws, ht, wt, lead, rows = check.check_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, sharded=sharded)
+    pair = check.check_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, sharded=sharded)
     if not sharded:
-        return hs, ws, ht, wt, lead, rows, None
-    shard = vp.restrict_vocab(vp.vocab_shard(process_group, ws.shape[0], hs.device), vocab_size)
-    return hs, ws[: shard.rows], ht, wt[: shard.rows], lead, rows, shard
+        return pair, get_backend(backend, pair.hs.device, plan=plan)
+    shard = vp.restrict_vocab(vp.vocab_shard(process_group, pair.ws.shape[0], pair.hs.device), vocab_size)
+    cut = slice(0, shard.rows)
+    pair = pair._replace(
+        ws=pair.ws[cut],
+        wt=pair.wt[cut],
+        bs=None if pair.bs is None else pair.bs[cut],
+        bt=None if pair.bt is None else pair.bt[cut],
+    )
+    return pair, get_backend(backend, pair.hs.device, shard, plan)
 
 
 def linear_divergence(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: torch.Tensor | LMHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: torch.Tensor | LMHead,
     *,
     divergence: str = "reverse_kl",
     beta: float = 0.5,
@@ -43,10 +53,12 @@ def linear_divergence(
     check_finite: bool = False,
     filter_eps: float | None = None,
     entry_clip: float | None = None,
+    plan: str = "chunked",
 ) -> torch.Tensor:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
-    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ (DESIGN.md §2):
+    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ (DESIGN.md §2; with an :class:`opd_fast.LMHead`,
+    z = softcap(scale · (h Wᵀ + b)) / τ, the order transformers applies):
 
     * ``"reverse_kl"``: Σ_v p_s (log p_s − log p_t), the usual OPD loss;
     * ``"forward_kl"``: Σ_v p_t (log p_t − log p_s);
@@ -55,9 +67,11 @@ def linear_divergence(
 
     Args:
         student_hidden: ``[..., Hs]`` final hidden states of the student (fp32/bf16/fp16/fp64).
-        student_weight: ``[V, Hs]`` the student's lm_head weight.
+        student_weight: ``[V, Hs]`` the student's lm_head weight, or its :class:`opd_fast.LMHead` (weight,
+            bias, logit scale, softcap; ``LMHead.from_model(model)``).
         teacher_hidden: ``[..., Ht]`` the teacher's final hidden states at the same positions.
-        teacher_weight: ``[V, Ht]`` the teacher's lm_head weight. The teacher never receives gradients.
+        teacher_weight: ``[V, Ht]`` the teacher's lm_head weight or :class:`opd_fast.LMHead`. The teacher never
+            receives gradients.
         divergence: ``"reverse_kl"`` | ``"forward_kl"`` | ``"jsd"``.
         beta: JSD interpolation in [0, 1] (ignored by the KLs).
         mask: bool ``[...]``, True where the token counts (e.g. completion tokens); None = all count.
@@ -72,13 +86,18 @@ def linear_divergence(
         vocab_size: use only the first ``vocab_size`` rows of both weights (padded lm_heads; a global size
             under ``process_group``).
         check_finite: raise ValueError on NaN/Inf in any input instead of letting NaN propagate.
-        filter_eps: gradient filtering of the triton/cuda backends: logits tiles whose probabilities are
-            all below it contribute no gradient. None = the default (finfo(weight dtype).eps / 32, 2**-12
-            for bf16); 0 = exact. The torch backend is always exact.
+        filter_eps: gradient filtering, opt-in (None or 0 = exact gradients, the default): vocabulary columns
+            whose per-token logit gradient is below it in magnitude in every row of a token chunk are left out
+            of the gradient GEMMs (the streaming Triton kernels skip tiles whose probabilities are all below
+            it). :func:`opd_fast.last_filter_stats` reports the share skipped.
         entry_clip: per-entry clipping (on-policy self-distillation): each vocabulary entry's term ℓ_v of
             the divergence (e.g. p_s(v) log(p_s(v)/p_t(v)) for reverse KL) becomes min(ℓ_v, entry_clip)
             before the sum, with no gradient where clipped. Computed by the torch backend only (``"auto"``
             picks it; another explicit backend is refused); needs a whole vocabulary row per chunk.
+        plan: ``"chunked"`` (default: token chunks over the whole vocabulary, gradients made in the forward
+            sweep, exactly the floor's GEMM FLOPs, a workspace of about 2 GiB on CUDA) or ``"streaming"``
+            (low memory: online softmax over vocabulary tiles, the backward recomputes the logits); see
+            :mod:`opd_fast.chunking`.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
@@ -87,25 +106,46 @@ def linear_divergence(
     """
     spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
-    hs, ws, ht, wt, lead, rows, shard = checked_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, process_group
-    )
     if spec.entry_clip is not None:
         if backend not in ("auto", "torch"):
             raise ValueError(
                 f"entry_clip is computed by the torch backend only; pass backend='torch' (got {backend!r})"
             )
         backend = "torch"
-    ops = get_backend(backend, hs.device)
-    loss = LinearDivergence.apply(hs, ws, ht, wt, rows, ops, spec, reduction, torch.is_grad_enabled(), shard)
-    return loss.view(lead) if reduction == "none" else loss
+    pair, ops = checked_pair(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        vocab_size,
+        check_finite,
+        process_group,
+        plan,
+        backend,
+    )
+    loss = LinearDivergence.apply(
+        pair.hs,
+        pair.ws,
+        pair.bs,
+        pair.ht,
+        pair.wt,
+        pair.bt,
+        pair.rows,
+        ops,
+        spec,
+        pair.heads,
+        reduction,
+        torch.is_grad_enabled(),
+    )
+    return loss.view(pair.lead) if reduction == "none" else loss
 
 
 def linear_reverse_kl(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: torch.Tensor | LMHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: torch.Tensor | LMHead,
     *,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -115,6 +155,7 @@ def linear_reverse_kl(
     vocab_size: int | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
+    plan: str = "chunked",
 ) -> torch.Tensor:
     """Reverse KL(p_s ‖ p_t), the standard OPD loss; :func:`linear_divergence` with ``divergence="reverse_kl"``."""
     return linear_divergence(
@@ -131,12 +172,13 @@ def linear_reverse_kl(
         vocab_size=vocab_size,
         check_finite=check_finite,
         filter_eps=filter_eps,
+        plan=plan,
     )
 
 
 def linear_token_logprobs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | LMHead,
     token_ids: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -144,37 +186,39 @@ def linear_token_logprobs(
     process_group=None,
     check_finite: bool = False,
     filter_eps: float | None = None,
+    plan: str = "chunked",
 ) -> torch.Tensor:
     """log softmax(h Wᵀ / τ)[y] for each token: the sampled-token log-probs of OPD and RL.
 
     Args:
         hidden: ``[..., H]`` final hidden states.
-        weight: ``[V, H]`` lm_head weight.
+        weight: ``[V, H]`` lm_head weight, or an :class:`opd_fast.LMHead` (logits softcap(scale·(h Wᵀ + b)) / τ).
         token_ids: integer ``[...]`` in [0, V), the token whose log-prob is wanted at each position.
         temperature: τ > 0.
-        backend, process_group, check_finite, filter_eps: as in :func:`linear_divergence` (under
+        backend, process_group, check_finite, filter_eps, plan: as in :func:`linear_divergence` (under
             ``process_group``, ``weight`` is this rank's vocabulary shard and ``token_ids`` are global ids).
 
     Returns:
-        fp32 ``[...]`` (fp64 for fp64 inputs), differentiable w.r.t. ``hidden`` and ``weight``.
+        fp32 ``[...]`` (fp64 for fp64 inputs), differentiable w.r.t. ``hidden``, the weight and the bias.
     """
     temperature = check.check_temperature(temperature)
     filter_eps = check.check_filter_eps(filter_eps)
     check_finite = check.check_flag("check_finite", check_finite)
     check.check_process_group(process_group)
-    w = check.check_weight("weight", weight, shard=process_group is not None)
+    check_plan(plan)
+    w, b, head = check.check_head("weight", weight, shard=process_group is not None)
     h = check.check_hidden("hidden", hidden, w, "weight")
     if isinstance(token_ids, torch.Tensor):  # before the range check, which reads the ids' values
-        check.check_same_device(hidden=h, weight=w, token_ids=token_ids)
+        check.check_same_device(hidden=h, weight=w, bias=b, token_ids=token_ids)
     else:
-        check.check_same_device(hidden=h, weight=w)
+        check.check_same_device(hidden=h, weight=w, bias=b)
     shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
     ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0] if shard is None else shard.vocab)
     if check_finite:
-        check.check_finite(hidden=h, weight=w)
-    ops = get_backend(backend, h.device)
+        check.check_finite(hidden=h, weight=w, **({} if b is None else {"bias": b}))
+    ops = get_backend(backend, h.device, shard, plan)
     flat_ids = ids.reshape(-1).long()
     out = LinearTokenLogprobs.apply(
-        check.flatten(h), w, flat_ids, ops, temperature, filter_eps, torch.is_grad_enabled(), shard
+        check.flatten(h), w, b, flat_ids, ops, head, temperature, filter_eps, torch.is_grad_enabled()
     )
     return out.view(h.shape[:-1])

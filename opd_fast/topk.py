@@ -16,11 +16,12 @@ from torch.autograd.function import once_differentiable
 from opd_fast import _validation as check
 from opd_fast import distributed as vp
 from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
+from opd_fast._validation import CheckedPair
 from opd_fast.autograd import LinearLogSumExp
 from opd_fast.backends import get_backend
-from opd_fast.chunking import get_chunk_budget
+from opd_fast.chunking import check_plan, get_chunk_budget
 from opd_fast.functional import checked_pair
-from opd_fast.types import TopKOverlap
+from opd_fast.types import Side, TopKOverlap
 
 SUPPORTS = ("student", "teacher", "union", "intersection")
 TOPK_DIVERGENCES = ("reverse_kl", "forward_kl")
@@ -100,20 +101,45 @@ class LinearGatheredLogits(torch.autograd.Function):
         )
 
 
-def _topk(ops, shard, h, w, k: int, temperature: float):
-    """(ids, log-probs, lse, entropy) of the top-k, over the whole vocabulary or across the shards."""
+def _gathered_logits(ops, side: Side, ids: torch.Tensor, temperature: float, grad_on: bool) -> torch.Tensor:
+    """Final logits softcap(scale·(h·W[ids]ᵀ + b[ids])) / τ at global ``ids`` [N, M] (-1 = padding, 0 there).
+
+    The matmul part goes through :class:`LinearGatheredLogits` (under vocabulary parallelism each shard
+    contributes the ids it owns); the O(N·M) head transform is plain differentiable torch.
+    """
+    h, w, bias, head = side
+    shard = getattr(ops, "shard", None)
     if shard is None:
-        return ops.topk(h, w, k, temperature)
-    return vp.topk(ops, h, w, k, temperature, shard)
+        raw = LinearGatheredLogits.apply(h, w, ids, 1.0, grad_on)
+        local_ids = ids
+    else:
+        local_ids = torch.where(shard.owned(ids), ids - shard.offset, -1)
+        local = LinearGatheredLogits.apply(vp.CopyToShards.apply(h, shard), w, local_ids, 1.0, grad_on)
+        raw = vp.ReduceFromShards.apply(local, shard)
+    valid = ids >= 0
+    if bias is not None:
+        owned = local_ids >= 0
+        picked = torch.where(owned, bias[local_ids.clamp(min=0)].to(raw.dtype), 0.0) if bias.numel() else 0.0 * raw
+        if shard is not None:
+            picked = vp.ReduceFromShards.apply(picked, shard)
+        raw = raw + picked
+    z = raw * head.scale if head.scale != 1.0 else raw
+    if head.softcap is not None:
+        z = torch.tanh(z / head.softcap) * head.softcap
+    return torch.where(valid, z / temperature, 0.0)
 
 
-def _gathered_logits(h, w, ids, temperature, grad_on, shard):
-    """Logits at global ``ids`` [N, M] (-1 = padding): each shard contributes the ids it owns."""
-    if shard is None:
-        return LinearGatheredLogits.apply(h, w, ids, temperature, grad_on)
-    local_ids = torch.where(shard.owned(ids), ids - shard.offset, -1)
-    local = LinearGatheredLogits.apply(vp.CopyToShards.apply(h, shard), w, local_ids, temperature, grad_on)
-    return vp.ReduceFromShards.apply(local, shard)
+def _side(pair: CheckedPair, model: int) -> Side:
+    """The counted rows of the student (``model`` 0) or the teacher (1) of a checked pair."""
+    if model == 0:
+        return Side(select_rows(pair.hs, pair.rows), pair.ws, pair.bs, pair.heads[0])
+    return Side(select_rows(pair.ht, pair.rows), pair.wt, pair.bt, pair.heads[1])
+
+
+def _vocab(ops, weight: torch.Tensor) -> int:
+    """The global vocabulary: the shards' total under vocabulary parallelism."""
+    shard = getattr(ops, "shard", None)
+    return weight.shape[0] if shard is None else shard.vocab
 
 
 def _row_chunks(n_rows: int, elements_per_row: int):
@@ -173,6 +199,7 @@ def linear_topk_overlap(
     process_group=None,
     vocab_size: int | None = None,
     check_finite: bool = False,
+    plan: str = "chunked",
 ) -> TopKOverlap:
     """Top-k agreement diagnostics of DESIGN.md §2 per token; see :class:`opd_fast.TopKOverlap`.
 
@@ -181,18 +208,27 @@ def linear_topk_overlap(
     diagnostic). Arguments as in :func:`opd_fast.linear_divergence`, plus ``k`` in [1, V].
     """
     temperature = check.check_temperature(temperature)
-    hs, ws, ht, wt, lead, rows, shard = checked_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, process_group
+    pair, ops = checked_pair(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        vocab_size,
+        check_finite,
+        process_group,
+        plan,
+        backend,
     )
-    k = check.check_k(k, ws.shape[0] if shard is None else shard.vocab)
-    ops = get_backend(backend, hs.device)
-    n_rows = hs.shape[0]
+    k = check.check_k(k, _vocab(ops, pair.ws))
+    rows, n_rows = pair.rows, pair.hs.shape[0]
     with torch.no_grad():
-        s_ids, s_lp, _, s_ent = _topk(ops, shard, select_rows(hs, rows), ws.detach(), k, temperature)
-        t_ids, t_lp, _, t_ent = _topk(ops, shard, select_rows(ht, rows), wt, k, temperature)
+        s_ids, s_lp, _, s_ent = ops.topk(_side(pair, 0), k, temperature)
+        t_ids, t_lp, _, t_ent = ops.topk(_side(pair, 1), k, temperature)
         stats = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
         fields = (s_ids, s_lp.float(), t_ids, t_lp.float(), *stats, s_ent.float(), t_ent.float())
     fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
+    lead = pair.lead
     return TopKOverlap(
         *(scatter_rows(field, rows, n_rows, fill).view((*lead, *field.shape[1:])) for field, fill in zip(fields, fills))
     )
@@ -216,6 +252,7 @@ def linear_topk_divergence(
     vocab_size: int | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
+    plan: str = "chunked",
 ) -> torch.Tensor:
     """The divergence restricted to a top-k support of each token.
 
@@ -238,32 +275,40 @@ def linear_topk_divergence(
     temperature = check.check_temperature(temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
-    hs, ws, ht, wt, lead, rows, shard = checked_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, process_group
+    pair, ops = checked_pair(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        vocab_size,
+        check_finite,
+        process_group,
+        plan,
+        backend,
     )
-    k = check.check_k(k, ws.shape[0] if shard is None else shard.vocab)
-    ops = get_backend(backend, hs.device)
+    k = check.check_k(k, _vocab(ops, pair.ws))
     grad_on = torch.is_grad_enabled()
-    n_rows = hs.shape[0]
-    hs_c, ht_c = select_rows(hs, rows), select_rows(ht, rows)
-    if hs_c.shape[0] == 0:
-        return _reduce(_no_tokens(hs_c, ws), rows, n_rows, lead, reduction)
+    rows, lead, n_rows = pair.rows, pair.lead, pair.hs.shape[0]
+    student, teacher = Side(select_rows(pair.hs, rows), pair.ws, pair.bs, pair.heads[0]), _side(pair, 1)
+    if student.hidden.shape[0] == 0:
+        return _reduce(_no_tokens(student.hidden, pair.ws), rows, n_rows, lead, reduction)
     with torch.no_grad():
-        s_ids = _topk(ops, shard, hs_c, ws.detach(), k, temperature)[0] if support != "teacher" else None
-        t_ids = _topk(ops, shard, ht_c, wt, k, temperature)[0] if support != "student" else None
+        frozen = student._replace(weight=pair.ws.detach(), bias=None if pair.bs is None else pair.bs.detach())
+        s_ids = ops.topk(frozen, k, temperature)[0] if support != "teacher" else None
+        t_ids = ops.topk(teacher, k, temperature)[0] if support != "student" else None
     ids = _support_ids(support, s_ids, t_ids)
     valid = ids >= 0
-    zs = _gathered_logits(hs_c, ws, ids, temperature, grad_on, shard)
-    zt = _gathered_logits(ht_c, wt, ids, temperature, False, shard)
+    zs = _gathered_logits(ops, student, ids, temperature, grad_on)
+    zt = _gathered_logits(ops, teacher, ids, temperature, False)
     if renormalize:
         lps, lpt = _restricted_log_softmax(zs, valid), _restricted_log_softmax(zt, valid)
     else:
-        lse_s = LinearLogSumExp.apply(hs_c, ws, ops, temperature, filter_eps, grad_on, shard)
+        lse_s = LinearLogSumExp.apply(
+            student.hidden, student.weight, student.bias, ops, student.head, temperature, filter_eps, grad_on
+        )
         with torch.no_grad():
-            if shard is None:
-                lse_t = ops.logsumexp_forward(ht_c, wt, temperature)
-            else:
-                lse_t = vp.logsumexp_forward(ops, ht_c, wt, temperature, shard)
+            lse_t = ops.logsumexp(teacher, temperature)
         lps = torch.where(valid, zs - lse_s.unsqueeze(1), 0.0)
         lpt = torch.where(valid, zt - lse_t.to(zt.dtype).unsqueeze(1), 0.0)
     return _reduce(_support_divergence(lps, lpt, valid, divergence), rows, n_rows, lead, reduction)
@@ -335,6 +380,7 @@ def linear_topk_target_divergence(
     process_group=None,
     check_finite: bool = False,
     filter_eps: float | None = None,
+    plan: str = "chunked",
 ) -> torch.Tensor:
     """Distill from a teacher that returns only its top-K log-probs per position (e.g. a vLLM server).
 
@@ -359,16 +405,17 @@ def linear_topk_target_divergence(
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
     check.check_process_group(process_group)
-    w = check.check_weight("student_weight", student_weight, shard=process_group is not None)
+    check_plan(plan)
+    w, b, head = check.check_head("student_weight", student_weight, shard=process_group is not None)
     h = check.check_hidden("student_hidden", student_hidden, w, "student_weight")
     lead = h.shape[:-1]
     ids, lpt = _check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
     mask = check.check_mask(mask, lead)
     check.check_same_device(
-        student_hidden=h, student_weight=w, teacher_topk_ids=ids, teacher_topk_logprobs=lpt, mask=mask
+        student_hidden=h, student_weight=w, student_bias=b, teacher_topk_ids=ids, teacher_topk_logprobs=lpt, mask=mask
     )
     if check.check_flag("check_finite", check_finite):
-        check.check_finite(student_hidden=h, student_weight=w)
+        check.check_finite(student_hidden=h, student_weight=w, **({} if b is None else {"student_bias": b}))
     shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
     rows = counted_rows(mask)
     h_c = select_rows(check.flatten(h), rows)
@@ -378,10 +425,11 @@ def linear_topk_target_divergence(
     n_rows = check.flatten(h).shape[0]
     if h_c.shape[0] == 0:
         return _reduce(_no_tokens(h_c, w), rows, n_rows, lead, reduction)
-    ops = get_backend(backend, h.device)
+    ops = get_backend(backend, h.device, shard, plan)
     grad_on = torch.is_grad_enabled()
-    zs = _gathered_logits(h_c, w, ids_c, temperature, grad_on, shard)
-    lse_s = LinearLogSumExp.apply(h_c, w, ops, temperature, filter_eps, grad_on, shard)
+    student = Side(h_c, w, b, head)
+    zs = _gathered_logits(ops, student, ids_c, temperature, grad_on)
+    lse_s = LinearLogSumExp.apply(h_c, w, b, ops, head, temperature, filter_eps, grad_on)
     lps = zs - lse_s.unsqueeze(1)
     lpt_c = lpt_c.to(lps.dtype)
     if divergence == "forward_kl":

@@ -40,3 +40,54 @@ class DivergenceStats(NamedTuple):
     student_lse: torch.Tensor
     teacher_lse: torch.Tensor
     center: torch.Tensor
+
+
+class HeadTransform(NamedTuple):
+    """The scalar part of an output head: logits z = softcap(scale · (h·Wᵀ + b)) / τ (DESIGN.md §2).
+
+    ``softcap`` None means no capping; otherwise z ← softcap · tanh(z / softcap) after the scale, as
+    transformers' Gemma models apply ``final_logit_softcapping``. The temperature τ is the op's own.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+
+IDENTITY_HEAD = HeadTransform()
+
+
+class Side(NamedTuple):
+    """One model's inputs to an op, 2-D and already restricted to the counted tokens.
+
+    ``hidden`` [N, H]; ``weight`` [V, H] (a vocabulary shard under vocabulary parallelism); ``bias`` [V]
+    or None; ``head`` the scalar transform of the logits.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    head: HeadTransform = IDENTITY_HEAD
+
+
+class Need(NamedTuple):
+    """Which student gradients to compute: w.r.t. the hidden states, the weight, the bias."""
+
+    hidden: bool = False
+    weight: bool = False
+    bias: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+class Grads(NamedTuple):
+    """Gradients w.r.t. (hidden [N, H], weight [V, H], bias [V]); None where not needed."""
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None

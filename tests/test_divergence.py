@@ -132,23 +132,24 @@ def test_teacher_never_receives_gradients():
 def test_only_needed_gradients_are_computed(monkeypatch):
     """No gradient sweep under no_grad or when no student tensor requires grad; dW skipped for a frozen head."""
     calls = []
-    for name in ("divergence_forward", "divergence_forward_backward", "divergence_backward"):
-        original = getattr(torch_backend, name)
+    for name in ("divergence", "divergence_backward"):
+        original = getattr(torch_backend.TorchOps, name)
 
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append((_name, args[-2:] if _name != "divergence_forward" else ()))
-            return _original(*args, **kwargs)
+        def spy(self, s, t, spec, *rest, _name=name, _original=original):
+            row_weight, need = rest[-2:]
+            calls.append((_name, row_weight is not None, tuple(need)))
+            return _original(self, s, t, spec, *rest)
 
-        monkeypatch.setattr(torch_backend, name, spy)
+        monkeypatch.setattr(torch_backend.TorchOps, name, spy)
     hs, ws, ht, wt = make_pair(lead=(4,))
     with torch.no_grad():
         linear_reverse_kl(hs, ws, ht, wt, backend="torch")
     linear_reverse_kl(hs.detach(), ws.detach(), ht, wt, backend="torch")
     linear_reverse_kl(hs, ws, ht, wt, reduction="none", backend="torch").sum()
-    assert [c[0] for c in calls] == ["divergence_forward"] * 3
+    assert calls == [("divergence", False, (False, False, False))] * 3
     calls.clear()
     linear_reverse_kl(hs, ws.detach(), ht, wt, backend="torch").backward()
-    assert calls == [("divergence_forward_backward", (True, False))]
+    assert calls == [("divergence", True, (True, False, False))]
 
 
 def test_second_backward_is_refused_not_wrong():

@@ -1,20 +1,14 @@
-"""Backend selection: one dispatch table from backend name to the module that implements every op.
+"""Backend selection: one table from backend name to the class implementing every op, and the ops contract.
 
-A backend module provides, on 2-D inputs (rows already selected by the mask):
+An ops object (:class:`Ops`) works on 2-D inputs, the rows already restricted to the counted tokens; each
+model comes as a :class:`opd_fast.types.Side` (hidden states, weight, bias, head transform). Per-token
+gradient weights (``row_weight``, fp32 [N]) say what to differentiate: Σ_n w_n · quantity_n. Gradients come
+back w.r.t. the first model's hidden states, weight and bias (:class:`opd_fast.types.Grads`), in any
+floating dtype (the autograd layer casts them).
 
-* ``divergence_forward(hs, ws, ht, wt, spec) -> DivergenceStats``
-* ``divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw) -> (dh | None, dw | None)``
-* ``divergence_forward_backward(hs, ws, ht, wt, grad, spec, need_dh, need_dw) -> (stats, dh, dw)``
-* ``jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec) -> (KL(p_s‖m), KL(p_t‖m))`` with given log-sum-exps
-* ``token_logprobs_forward(h, w, ids, temperature) -> (logprobs, lse)``
-* ``token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps) -> (dh, dw)``
-* ``logsumexp_forward(h, w, temperature) -> lse``
-* ``logsumexp_backward(h, w, lse, grad, temperature, need_dh, need_dw, filter_eps) -> (dh, dw)``
-* ``topk(h, w, k, temperature) -> (ids, logprobs, lse, entropy)``: top-k sorted by descending log-prob,
-  ties by the smaller id, with the row's log-sum-exp and entropy
-
-``grad`` is the per-token weight of the loss gradient ([N] fp32); gradients come back w.r.t. the student
-hidden states and weight, in any floating dtype (the autograd layer casts them).
+``get_backend(name, device, shard=None, plan="chunked")`` returns the ops of backend ``name`` for the
+plan (:mod:`opd_fast.chunking`); with a vocabulary ``shard`` they are wrapped in
+:class:`opd_fast.distributed.VocabParallelOps`, which implements the same contract with global results.
 
 ``"auto"`` picks cuda, then triton, then torch for the tensors' device; the environment variable
 ``OPD_FAST_BACKEND`` overrides ``"auto"`` (an explicit backend argument wins over it).
@@ -26,14 +20,57 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable
-from types import ModuleType
+from typing import Protocol
 
 import torch
 
-from opd_fast._validation import check_choice
+from opd_fast._validation import DivergenceSpec, check_choice
+from opd_fast.chunking import check_plan
+from opd_fast.types import DivergenceStats, Grads, Need, Side
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 BACKEND_ENV = "OPD_FAST_BACKEND"
+
+Tensor = torch.Tensor
+
+
+class Ops(Protocol):
+    """What every backend (and the vocabulary-parallel wrapper) implements."""
+
+    name: str
+    plan: str
+
+    def divergence(
+        self, s: Side, t: Side, spec: DivergenceSpec, row_weight: Tensor | None, need: Need
+    ) -> tuple[DivergenceStats, Grads]:
+        """Per-token statistics (fp32 [N] each) and, with ``row_weight``, the gradients of Σ w_n D_n made in
+        the same sweep."""
+
+    def divergence_backward(
+        self, s: Side, t: Side, spec: DivergenceSpec, stats: DivergenceStats, row_weight: Tensor, need: Need
+    ) -> Grads:
+        """Gradients of Σ w_n D_n from the statistics of an earlier forward."""
+
+    def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """(z_y [N], lse [N]); log p(y) = z_y − lse."""
+
+    def logsumexp(self, side: Side, temperature: float) -> Tensor:
+        """lse [N] of the final logits."""
+
+    def logits_backward(
+        self,
+        side: Side,
+        ids: Tensor | None,
+        lse: Tensor,
+        row_weight: Tensor,
+        temperature: float,
+        need: Need,
+        filter_eps: float | None = None,
+    ) -> Grads:
+        """Gradients of Σ w_n lse_n (``ids`` None) or Σ w_n log p(ids_n)."""
+
+    def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ids int64 [N, k], log-probs [N, k] descending, ties by the smaller id; lse [N]; entropy [N])."""
 
 
 class BackendUnavailableError(ValueError):
@@ -72,11 +109,11 @@ def _cuda_unavailable(device: torch.device) -> str | None:
     return "; ".join(reasons) + "; use backend='torch'" if reasons else None
 
 
-# name -> (module implementing the ops, function giving the reason it cannot run on a device or None)
+# name -> ("module:class" implementing the ops, function giving the reason it cannot run on a device or None)
 _TABLE: dict[str, tuple[str, Callable[[torch.device], str | None]]] = {
-    "torch": ("opd_fast.backends.torch_backend", _torch_unavailable),
-    "triton": ("opd_fast.backends.triton_backend", _triton_unavailable),
-    "cuda": ("opd_fast.backends.cuda_backend", _cuda_unavailable),
+    "torch": ("opd_fast.backends.torch_backend:TorchOps", _torch_unavailable),
+    "triton": ("opd_fast.backends.triton_backend:TritonOps", _triton_unavailable),
+    "cuda": ("opd_fast.backends.cuda_backend:CudaOps", _cuda_unavailable),
 }
 
 
@@ -105,6 +142,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def get_backend(backend: str, device: torch.device) -> ModuleType:
-    """The module implementing the ops for ``backend`` on ``device`` (see the module docstring)."""
-    return importlib.import_module(_TABLE[resolve_backend(backend, device)][0])
+def get_backend(backend: str, device: torch.device, shard=None, plan: str = "chunked") -> Ops:
+    """The ops of ``backend`` on ``device`` for ``plan``; vocabulary-parallel over ``shard`` when given."""
+    check_plan(plan)
+    module, cls = _TABLE[resolve_backend(backend, device)][0].split(":")
+    ops = getattr(importlib.import_module(module), cls)(plan)
+    if shard is None:
+        return ops
+    from opd_fast.distributed import VocabParallelOps
+
+    return VocabParallelOps(ops, shard)

@@ -1,313 +1,190 @@
 """The pure-PyTorch backend: the CPU path of every op and the readable spec of what the kernels compute.
 
-Memory plan (see :mod:`opd_fast.chunking`): tokens are processed in chunks of ``plan.rows`` and each
-chunk's vocabulary in tiles of ``plan.cols``; no tensor holds more than ``budget`` logits. When one tile
-spans the whole vocabulary (the usual case) each chunk's logits are computed once and the log-softmax,
-the divergence and its gradient all come from that tile. Otherwise a first sweep over the tiles finds
-each row's log-sum-exp and later sweeps recompute the tiles with it.
+It is the shared sweep of :mod:`opd_fast.backends.sweep` (chunk plan, GEMMs, gradient accumulation) with
+the per-tile math written as plain torch ops. Everything is computed in fp32 (fp64 for fp64 inputs):
+low-precision hidden states and weights are upcast once per call, which costs O((N + V)·H) memory and
+never O(N·V). The head's linear factors (its scale, and 1/τ when there is no softcap) are folded into
+the upcast hidden states and bias, so for most heads the tiles are the final logits already.
 
-Numerics: everything is computed in fp32 (fp64 for fp64 inputs). Low-precision hidden states and weights
-are upcast once per call, which costs O((N + V)·H) memory and never O(N·V). The temperature is folded
-into the hidden states, z = (h / τ) Wᵀ, so ∂/∂W = Gᵀ (h / τ) and ∂/∂h = (G W) / τ for a logit gradient G.
+The logits of a tile are z = post · softcap_c(pre · (h·Wᵀ + b)) (:class:`opd_fast.backends.sweep.Operand`),
+and with the rows' log-probs lp = z − lse the logit gradients of the per-token divergence D are
+(DESIGN.md §2, ``center`` from the forward):
 
-Gradients w.r.t. the student logits z_s of the per-token divergence D (DESIGN.md §2):
-
-* reverse KL  D = Σ p_s (log p_s − log p_t):           G = p_s ⊙ (log p_s − log p_t − D)
-* forward KL  D = Σ p_t (log p_t − log p_s):           G = p_s − p_t
+* reverse KL  D = Σ p_s (lp_s − lp_t):           ∂D/∂z_s = p_s ⊙ (lp_s − lp_t − D)
+* forward KL  D = Σ p_t (lp_t − lp_s):           ∂D/∂z_s = p_s − p_t
 * JSD(β)      D = β KL(p_t‖m) + (1−β) KL(p_s‖m), m = β p_t + (1−β) p_s:
-              ∂D/∂p_s = (1−β) log(p_s / m)  ⇒        G = p_s ⊙ ((1−β) log(p_s/m) − (1−β) KL(p_s‖m))
+              ∂D/∂z_s = p_s ⊙ ((1−β) log(p_s/m) − center),   center = (1−β) KL(p_s‖m)
+* token       log p(y):                           ∂/∂z = [v = y] − p
+* logsumexp   lse:                                ∂/∂z = p
+
+and the chain rule through the head multiplies by dz/d(h·Wᵀ) = post · pre · (1 − tanh²), tanh = z / (c·post).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.chunking import TilePlan, get_chunk_budget, plan_tiles
-from opd_fast.types import DivergenceStats
+from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear
+from opd_fast.chunking import get_chunk_budget
+from opd_fast.types import DivergenceStats, Grads, Need, Side
+
+Tensor = torch.Tensor
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp32, or fp64 when any input is fp64."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
-def _upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+def final_logits(z: Tensor, head: TileHead) -> Tensor:
+    """z_final = post · softcap_c(pre · (z + b)); ``z`` itself (no copy) when the head is the identity."""
+    if head.bias is None and head.pre == 1.0 and head.softcap is None and head.post == 1.0:
+        return z
+    x = z if head.bias is None else z + head.bias
+    if head.pre != 1.0:
+        x = x * head.pre
+    if head.softcap is not None:
+        x = torch.tanh(x / head.softcap) * (head.softcap * head.post)
+    elif head.post != 1.0:
+        x = x * head.post
+    return x
 
 
-def _scaled(hidden: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """h / τ in the compute dtype (a copy only when a cast or a scale is needed)."""
-    hidden = _upcast(hidden, dtype)
-    return hidden if temperature == 1.0 else hidden / temperature
+def head_chain(z_final: Tensor, head: TileHead) -> Tensor | float:
+    """dz_final / d(h·Wᵀ): pre · post, times 1 − tanh² = 1 − (z_final / (c · post))² under a softcap."""
+    factor = head.pre * head.post
+    if head.softcap is None:
+        return factor
+    tanh = z_final / (head.softcap * head.post)
+    return (1.0 - tanh * tanh) * factor
 
 
-class _LogProbTiles:
-    """Log-probability tiles of one token chunk under one or more models.
-
-    ``models`` holds (hidden chunk already divided by τ, weight) pairs. With a single vocabulary tile the
-    logits are computed once, normalized and cached; iterating yields that tile. With several, the
-    log-sum-exp comes from a first sweep (unless given) and every iteration recomputes the tiles.
-    Consumers may overwrite the yielded tiles in place: each tile is yielded once per iteration and a
-    cached tile must be iterated only once.
-    """
-
-    def __init__(self, models: list[tuple[torch.Tensor, torch.Tensor]], plan: TilePlan, lse=None):
-        self.models = models
-        self.plan = plan
-        self._cached: list[torch.Tensor] | None = None
-        if plan.vocab_tiles == 1 and lse is None:
-            self._cached, self.lse = [], []
-            for h, w in models:
-                z = h @ w.T
-                row_max = z.amax(dim=-1)
-                log_probs = torch.log_softmax(z, dim=-1)  # one fused pass, faster than logsumexp + subtract
-                del z
-                self.lse.append(row_max - log_probs.amax(dim=-1))
-                self._cached.append(log_probs)
-        elif plan.vocab_tiles == 1:
-            self.lse = lse
-            self._cached = [(h @ w.T).sub_(row_lse[:, None]) for (h, w), row_lse in zip(models, lse)]
-        elif lse is not None:
-            self.lse = lse
-        else:
-            self.lse = [self._sweep_lse(h, w) for h, w in models]
-
-    def _sweep_lse(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        lse = hidden.new_full((hidden.shape[0],), -math.inf)
-        for cols in self.plan.col_tiles():
-            lse = torch.logaddexp(lse, torch.logsumexp(hidden @ weight[cols].T, dim=-1))
-        return lse
-
-    def __iter__(self) -> Iterator[tuple[slice, list[torch.Tensor]]]:
-        if self._cached is not None:
-            cached, self._cached = self._cached, None
-            yield slice(0, self.plan.vocab), cached
-            return
-        for cols in self.plan.col_tiles():
-            yield cols, [(h @ w[cols].T).sub_(lse[:, None]) for (h, w), lse in zip(self.models, self.lse)]
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Σ_v a[n, v] · b[n, v]."""
     return (a * b).sum(dim=-1)
 
 
-def _divergence_tile(lps, lpt, spec: DivergenceSpec, center=None, want_grad: bool = False):
-    """One tile of the divergence: (loss share, center share, logit gradient G or None).
+def _merge_online(m: Tensor, s: Tensor, acc: Tensor | None, tile_lse: Tensor, tile_acc: Tensor | None) -> None:
+    """Merge a tile given as (its lse, Σ over it of p_tile·x) into the running (m, s, acc), in place.
 
-    Consumes ``lps`` and ``lpt`` (they are overwritten). Without ``center`` the tile's shares of D and of
-    the center are computed, and G too if ``want_grad`` (valid only when this tile is the whole
-    vocabulary, so that the shares are final). With ``center`` (from a full sweep) only G is formed.
+    A tile enters as max = its lse, sum = 1 (so e^{lse_tile − m} is its share of the mass), and its
+    accumulator is a mean under the tile's softmax, weighted the same way.
     """
-    loss = None
-    if spec.kind == "reverse_kl":
-        ps = lps.exp()
-        diff = lps.sub_(lpt)  # log p_s − log p_t
-        if center is None:
-            loss = center = _rowdot(ps, diff)
-        grad = diff.sub_(center[:, None]).mul_(ps) if want_grad else None
-        return loss, center, grad
-    if spec.kind == "forward_kl":
-        pt = lpt.exp()
-        if center is None:
-            loss, center = _rowdot(pt, lpt - lps), torch.zeros_like(lps[:, 0])
-        grad = lps.exp_().sub_(pt) if want_grad else None
-        return loss, center, grad
-    beta = spec.beta
-    log_m = torch.logaddexp(lps + math.log1p(-beta), lpt + math.log(beta))
-    ps = lps.exp()
-    student_term = lps.sub_(log_m)  # log(p_s / m)
-    if center is None:
-        kl_student = _rowdot(ps, student_term)
-        kl_teacher = _rowdot(lpt.exp(), lpt.sub_(log_m))
-        loss, center = beta * kl_teacher + (1.0 - beta) * kl_student, (1.0 - beta) * kl_student
-    grad = student_term.mul_(1.0 - beta).sub_(center[:, None]).mul_(ps) if want_grad else None
-    return loss, center, grad
+    m_new = torch.maximum(m, tile_lse)
+    old = torch.where(m == -math.inf, 0.0, torch.exp(m - m_new))
+    new = torch.where(tile_lse == -math.inf, 0.0, torch.exp(tile_lse - m_new))
+    s.mul_(old).add_(new)
+    if acc is not None:
+        acc.mul_(old).add_(tile_acc * new)
+    m.copy_(m_new)
 
 
-def _accumulate_grads(grad, weight, row_grad, rows, cols, hs, dh, dw) -> None:
-    """dh[rows] += w ⊙ (G W[cols]) and dw[cols] += Gᵀ (w ⊙ hs[rows]); the per-token weights w scale the
-    small [rows, H] factors instead of the [rows, cols] tile."""
-    if dh is not None:
-        dh[rows] += (grad @ weight[cols]).mul_(row_grad[:, None])
-    if dw is not None:
-        dw[cols] += grad.T @ (hs[rows] * row_grad[:, None])
+class TorchEpilogue:
+    """The per-tile math in torch ops (see the module docstring)."""
 
+    def prepare(self, side: Side, temperature: float) -> Operand:
+        dtype = compute_dtype(side.hidden, side.weight)
+        return fold_linear(side, temperature, dtype, lambda t: t)
 
-def _entry_terms(lps: torch.Tensor, lpt: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor:
-    """The divergence's per-entry terms ℓ_v (summing to D over the vocabulary), as a differentiable tile."""
-    if spec.kind == "reverse_kl":
-        return lps.exp() * (lps - lpt)
-    if spec.kind == "forward_kl":
-        return lpt.exp() * (lpt - lps)
-    log_m = torch.logaddexp(lps + math.log1p(-spec.beta), lpt + math.log(spec.beta))
-    return spec.beta * lpt.exp() * (lpt - log_m) + (1.0 - spec.beta) * lps.exp() * (lps - log_m)
+    def grad_dtype(self, operand: Operand) -> torch.dtype:
+        return operand.hidden.dtype
 
+    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
+        a = final_logits(zs, hs)
+        lse_s = torch.logsumexp(a, dim=-1)
+        m_s, s_s, m_t, s_t, acc = state
+        if mode in ("reverse_kl", "forward_kl", "jsd"):
+            b = final_logits(zt, ht)
+            lse_t = torch.logsumexp(b, dim=-1)
+            if mode == "reverse_kl":
+                _merge_online(m_s, s_s, acc, lse_s, _rowdot(torch.softmax(a, dim=-1), a - b))
+            else:
+                _merge_online(m_s, s_s, None, lse_s, None)
+            tile_acc = _rowdot(torch.softmax(b, dim=-1), b - a) if mode == "forward_kl" else None
+            _merge_online(m_t, s_t, acc if mode == "forward_kl" else None, lse_t, tile_acc)
+            return
+        _merge_online(m_s, s_s, None, lse_s, None)
+        if mode == "token_logprob":
+            col = ids - v_lo
+            inside = (col >= 0) & (col < a.shape[1])
+            picked = a.gather(1, col.clamp(0, a.shape[1] - 1)[:, None]).squeeze(1)
+            acc.add_(torch.where(inside, picked, 0.0))
 
-def _clipped_sweep(hs, ws, ht, wt, spec, grad, need_dh, need_dw):
-    """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped) by autograd on each
-    token chunk's logits; a whole vocabulary row per chunk (the clip breaks the closed-form gradient)."""
-    dtype = _compute_dtype(hs, ws, ht, wt)
-    tau = spec.temperature
-    hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)
-    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
-    n_tokens, vocab = hs.shape[0], ws.shape[0]
-    rows_per_chunk = max(1, get_chunk_budget() // vocab)
-    out = DivergenceStats(*(hs.new_zeros(n_tokens) for _ in range(4)))
-    dh = hs.new_zeros(hs.shape) if grad is not None and need_dh else None
-    dw = ws.new_zeros(ws.shape) if grad is not None and need_dw else None
-    for start in range(0, n_tokens, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, n_tokens))
-        with torch.enable_grad():
-            zs = (hs[rows] @ ws.T).detach().requires_grad_(grad is not None)
-            lps, lpt = torch.log_softmax(zs, dim=-1), torch.log_softmax(ht[rows] @ wt.T, dim=-1)
-            loss = _entry_terms(lps, lpt, spec).clamp(max=spec.entry_clip).sum(dim=-1)
-            if grad is not None:
-                (g,) = torch.autograd.grad(loss, zs, grad_outputs=_upcast(grad[rows], dtype))
-        out.loss[rows] = loss.detach()
-        out.student_lse[rows] = torch.logsumexp(zs.detach(), dim=-1)
-        out.teacher_lse[rows] = torch.logsumexp(ht[rows] @ wt.T, dim=-1)
-        if grad is not None:
-            if dh is not None:
-                dh[rows] = g @ ws
-            if dw is not None:
-                dw += g.T @ hs[rows]
-    if dh is not None:
-        dh /= tau
-    return out, dh, dw
+    def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
+        lp_s = final_logits(zs, hs) - lse_s[:, None]
+        lp_t = final_logits(zt, ht) - lse_t[:, None]
+        log_m = torch.logaddexp(lp_s + math.log1p(-beta), lp_t + math.log(beta))
+        terms[0] += _rowdot(lp_s.exp(), lp_s - log_m)
+        terms[1] += _rowdot(lp_t.exp(), lp_t - log_m)
 
-
-def _divergence_sweep(hs, ws, ht, wt, spec, grad, stats, need_dh, need_dw):
-    """Shared driver: per-token statistics and, when ``grad`` is given, the student gradients.
-
-    ``stats`` (from an earlier forward) lets the gradient sweep skip recomputing the log-sum-exps.
-    """
-    if spec.entry_clip is not None:
-        return _clipped_sweep(hs, ws, ht, wt, spec, grad, need_dh, need_dw)
-    dtype = _compute_dtype(hs, ws, ht, wt)
-    tau = spec.temperature
-    hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)
-    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
-    n_tokens = hs.shape[0]
-    plan = plan_tiles(n_tokens, ws.shape[0])
-    single_tile = plan.vocab_tiles == 1
-    out = DivergenceStats(*(hs.new_zeros(n_tokens) for _ in range(4)))
-    dh = hs.new_zeros(hs.shape) if grad is not None and need_dh else None
-    dw = ws.new_zeros(ws.shape) if grad is not None and need_dw else None
-    for rows in plan.row_chunks(n_tokens):
-        lse = None if stats is None else [stats.student_lse[rows], stats.teacher_lse[rows]]
-        tiles = _LogProbTiles([(hs[rows], ws), (ht[rows], wt)], plan, lse)
-        out.student_lse[rows], out.teacher_lse[rows] = tiles.lse
-        row_grad = None if grad is None else _upcast(grad[rows], dtype)
-        if stats is not None:
-            out.loss[rows], out.center[rows] = stats.loss[rows], stats.center[rows]
-        elif single_tile:  # the only tile: loss and gradient from one pass over these logits
-            for cols, (lps, lpt) in tiles:
-                out.loss[rows], out.center[rows], g = _divergence_tile(lps, lpt, spec, want_grad=grad is not None)
-                if g is not None:
-                    _accumulate_grads(g, ws, row_grad, rows, cols, hs, dh, dw)
-            continue
+    def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
+        a = final_logits(zs, hs)
+        chain = head_chain(a, hs)
+        lp_s = a - stats.student_lse[:, None]
+        p_s = lp_s.exp()
+        if mode == "reverse_kl":
+            lp_t = final_logits(zt, ht) - stats.teacher_lse[:, None]
+            g = p_s * (lp_s - lp_t - stats.loss[:, None])
+        elif mode == "forward_kl":
+            g = p_s - (final_logits(zt, ht) - stats.teacher_lse[:, None]).exp()
+        elif mode == "jsd":
+            lp_t = final_logits(zt, ht) - stats.teacher_lse[:, None]
+            log_m = torch.logaddexp(lp_s + math.log1p(-beta), lp_t + math.log(beta))
+            g = p_s * ((1.0 - beta) * (lp_s - log_m) - stats.center[:, None])
+        elif mode == "token_logprob":
+            col = ids - v_lo
+            inside = (col >= 0) & (col < a.shape[1])
+            g = -p_s
+            rows = inside.nonzero().view(-1)
+            g[rows, col[rows]] += 1.0
         else:
-            for _, (lps, lpt) in tiles:
-                loss, center, _ = _divergence_tile(lps, lpt, spec)
-                out.loss[rows] += loss
-                out.center[rows] += center
-        if grad is None:
-            continue
-        for cols, (lps, lpt) in tiles:
-            _, _, g = _divergence_tile(lps, lpt, spec, out.center[rows], want_grad=True)
-            _accumulate_grads(g, ws, row_grad, rows, cols, hs, dh, dw)
-    if dh is not None:
-        dh /= tau
-    return out, dh, dw
+            g = p_s
+        g = g * (row_weight[:, None] * chain) if isinstance(chain, Tensor) else g.mul_(row_weight[:, None] * chain)
+        if out is None:
+            return zs.copy_(g)
+        return out.copy_(g)
+
+    def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(m, ℓ, μ) of :meth:`topk`, empty: m = ℓ = −inf, μ = 0."""
+        state = torch.zeros((3, rows), device=device, dtype=dtype)
+        state[:2] = -math.inf
+        return state
+
+    def topk(self, z, head, k, v_lo, best, state):
+        """Running top-k over tiles plus entropy statistics relative to the running max m (accurate for
+        peaked rows): ℓ = log Σ e^{z−m} and μ = E_p[z] − m, so that lse = m + ℓ and H = ℓ − μ. A tile with
+        max m_t, softmax p, ℓ_t = −log max(p) and μ_t = Σ p (z − m_t) merges as a two-part mixture with
+        weights ∝ e^{ℓ + m} and e^{ℓ_t + m_t}."""
+        z = final_logits(z, head)
+        values, ids = tile_topk(z, min(k, z.shape[1]))
+        best = merge_topk(best, (values, ids + v_lo), k)
+        m, ell, mu = state
+        m_t = z.amax(dim=-1)
+        shifted = z - m_t[:, None]
+        p = torch.softmax(shifted, dim=-1)
+        ell_t, mu_t = -torch.log(p.amax(dim=-1)), _rowdot(p, shifted)
+        m_new = torch.maximum(m, m_t)
+        log_old, log_new = ell + (m - m_new), ell_t + (m_t - m_new)
+        ell_new = torch.logaddexp(log_old, log_new)
+        w_old, w_new = torch.exp(log_old - ell_new), torch.exp(log_new - ell_new)
+        mu.copy_(torch.where(w_old > 0, w_old * (mu + m - m_new), 0.0) + w_new * (mu_t + m_t - m_new))
+        ell.copy_(ell_new)
+        m.copy_(m_new)
+        return best
+
+    def topk_finalize(self, best, state):
+        m, ell, mu = state
+        lse = m + ell
+        return best[1], best[0] - lse[:, None], lse, ell - mu
 
 
-def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec: DivergenceSpec):
-    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row over these vocabulary rows, with the rows' log-sum-exps given
-    (the global ones when the weights are a vocabulary shard)."""
-    dtype = _compute_dtype(hs, ws, ht, wt)
-    tau = spec.temperature
-    hs, ht = _scaled(hs, tau, dtype), _scaled(ht, tau, dtype)
-    ws, wt = _upcast(ws, dtype), _upcast(wt, dtype)
-    plan = plan_tiles(hs.shape[0], ws.shape[0])
-    loss, center = hs.new_zeros(hs.shape[0]), hs.new_zeros(hs.shape[0])
-    for rows in plan.row_chunks(hs.shape[0]):
-        lse = [_upcast(lse_s[rows], dtype), _upcast(lse_t[rows], dtype)]
-        for _, (lps, lpt) in _LogProbTiles([(hs[rows], ws), (ht[rows], wt)], plan, lse):
-            tile_loss, tile_center, _ = _divergence_tile(lps, lpt, spec)
-            loss[rows] += tile_loss
-            center[rows] += tile_center
-    kl_student = center / (1.0 - spec.beta)  # center = (1 − β)·KL(p_s ‖ m), loss = β·KL(p_t ‖ m) + center
-    return kl_student, (loss - center) / spec.beta
-
-
-def divergence_forward(hs, ws, ht, wt, spec: DivergenceSpec) -> DivergenceStats:
-    return _divergence_sweep(hs, ws, ht, wt, spec, None, None, False, False)[0]
-
-
-def divergence_backward(hs, ws, ht, wt, stats: DivergenceStats, grad, spec: DivergenceSpec, need_dh, need_dw):
-    _, dh, dw = _divergence_sweep(hs, ws, ht, wt, spec, grad, stats, need_dh, need_dw)
-    return dh, dw
-
-
-def divergence_forward_backward(hs, ws, ht, wt, grad, spec: DivergenceSpec, need_dh, need_dw):
-    return _divergence_sweep(hs, ws, ht, wt, spec, grad, None, need_dh, need_dw)
-
-
-def logsumexp_forward(h, w, temperature: float) -> torch.Tensor:
-    """lse of softmax(h Wᵀ / τ) per row."""
-    dtype = _compute_dtype(h, w)
-    h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
-    n_tokens = h.shape[0]
-    plan = plan_tiles(n_tokens, w.shape[0])
-    lse = h.new_empty(n_tokens)
-    for rows in plan.row_chunks(n_tokens):
-        lse[rows] = _LogProbTiles([(h[rows], w)], plan).lse[0]
-    return lse
-
-
-def logsumexp_backward(h, w, lse, grad, temperature: float, need_dh: bool, need_dw: bool, filter_eps=None):
-    """∂ lse / ∂z_v = p_v, weighted per token by ``grad``; exact (``filter_eps`` is ignored)."""
-    dtype = _compute_dtype(h, w)
-    h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
-    grad = _upcast(grad, dtype)
-    n_tokens = h.shape[0]
-    plan = plan_tiles(n_tokens, w.shape[0])
-    dh = h.new_zeros(h.shape) if need_dh else None
-    dw = w.new_zeros(w.shape) if need_dw else None
-    for rows in plan.row_chunks(n_tokens):
-        for cols, (lp,) in _LogProbTiles([(h[rows], w)], plan, [lse[rows]]):
-            _accumulate_grads(lp.exp_(), w, grad[rows], rows, cols, h, dh, dw)
-    if dh is not None:
-        dh /= temperature
-    return dh, dw
-
-
-def token_logprobs_forward(h, w, ids, temperature: float):
-    lse = logsumexp_forward(h, w, temperature)
-    dtype = _compute_dtype(h, w)
-    return _rowdot(_scaled(h, temperature, dtype), _upcast(w, dtype)[ids]) - lse, lse
-
-
-def token_logprobs_backward(h, w, ids, lse, grad, temperature: float, need_dh: bool, need_dw: bool, filter_eps=None):
-    """∂ log p(y)/∂z_v = [v = y] − p_v: the log-sum-exp gradient, negated, plus the one-hot part."""
-    dh, dw = logsumexp_backward(h, w, lse, -grad, temperature, need_dh, need_dw)
-    dtype = _compute_dtype(h, w)
-    grad = _upcast(grad, dtype)[:, None] / temperature
-    if dh is not None:
-        dh += grad * _upcast(w, dtype)[ids]
-    if dw is not None:
-        dw.index_add_(0, ids, grad * _upcast(h, dtype))
-    return dh, dw
-
-
-def _tile_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``z`` in canonical order: value descending, ties by smaller column first.
 
     torch.topk picks arbitrarily among values tied with the k-th largest; such a tie exists exactly when
@@ -334,7 +211,7 @@ def _tile_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, cols.gather(1, order)
 
 
-def _merge_topk(best, tile_best, k: int):
+def merge_topk(best, tile_best, k: int):
     """Merge running and tile top-k lists; running ids are all smaller, so a stable sort keeps ties canonical."""
     if best is None:
         return tile_best
@@ -344,45 +221,68 @@ def _merge_topk(best, tile_best, k: int):
     return values[:, :k], ids.gather(1, order[:, :k])
 
 
-def _stream_topk_entropy(hidden: torch.Tensor, weight: torch.Tensor, plan: TilePlan, k: int):
-    """One sweep over the vocabulary tiles: running top-k logits plus the softmax's lse and entropy.
-
-    Everything is kept relative to the running max m, which keeps the entropy accurate for peaked rows:
-    ℓ = log Σ e^{z−m} and μ = E_p[z] − m. A tile with max m_t, softmax p and ℓ_t = −log max(p),
-    μ_t = Σ p (z − m_t), merges as a two-part mixture with weights ∝ e^{ℓ + m} and e^{ℓ_t + m_t}.
-    At the end lse = m + ℓ and the entropy H = lse − E_p[z] = ℓ − μ.
-    """
-    n_rows = hidden.shape[0]
-    m = hidden.new_full((n_rows,), -math.inf)
-    ell = hidden.new_full((n_rows,), -math.inf)
-    mu = hidden.new_zeros(n_rows)
-    best = None
-    for cols in plan.col_tiles():
-        z = hidden @ weight[cols].T
-        values, ids = _tile_topk(z, min(k, cols.stop - cols.start))
-        best = _merge_topk(best, (values, ids + cols.start), k)
-        m_t = z.amax(dim=-1)
-        z -= m_t[:, None]
-        p = torch.softmax(z, dim=-1)
-        ell_t, mu_t = -torch.log(p.amax(dim=-1)), _rowdot(p, z)
-        m_new = torch.maximum(m, m_t)
-        log_old, log_new = ell + (m - m_new), ell_t + (m_t - m_new)
-        ell = torch.logaddexp(log_old, log_new)
-        w_old, w_new = torch.exp(log_old - ell), torch.exp(log_new - ell)
-        mu = torch.where(w_old > 0, w_old * (mu + m - m_new), 0.0) + w_new * (mu_t + m_t - m_new)
-        m = m_new
-    lse = m + ell
-    return best[1], best[0] - lse[:, None], lse, ell - mu
+def _entry_terms(lps: Tensor, lpt: Tensor, spec: DivergenceSpec) -> Tensor:
+    """The divergence's per-entry terms ℓ_v (summing to D over the vocabulary), as a differentiable tile."""
+    if spec.kind == "reverse_kl":
+        return lps.exp() * (lps - lpt)
+    if spec.kind == "forward_kl":
+        return lpt.exp() * (lpt - lps)
+    log_m = torch.logaddexp(lps + math.log1p(-spec.beta), lpt + math.log(spec.beta))
+    return spec.beta * lpt.exp() * (lpt - log_m) + (1.0 - spec.beta) * lps.exp() * (lps - log_m)
 
 
-def topk(h, w, k: int, temperature: float):
-    """(ids int64 [N, k], log-probs [N, k] descending, ties by smaller id; lse [N]; entropy [N])."""
-    dtype = _compute_dtype(h, w)
-    h, w = _scaled(h, temperature, dtype), _upcast(w, dtype)
-    n_tokens = h.shape[0]
-    plan = plan_tiles(n_tokens, w.shape[0])
-    ids = h.new_empty((n_tokens, k), dtype=torch.int64)
-    logprobs, lse, entropy = h.new_empty((n_tokens, k)), h.new_empty(n_tokens), h.new_empty(n_tokens)
-    for rows in plan.row_chunks(n_tokens):
-        ids[rows], logprobs[rows], lse[rows], entropy[rows] = _stream_topk_entropy(h[rows], w, plan, k)
-    return ids, logprobs, lse, entropy
+class TorchOps(Sweep):
+    """The torch backend's ops; ``entry_clip`` (per-entry clipping of the divergence) is computed here only."""
+
+    def __init__(self, plan: str = "chunked"):
+        super().__init__("torch", TorchEpilogue(), plan)
+
+    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+        if spec.entry_clip is None:
+            return super().divergence(s, t, spec, row_weight, need)
+        return self._clipped(s, t, spec, row_weight, need)
+
+    def divergence_backward(self, s, t, spec, stats, row_weight, need):
+        if spec.entry_clip is None:
+            return super().divergence_backward(s, t, spec, stats, row_weight, need)
+        return self._clipped(s, t, spec, row_weight, need)[1]
+
+    def _clipped(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+        """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped) by autograd on each
+        token chunk's logits; a whole vocabulary row per chunk (the clip breaks the closed-form gradient)."""
+        epi = self.epilogue
+        op_s, op_t = epi.prepare(s, spec.temperature), epi.prepare(t, spec.temperature)
+        head_s, head_t = op_s.tile(slice(None)), op_t.tile(slice(None))
+        n_tokens, vocab = op_s.hidden.shape[0], op_s.weight.shape[0]
+        rows_per_chunk = max(1, get_chunk_budget(op_s.hidden.device) // vocab)
+        out = DivergenceStats(*(op_s.hidden.new_zeros(n_tokens) for _ in range(4)))
+        want_grad = row_weight is not None and need.any
+        dh = op_s.hidden.new_zeros(op_s.hidden.shape) if want_grad and need.hidden else None
+        dw = op_s.weight.new_zeros(op_s.weight.shape) if want_grad and need.weight else None
+        db = op_s.hidden.new_zeros(vocab) if want_grad and need.bias else None
+        for start in range(0, n_tokens, rows_per_chunk):
+            rows = slice(start, min(start + rows_per_chunk, n_tokens))
+            with torch.enable_grad():
+                x = (op_s.hidden[rows] @ op_s.weight.T).detach().requires_grad_(want_grad)
+                zs = final_logits(x, head_s)
+                zt = final_logits(op_t.hidden[rows] @ op_t.weight.T, head_t)
+                lps, lpt = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
+                loss = _entry_terms(lps, lpt, spec).clamp(max=spec.entry_clip).sum(dim=-1)
+                if want_grad:
+                    (g,) = torch.autograd.grad(loss, x, grad_outputs=row_weight[rows].to(loss.dtype))
+            out.loss[rows] = loss.detach()
+            out.student_lse[rows] = torch.logsumexp(zs.detach(), dim=-1)
+            out.teacher_lse[rows] = torch.logsumexp(zt.detach(), dim=-1)
+            if want_grad:
+                if dh is not None:
+                    dh[rows] = g @ op_s.weight
+                if dw is not None:
+                    dw += g.T @ op_s.hidden[rows]
+                if db is not None:
+                    db += g.sum(dim=0)
+        scale = op_s.grad_scale
+        if dh is not None:
+            dh *= scale
+        if db is not None:
+            db *= scale
+        return out, Grads(dh, dw, db)

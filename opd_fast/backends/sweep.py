@@ -1,0 +1,528 @@
+"""The tile sweep every backend shares: GEMMs for the logits, a backend's epilogue for the math, GEMMs for
+the gradients. A backend only writes the per-tile math (an :class:`Epilogue`); the loops, the chunk plan,
+the GEMMs, gradient filtering and, on CUDA, the overlap of memory-bound epilogues with the GEMMs live here.
+
+For each token chunk (rows) and vocabulary tile (cols) of :func:`opd_fast.chunking.plan_tiles`:
+
+1. logits: ``z = h[rows] · W[cols]ᵀ`` into a reused fp32 workspace (cuBLAS; bf16/fp16 inputs accumulate
+   and land in fp32 through ``out_dtype``). The bias and the head's scale, softcap and 1/τ are applied by
+   the epilogue, on the fly.
+2. statistics: ``Epilogue.stats_update`` folds each tile into per-row online-softmax state
+   (m_s, s_s, m_t, s_t, acc; see :func:`finalize`), JSD takes one more pass for its mixture terms.
+3. gradient: ``Epilogue.grad`` turns the tile into the logit gradient G (per-token weight, 1/τ and the
+   head's chain rule folded in), then ``dH[rows] += G · W[cols]``, ``dW[cols] += Gᵀ · h[rows]`` (an fp32
+   accumulator when several token chunks add into it) and ``db[cols] += Σ_rows G``.
+
+With the chunked plan a tile is a whole vocabulary row, so steps 1–3 share one computation of the logits:
+forward + backward cost exactly the floor's GEMM FLOPs, 2·N·V·(Hs + Ht) + 4·N·V·Hs, and the logits of a
+chunk die with it. With vocabulary tiles (the streaming plan, or rows that do not fit the budget) the
+gradient sweep recomputes the tiles once the row's statistics are final.
+
+Gradient filtering (``filter_eps > 0``, opt-in): G is proportional to p_s (and p_t for forward KL), so in
+a chunk many vocabulary columns carry a gradient below any resolution. Columns whose |G| (per token,
+before the token's weight) is below ``filter_eps`` in every row of the chunk are left out of the gradient
+GEMMs: the live columns are gathered and only they are multiplied. :func:`last_filter_stats` reports the
+share skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd_fast._validation import DivergenceSpec
+from opd_fast.chunking import TilePlan, plan_tiles
+from opd_fast.types import DivergenceStats, Grads, HeadTransform, Need, Side
+
+Tensor = torch.Tensor
+
+# Op codes shared with the kernels (kernels/_common.py, csrc/epilogue.h). The first three are two-model.
+MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
+TWO_MODEL_MODES = ("reverse_kl", "forward_kl", "jsd")
+
+
+# ---- one model's operands, as the GEMMs and the epilogue take them -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A model's operands: GEMM inputs, the bias and the rest of the head transform.
+
+    The logits are z = post · softcap_c(pre · (hidden · weightᵀ + bias)) with softcap_c(x) = c·tanh(x / c)
+    (identity when ``softcap`` is None) and ``post`` = 1/τ. A backend may fold linear factors into
+    ``hidden`` and ``bias`` (they are copies anyway); ``grad_scale`` is the factor so folded, which the
+    hidden-state and bias gradients must be multiplied by (the weight gradient, Gᵀ·hidden, carries it).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    pre: float
+    softcap: float | None
+    post: float
+    grad_scale: float = 1.0
+
+    def tile(self, cols: slice) -> TileHead:
+        return TileHead(None if self.bias is None else self.bias[cols], self.pre, self.softcap, self.post)
+
+
+class TileHead(tuple):
+    """(bias of the tile's columns | None, pre-scale, softcap | None, post-scale) for an epilogue call."""
+
+    __slots__ = ()
+
+    def __new__(cls, bias: Tensor | None, pre: float, softcap: float | None, post: float):
+        return super().__new__(cls, (bias, pre, softcap, post))
+
+    bias = property(lambda self: self[0])
+    pre = property(lambda self: self[1])
+    softcap = property(lambda self: self[2])
+    post = property(lambda self: self[3])
+
+
+class Epilogue(Protocol):
+    """The per-tile math of a backend, on fp32 [r, c] logits tiles ``z = h·Wᵀ`` of columns [v_lo, v_lo + c).
+
+    ``mode`` is a key of ``MODES``; one-model modes get ``zt = None``. Per-row vectors are fp32 [r].
+    """
+
+    def prepare(self, side: Side, temperature: float) -> Operand:
+        """The GEMM inputs of a model (dtype, strides, folding) and its head transform."""
+
+    def grad_dtype(self, operand: Operand) -> torch.dtype:
+        """dtype of the logit gradient G handed to the gradient GEMMs."""
+
+    def stats_update(
+        self,
+        state: Tensor,
+        zs: Tensor,
+        zt: Tensor | None,
+        ids: Tensor | None,
+        hs: TileHead,
+        ht: TileHead | None,
+        v_lo: int,
+        mode: str,
+    ) -> None:
+        """Merge the tile into ``state`` [5, r] = (m_s, s_s, m_t, s_t, acc) (see :func:`finalize`)."""
+
+    def jsd_update(
+        self,
+        terms: Tensor,
+        zs: Tensor,
+        zt: Tensor,
+        lse_s: Tensor,
+        lse_t: Tensor,
+        hs: TileHead,
+        ht: TileHead,
+        beta: float,
+    ) -> None:
+        """terms [2, r] += (Σ p_s log(p_s/m), Σ p_t log(p_t/m)) over the tile, m = β p_t + (1 − β) p_s."""
+
+    def grad(
+        self,
+        zs: Tensor,
+        zt: Tensor | None,
+        ids: Tensor | None,
+        stats: DivergenceStats,
+        row_weight: Tensor,
+        hs: TileHead,
+        ht: TileHead | None,
+        v_lo: int,
+        mode: str,
+        beta: float,
+        out: Tensor | None,
+    ) -> Tensor:
+        """G [r, c] = row_weight · ∂D/∂(h·Wᵀ) for the tile (the head's chain rule included), into ``out`` or
+        over ``zs``; ``stats`` holds the rows' final (loss, lse_s, lse_t, center)."""
+
+    def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The empty entropy state of :meth:`topk` for ``rows`` rows."""
+
+    def topk(self, z: Tensor, head: TileHead, k: int, v_lo: int, best, entropy_state: Tensor):
+        """Merge a tile into the running top-k ``best`` (None at first) and entropy state [3, r]; returns the
+        new ``best``, finalized by :meth:`topk_finalize`."""
+
+    def topk_finalize(self, best, entropy_state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ids int64 [r, k], log-probs [r, k], lse [r], entropy [r])."""
+
+
+# ---- GEMMs with fp32 accumulation ------------------------------------------------------------------------------
+
+
+def mm_out(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out = a @ b with fp32 (or fp64) accumulation and output for every input dtype."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)  # cuBLAS: bf16/fp16 in, fp32 accumulate and out
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # CPU (host-build tests): through fp32 copies
+
+
+def addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in acc's dtype, without rounding the product to a's dtype first."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# ---- statistics --------------------------------------------------------------------------------------------------
+
+
+def new_state(rows: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fresh online-softmax state [5, rows]: m = −inf, sums 0."""
+    state = torch.zeros((5, rows), device=device, dtype=dtype)
+    state[0] = state[2] = -math.inf
+    return state
+
+
+def finalize(state: Tensor, mode: str) -> DivergenceStats:
+    """Per-row statistics from the online state (m_s, s_s, m_t, s_t, acc), lse = m + log s:
+
+    reverse KL: acc = Σ e^{z_s − m_s}(z_s − z_t)   →  D = acc / s_s − lse_s + lse_t,  center = D
+    forward KL: acc = Σ e^{z_t − m_t}(z_t − z_s)   →  D = acc / s_t − lse_t + lse_s,  center = 0
+    token:      acc = z_y (0 where y is outside)  →  loss = z_y, the caller takes z_y − lse
+    JSD, logsumexp: acc unused (JSD's loss and center come from :meth:`Epilogue.jsd_update`)
+    """
+    m_s, s_s, m_t, s_t, acc = state
+    lse_s = m_s + s_s.log()
+    if mode == "reverse_kl":
+        lse_t = m_t + s_t.log()
+        loss = acc / s_s - lse_s + lse_t
+        return DivergenceStats(loss, lse_s, lse_t, loss)
+    if mode == "forward_kl":
+        lse_t = m_t + s_t.log()
+        return DivergenceStats(acc / s_t - lse_t + lse_s, lse_s, lse_t, torch.zeros_like(lse_s))
+    if mode == "jsd":
+        zeros = torch.zeros_like(lse_s)
+        return DivergenceStats(zeros, lse_s, m_t + s_t.log(), zeros)
+    return DivergenceStats(acc, lse_s, lse_s, torch.zeros_like(lse_s))
+
+
+def jsd_loss(kl_student: Tensor, kl_teacher: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(D, center) of JSD(β) = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m); center = (1 − β) KL(p_s ‖ m)."""
+    center = (1.0 - beta) * kl_student
+    return beta * kl_teacher + center, center
+
+
+# ---- gradient filtering -----------------------------------------------------------------------------------------
+
+
+class FilterStats:
+    """Vocabulary columns (or tiles) seen and skipped by gradient filtering, counted on the device."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.skipped: Tensor | int = 0
+
+    def add(self, total: int, skipped: Tensor | int) -> None:
+        self.total += total
+        self.skipped = self.skipped + skipped
+
+    def as_dict(self) -> dict:
+        skipped = int(self.skipped)
+        return {
+            "tiles": self.total,
+            "skipped": skipped,
+            "skipped_fraction": skipped / self.total if self.total else 0.0,
+        }
+
+
+_last_filter_stats = FilterStats()
+
+
+def last_filter_stats() -> dict:
+    """Columns/tiles seen and skipped by gradient filtering in the most recent gradient sweep (any backend)."""
+    return _last_filter_stats.as_dict()
+
+
+def set_filter_stats(stats: FilterStats) -> None:
+    global _last_filter_stats
+    _last_filter_stats = stats
+
+
+def live_columns(g: Tensor, row_weight: Tensor, filter_eps: float) -> Tensor:
+    """Indices of the tile's columns where some row's unweighted |G| reaches ``filter_eps``."""
+    scale = row_weight.abs().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    peak = (g.abs().to(torch.float32) / scale[:, None]).amax(dim=0)
+    return (peak >= filter_eps).nonzero().view(-1)
+
+
+# ---- the sweep ---------------------------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """dH, dW, db of one model over the sweep: dH rows written once per chunk (when one tile spans the
+    vocabulary), dW in fp32 when several token chunks add into it, else written once per tile."""
+
+    def __init__(self, op: Operand, need: Need, plan: TilePlan, n_rows: int, filter_eps: float):
+        self.op, self.need, self.plan, self.filter_eps = op, need, plan, filter_eps
+        device, acc_dtype = op.hidden.device, torch.promote_types(op.hidden.dtype, torch.float32)
+        self.acc_dtype = acc_dtype
+        self.dh = torch.zeros(op.hidden.shape, device=device, dtype=acc_dtype) if need.hidden else None
+        self.several_chunks = plan.rows < n_rows
+        dw_dtype = acc_dtype if self.several_chunks else op.weight.dtype
+        self.dw = torch.zeros(op.weight.shape, device=device, dtype=dw_dtype) if need.weight else None
+        self.db = torch.zeros(op.weight.shape[0], device=device, dtype=acc_dtype) if need.bias else None
+        self.filter = FilterStats()
+
+    def add(self, g: Tensor, rows: slice, cols: slice, row_weight: Tensor) -> None:
+        w, h = self.op.weight[cols], self.op.hidden[rows]
+        index = None
+        if self.filter_eps > 0:
+            index = live_columns(g, row_weight, self.filter_eps)
+            self.filter.add(g.shape[1], g.shape[1] - index.numel())
+            g, w = g.index_select(1, index), w.index_select(0, index)
+        if self.dh is not None:
+            if self.plan.vocab_tiles == 1:
+                mm_out(g, w, self.dh[rows])
+            else:
+                addmm_(self.dh[rows], g, w)
+        if self.dw is not None:
+            target = self.dw[cols]
+            if index is not None:
+                update = torch.zeros((index.numel(), h.shape[1]), device=g.device, dtype=self.acc_dtype)
+                mm_out(g.T, h, update)
+                target.index_add_(0, index, update.to(target.dtype))  # unique indices: one writer per row
+            elif self.several_chunks:
+                addmm_(target, g.T, h)
+            else:
+                mm_out(g.T, h, target)
+        if self.db is not None:
+            col_sum = g.sum(dim=0, dtype=self.acc_dtype)
+            if index is None:
+                self.db[cols] += col_sum
+            else:
+                self.db[cols].index_add_(0, index, col_sum)
+
+    def result(self) -> Grads:
+        if self.filter_eps > 0:
+            set_filter_stats(self.filter)
+        scale = self.op.grad_scale
+        dh = self.dh if self.dh is None or scale == 1.0 else self.dh.mul_(scale)
+        db = self.db if self.db is None or scale == 1.0 else self.db.mul_(scale)
+        return Grads(dh, self.dw, db)
+
+
+def _select(stats: DivergenceStats, rows: slice) -> DivergenceStats:
+    return DivergenceStats(*(t[rows] for t in stats))
+
+
+class Sweep:
+    """The ops of :mod:`opd_fast.backends` for a plan, on an :class:`Epilogue`."""
+
+    def __init__(self, name: str, epilogue: Epilogue, plan: str = "chunked"):
+        self.name, self.epilogue, self.plan = name, epilogue, plan
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def _plan(self, n_rows: int, vocab: int, device: torch.device) -> TilePlan:
+        return plan_tiles(n_rows, vocab, plan=self.plan, device=device)
+
+    def _workspace(self, plan: TilePlan, n_models: int, device: torch.device, dtype: torch.dtype):
+        """Reused flat fp32 buffers, one per model, each big enough for one [rows, cols] tile."""
+        return [torch.empty(plan.rows * plan.cols, device=device, dtype=dtype) for _ in range(n_models)]
+
+    @staticmethod
+    def _logits(op: Operand, rows: slice, cols: slice, buf: Tensor) -> Tensor:
+        r, c = rows.stop - rows.start, cols.stop - cols.start
+        return mm_out(op.hidden[rows], op.weight[cols].T, buf[: r * c].view(r, c))
+
+    def _grad_buffer(self, op: Operand, plan: TilePlan, acc_dtype: torch.dtype):
+        dtype = self.epilogue.grad_dtype(op)
+        if dtype == acc_dtype:
+            return None  # G overwrites the student's logits tile in place
+        return torch.empty(plan.rows * plan.cols, device=op.hidden.device, dtype=dtype)
+
+    def _tile_source(self, plan: TilePlan, ops: list[Operand], bufs: list[Tensor], rows: slice):
+        """A callable giving a token chunk's (cols, [logits per model]) tiles: computed once and handed out
+        on every call when one tile spans the vocabulary, recomputed on every call otherwise."""
+        if plan.vocab_tiles == 1:
+            cols = slice(0, plan.vocab)
+            tile = [self._logits(op, rows, cols, buf) for op, buf in zip(ops, bufs)]
+            return lambda: [(cols, tile)]
+        return lambda: (
+            (cols, [self._logits(op, rows, cols, buf) for op, buf in zip(ops, bufs)]) for cols in plan.col_tiles()
+        )
+
+    def _chunk_stats(self, mode, s, t, tiles, ids, beta, r, dtype) -> DivergenceStats:
+        """One token chunk's statistics: a sweep of online-softmax merges, plus JSD's mixture pass."""
+        epi = self.epilogue
+        state = new_state(r, s.hidden.device, dtype)
+        for cols, zz in tiles():
+            zt = zz[1] if t is not None else None
+            epi.stats_update(
+                state, zz[0], zt, ids, s.tile(cols), t.tile(cols) if t is not None else None, cols.start, mode
+            )
+        stats = finalize(state, mode)
+        if mode != "jsd":
+            return stats
+        terms = torch.zeros((2, r), device=s.hidden.device, dtype=dtype)
+        for cols, (zs, zt) in tiles():
+            epi.jsd_update(terms, zs, zt, stats.student_lse, stats.teacher_lse, s.tile(cols), t.tile(cols), beta)
+        loss, center = jsd_loss(terms[0], terms[1], beta)
+        return DivergenceStats(loss, stats.student_lse, stats.teacher_lse, center)
+
+    # -- the generic sweep ---------------------------------------------------------------------------------------
+
+    def _sweep(
+        self,
+        mode: str,
+        ops: list[Operand],
+        ids: Tensor | None,
+        beta: float,
+        row_weight: Tensor | None,
+        given: DivergenceStats | None,
+        need: Need,
+        filter_eps: float,
+        jsd_lse: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[DivergenceStats | None, Grads]:
+        """Statistics (unless ``given``) and, with ``row_weight``, the first model's gradients.
+
+        ``jsd_lse`` (vocabulary parallelism): the rows' global log-sum-exps; the sweep then only adds up the
+        JSD terms of these vocabulary rows and returns them as (loss = KL(p_s‖m), center = KL(p_t‖m)).
+        """
+        epi, s = self.epilogue, ops[0]
+        t = ops[1] if len(ops) > 1 else None
+        n_rows, vocab, device = s.hidden.shape[0], s.weight.shape[0], s.hidden.device
+        plan = self._plan(n_rows, vocab, device)
+        acc_dtype = torch.promote_types(s.hidden.dtype, torch.float32)
+        want_grad = row_weight is not None and need.any
+        acc = _Accumulator(s, need, plan, n_rows, filter_eps) if want_grad else None
+        want_stats = given is None
+        out = None
+        if want_stats:
+            out = DivergenceStats(*(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in range(4)))
+        if n_rows == 0 or vocab == 0:
+            return out, Grads() if acc is None else acc.result()
+        bufs = self._workspace(plan, len(ops), device, acc_dtype)
+        g_buf = self._grad_buffer(s, plan, acc_dtype) if want_grad else None
+        for rows in plan.row_chunks(n_rows):
+            r = rows.stop - rows.start
+            ids_r = None if ids is None else ids[rows]
+            tiles = self._tile_source(plan, ops, bufs, rows)
+            if jsd_lse is not None:
+                terms = torch.zeros((2, r), device=device, dtype=acc_dtype)
+                for cols, (zs, zt) in tiles():
+                    epi.jsd_update(terms, zs, zt, jsd_lse[0][rows], jsd_lse[1][rows], s.tile(cols), t.tile(cols), beta)
+                out.loss[rows], out.center[rows] = terms
+                continue
+            if want_stats:
+                stats = self._chunk_stats(mode, s, t, tiles, ids_r, beta, r, acc_dtype)
+                for field, value in zip(out, stats):
+                    field[rows] = value
+            else:
+                stats = _select(given, rows)
+            if not want_grad:
+                continue
+            weight_r = row_weight[rows].to(acc_dtype)
+            for cols, zz in tiles():
+                c = cols.stop - cols.start
+                g_out = None if g_buf is None else g_buf[: r * c].view(r, c)
+                zt = zz[1] if t is not None else None
+                ht = t.tile(cols) if t is not None else None
+                g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_out)
+                acc.add(g, rows, cols, weight_r)
+        return out, Grads() if acc is None else acc.result()
+
+    # -- the ops -------------------------------------------------------------------------------------------------
+
+    def _operands(self, sides: list[Side], temperature: float) -> list[Operand]:
+        return [self.epilogue.prepare(side, temperature) for side in sides]
+
+    def divergence(
+        self, s: Side, t: Side, spec: DivergenceSpec, row_weight: Tensor | None, need: Need
+    ) -> tuple[DivergenceStats, Grads]:
+        """Per-token statistics and, when ``row_weight`` [N] is given, the gradients of Σ_n w_n D_n."""
+        ops = self._operands([s, t], spec.temperature)
+        filter_eps = spec.filter_eps or 0.0
+        stats, grads = self._sweep(spec.kind, ops, None, spec.beta, row_weight, None, need, filter_eps)
+        return stats, grads
+
+    def divergence_backward(
+        self, s: Side, t: Side, spec: DivergenceSpec, stats: DivergenceStats, row_weight: Tensor, need: Need
+    ) -> Grads:
+        """Gradients of Σ_n w_n D_n from given (e.g. global) statistics; recomputes the logits."""
+        ops = self._operands([s, t], spec.temperature)
+        given = DivergenceStats(*(x.to(torch.promote_types(ops[0].hidden.dtype, torch.float32)) for x in stats))
+        return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, spec.filter_eps or 0.0)[1]
+
+    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor) -> tuple[Tensor, Tensor]:
+        """(KL(p_s ‖ m), KL(p_t ‖ m)) summed over these vocabulary rows, given the rows' (global) lse."""
+        ops = self._operands([s, t], spec.temperature)
+        dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
+        lse = (lse_s.to(dtype), lse_t.to(dtype))
+        out, _ = self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)
+        return out.loss, out.center
+
+    def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """(z_y [N], lse [N]): the logit of each row's token (0 where ``ids`` is outside these rows, e.g. −1)
+        and the row's log-sum-exp."""
+        ops = self._operands([side], temperature)
+        stats, _ = self._sweep("token_logprob", ops, ids, 0.0, None, None, Need(), 0.0)
+        return stats.loss, stats.student_lse
+
+    def logsumexp(self, side: Side, temperature: float) -> Tensor:
+        ops = self._operands([side], temperature)
+        return self._sweep("logsumexp", ops, None, 0.0, None, None, Need(), 0.0)[0].student_lse
+
+    def logits_backward(
+        self,
+        side: Side,
+        ids: Tensor | None,
+        lse: Tensor,
+        row_weight: Tensor,
+        temperature: float,
+        need: Need,
+        filter_eps: float | None = None,
+    ) -> Grads:
+        """Gradients of Σ_n w_n lse_n (``ids`` None) or of Σ_n w_n log p(ids_n) (``ids`` −1 where the token
+        lies outside these rows: only the −p part)."""
+        ops = self._operands([side], temperature)
+        dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
+        lse = lse.to(dtype)
+        zeros = torch.zeros_like(lse)
+        given = DivergenceStats(zeros, lse, lse, zeros)
+        mode = "logsumexp" if ids is None else "token_logprob"
+        return self._sweep(mode, ops, ids, 0.0, row_weight, given, need, filter_eps or 0.0)[1]
+
+    def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ids int64 [N, k], log-probs [N, k] descending with ties by the smaller id, lse [N], entropy [N])."""
+        (op,) = self._operands([side], temperature)
+        n_rows, vocab, device = op.hidden.shape[0], op.weight.shape[0], op.hidden.device
+        plan = self._plan(n_rows, vocab, device)
+        dtype = torch.promote_types(op.hidden.dtype, torch.float32)
+        ids = torch.empty((n_rows, k), device=device, dtype=torch.int64)
+        logprobs = torch.empty((n_rows, k), device=device, dtype=dtype)
+        lse = torch.empty(n_rows, device=device, dtype=dtype)
+        entropy = torch.empty(n_rows, device=device, dtype=dtype)
+        (buf,) = self._workspace(plan, 1, device, dtype)
+        for rows in plan.row_chunks(n_rows):
+            state = self.epilogue.topk_state(rows.stop - rows.start, device, dtype)
+            best = None
+            for cols in plan.col_tiles():
+                z = self._logits(op, rows, cols, buf)
+                best = self.epilogue.topk(z, op.tile(cols), k, cols.start, best, state)
+            ids[rows], logprobs[rows], lse[rows], entropy[rows] = self.epilogue.topk_finalize(best, state)
+        return ids, logprobs, lse, entropy
+
+
+def fold_linear(side: Side, temperature: float, dtype: torch.dtype, contiguous: Callable[[Tensor], Tensor]) -> Operand:
+    """An :class:`Operand` in ``dtype`` with the head's linear factors folded into the hidden states and bias
+    (scale · 1/τ when there is no softcap, the scale alone before a softcap): for backends that copy the
+    hidden states anyway, the epilogue then sees final logits and skips the transform."""
+    head: HeadTransform = side.head
+    factor = head.scale / temperature if head.softcap is None else head.scale
+    hidden = side.hidden.to(dtype)
+    bias = None if side.bias is None else side.bias.to(dtype)
+    if factor != 1.0:
+        hidden = hidden * factor
+        bias = None if bias is None else bias * factor
+    post = 1.0 if head.softcap is None else 1.0 / temperature
+    return Operand(contiguous(hidden), contiguous(side.weight.to(dtype)), bias, 1.0, head.softcap, post, factor)
