@@ -112,15 +112,16 @@ class LMHead:
     def from_model(cls, model) -> LMHead:
         """The head of a transformers causal LM (peft-wrapped too), read as its ``forward`` applies it.
 
-        Reads the module the forward applies to the final hidden state (``lm_head``, ``embed_out`` ...) and
+        Reads the module the forward applies to the final hidden state (``lm_head``, ``output_projection``) and
         the attributes the forward reads after it: ``final_logit_softcapping`` (Gemma 2/3/3n/4, VaultGemma,
         nanochat), ``logit_scale`` (Cohere, Cohere2: multiplies), ``logits_scaling`` (Granite, Granite-MoE:
         divides; HyperCLOVA X: multiplies; MiniCPM3 divides the hidden states by it), ``lm_head_multiplier``
         (Falcon-H1), ``output_multiplier`` (Muse Glimmer), ``logits_soft_cap`` (RecurrentGemma),
         the lm_head bias (Phi ...) and tied embeddings (GPT-2 ...).
         FSDP2/tensor-parallel DTensor heads are gathered with ``full_tensor()`` (a collective: call it on
-        every rank; gradients flow back through it). A peft ``modules_to_save`` copy of the head is read
-        where the wrapper's forward would route.
+        every rank; gradients flow back through it); torch.distributed's own hooks on the head (they move
+        values, never change them) are allowed, any other forward hook is refused. A peft
+        ``modules_to_save`` copy of the head is read where the wrapper's forward would route.
 
         Only the model classes whose forward opd_fast's tests compare against :meth:`logits` are accepted
         (:func:`supported_model_classes`); everything else raises ValueError naming the model class and
@@ -143,9 +144,11 @@ class LMHead:
             raise ValueError(
                 f"{name}.{module_path} is a {type(module).__module__}.{type(module).__qualname__}, not a "
                 "torch.nn.Linear: its output is not h·Wᵀ + b for one weight W, so opd_fast cannot compute it "
-                "exactly (merge or remove an adapter on it, e.g. peft's merge_and_unload(), or build LMHead yourself)"
+                "exactly (if it does compute h·Wᵀ + b, build LMHead(weight, bias, scale, softcap) yourself)"
             )
-        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        hooks = [
+            h for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()) if not _moves_only(h)
+        ]
         if hooks or "forward" in vars(module) or hasattr(module, "_hf_hook"):
             what = ", ".join(repr(h) for h in hooks) or "a replaced forward (e.g. accelerate's device hooks)"
             raise ValueError(
@@ -414,7 +417,8 @@ def _family(lm) -> tuple[str, tuple[Callable, str]]:
     raise ValueError(
         f"{cls.__module__}.{cls.__qualname__}.forward is not one opd_fast has verified (no transformers class among "
         "opd_fast.heads.supported_model_classes()), so it cannot tell what the forward does after the final hidden "
-        "state; read the forward and build LMHead(weight, bias, scale, softcap) yourself"
+        "state; unwrap wrappers first (DistributedDataParallel: model.module, torch.compile: model._orig_mod), or "
+        "read the forward and build LMHead(weight, bias, scale, softcap) yourself"
     )
 
 
@@ -430,6 +434,14 @@ def _resolve_peft(module):
     if module.disable_adapters or not active or any(a not in module.modules_to_save for a in active):
         return module.original_module
     return module.modules_to_save[active[0]]
+
+
+def _moves_only(hook) -> bool:
+    """torch.distributed's own hooks (FSDP2 unsharding, tensor-parallel input/output layouts) change where the
+    values live, never the values; any other hook could change the logits."""
+    function = getattr(hook, "func", hook)  # functools.partial
+    function = getattr(function, "__func__", function)  # bound method
+    return (getattr(function, "__module__", None) or "").startswith("torch.distributed.")
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:

@@ -368,3 +368,19 @@ def test_minicpm3_with_a_biased_head_is_refused(built):
     model.lm_head = torch.nn.Linear(32, 101, bias=True)
     with pytest.raises(ValueError, match=r"MiniCPM3ForCausalLM\.lm_head has a bias"):
         LMHead.from_model(model)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_dtensor_head_is_gathered_with_its_gradients(tmp_path):
+    """Tensor-parallel lm_head over 2 gloo ranks: weight and bias are DTensor row shards, with
+    torch.distributed's layout hooks on the module."""
+    import head_tp_worker
+    import torch.multiprocessing as mp
+
+    mp.spawn(head_tp_worker.worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["plain"]
+        assert rel_err(result["logits"], result["expected"]) <= TOL
+        for got, expected in zip(result["grads"], result["expected_grads"], strict=True):
+            assert rel_err(got, expected) <= TOL
