@@ -114,10 +114,12 @@ class LMHead:
 
         Reads the module the forward applies to the final hidden state (``lm_head``, ``output_projection``) and
         the attributes the forward reads after it: ``final_logit_softcapping`` (Gemma 2/3/3n/4, VaultGemma,
-        nanochat), ``logit_scale`` (Cohere, Cohere2: multiplies), ``logits_scaling`` (Granite, Granite-MoE:
-        divides; HyperCLOVA X: multiplies; MiniCPM3 divides the hidden states by it), ``lm_head_multiplier``
-        (Falcon-H1), ``output_multiplier`` (Muse Glimmer), ``logits_soft_cap`` (RecurrentGemma),
-        the lm_head bias (Phi ...) and tied embeddings (GPT-2 ...).
+        nanochat, Beam, Inkling2), ``logit_scale`` (Cohere, Cohere2: multiplies), ``logits_scaling`` (Granite,
+        Granite-MoE: divides; HyperCLOVA X: multiplies; MiniCPM3 divides the hidden states by it),
+        ``lm_head_multiplier`` (Falcon-H1), ``output_multiplier`` then the softcap (Muse Glimmer, Muse Spark),
+        ``logits_soft_cap`` (RecurrentGemma), the lm_head bias (Phi ...) and tied embeddings (GPT-2 ...).
+        What a class's forward does not apply is not read: Gemma3ForConditionalGeneration ignores
+        ``text_config.final_logit_softcapping`` (transformers 5.x), so its head has no softcap.
         FSDP2/tensor-parallel DTensor heads are gathered with ``full_tensor()`` (a collective: call it on
         every rank; gradients flow back through it); torch.distributed's own hooks on the head (they move
         values, never change them) are allowed, any other forward hook is refused. A peft
@@ -328,6 +330,9 @@ _FAMILIES: dict[str, tuple[Callable, str]] = {
     "Gemma3ForCausalLM": (_SOFTCAP, "lm_head"),
     "Gemma3nForCausalLM": (_SOFTCAP, "lm_head"),
     "Gemma4ForCausalLM": (_SOFTCAP, "lm_head"),
+    "Gemma4UnifiedForCausalLM": (_SOFTCAP, "lm_head"),
+    "BeamForCausalLM": (_SOFTCAP, "lm_head"),
+    "Inkling2ForCausalLM": (_reader(softcap="logit_softcap.softcap", softcap_optional=False), "lm_head"),
     "VaultGemmaForCausalLM": (_SOFTCAP, "lm_head"),
     "NanoChatForCausalLM": (_SOFTCAP, "lm_head"),
     "Gemma3ForConditionalGeneration": (_plain, "lm_head"),  # never applies text_config.final_logit_softcapping
@@ -343,6 +348,14 @@ _FAMILIES: dict[str, tuple[Callable, str]] = {
     "FalconH1ForCausalLM": (_reader(scale="model.lm_head_multiplier"), "lm_head"),
     "MiniCPM3ForCausalLM": (_minicpm3, "lm_head"),
     "MuseGlimmerForConditionalGeneration": (
+        _reader(
+            scale="config.text_config.output_multiplier",
+            softcap="config.text_config.final_logit_softcapping",
+            softcap_optional=False,
+        ),
+        "lm_head",
+    ),
+    "MuseSparkForConditionalGeneration": (
         _reader(
             scale="config.text_config.output_multiplier",
             softcap="config.text_config.final_logit_softcapping",

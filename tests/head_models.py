@@ -215,6 +215,24 @@ MORE = dict(
         _arch("VaultGemmaForCausalLM", "vaultgemma", head={"final_logit_softcapping": 2.0}),
         _arch("XGLMForCausalLM", "xglm"),
         _arch("Lfm2ForCausalLM", "lfm2"),
+        _arch("Gemma4UnifiedForCausalLM", "gemma4_unified_text", head={"final_logit_softcapping": 2.0}),
+        _arch("BeamForCausalLM", "beam", head={"final_logit_softcapping": 2.0}),
+        _arch("Inkling2ForCausalLM", "inkling2_text", head={"final_logit_softcapping": 2.0}),
+        _arch(
+            "MuseSparkForConditionalGeneration",
+            "muse_spark",
+            head={"output_multiplier": 0.6, "final_logit_softcapping": 2.0},
+            config={
+                "vision_config": _TINY_VISION,
+                "audio_config": {
+                    "num_hidden_layers": 1,
+                    "patch_sizes": (4,),
+                    "hidden_sizes": (16,),
+                    "depths": (1,),
+                    "out_hidden_size": 32,
+                },
+            },
+        ),
         _arch("MiniMaxForCausalLM", "minimax"),
         _arch("Ministral3ForCausalLM", "ministral3"),
         _arch(
