@@ -67,6 +67,13 @@ class LMHead:
         if self.softcap is not None:
             object.__setattr__(self, "softcap", _positive_number("LMHead softcap", self.softcap, "None for no cap"))
 
+    def __repr__(self) -> str:
+        def describe(t):
+            return None if t is None else f"[{', '.join(map(str, t.shape))}] {t.dtype} on {t.device}"
+
+        tensors = f"weight={describe(self.weight)}, bias={describe(self.bias)}"
+        return f"LMHead({tensors}, scale={self.scale}, softcap={self.softcap})"
+
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
@@ -107,6 +114,11 @@ class LMHead:
             )
         bias = None if self.bias is None else self.bias[start:stop]
         return LMHead(self.weight[start:stop], bias, self.scale, self.softcap)
+
+    def detach(self) -> LMHead:
+        """The same head on detached tensors (e.g. a frozen teacher's, or for metrics without gradients)."""
+        bias = None if self.bias is None else self.bias.detach()
+        return LMHead(self.weight.detach(), bias, self.scale, self.softcap)
 
     @classmethod
     def from_model(cls, model) -> LMHead:

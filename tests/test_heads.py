@@ -122,6 +122,18 @@ def test_bad_heads_are_refused_by_argument(kwargs, error, match):
         LMHead(**{"weight": torch.ones(3, 2), **kwargs})
 
 
+def test_detach_and_repr():
+    h, w, b = (t.requires_grad_() for t in _head_inputs())
+    head = LMHead(w, b, 0.5, 3.0)
+    frozen = head.detach()
+    assert not frozen.weight.requires_grad and not frozen.bias.requires_grad
+    assert frozen.weight.data_ptr() == w.data_ptr() and (frozen.scale, frozen.softcap) == (0.5, 3.0)
+    assert rel_err(frozen.logits(h), head.logits(h)) == 0
+    assert repr(head) == (
+        "LMHead(weight=[11, 6] torch.float64 on cpu, bias=[11] torch.float64 on cpu, scale=0.5, softcap=3.0)"
+    )
+
+
 def test_numbers_are_stored_as_floats():
     head = LMHead(torch.ones(3, 2), scale=2, softcap=30)
     assert type(head.scale) is float and type(head.softcap) is float
