@@ -8,6 +8,7 @@ from opd_fast.backends import BackendUnavailableError
 from opd_fast.chunking import chunk_budget, get_chunk_budget, set_chunk_budget
 from opd_fast.distributed import shard_rows
 from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs
+from opd_fast.heads import LMHead
 from opd_fast.modules import OPDLoss
 from opd_fast.topk import linear_topk_divergence, linear_topk_overlap, linear_topk_target_divergence
 from opd_fast.types import TopKOverlap
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "LMHead",
     "OPDLoss",
     "TopKOverlap",
     "__version__",
