@@ -70,22 +70,40 @@ void check_mode(const char* op, int64_t mode) {
               mode);
 }
 
-void check_inv_tau(const char* op, double inv_tau) {
-  TORCH_CHECK(std::isfinite(inv_tau) && inv_tau > 0, "opd_fast._C.", op,
-              ": inv_tau (1 / temperature) must be finite and > 0, got ", inv_tau);
+// A model's output head from Python: its bias for the chunk's columns (fp32 [width] or None) and the
+// scalars (pre, softcap, post) of epilogue.h's Head, softcap 0 meaning none and post = 1 / temperature.
+Head make_head(const char* op, const char* name, const OptionalTensor& bias, const std::vector<double>& scalars,
+               int64_t width, const at::Device& device) {
+  TORCH_CHECK(scalars.size() == 3, "opd_fast._C.", op, ": ", name,
+              " must be [pre, softcap, post] (the head's scale, its softcap or 0, 1 / temperature), got ",
+              scalars.size(), " numbers");
+  const double pre = scalars[0], softcap = scalars[1], post = scalars[2];
+  TORCH_CHECK(std::isfinite(pre) && pre > 0, "opd_fast._C.", op, ": ", name, "'s scale must be finite and > 0, got ",
+              pre);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "opd_fast._C.", op, ": ", name,
+              "'s softcap must be finite and > 0, or 0 for none, got ", softcap);
+  TORCH_CHECK(std::isfinite(post) && post > 0, "opd_fast._C.", op, ": ", name,
+              "'s post-scale (1 / temperature) must be finite and > 0, got ", post);
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    check_tensor(op, "bias", *bias, at::kFloat, {width}, device);
+    bias_ptr = bias->data_ptr<float>();
+  }
+  return Head{bias_ptr, static_cast<float>(pre), static_cast<float>(softcap), static_cast<float>(post)};
 }
 
 void check_launch(const char* op, const char* error) {
   TORCH_CHECK(error == nullptr, "opd_fast._C.", op, ": kernel launch failed: ", error);
 }
 
-void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt,
-                          const OptionalTensor& ids, at::Tensor& state, int64_t v_lo, double inv_tau,
-                          int64_t mode, int64_t stream) {
+void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& ids, at::Tensor& state,
+                          int64_t v_lo, int64_t mode, const OptionalTensor& bias_s, const std::vector<double>& head_s,
+                          const OptionalTensor& bias_t, const std::vector<double>& head_t, int64_t stream) {
   const char* op = "softmax_stats_update";
   const auto [n, width] = check_chunk(op, "zs", zs);
   check_mode(op, mode);
-  check_inv_tau(op, inv_tau);
+  const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
+  const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
   const float* zt_ptr = nullptr;
   if (two_models(static_cast<int>(mode))) {
@@ -101,25 +119,26 @@ void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt,
   }
   check_tensor(op, "state", state, at::kFloat, {5, n}, zs.device());
   check_launch(op, launch_softmax_stats_update(zs.data_ptr<float>(), zt_ptr, ids_ptr, state.data_ptr<float>(), n,
-                                               width, v_lo, static_cast<float>(inv_tau), static_cast<int>(mode),
+                                               width, v_lo, hs, ht, static_cast<int>(mode),
                                                static_cast<std::intptr_t>(stream)));
 }
 
 void jsd_terms_update(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& lse_s, const at::Tensor& lse_t,
-                      at::Tensor& terms, double inv_tau, double beta, int64_t stream) {
+                      at::Tensor& terms, double beta, const OptionalTensor& bias_s, const std::vector<double>& head_s,
+                      const OptionalTensor& bias_t, const std::vector<double>& head_t, int64_t stream) {
   const char* op = "jsd_terms_update";
   const auto [n, width] = check_chunk(op, "zs", zs);
-  check_inv_tau(op, inv_tau);
+  const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
+  const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
               ": beta must be in (0, 1) (0 and 1 are forward and reverse KL), got ", beta);
   check_tensor(op, "zt", zt, at::kFloat, {n, width}, zs.device());
   check_tensor(op, "lse_s", lse_s, at::kFloat, {n}, zs.device());
   check_tensor(op, "lse_t", lse_t, at::kFloat, {n}, zs.device());
-  check_tensor(op, "terms", terms, at::kFloat, {2, n}, zs.device());
+  check_tensor(op, "terms", terms, at::kFloat, {3, n}, zs.device());
   check_launch(op, launch_jsd_terms_update(zs.data_ptr<float>(), zt.data_ptr<float>(), lse_s.data_ptr<float>(),
-                                           lse_t.data_ptr<float>(), terms.data_ptr<float>(), n, width,
-                                           static_cast<float>(inv_tau), static_cast<float>(beta),
-                                           static_cast<std::intptr_t>(stream)));
+                                           lse_t.data_ptr<float>(), terms.data_ptr<float>(), n, width, hs, ht,
+                                           static_cast<float>(beta), static_cast<std::intptr_t>(stream)));
 }
 
 int grad_dtype_code(const char* op, const at::Tensor& g) {
@@ -131,12 +150,14 @@ int grad_dtype_code(const char* op, const at::Tensor& g) {
 
 void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& ids, const at::Tensor& lse_s,
                 const OptionalTensor& lse_t, const OptionalTensor& loss, const OptionalTensor& center,
-                const at::Tensor& row_weight, const OptionalTensor& g, int64_t v_lo, double inv_tau, double beta,
-                int64_t mode, int64_t stream) {
+                const at::Tensor& row_weight, const OptionalTensor& g, int64_t v_lo, double beta, int64_t mode,
+                const OptionalTensor& bias_s, const std::vector<double>& head_s, const OptionalTensor& bias_t,
+                const std::vector<double>& head_t, int64_t stream) {
   const char* op = "logit_grad";
   const auto [n, width] = check_chunk(op, "zs", zs);
   check_mode(op, mode);
-  check_inv_tau(op, inv_tau);
+  const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
+  const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
   const auto vec = [&](const char* name, const OptionalTensor& t, const char* when) {
     const at::Tensor& r = required(op, name, t, when);
@@ -175,7 +196,7 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
   }
   check_launch(op, launch_logit_grad(zs.data_ptr<float>(), zt_ptr, ids_ptr, lse_s.data_ptr<float>(), lse_t_ptr,
                                      loss_ptr, center_ptr, row_weight.data_ptr<float>(), g_ptr, g_dtype, n, width, v_lo,
-                                     static_cast<float>(inv_tau), static_cast<float>(beta), static_cast<int>(mode),
+                                     hs, ht, static_cast<float>(beta), static_cast<int>(mode),
                                      static_cast<std::intptr_t>(stream)));
 }
 
@@ -189,11 +210,11 @@ int64_t check_keys(const char* op, const at::Tensor& keys, int64_t n, const at::
   return k;
 }
 
-void topk_update(const at::Tensor& z, at::Tensor& keys, at::Tensor& state, int64_t v_lo, double inv_tau,
-                 int64_t stream) {
+void topk_update(const at::Tensor& z, at::Tensor& keys, at::Tensor& state, int64_t v_lo, const OptionalTensor& bias,
+                 const std::vector<double>& head_scalars, int64_t stream) {
   const char* op = "topk_update";
   const auto [n, width] = check_chunk(op, "z", z);
-  check_inv_tau(op, inv_tau);
+  const Head head = make_head(op, "head", bias, head_scalars, width, z.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
   TORCH_CHECK(v_lo + width <= std::numeric_limits<int32_t>::max(), "opd_fast._C.", op,
               ": token ids must fit in 31 bits (packed keys), got a chunk ending at column ", v_lo + width);
@@ -201,7 +222,7 @@ void topk_update(const at::Tensor& z, at::Tensor& keys, at::Tensor& state, int64
   check_tensor(op, "state", state, at::kFloat, {3, n}, z.device());
   // int64 storage holds the unsigned key bits unchanged: only the kernels interpret them.
   check_launch(op, launch_topk_update(z.data_ptr<float>(), reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
-                                      state.data_ptr<float>(), n, width, v_lo, k, static_cast<float>(inv_tau),
+                                      state.data_ptr<float>(), n, width, v_lo, k, head,
                                       static_cast<std::intptr_t>(stream)));
 }
 
@@ -233,17 +254,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_TOPK") = opd_fast::kMaxTopK;
   m.attr("HOST_BUILD") = opd_fast::kDevice == c10::DeviceType::CPU;
   m.def("softmax_stats_update", &opd_fast::softmax_stats_update, py::arg("zs"), py::arg("zt"), py::arg("ids"),
-        py::arg("state"), py::arg("v_lo"), py::arg("inv_tau"), py::arg("mode"), py::arg("stream"),
+        py::arg("state"), py::arg("v_lo"), py::arg("mode"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"),
+        py::arg("head_t"), py::arg("stream"),
         "Merge the chunk's online-softmax statistics into state [5, N].");
   m.def("jsd_terms_update", &opd_fast::jsd_terms_update, py::arg("zs"), py::arg("zt"), py::arg("lse_s"),
-        py::arg("lse_t"), py::arg("terms"), py::arg("inv_tau"), py::arg("beta"), py::arg("stream"),
-        "Add the chunk's JSD terms to terms [2, N].");
+        py::arg("lse_t"), py::arg("terms"), py::arg("beta"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"),
+        py::arg("head_t"), py::arg("stream"),
+        "Add the chunk's JSD terms to terms [3, N].");
   m.def("logit_grad", &opd_fast::logit_grad, py::arg("zs"), py::arg("zt"), py::arg("ids"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("loss"), py::arg("center"), py::arg("row_weight"), py::arg("g"), py::arg("v_lo"),
-        py::arg("inv_tau"), py::arg("beta"), py::arg("mode"), py::arg("stream"),
+        py::arg("beta"), py::arg("mode"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"), py::arg("head_t"),
+        py::arg("stream"),
         "Write the chunk's logit gradient into g (or in place into zs when g is None).");
   m.def("topk_update", &opd_fast::topk_update, py::arg("z"), py::arg("keys"), py::arg("state"), py::arg("v_lo"),
-        py::arg("inv_tau"), py::arg("stream"), "Merge the chunk into the running top-k keys [N, k] and state [3, N].");
+        py::arg("bias"), py::arg("head"), py::arg("stream"), "Merge the chunk into the running top-k keys [N, k] and state [3, N].");
   m.def("topk_finalize", &opd_fast::topk_finalize, py::arg("keys"), py::arg("state"), py::arg("ids"),
         py::arg("logprobs"), py::arg("lse"), py::arg("entropy"), py::arg("stream"),
         "Decode the top-k keys into ids and log-probs, with each row's lse and entropy.");

@@ -14,9 +14,9 @@
 // arithmetic, the online-softmax merges, the reductions, the buffer management and the barrier
 // placement are all exercised on CPU tensors by the tests.
 //
-// Notation (DESIGN.md §2): a chunk holds the fp32 logits z = h Wᵀ of `width` vocabulary columns
-// starting at column v_lo, one row per token; the temperature enters as z·inv_tau. All accumulation
-// is fp32.
+// Notation (DESIGN.md §2): a chunk holds the fp32 raw logits x = h Wᵀ of `width` vocabulary columns
+// starting at column v_lo, one row per token; the model's output head and the temperature turn them into
+// the final logits z = Head::apply(x, j) on the fly. All accumulation is fp32.
 #pragma once
 
 #include <cmath>
@@ -43,12 +43,29 @@ constexpr int64_t kMaxTopK = 1024;
 
 OPD_HD constexpr bool two_models(int mode) { return mode == kReverseKL || mode == kForwardKL || mode == kJSD; }
 
-// log(e^a + e^b). A ternary rather than fmaxf so that a NaN operand propagates instead of being dropped.
-OPD_HD float logaddexp(float a, float b) {
-  const float top = a > b ? a : b;
-  if (top == -INFINITY) return -INFINITY;
-  return top + log1pf(expf(-fabsf(a - b)));
-}
+// A model's output head on one chunk: z = post · c·tanh(pre · (x + b_j) / c), with no tanh when c = 0 (no
+// softcap) and no bias when `bias` is null (else it points at the chunk's first column). post is 1/τ, so
+// the same struct carries the temperature. Transformers applies exactly this order (Gemma's
+// final_logit_softcapping after Cohere/Granite-style scaling of h·Wᵀ + b), and generate() divides by τ last.
+struct Head {
+  const float* bias;
+  float pre, softcap, post;
+
+  OPD_HD float apply(float x, int64_t j) const {
+    float u = (bias != nullptr ? x + bias[j] : x) * pre;
+    if (softcap > 0.f) u = softcap * tanhf(u / softcap);
+    return u * post;
+  }
+
+  // dz/dx from z itself: pre · post, times 1 − tanh² = 1 − (z / (c · post))² under a softcap.
+  OPD_HD float chain(float z) const {
+    if (softcap > 0.f) {
+      const float t = z / (softcap * post);
+      return pre * post * (1.f - t * t);
+    }
+    return pre * post;
+  }
+};
 
 // Online softmax with one extra accumulator: m = max z, s = Σ e^{z−m}, a = Σ e^{z−m}·x. When the max
 // grows from m to z both sums are rescaled by e^{m−z}, so (m, s, a) always describe the same values
@@ -132,12 +149,12 @@ struct MergeEntropyAcc {
   OPD_HD EntropyAcc operator()(const EntropyAcc& p, const EntropyAcc& q) const { return merge(p, q); }
 };
 
-struct Sum2 {
-  float a, b;
+struct Sum3 {
+  float a, b, c;
 };
 
-struct MergeSum2 {
-  OPD_HD Sum2 operator()(const Sum2& p, const Sum2& q) const { return {p.a + q.a, p.b + q.b}; }
+struct MergeSum3 {
+  OPD_HD Sum3 operator()(const Sum3& p, const Sum3& q) const { return {p.a + q.a, p.b + q.b, p.c + q.c}; }
 };
 
 // Every thread gets merge() over the group's values. Tree in group-shared memory (scratch: size() slots)
@@ -174,21 +191,21 @@ OPD_HD int64_t token_column(const int64_t* ids, int64_t n, int64_t v_lo, int64_t
 // Each chunk's row state is reduced over the group, then merged into the running state by rank 0.
 template <int kMode, class Group>
 OPD_HD void row_softmax_stats(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
-                              float inv_tau, float* state, int64_t stride, PairAcc* scratch) {
+                              const Head& hs, const Head& ht, float* state, int64_t stride, PairAcc* scratch) {
   PairAcc local = {OnlineAcc::empty(), OnlineAcc::empty()};
   for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const float a = zs[j] * inv_tau;
+    const float a = hs.apply(zs[j], j);
     if (kMode == kReverseKL) {
-      const float b = zt[j] * inv_tau;
+      const float b = ht.apply(zt[j], j);
       local.s.add(a, a - b);
       local.t.add(b, 0.f);
     } else if (kMode == kForwardKL) {
-      const float b = zt[j] * inv_tau;
+      const float b = ht.apply(zt[j], j);
       local.s.add(a, 0.f);
       local.t.add(b, b - a);
     } else if (kMode == kJSD) {
       local.s.add(a, 0.f);
-      local.t.add(zt[j] * inv_tau, 0.f);
+      local.t.add(ht.apply(zt[j], j), 0.f);
     } else {
       local.s.add(a, 0.f);
     }
@@ -207,67 +224,103 @@ OPD_HD void row_softmax_stats(const Group& g, const float* zs, const float* zt, 
     state[3 * stride] = t.s;
     if (acc_teacher) state[4 * stride] = t.a;
   }
-  if (kMode == kTokenLogprob && y_col >= 0) state[4 * stride] += zs[y_col] * inv_tau;
+  if (kMode == kTokenLogprob && y_col >= 0) state[4 * stride] += hs.apply(zs[y_col], y_col);
 }
 
-// JSD(β) terms of one element given the final log-probs, m = β p_t + (1 − β) p_s:
-// (p_s log(p_s / m), p_t log(p_t / m)); summed they give KL(p_s ‖ m) and KL(p_t ‖ m).
-OPD_HD Sum2 jsd_terms(float lp_s, float lp_t, float log_beta, float log_1m_beta) {
-  const float log_m = logaddexp(lp_s + log_1m_beta, lp_t + log_beta);
-  return {expf(lp_s) * (lp_s - log_m), expf(lp_t) * (lp_t - log_m)};
+// x − log(1 + x) ≥ 0 without cancellation near 0: with u = x / (2 + x), log1p(x) = 2 atanh(u), so
+// x − log1p(x) = x² / (2 + x) − 2 (u³/3 + u⁵/5 + …), cut where the terms drop below fp32 resolution
+// (|u| ≤ 1/3 for |x| ≤ 1/2); larger |x| lose at most a few bits directly.
+OPD_HD float x_minus_log1p(float x) {
+  if (fabsf(x) > 0.5f) return x - log1pf(x);
+  const float u = x / (2.f + x), u2 = u * u;
+  const float series =
+      u * u2 * (1.f / 3 + u2 * (1.f / 5 + u2 * (1.f / 7 + u2 * (1.f / 9 + u2 * (1.f / 11 + u2 * (1.f / 13 + u2 / 15))))));
+  return x * x / (2.f + x) - 2.f * series;
 }
 
-// Second JSD pass: adds this chunk's Σ of jsd_terms to terms[0] (student) and terms[stride] (teacher).
+// JSD(β) of one element without cancellation at any β (opd_fast/backends/torch_backend.py: jsd_parts):
+// with d = lp_t − lp_s, m/p_s = 1 + x, x = β·expm1(d), and m/p_t = 1 + y, y = (1 − β)·expm1(−d). Since
+// Σ p_s x = Σ p_t y = 0, KL(p_s ‖ m) = Σ p_s (x − log1p x) and KL(p_t ‖ m) = Σ p_t (y − log1p y): terms ≥ 0,
+// O(β²) as β → 0, where p_s log(p_s/m) would cancel. Returns (p_s, log(p_s / m), fs, ft).
+struct JsdParts {
+  float p_s, log_s, fs, ft;
+};
+
+// log(e^a + e^b) for a, b not both −inf.
+OPD_HD float logaddexp(float a, float b) {
+  const float high = fmaxf(a, b);
+  return high + log1pf(expf(fminf(a, b) - high));
+}
+
+OPD_HD JsdParts jsd_parts(float lp_s, float lp_t, float beta) {
+  const float p_s = expf(lp_s), p_t = expf(lp_t), d = lp_t - lp_s;
+  const float x = beta * expm1f(fminf(d, 30.f)), y = (1.f - beta) * expm1f(fminf(-d, 30.f));
+  // log(p_s / m) = −log1p(x), except where 1 + x = (1 − β) + β e^d is small (x < −1/2): 1 + x would cancel,
+  // the log-add-exp of log(1 − β) and log β + d does not. Likewise for log(p_t / m).
+  const float log_beta = logf(beta), log_rest = logf(1.f - beta);
+  float log_s = x < -0.5f ? -logaddexp(log_rest, d + log_beta) : -log1pf(x);
+  float log_t = y < -0.5f ? -logaddexp(log_beta, log_rest - d) : -log1pf(y);
+  if (d > 30.f) log_s = log_t - d;                // the other side's exponential, so nothing overflows
+  if (d < -30.f) log_t = log_s + d;
+  const float fs = fabsf(x) <= 0.5f ? p_s * x_minus_log1p(x) : beta * (p_t - p_s) + p_s * log_s;
+  const float ft = fabsf(y) <= 0.5f ? p_t * x_minus_log1p(y) : (1.f - beta) * (p_s - p_t) + p_t * log_t;
+  return {p_s, log_s, fs, ft};
+}
+
+// Second JSD pass: adds this chunk's Σ fs to terms[0], Σ ft to terms[stride] and Σ p_s log(p_s / m) to
+// terms[2 · stride] (the gradient's center, consistent with the per-element log(p_s / m): sweep.jsd_loss).
 template <class Group>
-OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int64_t width, float inv_tau, float lse_s,
-                          float lse_t, float beta, float* terms, int64_t stride, Sum2* scratch) {
-  const float log_beta = logf(beta), log_1m_beta = log1pf(-beta);
-  Sum2 local = {0.f, 0.f};
+OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
+                          const Head& ht, float lse_s, float lse_t, float beta, float* terms, int64_t stride,
+                          Sum3* scratch) {
+  Sum3 local = {0.f, 0.f, 0.f};
   for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const Sum2 e = jsd_terms(zs[j] * inv_tau - lse_s, zt[j] * inv_tau - lse_t, log_beta, log_1m_beta);
-    local.a += e.a;
-    local.b += e.b;
+    const JsdParts e = jsd_parts(hs.apply(zs[j], j) - lse_s, ht.apply(zt[j], j) - lse_t, beta);
+    local.a += e.fs;
+    local.b += e.ft;
+    local.c += e.p_s * e.log_s;
   }
-  const Sum2 row = all_reduce(g, local, MergeSum2(), scratch);
+  const Sum3 row = all_reduce(g, local, MergeSum3(), scratch);
   if (g.rank() != 0) return;
   terms[0] += row.a;
   terms[stride] += row.b;
+  terms[2 * stride] += row.c;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Logit gradients (the formulas of kernels/linear_grad.py), given the forward's per-row statistics:
 //     reverse KL:  p_s (lp_s − lp_t − D)
 //     forward KL:  p_s − p_t
-//     JSD(β):      p_s ((1 − β) log(p_s / m) − center),  m = β p_t + (1 − β) p_s
+//     JSD(β):      p_s ((1 − β) log(p_s / m) − center), log(p_s / m) = −log1p(x) from jsd_parts
 //     token:       [v = y] − p_s
 //     logsumexp:   p_s
 template <int kMode>
-OPD_HD float logit_grad_element(float lp_s, float lp_t, bool hit, float loss, float center, float beta,
-                                float log_beta, float log_1m_beta) {
+OPD_HD float logit_grad_element(float lp_s, float lp_t, bool hit, float loss, float center, float beta) {
   const float p_s = expf(lp_s);
   if (kMode == kReverseKL) return p_s * (lp_s - lp_t - loss);
   if (kMode == kForwardKL) return p_s - expf(lp_t);
   if (kMode == kJSD) {
-    const float log_m = logaddexp(lp_s + log_1m_beta, lp_t + log_beta);
-    return p_s * ((1.f - beta) * (lp_s - log_m) - center);
+    const JsdParts e = jsd_parts(lp_s, lp_t, beta);
+    return e.p_s * ((1.f - beta) * e.log_s - center);
   }
   if (kMode == kTokenLogprob) return (hit ? 1.f : 0.f) - p_s;
   return p_s;
 }
 
-// One row of G, scaled by `scale` = (per-token gradient weight) / τ so that the GEMMs that follow give
+// One row of G = ∂(w · loss)/∂x with respect to the raw logits x, for the per-token gradient weight
+// `scale` = w: the head's chain rule (1/τ included) is folded in, so that the GEMMs that follow give
 // dH = G W and dW = Gᵀ H directly. `store(j, value)` writes column j in the output dtype; it may write
 // over zs[j] (in place) because each column is read before it is written, by the same thread.
 template <int kMode, class Group, class Store>
 OPD_HD void row_logit_grad(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
-                           float inv_tau, float lse_s, float lse_t, float loss, float center, float beta, float scale,
-                           Store store) {
-  const float log_beta = kMode == kJSD ? logf(beta) : 0.f;
-  const float log_1m_beta = kMode == kJSD ? log1pf(-beta) : 0.f;
+                           const Head& hs, const Head& ht, float lse_s, float lse_t, float loss, float center,
+                           float beta, float scale, Store store) {
   for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const float lp_s = zs[j] * inv_tau - lse_s;
-    const float lp_t = two_models(kMode) ? zt[j] * inv_tau - lse_t : 0.f;
-    store(j, scale * logit_grad_element<kMode>(lp_s, lp_t, j == y_col, loss, center, beta, log_beta, log_1m_beta));
+    const float a = hs.apply(zs[j], j);
+    const float lp_s = a - lse_s;
+    const float lp_t = two_models(kMode) ? ht.apply(zt[j], j) - lse_t : 0.f;
+    const float element = logit_grad_element<kMode>(lp_s, lp_t, j == y_col, loss, center, beta);
+    store(j, scale * hs.chain(a) * element);
   }
 }
 
@@ -359,11 +412,11 @@ OPD_HD constexpr int topk_buffer_capacity(int64_t k, int group_size) {
 // overflow it, the buffer is sorted and cut back to the best k, which also raises the threshold. Keys
 // are unique, so the result does not depend on the order in which candidates were appended.
 template <class Group>
-OPD_HD void row_topk_update(const Group& g, const float* z, int64_t width, int64_t v_lo, float inv_tau, uint64_t* keys,
-                            int k, float* state, int64_t stride, uint64_t* buf, int cap, int* count,
+OPD_HD void row_topk_update(const Group& g, const float* z, int64_t width, int64_t v_lo, const Head& head,
+                            uint64_t* keys, int k, float* state, int64_t stride, uint64_t* buf, int cap, int* count,
                             EntropyAcc* scratch) {
   EntropyAcc local = EntropyAcc::empty();
-  for (int64_t j = g.rank(); j < width; j += g.size()) local.add(z[j] * inv_tau);
+  for (int64_t j = g.rank(); j < width; j += g.size()) local.add(head.apply(z[j], j));
   const EntropyAcc row = all_reduce(g, local, MergeEntropyAcc(), scratch);
   if (g.rank() == 0) {
     const EntropyAcc merged = merge(EntropyAcc{state[0], state[stride], state[2 * stride]}, row);
@@ -379,7 +432,7 @@ OPD_HD void row_topk_update(const Group& g, const float* z, int64_t width, int64
   for (int64_t base = 0; base < width; base += g.size()) {
     const int64_t j = base + g.rank();
     if (j < width) {
-      const uint64_t key = pack_key(z[j] * inv_tau, v_lo + j);
+      const uint64_t key = pack_key(head.apply(z[j], j), v_lo + j);
       if (key > threshold) buf[g.append(count)] = key;
     }
     g.sync();

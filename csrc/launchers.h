@@ -9,30 +9,35 @@
 
 #include <cstdint>
 
+#include "epilogue.h"
+
 namespace opd_fast {
 
+// Every op takes each model's output head (epilogue.h: Head, bias pointing at the chunk's first column,
+// temperature folded into `post`).
+//
 // state [5, N] fp32 (m_s, s_s, m_t, s_t, acc), merged with chunk [v_lo, v_lo + width).
 // zt: [N, width] in two-model modes, else unused; ids: [N] int64 in token mode, else unused.
 const char* launch_softmax_stats_update(const float* zs, const float* zt, const int64_t* ids, float* state,
-                                        int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, int mode,
+                                        int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, int mode,
                                         std::intptr_t stream);
 
-// terms [2, N] fp32 += (Σ p_s log(p_s/m), Σ p_t log(p_t/m)) over the chunk, given the final lse.
+// terms [3, N] fp32 += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s/m)) over the chunk, given the final lse.
 const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
-                                    float* terms, int64_t n_rows, int64_t width, float inv_tau, float beta,
+                                    float* terms, int64_t n_rows, int64_t width, Head hs, Head ht, float beta,
                                     std::intptr_t stream);
 
-// g [N, width] (GradDtype g_dtype; may be zs itself when fp32) = row_weight/τ · logit gradient.
+// g [N, width] (GradDtype g_dtype; may be zs itself when fp32) = row_weight · gradient w.r.t. the raw logits.
 // Unused per mode: zt and lse_t (one-model modes), ids (outside token mode), loss (outside reverse
 // KL), center (outside JSD).
 const char* launch_logit_grad(const float* zs, const float* zt, const int64_t* ids, const float* lse_s,
                               const float* lse_t, const float* loss, const float* center, const float* row_weight,
-                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau,
+                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht,
                               float beta, int mode, std::intptr_t stream);
 
 // keys [N, k] (uint64 bits, descending, sentinel 0) and state [3, N] fp32 (m, s, t) merged with the chunk.
 const char* launch_topk_update(const float* z, uint64_t* keys, float* state, int64_t n_rows, int64_t width,
-                               int64_t v_lo, int64_t k, float inv_tau, std::intptr_t stream);
+                               int64_t v_lo, int64_t k, Head head, std::intptr_t stream);
 
 // ids [N, k] int64, logprobs [N, k] fp32, lse [N], entropy [N] from the running keys and state.
 const char* launch_topk_finalize(const uint64_t* keys, const float* state, int64_t* ids, float* logprobs, float* lse,

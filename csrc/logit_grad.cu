@@ -1,7 +1,7 @@
 // Backward epilogue: the logit gradient G of one vocabulary chunk from its recomputed fp32 logits.
 //
 // Memory plan: the chunk's logits [N, width] come from cuBLAS; this kernel turns them into
-// G = (row weight / τ) · ∂loss/∂z (formulas in epilogue.h) in the student weight's dtype, in place
+// G = row weight · ∂loss/∂x, x the raw logits (formulas and the head's chain rule in epilogue.h) in the student weight's dtype, in place
 // when that is fp32, so that dH += G W_chunk and dW_chunk = Gᵀ H follow as two plain GEMMs with fp32
 // accumulation and one writer per output element (deterministic, no atomics). Grid: one block of
 // kThreads per token row, columns strided over the threads (coalesced).
@@ -30,35 +30,35 @@ __global__ void __launch_bounds__(kThreads)
     logit_grad_kernel(const float* zs, const float* __restrict__ zt, const int64_t* __restrict__ ids,
                       const float* __restrict__ lse_s, const float* __restrict__ lse_t,
                       const float* __restrict__ loss, const float* __restrict__ center,
-                      const float* __restrict__ row_weight, T* g, int64_t width, int64_t v_lo, float inv_tau,
+                      const float* __restrict__ row_weight, T* g, int64_t width, int64_t v_lo, Head hs, Head ht,
                       float beta) {
   const int64_t i_n = blockIdx.x;
   const int64_t o_row = i_n * width;  // int64: N · width exceeds int32 for real shapes
   const bool two = two_models(kMode);
   row_logit_grad<kMode>(BlockGroup(), zs + o_row, two ? zt + o_row : nullptr, width,
-                        kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, inv_tau, lse_s[i_n],
+                        kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht, lse_s[i_n],
                         two ? lse_t[i_n] : 0.f, kMode == kReverseKL ? loss[i_n] : 0.f,
-                        kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n] * inv_tau, RowStore<T>{g + o_row});
+                        kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n], RowStore<T>{g + o_row});
 }
 
 template <int kMode>
 const char* launch_mode(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
                         const float* loss, const float* center, const float* row_weight, void* g, int g_dtype,
-                        int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, float beta, cudaStream_t s) {
+                        int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, float beta, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(n_rows));
   switch (g_dtype) {
     case kGradFloat32:
       logit_grad_kernel<kMode, float><<<grid, kThreads, 0, s>>>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight,
-                                                                static_cast<float*>(g), width, v_lo, inv_tau, beta);
+                                                                static_cast<float*>(g), width, v_lo, hs, ht, beta);
       break;
     case kGradBFloat16:
       logit_grad_kernel<kMode, __nv_bfloat16><<<grid, kThreads, 0, s>>>(
-          zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<__nv_bfloat16*>(g), width, v_lo, inv_tau,
+          zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<__nv_bfloat16*>(g), width, v_lo, hs, ht,
           beta);
       break;
     case kGradFloat16:
       logit_grad_kernel<kMode, __half><<<grid, kThreads, 0, s>>>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight,
-                                                                 static_cast<__half*>(g), width, v_lo, inv_tau, beta);
+                                                                 static_cast<__half*>(g), width, v_lo, hs, ht, beta);
       break;
     default:
       return "unknown gradient dtype";
@@ -70,26 +70,26 @@ const char* launch_mode(const float* zs, const float* zt, const int64_t* ids, co
 
 const char* launch_logit_grad(const float* zs, const float* zt, const int64_t* ids, const float* lse_s,
                               const float* lse_t, const float* loss, const float* center, const float* row_weight,
-                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau,
+                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht,
                               float beta, int mode, std::intptr_t stream) {
   if (n_rows == 0) return nullptr;
   const cudaStream_t s = as_stream(stream);
   switch (mode) {
     case kReverseKL:
       return launch_mode<kReverseKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                     v_lo, inv_tau, beta, s);
+                                     v_lo, hs, ht, beta, s);
     case kForwardKL:
       return launch_mode<kForwardKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                     v_lo, inv_tau, beta, s);
+                                     v_lo, hs, ht, beta, s);
     case kJSD:
       return launch_mode<kJSD>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width, v_lo,
-                               inv_tau, beta, s);
+                               hs, ht, beta, s);
     case kTokenLogprob:
       return launch_mode<kTokenLogprob>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows,
-                                        width, v_lo, inv_tau, beta, s);
+                                        width, v_lo, hs, ht, beta, s);
     case kLogSumExp:
       return launch_mode<kLogSumExp>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                     v_lo, inv_tau, beta, s);
+                                     v_lo, hs, ht, beta, s);
     default:
       return "unknown mode";
   }

@@ -14,48 +14,48 @@ namespace {
 template <int kMode>
 __global__ void __launch_bounds__(kThreads)
     softmax_stats_kernel(const float* zs, const float* zt, const int64_t* ids, float* state, int64_t n_rows,
-                         int64_t width, int64_t v_lo, float inv_tau) {
+                         int64_t width, int64_t v_lo, Head hs, Head ht) {
   __shared__ PairAcc scratch[kThreads];
   const int64_t i_n = blockIdx.x;
   const int64_t o_row = i_n * width;  // int64: N · width exceeds int32 for real shapes
   const int64_t y_col = kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1;
-  row_softmax_stats<kMode>(BlockGroup(), zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, inv_tau,
+  row_softmax_stats<kMode>(BlockGroup(), zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, hs, ht,
                            state + i_n, n_rows, scratch);
 }
 
 __global__ void __launch_bounds__(kThreads)
     jsd_terms_kernel(const float* zs, const float* zt, const float* lse_s, const float* lse_t, float* terms,
-                     int64_t n_rows, int64_t width, float inv_tau, float beta) {
-  __shared__ Sum2 scratch[kThreads];
+                     int64_t n_rows, int64_t width, Head hs, Head ht, float beta) {
+  __shared__ Sum3 scratch[kThreads];
   const int64_t i_n = blockIdx.x;
   const int64_t o_row = i_n * width;
-  row_jsd_terms(BlockGroup(), zs + o_row, zt + o_row, width, inv_tau, lse_s[i_n], lse_t[i_n], beta, terms + i_n,
-                n_rows, scratch);
+  row_jsd_terms(BlockGroup(), zs + o_row, zt + o_row, width, hs, ht, lse_s[i_n], lse_t[i_n], beta, terms + i_n, n_rows,
+                scratch);
 }
 
 }  // namespace
 
 const char* launch_softmax_stats_update(const float* zs, const float* zt, const int64_t* ids, float* state,
-                                        int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, int mode,
+                                        int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, int mode,
                                         std::intptr_t stream) {
   if (n_rows == 0) return nullptr;
   const dim3 grid(static_cast<unsigned>(n_rows));
   const cudaStream_t s = as_stream(stream);
   switch (mode) {
     case kReverseKL:
-      softmax_stats_kernel<kReverseKL><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      softmax_stats_kernel<kReverseKL><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       break;
     case kForwardKL:
-      softmax_stats_kernel<kForwardKL><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      softmax_stats_kernel<kForwardKL><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       break;
     case kJSD:
-      softmax_stats_kernel<kJSD><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      softmax_stats_kernel<kJSD><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       break;
     case kTokenLogprob:
-      softmax_stats_kernel<kTokenLogprob><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      softmax_stats_kernel<kTokenLogprob><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       break;
     case kLogSumExp:
-      softmax_stats_kernel<kLogSumExp><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      softmax_stats_kernel<kLogSumExp><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       break;
     default:
       return "unknown mode";
@@ -64,11 +64,11 @@ const char* launch_softmax_stats_update(const float* zs, const float* zt, const 
 }
 
 const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
-                                    float* terms, int64_t n_rows, int64_t width, float inv_tau, float beta,
+                                    float* terms, int64_t n_rows, int64_t width, Head hs, Head ht, float beta,
                                     std::intptr_t stream) {
   if (n_rows == 0) return nullptr;
   jsd_terms_kernel<<<dim3(static_cast<unsigned>(n_rows)), kThreads, 0, as_stream(stream)>>>(
-      zs, zt, lse_s, lse_t, terms, n_rows, width, inv_tau, beta);
+      zs, zt, lse_s, lse_t, terms, n_rows, width, hs, ht, beta);
   return launch_status();
 }
 

@@ -14,13 +14,13 @@ namespace {
 
 __global__ void __launch_bounds__(kThreads)
     topk_update_kernel(const float* __restrict__ z, uint64_t* __restrict__ keys, float* __restrict__ state,
-                       int64_t n_rows, int64_t width, int64_t v_lo, int k, int cap, float inv_tau) {
+                       int64_t n_rows, int64_t width, int64_t v_lo, int k, int cap, Head head) {
   extern __shared__ uint64_t buf[];  // cap keys
   __shared__ EntropyAcc scratch[kThreads];
   __shared__ int count;
   const int64_t i_n = blockIdx.x;
-  row_topk_update(BlockGroup(), z + i_n * width, width, v_lo, inv_tau, keys + i_n * k, k, state + i_n, n_rows, buf,
-                  cap, &count, scratch);
+  row_topk_update(BlockGroup(), z + i_n * width, width, v_lo, head, keys + i_n * k, k, state + i_n, n_rows, buf, cap,
+                  &count, scratch);
 }
 
 // One thread per row: k ≤ kMaxTopK decodes are cheap next to the chunks' GEMMs.
@@ -37,13 +37,13 @@ __global__ void topk_finalize_kernel(const uint64_t* __restrict__ keys, const fl
 }  // namespace
 
 const char* launch_topk_update(const float* z, uint64_t* keys, float* state, int64_t n_rows, int64_t width,
-                               int64_t v_lo, int64_t k, float inv_tau, std::intptr_t stream) {
+                               int64_t v_lo, int64_t k, Head head, std::intptr_t stream) {
   if (k < 1 || k > kMaxTopK) return "k must be in [1, 1024]";
   if (n_rows == 0) return nullptr;
   const int cap = topk_buffer_capacity(k, kThreads);
   const size_t shared_bytes = static_cast<size_t>(cap) * sizeof(uint64_t);
   topk_update_kernel<<<dim3(static_cast<unsigned>(n_rows)), kThreads, shared_bytes, as_stream(stream)>>>(
-      z, keys, state, n_rows, width, v_lo, static_cast<int>(k), cap, inv_tau);
+      z, keys, state, n_rows, width, v_lo, static_cast<int>(k), cap, head);
   return launch_status();
 }
 

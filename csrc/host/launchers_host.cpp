@@ -62,12 +62,12 @@ struct RowStore {
 
 template <int kMode>
 void stats_rows(const float* zs, const float* zt, const int64_t* ids, float* state, int64_t n_rows, int64_t width,
-                int64_t v_lo, float inv_tau) {
+                int64_t v_lo, Head hs, Head ht) {
   PairAcc scratch[kHostThreads];
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
     const int64_t o_row = i_n * width;
     const int64_t y_col = kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1;
-    row_softmax_stats<kMode>(g, zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, inv_tau,
+    row_softmax_stats<kMode>(g, zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, hs, ht,
                              state + i_n, n_rows, scratch);
   });
 }
@@ -75,33 +75,33 @@ void stats_rows(const float* zs, const float* zt, const int64_t* ids, float* sta
 template <int kMode, class T>
 void grad_rows(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
                const float* loss, const float* center, const float* row_weight, T* g, int64_t n_rows, int64_t width,
-               int64_t v_lo, float inv_tau, float beta) {
+               int64_t v_lo, Head hs, Head ht, float beta) {
   const bool two = two_models(kMode);
   for_each_row(n_rows, [&](const ThreadGroup& group, int64_t i_n) {
     const int64_t o_row = i_n * width;
     row_logit_grad<kMode>(group, zs + o_row, two ? zt + o_row : nullptr, width,
-                          kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, inv_tau, lse_s[i_n],
+                          kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht, lse_s[i_n],
                           two ? lse_t[i_n] : 0.f, kMode == kReverseKL ? loss[i_n] : 0.f,
-                          kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n] * inv_tau, RowStore<T>{g + o_row});
+                          kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n], RowStore<T>{g + o_row});
   });
 }
 
 template <int kMode>
 const char* grad_mode(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
                       const float* loss, const float* center, const float* row_weight, void* g, int g_dtype,
-                      int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, float beta) {
+                      int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, float beta) {
   switch (g_dtype) {
     case kGradFloat32:
       grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<float*>(g), n_rows, width,
-                       v_lo, inv_tau, beta);
+                       v_lo, hs, ht, beta);
       return nullptr;
     case kGradBFloat16:
       grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<c10::BFloat16*>(g), n_rows,
-                       width, v_lo, inv_tau, beta);
+                       width, v_lo, hs, ht, beta);
       return nullptr;
     case kGradFloat16:
       grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<c10::Half*>(g), n_rows, width,
-                       v_lo, inv_tau, beta);
+                       v_lo, hs, ht, beta);
       return nullptr;
     default:
       return "unknown gradient dtype";
@@ -111,23 +111,23 @@ const char* grad_mode(const float* zs, const float* zt, const int64_t* ids, cons
 }  // namespace
 
 const char* launch_softmax_stats_update(const float* zs, const float* zt, const int64_t* ids, float* state,
-                                        int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau, int mode,
+                                        int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, int mode,
                                         std::intptr_t) {
   switch (mode) {
     case kReverseKL:
-      stats_rows<kReverseKL>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      stats_rows<kReverseKL>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kForwardKL:
-      stats_rows<kForwardKL>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      stats_rows<kForwardKL>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kJSD:
-      stats_rows<kJSD>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      stats_rows<kJSD>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kTokenLogprob:
-      stats_rows<kTokenLogprob>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      stats_rows<kTokenLogprob>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kLogSumExp:
-      stats_rows<kLogSumExp>(zs, zt, ids, state, n_rows, width, v_lo, inv_tau);
+      stats_rows<kLogSumExp>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     default:
       return "unknown mode";
@@ -135,12 +135,12 @@ const char* launch_softmax_stats_update(const float* zs, const float* zt, const 
 }
 
 const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
-                                    float* terms, int64_t n_rows, int64_t width, float inv_tau, float beta,
+                                    float* terms, int64_t n_rows, int64_t width, Head hs, Head ht, float beta,
                                     std::intptr_t) {
-  Sum2 scratch[kHostThreads];
+  Sum3 scratch[kHostThreads];
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
     const int64_t o_row = i_n * width;
-    row_jsd_terms(g, zs + o_row, zt + o_row, width, inv_tau, lse_s[i_n], lse_t[i_n], beta, terms + i_n, n_rows,
+    row_jsd_terms(g, zs + o_row, zt + o_row, width, hs, ht, lse_s[i_n], lse_t[i_n], beta, terms + i_n, n_rows,
                   scratch);
   });
   return nullptr;
@@ -148,38 +148,38 @@ const char* launch_jsd_terms_update(const float* zs, const float* zt, const floa
 
 const char* launch_logit_grad(const float* zs, const float* zt, const int64_t* ids, const float* lse_s,
                               const float* lse_t, const float* loss, const float* center, const float* row_weight,
-                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, float inv_tau,
+                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht,
                               float beta, int mode, std::intptr_t) {
   switch (mode) {
     case kReverseKL:
       return grad_mode<kReverseKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                   v_lo, inv_tau, beta);
+                                   v_lo, hs, ht, beta);
     case kForwardKL:
       return grad_mode<kForwardKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                   v_lo, inv_tau, beta);
+                                   v_lo, hs, ht, beta);
     case kJSD:
       return grad_mode<kJSD>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width, v_lo,
-                             inv_tau, beta);
+                             hs, ht, beta);
     case kTokenLogprob:
       return grad_mode<kTokenLogprob>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                      v_lo, inv_tau, beta);
+                                      v_lo, hs, ht, beta);
     case kLogSumExp:
       return grad_mode<kLogSumExp>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                   v_lo, inv_tau, beta);
+                                   v_lo, hs, ht, beta);
     default:
       return "unknown mode";
   }
 }
 
 const char* launch_topk_update(const float* z, uint64_t* keys, float* state, int64_t n_rows, int64_t width,
-                               int64_t v_lo, int64_t k, float inv_tau, std::intptr_t) {
+                               int64_t v_lo, int64_t k, Head head, std::intptr_t) {
   if (k < 1 || k > kMaxTopK) return "k must be in [1, 1024]";
   const int cap = topk_buffer_capacity(k, kHostThreads);
   std::vector<uint64_t> buf(static_cast<size_t>(cap));
   EntropyAcc scratch[kHostThreads];
   int count = 0;
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
-    row_topk_update(g, z + i_n * width, width, v_lo, inv_tau, keys + i_n * k, static_cast<int>(k), state + i_n, n_rows,
+    row_topk_update(g, z + i_n * width, width, v_lo, head, keys + i_n * k, static_cast<int>(k), state + i_n, n_rows,
                     buf.data(), cap, &count, scratch);
   });
   return nullptr;
