@@ -82,8 +82,104 @@ def logits_tile(
     return acc
 
 
+# ---- accurate elementwise math (Triton core has no expm1/log1p/tanh, and libdevice does not run under the
+# interpreter). Kahan's tricks: the rounding error of 1 + x, or of e^x, cancels in the ratio.
+
+
+@triton.jit
+def expm1(x):
+    """e^x − 1, accurate for small |x|."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x), accurate for small |x|."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = −expm1(−2|x|) / (2 + expm1(−2|x|)) with the sign of x: accurate near 0, no overflow."""
+    e = expm1(-2.0 * tl.abs(x))
+    t = -e / (2.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def apply_head(x, bias_ptr, o_v, m_v, pre, softcap, post, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Final logits of raw logits x (columns o_v): post · softcap·tanh(pre · (x + b) / softcap), post = 1/τ."""
+    if HAS_BIAS:
+        x = x + tl.load(bias_ptr + o_v, mask=m_v, other=0.0)
+    x = x * pre
+    if HAS_SOFTCAP:
+        x = softcap * tanh(x / softcap)
+    return x * post
+
+
+@triton.jit
+def head_chain(z, pre, softcap, post, HAS_SOFTCAP: tl.constexpr):
+    """dz/dx from the final logits z: pre · post, times 1 − tanh² = 1 − (z / (softcap · post))² under a softcap."""
+    if HAS_SOFTCAP:
+        t = z / (softcap * post)
+        return (1.0 - t * t) * (pre * post)
+    return z * 0.0 + pre * post
+
+
+@triton.jit
+def x_minus_log1p(x):
+    """x − log(1 + x) ≥ 0 without cancellation: with u = x / (2 + x), log1p(x) = 2 atanh(u), so
+    x − log1p(x) = x² / (2 + x) − 2 (u³/3 + u⁵/5 + …); the series (|u| ≤ 1/3 for |x| ≤ 1/2) is cut where
+    its terms drop below fp32 resolution. Larger |x| lose at most a few bits directly."""
+    u = x / (2.0 + x)
+    u2 = u * u
+    series = 1.0 / 11 + u2 * (1.0 / 13 + u2 / 15)
+    series = u * u2 * (1.0 / 3 + u2 * (1.0 / 5 + u2 * (1.0 / 7 + u2 * (1.0 / 9 + u2 * series))))
+    small = x * x / (2.0 + x) - 2.0 * series
+    return tl.where(tl.abs(x) <= 0.5, small, x - log1p(x))
+
+
 @triton.jit
 def logaddexp(a, b):
-    """log(e^a + e^b), stable for finite inputs."""
-    top = tl.maximum(a, b)
-    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+    """log(e^a + e^b) for a, b not both −inf."""
+    high = tl.maximum(a, b)
+    return high + log1p(tl.exp(tl.minimum(a, b) - high))
+
+
+@triton.jit
+def jsd_parts(lp_s, lp_t, beta):
+    """JSD(β) per element, cancellation-free for every β (the closed forms of opd_fast.backends.jsd_math):
+    (p_s, log(p_s / m), fs = p_s (x − log1p x), ft = p_t (y − log1p y)) with d = lp_t − lp_s, x = β·expm1(d),
+    y = (1 − β)·expm1(−d); Σ fs = KL(p_s ‖ m) and Σ ft = KL(p_t ‖ m) since Σ p_s x = Σ p_t y = 0. The logit
+    gradient is p_s ((1 − β) log(p_s / m) − center)."""
+    p_s = tl.exp(lp_s)
+    p_t = tl.exp(lp_t)
+    d = lp_t - lp_s
+    x = beta * expm1(tl.minimum(d, 30.0))
+    y = (1.0 - beta) * expm1(tl.minimum(-d, 30.0))
+    # log(p_s / m) = −log1p(x) for d ≤ 30, except where 1 + x = (1 − β) + β e^d is small (x < −1/2): there
+    # 1 + x would cancel and the log-add-exp of log(1 − β) and log β + d is exact. Likewise for log(p_t / m).
+    log_beta = tl.log(beta)
+    log_rest = tl.log(1.0 - beta)
+    log_s = tl.where(x < -0.5, -logaddexp(log_rest, d + log_beta), -log1p(x))
+    log_t = tl.where(y < -0.5, -logaddexp(log_beta, log_rest - d), -log1p(y))
+    log_s = tl.where(d > 30.0, log_t - d, log_s)
+    log_t = tl.where(d < -30.0, log_s + d, log_t)
+    fs = tl.where(tl.abs(x) <= 0.5, p_s * x_minus_log1p(x), beta * (p_t - p_s) + p_s * log_s)
+    ft = tl.where(tl.abs(y) <= 0.5, p_t * x_minus_log1p(y), (1.0 - beta) * (p_s - p_t) + p_t * log_t)
+    return p_s, log_s, fs, ft
+
+
+@triton.jit
+def grouped_pid(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row block, column block) of a 1-D program id, rasterized in groups of GROUP row blocks: the programs
+    that run together share a few row blocks (their H tiles stay in L2) and sweep the column blocks in step
+    (each W tile is read once per group), as in Triton's matmul tutorial."""
+    per_group = GROUP * n_cols
+    first_row = (pid // per_group) * GROUP
+    rows_here = tl.minimum(n_rows - first_row, GROUP)
+    i_row = first_row + (pid % per_group) % rows_here
+    i_col = (pid % per_group) // rows_here
+    return i_row, i_col

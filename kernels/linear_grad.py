@@ -1,31 +1,33 @@
-"""Backward of the fused losses: logit gradients from recomputed tiles, then dH = G W and dW = Gᵀ H.
+"""The streaming plan's backward: logit gradients from recomputed tiles, then dH = G W and dW = Gᵀ H.
 
 Memory plan. The vocabulary is processed in chunks of Vc columns, with N · Vc bounded by the workspace
 budget (never N · V). For each chunk three kernels run:
 
-1. ``_logit_grad_kernel`` (grid: token blocks × vocabulary tiles) recomputes the student's logits tile
-   with tl.dot, forms the logit gradient G in registers from the forward's per-row statistics and
-   stores it, in the weights' dtype, into the chunk workspace. **Gradient filtering:** G is
-   proportional to p_s (reverse KL, JSD) or to max(p_s, p_t) (forward KL), so when every such
-   probability of a tile is below ``filter_eps`` the tile is marked skipped: nothing is stored and, for
-   reverse KL and JSD, the teacher's logits tile is not even computed. ``filter_eps = 0`` is exact.
-2. ``_grad_hidden_kernel`` (grid: token blocks × H blocks): dH[rows] += Σ_j G[rows, j] W[j] over the
-   chunk's unskipped tiles, fp32 accumulation in registers, one read-modify-write of dH per chunk by
-   the only program that owns those rows.
-3. ``_grad_weight_kernel`` (grid: vocabulary tiles × H blocks): dW[j] = Σ_i G[i, j]ᵀ H[i] over the token
-   blocks in order, written once.
+1. ``_logit_grad_kernel`` (grid: token blocks × vocabulary tiles, rasterized in groups of token blocks so
+   their H tiles stay in L2) recomputes the student's logits tile with tl.dot, applies the head (bias,
+   scale, softcap, 1/τ), forms the gradient G w.r.t. the raw logits in registers — per-token weight and
+   the head's chain rule folded in — and stores it, in the weights' dtype, into the chunk workspace, with
+   the tile's column sums (for the bias gradient) beside it. **Gradient filtering** (opt-in,
+   ``filter_eps > 0``): G is proportional to p_s (reverse KL, JSD) or to max(p_s, p_t) (forward KL), so
+   when every such probability of a tile is below ``filter_eps`` the tile is marked skipped: nothing is
+   stored and, for reverse KL and JSD, the teacher's logits tile is not even computed.
+2. the kept tiles are compacted on the host into per-row-block and per-column-block lists, so that
+3. ``_grad_hidden_kernel`` (grid: token blocks × H blocks) runs dH[rows] += Σ_j G[rows, j] W[j] over the
+   block's kept tiles only — a branch-free loop that the compiler pipelines — with one read-modify-write
+   of dH per chunk by the only program that owns those rows, and ``_grad_weight_kernel`` (grid:
+   vocabulary tiles × H blocks) writes dW[j] = Σ_i G[i, j]ᵀ H[i] over the tile's kept token blocks, once.
 
 No atomics anywhere: every output element has exactly one writer and a fixed summation order, so the
-gradients are bitwise deterministic. Per-token gradient weights (mask / count, or the incoming
-gradient for reduction="none") are folded into G.
+gradients are bitwise deterministic.
 
-Logit gradients by MODE (lp = log-probs, D and ``center`` from the forward, w the row weight):
+Logit gradients by MODE (lp = log-probs of the final logits, D and ``center`` from the forward, w the row
+weight, χ = dz/dx the head's chain factor):
 
-    reverse KL:  G = w p_s (lp_s − lp_t − D)
-    forward KL:  G = w (p_s − p_t)
-    JSD(β):      G = w p_s ((1 − β) log(p_s / m) − center),  m = β p_t + (1 − β) p_s
-    token:       G = w ([v = y] − p_s)                      (never skipped where a row's token lies)
-    logsumexp:   G = w p_s
+    reverse KL:  G = w χ p_s (lp_s − lp_t − D)
+    forward KL:  G = w χ (p_s − p_t)
+    JSD(β):      G = w χ p_s ((1 − β) log(p_s / m) − center)   (log(p_s / m) = −log1p(x): _common.jsd_parts)
+    token:       G = w χ ([v = y] − p_s)                      (never skipped where a row's token lies)
+    logsumexp:   G = w χ p_s
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ from opd_fast.kernels._common import (
     MODES,
     REVERSE_KL,
     TOKEN_LOGPROB,
+    apply_head,
     configs,
+    grouped_pid,
+    head_chain,
     is_interpreter,
-    logaddexp,
+    jsd_parts,
     logits_tile,
 )
+from opd_fast.kernels.linear_softmax import GROUP_N, head_args
 
 
 def tile_shape() -> tuple[int, int]:
@@ -72,7 +78,10 @@ def _logit_grad_kernel(
     center_ptr,
     row_w_ptr,
     g_ptr,
+    colsum_ptr,
     flag_ptr,
+    bias_s_ptr,
+    bias_t_ptr,
     N,
     HS,
     HT,
@@ -81,34 +90,46 @@ def _logit_grad_kernel(
     stride_ht,
     stride_wt,
     stride_g,
+    stride_colsum,
     v_lo,
     v_hi,
     n_vtiles,
-    inv_tau,
     beta,
     filter_eps,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
     MODE: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
     BH: tl.constexpr,
 ):
-    i_n, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_v = grouped_pid(tl.program_id(0), tl.cdiv(N, BN), n_vtiles, GROUP_N)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
     o_v = (v_lo + i_v * BV + tl.arange(0, BV)).to(tl.int64)
     m_v = o_v < v_hi
     m_nv = m_n[:, None] & m_v[None, :]
 
-    z_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
-    lp_s = z_s * inv_tau - tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)[:, None]
+    x_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
+    z_s = apply_head(x_s, bias_s_ptr, o_v, m_v, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
+    lp_s = z_s - tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)[:, None]
     p_s = tl.where(m_nv, tl.exp(lp_s), 0.0)
     b_w = tl.load(row_w_ptr + o_n, mask=m_n, other=0.0)
     peak = tl.max(tl.max(p_s, 1), 0)
 
     if MODE == FORWARD_KL:  # G = p_s − p_t is small only where both are: the teacher tile is always needed
-        z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
-        p_t = tl.where(m_nv, tl.exp(z_t * inv_tau - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]), 0.0)
+        x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+        z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
+        p_t = tl.where(m_nv, tl.exp(z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]), 0.0)
         peak = tl.maximum(peak, tl.max(tl.max(p_t, 1), 0))
     if MODE == TOKEN_LOGPROB:
         b_y = tl.load(ids_ptr + o_n, mask=m_n, other=-1)
@@ -118,25 +139,29 @@ def _logit_grad_kernel(
     keep = peak >= filter_eps
     if keep:
         if MODE == REVERSE_KL:
-            z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
-            lp_t = z_t * inv_tau - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
+            x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+            z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
+            lp_t = z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
             b_loss = tl.load(loss_ptr + o_n, mask=m_n, other=0.0)
             grad = p_s * (lp_s - lp_t - b_loss[:, None])
         if MODE == FORWARD_KL:
             grad = p_s - p_t
         if MODE == JSD:
-            z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
-            lp_t = z_t * inv_tau - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
-            log_m = logaddexp(lp_s + tl.log(1.0 - beta), lp_t + tl.log(beta))
+            x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
+            z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
+            lp_t = z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
+            jp_s, log_s, _fs, _ft = jsd_parts(lp_s, lp_t, beta)
             b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
-            grad = p_s * ((1.0 - beta) * (lp_s - log_m) - b_center[:, None])
+            grad = jp_s * ((1.0 - beta) * log_s - b_center[:, None])
         if MODE == TOKEN_LOGPROB:
             grad = tl.where(hit, 1.0, 0.0) - p_s
         if MODE == LOGSUMEXP:
             grad = p_s
+        grad = grad * head_chain(z_s, pre_s, cap_s, post_s, HAS_SOFTCAP_S)
         grad = tl.where(m_nv, grad * b_w[:, None], 0.0)
         p_g = g_ptr + o_n[:, None] * stride_g + (o_v - v_lo)[None, :]
         tl.store(p_g, grad.to(g_ptr.dtype.element_ty), mask=m_nv)
+        tl.store(colsum_ptr + i_n * stride_colsum + (o_v - v_lo), tl.sum(grad, 0), mask=m_v)
     tl.store(flag_ptr + i_n * n_vtiles + i_v, keep.to(tl.int32))
 
 
@@ -149,7 +174,8 @@ def _matmul_configs():
 @triton.jit
 def _grad_hidden_kernel(
     g_ptr,
-    flag_ptr,
+    kept_ptr,
+    count_ptr,
     w_ptr,
     dh_ptr,
     N,
@@ -160,7 +186,6 @@ def _grad_hidden_kernel(
     v_lo,
     v_hi,
     n_vtiles,
-    inv_tau,
     PRECISION: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
@@ -172,24 +197,25 @@ def _grad_hidden_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < H
     acc = tl.zeros([BN, BK], tl.float32)
-    for i_v in range(0, n_vtiles):
-        if tl.load(flag_ptr + i_n * n_vtiles + i_v) != 0:
-            o_c = (i_v * BV + tl.arange(0, BV)).to(tl.int64)
-            m_c = v_lo + o_c < v_hi
-            b_g = tl.load(g_ptr + o_n[:, None] * stride_g + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
-            p_w = w_ptr + (v_lo + o_c)[:, None] * stride_w + o_k[None, :]
-            b_w = tl.load(p_w, mask=m_c[:, None] & m_k[None, :], other=0.0)
-            acc = tl.dot(b_g, b_w, acc, input_precision=PRECISION)
+    for j in range(0, tl.load(count_ptr + i_n)):  # the row block's kept vocabulary tiles, in order
+        i_v = tl.load(kept_ptr + i_n * n_vtiles + j)
+        o_c = (i_v * BV + tl.arange(0, BV)).to(tl.int64)
+        m_c = v_lo + o_c < v_hi
+        b_g = tl.load(g_ptr + o_n[:, None] * stride_g + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+        p_w = w_ptr + (v_lo + o_c)[:, None] * stride_w + o_k[None, :]
+        b_w = tl.load(p_w, mask=m_c[:, None] & m_k[None, :], other=0.0)
+        acc = tl.dot(b_g, b_w, acc, input_precision=PRECISION)
     p_dh = dh_ptr + o_n[:, None] * stride_dh + o_k[None, :]
     m_dh = m_n[:, None] & m_k[None, :]
-    tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + acc * inv_tau, mask=m_dh)
+    tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + acc, mask=m_dh)
 
 
 @triton.autotune(configs=_matmul_configs(), key=["H", "PRECISION"])
 @triton.jit
 def _grad_weight_kernel(
     g_ptr,
-    flag_ptr,
+    kept_ptr,
+    count_ptr,
     h_ptr,
     dw_ptr,
     N,
@@ -200,8 +226,6 @@ def _grad_weight_kernel(
     v_lo,
     v_hi,
     n_ntiles,
-    n_vtiles,
-    inv_tau,
     PRECISION: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
@@ -213,35 +237,21 @@ def _grad_weight_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < H
     acc = tl.zeros([BV, BK], tl.float32)
-    for i_n in range(0, n_ntiles):
-        if tl.load(flag_ptr + i_n * n_vtiles + i_v) != 0:
-            o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
-            m_n = o_n < N
-            b_g = tl.load(g_ptr + o_n[:, None] * stride_g + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
-            b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-            acc = tl.dot(tl.trans(b_g), b_h, acc, input_precision=PRECISION)
+    for j in range(0, tl.load(count_ptr + i_v)):  # the column block's kept token blocks, in order
+        i_n = tl.load(kept_ptr + i_v * n_ntiles + j)
+        o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+        m_n = o_n < N
+        b_g = tl.load(g_ptr + o_n[:, None] * stride_g + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+        b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+        acc = tl.dot(tl.trans(b_g), b_h, acc, input_precision=PRECISION)
     p_dw = dw_ptr + (v_lo + o_c)[:, None] * stride_dw + o_k[None, :]
-    tl.store(p_dw, (acc * inv_tau).to(dw_ptr.dtype.element_ty), mask=m_c[:, None] & m_k[None, :])
+    tl.store(p_dw, acc.to(dw_ptr.dtype.element_ty), mask=m_c[:, None] & m_k[None, :])
 
 
-class FilterStats:
-    """Tiles seen and skipped by gradient filtering, accumulated on the device (read without syncing)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.skipped: torch.Tensor | int = 0
-
-    def add(self, flags: torch.Tensor) -> None:
-        self.total += flags.numel()
-        self.skipped = self.skipped + (flags == 0).sum()
-
-    def as_dict(self) -> dict:
-        skipped = int(self.skipped)
-        return {
-            "tiles": self.total,
-            "skipped": skipped,
-            "skipped_fraction": skipped / self.total if self.total else 0.0,
-        }
+def compact_kept(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [R, C] int32: each row's kept columns first, ascending; counts [R] int32) of 0/1 ``flags``."""
+    order = torch.argsort(1 - flags, dim=1, stable=True)
+    return order.to(torch.int32).contiguous(), flags.sum(dim=1, dtype=torch.int32)
 
 
 def logit_grad_backward(
@@ -255,20 +265,24 @@ def logit_grad_backward(
     loss,
     center,
     row_weight,
+    head_s,
+    head_t,
     *,
     mode: str,
-    temperature: float,
     beta: float,
     filter_eps: float,
     precision: str,
     need_dh: bool,
     need_dw: bool,
+    need_db: bool,
     workspace_elements: int,
+    stats,
 ):
-    """(dh fp32 [N, Hs] | None, dw in ws.dtype [V, Hs] | None, FilterStats) for the given mode.
+    """(dh fp32 [N, Hs] | None, dw in ws.dtype [V, Hs] | None, db fp32 [V] | None) for the given mode; the
+    kept/skipped tiles are added to ``stats`` (:class:`opd_fast.backends.sweep.FilterStats`).
 
-    ``ht``/``wt``/``lse_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode,
-    ``center`` outside JSD.
+    ``ht``/``wt``/``lse_t``/``head_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode,
+    ``center`` outside JSD. Heads are (bias | None, pre, softcap | None, post = 1/τ).
     """
     n_rows, hidden = hs.shape
     vocab = ws.shape[0]
@@ -277,18 +291,22 @@ def logit_grad_backward(
     chunk = min(chunk, triton.cdiv(vocab, bv) * bv)
     n_ntiles = triton.cdiv(n_rows, bn)
     g_buf = torch.empty((n_rows, chunk), device=hs.device, dtype=ws.dtype)
+    colsum = torch.empty((n_ntiles, chunk), device=hs.device, dtype=torch.float32)
     dh = torch.zeros((n_rows, hidden), device=hs.device, dtype=torch.float32) if need_dh else None
     dw = torch.empty_like(ws) if need_dw else None
-    stats = FilterStats()
+    db = torch.zeros(vocab, device=hs.device, dtype=torch.float32) if need_db else None
     teacher = ht is not None
     dummy = hs
-    inv_tau = 1.0 / temperature
+    (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
+    (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
     with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
         for v_lo in range(0, vocab, chunk):
             v_hi = min(v_lo + chunk, vocab)
             n_vtiles = triton.cdiv(v_hi - v_lo, bv)
-            chunk_flags = torch.empty((n_ntiles, n_vtiles), device=hs.device, dtype=torch.int32)
-            _logit_grad_kernel[(n_ntiles, n_vtiles)](
+            flags = torch.empty((n_ntiles, n_vtiles), device=hs.device, dtype=torch.int32)
+            if need_db:
+                colsum.zero_()
+            _logit_grad_kernel[(n_ntiles * n_vtiles,)](
                 hs,
                 ws,
                 ht if teacher else dummy,
@@ -300,7 +318,10 @@ def logit_grad_backward(
                 center if center is not None else lse_s,
                 row_weight,
                 g_buf,
-                chunk_flags,
+                colsum,
+                flags,
+                bias_s,
+                bias_t,
                 n_rows,
                 hidden,
                 ht.shape[1] if teacher else 1,
@@ -309,23 +330,37 @@ def logit_grad_backward(
                 ht.stride(0) if teacher else 0,
                 wt.stride(0) if teacher else 0,
                 g_buf.stride(0),
+                colsum.stride(0),
                 v_lo,
                 v_hi,
                 n_vtiles,
-                inv_tau,
                 beta,
                 filter_eps,
+                pre_s,
+                cap_s,
+                post_s,
+                pre_t,
+                cap_t,
+                post_t,
                 MODE=MODES[mode],
                 PRECISION=precision,
+                HAS_BIAS_S=has_bias_s,
+                HAS_SOFTCAP_S=has_cap_s,
+                HAS_BIAS_T=has_bias_t,
+                HAS_SOFTCAP_T=has_cap_t,
                 BN=bn,
                 BV=bv,
             )
-            stats.add(chunk_flags)
+            stats.add(flags.numel(), (flags == 0).sum())
+            if db is not None:
+                db[v_lo:v_hi] += colsum[:, : v_hi - v_lo].sum(dim=0)
             if dh is not None:
+                kept, counts = compact_kept(flags)
                 grid = lambda meta: (n_ntiles, triton.cdiv(hidden, meta["BK"]))  # noqa: E731
                 _grad_hidden_kernel[grid](
                     g_buf,
-                    chunk_flags,
+                    kept,
+                    counts,
                     ws,
                     dh,
                     n_rows,
@@ -336,16 +371,17 @@ def logit_grad_backward(
                     v_lo,
                     v_hi,
                     n_vtiles,
-                    inv_tau,
                     PRECISION=precision,
                     BN=bn,
                     BV=bv,
                 )
             if dw is not None:
+                kept, counts = compact_kept(flags.T.contiguous())
                 grid = lambda meta, n=n_vtiles: (n, triton.cdiv(hidden, meta["BK"]))  # noqa: E731
                 _grad_weight_kernel[grid](
                     g_buf,
-                    chunk_flags,
+                    kept,
+                    counts,
                     hs,
                     dw,
                     n_rows,
@@ -356,10 +392,8 @@ def logit_grad_backward(
                     v_lo,
                     v_hi,
                     n_ntiles,
-                    n_vtiles,
-                    inv_tau,
                     PRECISION=precision,
                     BN=bn,
                     BV=bv,
                 )
-    return dh, dw, stats
+    return dh, dw, db

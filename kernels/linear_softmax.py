@@ -1,7 +1,9 @@
-"""Forward statistics of log-softmax(h Wᵀ / τ) for one or two models, one pass over the vocabulary.
+"""The streaming plan's forward: statistics of log-softmax(z) for one or two models, z = the head's final
+logits (bias, scale, softcap, 1/τ applied to each tl.dot tile), one pass over the vocabulary, no workspace.
 
-Grid: (token blocks of BN rows) × (vocabulary splits). Each program walks its split's vocabulary in
-tiles of BV, builds the logits tiles with tl.dot and keeps per row, in fp32 registers:
+Grid: (token blocks of BN rows) × (vocabulary splits), rasterized in groups of token blocks so that the
+programs running together share their H tiles in L2 (``grouped_pid``). Each program walks its split's
+vocabulary in tiles of BV, builds the logits tiles with tl.dot and keeps per row, in fp32 registers:
 
     m  = running max of z,   S = Σ e^{z − m}   (rescaled by e^{m_old − m_new} when m grows)
 
@@ -11,7 +13,8 @@ for the student (and the teacher), plus one accumulator that depends on MODE:
     forward KL:  B = Σ e^{z_t − m_t} (z_t − z_s)   →  D = B / S_t − lse_t + lse_s
     token:       z_y, the logit of the row's token  →  log p(y) = z_y − lse
     logsumexp:   nothing (one model, lse only)
-    JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``)
+    JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``, in the
+                 cancellation-free form of ``_common.jsd_parts``)
 
 Partial results per split land in a [5, splits, N] buffer and are merged on the host side with the same
 rescaling (O(N · splits) work). Memory: O(N) per output; no [N, V] tensor exists.
@@ -25,7 +28,31 @@ import torch
 import triton
 import triton.language as tl
 
-from opd_fast.kernels._common import FORWARD_KL, JSD, MODES, REVERSE_KL, TOKEN_LOGPROB, configs, logaddexp, logits_tile
+from opd_fast.kernels._common import (
+    FORWARD_KL,
+    JSD,
+    MODES,
+    REVERSE_KL,
+    TOKEN_LOGPROB,
+    apply_head,
+    configs,
+    grouped_pid,
+    jsd_parts,
+    logits_tile,
+)
+
+# Token blocks per rasterization group (see grouped_pid).
+GROUP_N = 8
+
+
+def head_args(head, like):
+    """Kernel arguments of a model's head (bias | None, pre, softcap | None, post) or of an unused model:
+    (bias pointer, pre, softcap, post) and the constexprs (HAS_BIAS, HAS_SOFTCAP)."""
+    if head is None:
+        return (like, 1.0, 1.0, 1.0), (False, False)
+    bias, pre, softcap, post = head
+    values = (like if bias is None else bias, float(pre), 1.0 if softcap is None else float(softcap), float(post))
+    return values, (bias is not None, softcap is not None)
 
 
 def _stats_configs():
@@ -46,6 +73,8 @@ def _softmax_stats_fwd_kernel(
     wt_ptr,
     ids_ptr,
     part_ptr,
+    bias_s_ptr,
+    bias_t_ptr,
     N,
     V,
     HS,
@@ -56,14 +85,23 @@ def _softmax_stats_fwd_kernel(
     stride_wt,
     v_per_split,
     n_splits,
-    inv_tau,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
     MODE: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
     BH: tl.constexpr,
 ):
-    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    i_n, i_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BN), n_splits, GROUP_N)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
     v_start = i_s * v_per_split
@@ -81,7 +119,7 @@ def _softmax_stats_fwd_kernel(
         o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
         m_v = o_v < v_stop
         z_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
-        z_s = z_s * inv_tau
+        z_s = apply_head(z_s, bias_s_ptr, o_v, m_v, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
         # Online softmax: rescale what was summed against the old max before adding this tile.
         # Masked columns get z = −inf, so e^{z − m} = 0 there.
         zm_s = tl.where(m_v[None, :], z_s, -float("inf"))
@@ -92,7 +130,7 @@ def _softmax_stats_fwd_kernel(
         b_ms = ms_new
         if MODE <= JSD:  # two models
             z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
-            z_t = z_t * inv_tau
+            z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
             zm_t = tl.where(m_v[None, :], z_t, -float("inf"))
             mt_new = tl.maximum(b_mt, tl.max(zm_t, 1))
             alpha_t = tl.exp(b_mt - mt_new)
@@ -127,17 +165,20 @@ def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | 
     return triton.cdiv(vocab, per_split), per_split
 
 
-def softmax_stats(hs, ws, ht, wt, ids, *, mode: str, temperature: float, precision: str, n_splits: int | None = None):
-    """Per-row (lse_s, lse_t, acc) of the module docstring; ``ht``/``wt`` are None in one-model modes.
+def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: str, n_splits: int | None = None):
+    """Per-row (lse_s, lse_t, acc) of the module docstring; ``ht``/``wt``/``head_t`` are None in one-model modes.
 
-    Returns fp32 [N] tensors: the student's lse, the teacher's lse (one model: None), and the merged
-    accumulator (A / S_s for reverse KL, B / S_t for forward KL, z_y for tokens, zeros otherwise).
+    Heads are (bias | None, pre, softcap | None, post = 1/τ) of the whole vocabulary. Returns fp32 [N]
+    tensors: the student's lse, the teacher's lse (one model: None), and the merged accumulator (A / S_s for
+    reverse KL, B / S_t for forward KL, z_y for tokens, zeros otherwise).
     """
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
     part = torch.empty((5, splits, n_rows), device=hs.device, dtype=torch.float32)
     teacher = ht is not None
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]), splits)  # noqa: E731
+    (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
+    (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
     with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
         _softmax_stats_fwd_kernel[grid](
             hs,
@@ -146,6 +187,8 @@ def softmax_stats(hs, ws, ht, wt, ids, *, mode: str, temperature: float, precisi
             wt if teacher else ws,
             ids if ids is not None else hs,
             part,
+            bias_s,
+            bias_t,
             n_rows,
             vocab,
             hs.shape[1],
@@ -156,9 +199,18 @@ def softmax_stats(hs, ws, ht, wt, ids, *, mode: str, temperature: float, precisi
             wt.stride(0) if teacher else 0,
             v_per_split,
             splits,
-            1.0 / temperature,
+            pre_s,
+            cap_s,
+            post_s,
+            pre_t,
+            cap_t,
+            post_t,
             MODE=MODES[mode],
             PRECISION=precision,
+            HAS_BIAS_S=has_bias_s,
+            HAS_SOFTCAP_S=has_cap_s,
+            HAS_BIAS_T=has_bias_t,
+            HAS_SOFTCAP_T=has_cap_t,
         )
     m_s, s_s, m_t, s_t, acc = part
     lse_s, scale_s = _merge(m_s, s_s)
@@ -191,6 +243,8 @@ def _jsd_terms_kernel(
     lse_s_ptr,
     lse_t_ptr,
     part_ptr,
+    bias_s_ptr,
+    bias_t_ptr,
     N,
     V,
     HS,
@@ -201,47 +255,60 @@ def _jsd_terms_kernel(
     stride_wt,
     v_per_split,
     n_splits,
-    inv_tau,
     beta,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
     PRECISION: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
     BH: tl.constexpr,
 ):
-    """Second JSD pass: Σ p_s log(p_s/m) and Σ p_t log(p_t/m) per row, with m = β p_t + (1−β) p_s."""
-    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    """Second JSD pass: KL(p_s ‖ m), KL(p_t ‖ m) and Σ p_s log(p_s / m) per row, m = β p_t + (1−β) p_s."""
+    i_n, i_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BN), n_splits, GROUP_N)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
     v_start = i_s * v_per_split
     v_stop = tl.minimum(v_start + v_per_split, V)
     b_lse_s = tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)
     b_lse_t = tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)
-    log_beta = tl.log(beta)
-    log_1m_beta = tl.log(1.0 - beta)
     b_kl_s = tl.zeros([BN], tl.float32)
     b_kl_t = tl.zeros([BN], tl.float32)
+    b_grad_s = tl.zeros([BN], tl.float32)
     for v0 in range(v_start, v_stop, BV):
         o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
         m_v = o_v < v_stop
         m_nv = m_n[:, None] & m_v[None, :]
         z_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
         z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
-        lp_s = z_s * inv_tau - b_lse_s[:, None]
-        lp_t = z_t * inv_tau - b_lse_t[:, None]
-        log_m = logaddexp(lp_s + log_1m_beta, lp_t + log_beta)
-        b_kl_s += tl.sum(tl.where(m_nv, tl.exp(lp_s) * (lp_s - log_m), 0.0), 1)
-        b_kl_t += tl.sum(tl.where(m_nv, tl.exp(lp_t) * (lp_t - log_m), 0.0), 1)
+        z_s = apply_head(z_s, bias_s_ptr, o_v, m_v, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
+        z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
+        p_s, log_s, fs, ft = jsd_parts(z_s - b_lse_s[:, None], z_t - b_lse_t[:, None], beta)
+        b_kl_s += tl.sum(tl.where(m_nv, fs, 0.0), 1)
+        b_kl_t += tl.sum(tl.where(m_nv, ft, 0.0), 1)
+        b_grad_s += tl.sum(tl.where(m_nv, p_s * log_s, 0.0), 1)
     p_out = part_ptr + i_s * N + o_n
     tl.store(p_out, b_kl_s, mask=m_n)
     tl.store(p_out + n_splits * N, b_kl_t, mask=m_n)
+    tl.store(p_out + 2 * n_splits * N, b_grad_s, mask=m_n)
 
 
-def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, *, beta: float, temperature: float, precision: str, n_splits=None):
-    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row, fp32 [N] each, given both rows' log-sum-exps."""
+def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, precision: str, n_splits=None):
+    """JSD's terms (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) per row, fp32 [3, N], given both rows'
+    log-sum-exps (see opd_fast.backends.sweep.jsd_loss)."""
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
-    part = torch.empty((2, splits, n_rows), device=hs.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]), splits)  # noqa: E731
+    part = torch.empty((3, splits, n_rows), device=hs.device, dtype=torch.float32)
+    (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
+    (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
     with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
         _jsd_terms_kernel[grid](
             hs,
@@ -251,6 +318,8 @@ def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, *, beta: float, temperature: float, 
             lse_s,
             lse_t,
             part,
+            bias_s,
+            bias_t,
             n_rows,
             vocab,
             hs.shape[1],
@@ -261,8 +330,17 @@ def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, *, beta: float, temperature: float, 
             wt.stride(0),
             v_per_split,
             splits,
-            1.0 / temperature,
             beta,
+            pre_s,
+            cap_s,
+            post_s,
+            pre_t,
+            cap_t,
+            post_t,
             PRECISION=precision,
+            HAS_BIAS_S=has_bias_s,
+            HAS_SOFTCAP_S=has_cap_s,
+            HAS_BIAS_T=has_bias_t,
+            HAS_SOFTCAP_T=has_cap_t,
         )
-    return part[0].sum(0), part[1].sum(0)
+    return part.sum(1)

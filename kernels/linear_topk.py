@@ -1,4 +1,6 @@
-"""Streaming top-k of softmax(h Wᵀ / τ) per row, with the row's log-sum-exp and entropy; never [N, V].
+"""Streaming top-k of softmax(z) per row, z the head's final logits (bias, scale, softcap, 1/τ), with the
+row's log-sum-exp and entropy; never [N, V]. The streaming plan's top-k (the chunked plan ranks each chunk's
+logits with torch.topk).
 
 Grid: (token blocks) × (vocabulary splits). Each program walks its split in tiles of BV columns and
 keeps per row, in registers: the online softmax statistics m, S = Σ e^{z−m} and T = Σ e^{z−m}(z − m)
@@ -24,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from opd_fast.kernels._common import configs, is_interpreter, logits_tile
-from opd_fast.kernels.linear_softmax import vocab_splits
+from opd_fast.kernels._common import apply_head, configs, grouped_pid, is_interpreter, logits_tile
+from opd_fast.kernels.linear_softmax import GROUP_N, head_args, vocab_splits
 
 MAX_K = 1024
 _LOW_MASK = (1 << 32) - 1
@@ -50,6 +52,7 @@ def _topk_stats_kernel(
     w_ptr,
     keys_ptr,
     part_ptr,
+    bias_ptr,
     N,
     V,
     H,
@@ -57,14 +60,18 @@ def _topk_stats_kernel(
     stride_w,
     v_per_split,
     n_splits,
-    inv_tau,
+    pre,
+    softcap,
+    post,
     K: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
     BH: tl.constexpr,
 ):
-    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    i_n, i_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BN), n_splits, GROUP_N)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
     v_start = i_s * v_per_split
@@ -78,7 +85,8 @@ def _topk_stats_kernel(
         o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
         m_v = o_v < v_stop
         z = logits_tile(h_ptr, w_ptr, stride_h, stride_w, o_n, o_v, m_n, m_v, H, BN, BV, BH, PRECISION)
-        z = z * inv_tau + 0.0  # + 0.0 turns −0.0 into +0.0, so equal logits pack to equal values
+        z = apply_head(z, bias_ptr, o_v, m_v, pre, softcap, post, HAS_BIAS, HAS_SOFTCAP)
+        z = z + 0.0  # turns −0.0 into +0.0, so equal logits pack to equal values
         m_new = tl.maximum(b_m, tl.max(tl.where(m_v[None, :], z, -float("inf")), 1))
         alpha = tl.exp(b_m - m_new)
         shift = z - m_new[:, None]
@@ -108,8 +116,9 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), _LOW_MASK - (keys & _LOW_MASK)
 
 
-def topk_stats(h, w, k: int, *, temperature: float, precision: str, n_splits: int | None = None):
-    """(ids int64 [N, k], logits fp32 [N, k] sorted descending, lse fp32 [N], entropy fp32 [N])."""
+def topk_stats(h, w, k: int, head, *, precision: str, n_splits: int | None = None):
+    """(ids int64 [N, k], final logits fp32 [N, k] sorted descending, lse fp32 [N], entropy fp32 [N]);
+    ``head`` = (bias | None, pre, softcap | None, post = 1/τ)."""
     n_rows, vocab = h.shape[0], w.shape[0]
     pad_k = triton.next_power_of_2(k)
     block_v = max(pad_k, 32 if is_interpreter() else 128)
@@ -118,13 +127,15 @@ def topk_stats(h, w, k: int, *, temperature: float, precision: str, n_splits: in
     splits = triton.cdiv(vocab, v_per_split)
     keys = torch.empty((splits, n_rows, pad_k), device=h.device, dtype=torch.int64)
     part = torch.empty((3, splits, n_rows), device=h.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]), splits)  # noqa: E731
+    (bias, pre, softcap, post), (has_bias, has_softcap) = head_args(head, h)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
     with torch.cuda.device(h.device) if h.is_cuda else nullcontext():
         _topk_stats_kernel[grid](
             h,
             w,
             keys,
             part,
+            bias,
             n_rows,
             vocab,
             h.shape[1],
@@ -132,9 +143,13 @@ def topk_stats(h, w, k: int, *, temperature: float, precision: str, n_splits: in
             w.stride(0),
             v_per_split,
             splits,
-            1.0 / temperature,
+            pre,
+            softcap,
+            post,
             K=pad_k,
             PRECISION=precision,
+            HAS_BIAS=has_bias,
+            HAS_SOFTCAP=has_softcap,
             BV=block_v,
         )
     merged = keys.permute(1, 0, 2).reshape(n_rows, splits * pad_k)

@@ -1,0 +1,386 @@
+"""The fused epilogue of the chunked plan: the per-tile math on fp32 logits tiles that cuBLAS wrote.
+
+The Triton twin of csrc/softmax_stats.cu and csrc/logit_grad.cu, for the shared sweep of
+:mod:`opd_fast.backends.sweep`: a tile holds the raw logits x = h·Wᵀ of ``width`` vocabulary columns
+[v_lo, v_lo + width) for r token rows (row stride ``stride_z``); each model's head (bias, scale, softcap)
+and 1/τ turn them into final logits z on the fly (:func:`opd_fast.kernels._common.apply_head`).
+
+* ``stats_update`` (grid: one program per row) walks the row in blocks of BV columns keeping per-lane
+  online-softmax state — m = max z, s = Σ e^{z − m}, and one accumulator (reverse KL: Σ e^{z_s − m_s}(z_s − z_t);
+  forward KL: Σ e^{z_t − m_t}(z_t − z_s); token: z_y) — then combines the lanes (a tree, so fp32 error does
+  not grow with the row length) and merges the result into the row's running state [5, r] from earlier
+  tiles. Same layout and meaning as csrc/epilogue.h.
+* ``jsd_update`` (one program per row) adds Σ p_s (x − log1p x) and Σ p_t (y − log1p y) — KL(p_s‖m) and
+  KL(p_t‖m) in a cancellation-free form (:func:`opd_fast.kernels._common.jsd_parts`) — given the final lse.
+* ``logit_grad`` (grid: rows × column blocks, purely elementwise) writes G = w · ∂D/∂x: the per-token
+  weight and the head's chain rule folded in, in the gradient buffer's dtype (bf16 for the GEMMs).
+
+Every program reads its tile once from HBM (L2 for the second pass when it fits): with the chunked plan
+this is the only memory traffic besides the GEMMs'.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from opd_fast.kernels._common import (
+    FORWARD_KL,
+    JSD,
+    MODES,
+    REVERSE_KL,
+    TOKEN_LOGPROB,
+    apply_head,
+    head_chain,
+    is_interpreter,
+    jsd_parts,
+)
+
+
+def _block(width: int) -> int:
+    """Columns per step: one wide vector per row (2048 on a GPU, 256 under the interpreter, whose cost is
+    per operation, not per element)."""
+    return min(256 if is_interpreter() else 2048, triton.next_power_of_2(max(width, 16)))
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def _head_args(head, like: torch.Tensor):
+    """(bias pointer, pre, softcap, post, HAS_BIAS, HAS_SOFTCAP) of a TileHead (or an unused model)."""
+    if head is None:
+        return like, 1.0, 1.0, 1.0, False, False
+    bias, pre, softcap, post = head
+    return (
+        like if bias is None else bias,
+        float(pre),
+        1.0 if softcap is None else float(softcap),
+        float(post),
+        bias is not None,
+        softcap is not None,
+    )
+
+
+@triton.jit
+def _lane_merge(m, s, a, m_new_tile, e_sum, a_sum):
+    """Per lane: add a block with max m_new_tile (already ≥ m), Σ e^{z − m_new} and Σ e^{z − m_new}·x."""
+    alpha = tl.where(m == -float("inf"), 0.0, tl.exp(m - m_new_tile))
+    return m_new_tile, s * alpha + e_sum, a * alpha + a_sum
+
+
+@triton.jit
+def _stats_update_kernel(
+    zs_ptr,
+    zt_ptr,
+    ids_ptr,
+    state_ptr,
+    bias_s_ptr,
+    bias_t_ptr,
+    n_state,
+    width,
+    stride_z,
+    v_lo,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
+    MODE: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
+    BV: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    p_zs = zs_ptr + i_n * stride_z
+    p_zt = zt_ptr + i_n * stride_z
+    # Per-lane online state: lane j sees columns j, j + BV, …; combined once at the end.
+    b_ms = tl.full([BV], -float("inf"), tl.float32)
+    b_ss = tl.zeros([BV], tl.float32)
+    b_mt = tl.full([BV], -float("inf"), tl.float32)
+    b_st = tl.zeros([BV], tl.float32)
+    b_acc = tl.zeros([BV], tl.float32)
+    for c0 in range(0, width, BV):
+        o_c = c0 + tl.arange(0, BV)
+        m_c = o_c < width
+        x = tl.load(p_zs + o_c, mask=m_c, other=0.0)
+        a = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
+        a = tl.where(m_c, a, -float("inf"))
+        ms_new = tl.maximum(b_ms, a)
+        e_s = tl.where(m_c, tl.exp(a - ms_new), 0.0)
+        if MODE <= JSD:  # two models
+            y = tl.load(p_zt + o_c, mask=m_c, other=0.0)
+            b = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
+            b = tl.where(m_c, b, -float("inf"))
+            mt_new = tl.maximum(b_mt, b)
+            e_t = tl.where(m_c, tl.exp(b - mt_new), 0.0)
+            diff = tl.where(m_c, a - b, 0.0)
+            if MODE == REVERSE_KL:
+                b_ms, b_ss, b_acc = _lane_merge(b_ms, b_ss, b_acc, ms_new, e_s, e_s * diff)
+                b_mt, b_st, _unused = _lane_merge(b_mt, b_st, b_st, mt_new, e_t, e_t)
+            elif MODE == FORWARD_KL:
+                b_ms, b_ss, _unused = _lane_merge(b_ms, b_ss, b_ss, ms_new, e_s, e_s)
+                b_mt, b_st, b_acc = _lane_merge(b_mt, b_st, b_acc, mt_new, e_t, -e_t * diff)
+            else:
+                b_ms, b_ss, _unused = _lane_merge(b_ms, b_ss, b_ss, ms_new, e_s, e_s)
+                b_mt, b_st, _unused = _lane_merge(b_mt, b_st, b_st, mt_new, e_t, e_t)
+        else:
+            b_ms, b_ss, _unused = _lane_merge(b_ms, b_ss, b_ss, ms_new, e_s, e_s)
+            if MODE == TOKEN_LOGPROB:
+                col = tl.load(ids_ptr + i_n) - v_lo
+                b_acc += tl.where(o_c == col, tl.where(m_c, a, 0.0), 0.0)
+
+    # Lanes → row (a tree reduction), then merge into the running state of earlier tiles.
+    p_state = state_ptr + i_n
+    ms = tl.max(b_ms, 0)
+    scale_s = tl.where(b_ms == -float("inf"), 0.0, tl.exp(b_ms - ms))
+    ss = tl.sum(b_ss * scale_s, 0)
+    m_old = tl.load(p_state)
+    m_row = tl.maximum(m_old, ms)
+    f_old = tl.where(m_old == -float("inf"), 0.0, tl.exp(m_old - m_row))
+    f_new = tl.exp(ms - m_row)
+    tl.store(p_state, m_row)
+    tl.store(p_state + n_state, tl.load(p_state + n_state) * f_old + ss * f_new)
+    if MODE == REVERSE_KL:
+        acc = tl.sum(b_acc * scale_s, 0)
+        tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) * f_old + acc * f_new)
+    if MODE <= JSD:
+        mt = tl.max(b_mt, 0)
+        scale_t = tl.where(b_mt == -float("inf"), 0.0, tl.exp(b_mt - mt))
+        st = tl.sum(b_st * scale_t, 0)
+        mt_old = tl.load(p_state + 2 * n_state)
+        mt_row = tl.maximum(mt_old, mt)
+        ft_old = tl.where(mt_old == -float("inf"), 0.0, tl.exp(mt_old - mt_row))
+        ft_new = tl.exp(mt - mt_row)
+        tl.store(p_state + 2 * n_state, mt_row)
+        tl.store(p_state + 3 * n_state, tl.load(p_state + 3 * n_state) * ft_old + st * ft_new)
+        if MODE == FORWARD_KL:
+            acc = tl.sum(b_acc * scale_t, 0)
+            tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) * ft_old + acc * ft_new)
+    if MODE == TOKEN_LOGPROB:
+        tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) + tl.sum(b_acc, 0))
+
+
+def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> None:
+    """Merge a tile into ``state`` [5, r] (m_s, s_s, m_t, s_t, acc); see the module docstring."""
+    rows, width = zs.shape
+    if rows == 0:
+        return
+    bias_s, pre_s, cap_s, post_s, has_bias_s, has_cap_s = _head_args(head_s, zs)
+    bias_t, pre_t, cap_t, post_t, has_bias_t, has_cap_t = _head_args(head_t, zs)
+    with _device(zs):
+        _stats_update_kernel[(rows,)](
+            zs,
+            zs if zt is None else zt,
+            zs if ids is None else ids,
+            state,
+            bias_s,
+            bias_t,
+            state.shape[1],
+            width,
+            zs.stride(0),
+            v_lo,
+            pre_s,
+            cap_s,
+            post_s,
+            pre_t,
+            cap_t,
+            post_t,
+            MODE=MODES[mode],
+            HAS_BIAS_S=has_bias_s,
+            HAS_SOFTCAP_S=has_cap_s,
+            HAS_BIAS_T=has_bias_t,
+            HAS_SOFTCAP_T=has_cap_t,
+            BV=_block(width),
+        )
+
+
+@triton.jit
+def _jsd_update_kernel(
+    zs_ptr,
+    zt_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    terms_ptr,
+    bias_s_ptr,
+    bias_t_ptr,
+    n_terms,
+    width,
+    stride_z,
+    beta,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
+    BV: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    lse_s = tl.load(lse_s_ptr + i_n)
+    lse_t = tl.load(lse_t_ptr + i_n)
+    b_ks = tl.zeros([BV], tl.float32)
+    b_kt = tl.zeros([BV], tl.float32)
+    b_gs = tl.zeros([BV], tl.float32)
+    for c0 in range(0, width, BV):
+        o_c = c0 + tl.arange(0, BV)
+        m_c = o_c < width
+        x = tl.load(zs_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
+        y = tl.load(zt_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
+        lp_s = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S) - lse_s
+        lp_t = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T) - lse_t
+        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
+        b_ks += tl.where(m_c, fs, 0.0)
+        b_kt += tl.where(m_c, ft, 0.0)
+        b_gs += tl.where(m_c, p_s * log_s, 0.0)
+    tl.store(terms_ptr + i_n, tl.load(terms_ptr + i_n) + tl.sum(b_ks, 0))
+    tl.store(terms_ptr + n_terms + i_n, tl.load(terms_ptr + n_terms + i_n) + tl.sum(b_kt, 0))
+    tl.store(terms_ptr + 2 * n_terms + i_n, tl.load(terms_ptr + 2 * n_terms + i_n) + tl.sum(b_gs, 0))
+
+
+def jsd_update(terms, zs, zt, lse_s, lse_t, head_s, head_t, beta: float) -> None:
+    """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, given the rows' final lse
+    (see :func:`opd_fast.backends.sweep.jsd_loss` for why the last is kept apart from the first)."""
+    rows, width = zs.shape
+    if rows == 0:
+        return
+    bias_s, pre_s, cap_s, post_s, has_bias_s, has_cap_s = _head_args(head_s, zs)
+    bias_t, pre_t, cap_t, post_t, has_bias_t, has_cap_t = _head_args(head_t, zs)
+    with _device(zs):
+        _jsd_update_kernel[(rows,)](
+            zs,
+            zt,
+            lse_s.float().contiguous(),
+            lse_t.float().contiguous(),
+            terms,
+            bias_s,
+            bias_t,
+            terms.shape[1],
+            width,
+            zs.stride(0),
+            beta,
+            pre_s,
+            cap_s,
+            post_s,
+            pre_t,
+            cap_t,
+            post_t,
+            HAS_BIAS_S=has_bias_s,
+            HAS_SOFTCAP_S=has_cap_s,
+            HAS_BIAS_T=has_bias_t,
+            HAS_SOFTCAP_T=has_cap_t,
+            BV=_block(width),
+        )
+
+
+@triton.jit
+def _logit_grad_kernel(
+    zs_ptr,
+    zt_ptr,
+    ids_ptr,
+    loss_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    center_ptr,
+    row_w_ptr,
+    g_ptr,
+    bias_s_ptr,
+    bias_t_ptr,
+    width,
+    stride_z,
+    stride_g,
+    v_lo,
+    beta,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
+    MODE: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
+    BV: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    o_c = tl.program_id(1) * BV + tl.arange(0, BV)
+    m_c = o_c < width
+    x = tl.load(zs_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
+    a = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
+    lp_s = a - tl.load(lse_s_ptr + i_n)
+    if MODE <= JSD:
+        y = tl.load(zt_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
+        lp_t = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
+        lp_t = lp_t - tl.load(lse_t_ptr + i_n)
+    if MODE == REVERSE_KL:
+        p_s = tl.exp(lp_s)
+        grad = p_s * (lp_s - lp_t - tl.load(loss_ptr + i_n))
+    elif MODE == FORWARD_KL:
+        grad = tl.exp(lp_s) - tl.exp(lp_t)
+    elif MODE == JSD:
+        p_s, log_s, _fs, _ft = jsd_parts(lp_s, lp_t, beta)
+        grad = p_s * ((1.0 - beta) * log_s - tl.load(center_ptr + i_n))
+    elif MODE == TOKEN_LOGPROB:
+        hit = o_c == tl.load(ids_ptr + i_n) - v_lo
+        grad = tl.where(hit, 1.0, 0.0) - tl.exp(lp_s)
+    else:
+        grad = tl.exp(lp_s)
+    grad = grad * head_chain(a, pre_s, cap_s, post_s, HAS_SOFTCAP_S) * tl.load(row_w_ptr + i_n)
+    tl.store(g_ptr + i_n * stride_g + o_c, grad.to(g_ptr.dtype.element_ty), mask=m_c)
+
+
+def logit_grad(zs, zt, ids, stats, row_weight, head_s, head_t, v_lo: int, mode: str, beta: float, out):
+    """G [r, width] = row_weight · ∂D/∂x for the tile into ``out`` (or over ``zs``); ``stats`` holds the rows'
+    final (loss, lse_s, lse_t, center)."""
+    rows, width = zs.shape
+    g = zs if out is None else out
+    if rows == 0:
+        return g
+    loss, lse_s, lse_t, center = (t.float().contiguous() for t in stats)
+    bias_s, pre_s, cap_s, post_s, has_bias_s, has_cap_s = _head_args(head_s, zs)
+    bias_t, pre_t, cap_t, post_t, has_bias_t, has_cap_t = _head_args(head_t, zs)
+    block = _block(width)
+    with _device(zs):
+        _logit_grad_kernel[(rows, triton.cdiv(width, block))](
+            zs,
+            zs if zt is None else zt,
+            zs if ids is None else ids,
+            loss,
+            lse_s,
+            lse_t,
+            center,
+            row_weight.float().contiguous(),
+            g,
+            bias_s,
+            bias_t,
+            width,
+            zs.stride(0),
+            g.stride(0),
+            v_lo,
+            beta,
+            pre_s,
+            cap_s,
+            post_s,
+            pre_t,
+            cap_t,
+            post_t,
+            MODE=MODES[mode],
+            HAS_BIAS_S=has_bias_s,
+            HAS_SOFTCAP_S=has_cap_s,
+            HAS_BIAS_T=has_bias_t,
+            HAS_SOFTCAP_T=has_cap_t,
+            BV=block,
+        )
+    return g
