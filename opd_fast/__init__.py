@@ -1,10 +1,12 @@
 """opd_fast: on-policy distillation losses straight from hidden states and lm_head weights.
 
-Every op streams the vocabulary in tiles, so the [tokens × vocabulary] logits of the student and the
-teacher are never materialized. See DESIGN.md §3 for the contract and README.md for examples.
+Every op walks the tokens in chunks (and, when needed, the vocabulary in tiles), so the [tokens ×
+vocabulary] logits of the student and the teacher are never materialized. See docs/design.md §3 for the
+contract and README.md for examples.
 """
 
 from opd_fast.backends import BackendUnavailableError
+from opd_fast.backends.sweep import last_filter_stats
 from opd_fast.chunking import chunk_budget, get_chunk_budget, set_chunk_budget
 from opd_fast.distributed import shard_rows
 from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs
@@ -23,6 +25,7 @@ __all__ = [
     "__version__",
     "chunk_budget",
     "get_chunk_budget",
+    "last_filter_stats",
     "linear_divergence",
     "linear_reverse_kl",
     "linear_token_logprobs",

@@ -194,11 +194,10 @@ class VocabParallelOps:
             local_lse = local(DivergenceSpec("reverse_kl", spec.beta, spec.temperature, spec.filter_eps))
             lse_s = global_lse(local_lse.student_lse.to(dtype), shard)[0]
             lse_t = global_lse(local_lse.teacher_lse.to(dtype), shard)[0]
-            terms = torch.zeros((2, n_rows), dtype=dtype, device=s.hidden.device)
+            terms = torch.zeros((3, n_rows), dtype=dtype, device=s.hidden.device)
             if shard.rows:
-                terms[0], terms[1] = inner.jsd_terms(s, t, spec, lse_s, lse_t)
-            kl_student, kl_teacher = _all_reduce(terms, shard)
-            loss, center = jsd_loss(kl_student, kl_teacher, spec.beta)
+                terms.copy_(inner.jsd_terms(s, t, spec, lse_s, lse_t))
+            loss, center = jsd_loss(_all_reduce(terms, shard), spec.beta)
             return DivergenceStats(loss, lse_s, lse_t, center)
         stats = local(spec)
         gathered = _gather(torch.stack([stats.loss, stats.student_lse, stats.teacher_lse]).to(dtype), shard)

@@ -6,7 +6,9 @@ import torch
 
 from opd_fast import _validation as check
 from opd_fast.backends import BACKENDS
+from opd_fast.chunking import check_plan
 from opd_fast.functional import linear_divergence
+from opd_fast.heads import LMHead
 
 
 class OPDLoss(torch.nn.Module):
@@ -26,20 +28,22 @@ class OPDLoss(torch.nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         filter_eps: float | None = None,
+        plan: str = "chunked",
     ) -> None:
         super().__init__()
         check.DivergenceSpec.make(divergence, beta, temperature, filter_eps)
         self.divergence, self.beta, self.temperature = divergence, float(beta), float(temperature)
         self.filter_eps = filter_eps
+        self.plan = check_plan(plan)
         self.reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
         self.backend = check.check_choice("backend", backend, BACKENDS)
 
     def forward(
         self,
         student_hidden: torch.Tensor,
-        student_weight: torch.Tensor,
+        student_weight: torch.Tensor | LMHead,
         teacher_hidden: torch.Tensor,
-        teacher_weight: torch.Tensor,
+        teacher_weight: torch.Tensor | LMHead,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return linear_divergence(
@@ -54,11 +58,12 @@ class OPDLoss(torch.nn.Module):
             reduction=self.reduction,
             backend=self.backend,
             filter_eps=self.filter_eps,
+            plan=self.plan,
         )
 
     def extra_repr(self) -> str:
         beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
         return (
             f"divergence={self.divergence!r}{beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, plan={self.plan!r}"
         )

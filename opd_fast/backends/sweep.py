@@ -28,7 +28,9 @@ share skipped.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -120,7 +122,8 @@ class Epilogue(Protocol):
         ht: TileHead,
         beta: float,
     ) -> None:
-        """terms [2, r] += (Σ p_s log(p_s/m), Σ p_t log(p_t/m)) over the tile, m = β p_t + (1 − β) p_s."""
+        """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, m = β p_t + (1 − β) p_s
+        (see :func:`jsd_loss`)."""
 
     def grad(
         self,
@@ -163,13 +166,14 @@ def mm_out(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 
 
 def addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b in acc's dtype, without rounding the product to a's dtype first."""
+    """acc += a @ b in acc's dtype, without rounding the product to a's dtype first (the out= form rather than
+    Tensor.addmm_, which torch.utils.flop_counter does not count)."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)
     elif a.is_cuda:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), out=acc)
 
 
 # ---- statistics --------------------------------------------------------------------------------------------------
@@ -205,10 +209,15 @@ def finalize(state: Tensor, mode: str) -> DivergenceStats:
     return DivergenceStats(acc, lse_s, lse_s, torch.zeros_like(lse_s))
 
 
-def jsd_loss(kl_student: Tensor, kl_teacher: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """(D, center) of JSD(β) = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m); center = (1 − β) KL(p_s ‖ m)."""
-    center = (1.0 - beta) * kl_student
-    return beta * kl_teacher + center, center
+def jsd_loss(terms: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(D, center) of JSD(β) = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m) from the rows' ``terms`` [3, r] =
+    (KL(p_s ‖ m) and KL(p_t ‖ m) in cancellation-free form, Σ p_s log(p_s / m)).
+
+    The gradient's center, (1 − β) Σ p_s log(p_s / m), is the third sum and not KL(p_s ‖ m): the two differ by
+    Σ p_s x = β (Σ p_t − Σ p_s), zero in exact arithmetic but, with fp32 log-sum-exps of large logits, off by
+    ~ulp(lse) — which the gradient p_s ((1 − β) log(p_s / m) − center) would amplify where its two parts
+    nearly cancel. The third sum is consistent with the per-element log(p_s / m), as autograd's is."""
+    return beta * terms[1] + (1.0 - beta) * terms[0], (1.0 - beta) * terms[2]
 
 
 # ---- gradient filtering -----------------------------------------------------------------------------------------
@@ -314,6 +323,48 @@ def _select(stats: DivergenceStats, rows: slice) -> DivergenceStats:
     return DivergenceStats(*(t[rows] for t in stats))
 
 
+OVERLAP_ENV = "OPD_FAST_OVERLAP"
+
+
+class _Overlap:
+    """On CUDA, each chunk's memory-bound epilogue runs on a side stream while the main stream runs the
+    previous chunk's gradient GEMMs (dH, dW: about half of all GEMM FLOPs), with two G buffers:
+
+        main:  Z(i) ─ dH/dW(i−1) ─ wait E(i) ─ Z(i+1) ─ dH/dW(i) ─ …
+        side:      └ wait Z(i) ─ E(i) (stats, G(i)) ┘          └ E(i+1) …
+
+    Disabled (everything in order on the current stream) off CUDA, for vocabulary-tiled plans, in place
+    fp32 gradients, or with ``OPD_FAST_OVERLAP=0``.
+    """
+
+    def __init__(self, device: torch.device, wanted: bool):
+        self.enabled = wanted and device.type == "cuda" and os.environ.get(OVERLAP_ENV, "1") != "0"
+        self.side = torch.cuda.Stream(device) if self.enabled else None
+        self.main = torch.cuda.current_stream(device) if self.enabled else None
+        self.done = None
+
+    def mark(self):
+        return self.main.record_event() if self.enabled else None
+
+    @contextmanager
+    def epilogue(self, logits_ready):
+        if not self.enabled:
+            yield
+            return
+        self.side.wait_event(logits_ready)
+        with torch.cuda.stream(self.side):
+            yield
+        self.done = self.side.record_event()
+
+    def wait_epilogue(self) -> None:
+        if self.enabled and self.done is not None:
+            self.main.wait_event(self.done)
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.main.wait_stream(self.side)
+
+
 class Sweep:
     """The ops of :mod:`opd_fast.backends` for a plan, on an :class:`Epilogue`."""
 
@@ -363,10 +414,10 @@ class Sweep:
         stats = finalize(state, mode)
         if mode != "jsd":
             return stats
-        terms = torch.zeros((2, r), device=s.hidden.device, dtype=dtype)
+        terms = torch.zeros((3, r), device=s.hidden.device, dtype=dtype)
         for cols, (zs, zt) in tiles():
             epi.jsd_update(terms, zs, zt, stats.student_lse, stats.teacher_lse, s.tile(cols), t.tile(cols), beta)
-        loss, center = jsd_loss(terms[0], terms[1], beta)
+        loss, center = jsd_loss(terms, beta)
         return DivergenceStats(loss, stats.student_lse, stats.teacher_lse, center)
 
     # -- the generic sweep ---------------------------------------------------------------------------------------
@@ -386,7 +437,7 @@ class Sweep:
         """Statistics (unless ``given``) and, with ``row_weight``, the first model's gradients.
 
         ``jsd_lse`` (vocabulary parallelism): the rows' global log-sum-exps; the sweep then only adds up the
-        JSD terms of these vocabulary rows and returns them as (loss = KL(p_s‖m), center = KL(p_t‖m)).
+        JSD terms of these vocabulary rows and returns them ([3, N], see :func:`jsd_loss`) in place of the stats.
         """
         epi, s = self.epilogue, ops[0]
         t = ops[1] if len(ops) > 1 else None
@@ -397,38 +448,59 @@ class Sweep:
         acc = _Accumulator(s, need, plan, n_rows, filter_eps) if want_grad else None
         want_stats = given is None
         out = None
-        if want_stats:
+        if jsd_lse is not None:
+            out = torch.zeros((3, n_rows), device=device, dtype=acc_dtype)
+        elif want_stats:
             out = DivergenceStats(*(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in range(4)))
         if n_rows == 0 or vocab == 0:
             return out, Grads() if acc is None else acc.result()
         bufs = self._workspace(plan, len(ops), device, acc_dtype)
-        g_buf = self._grad_buffer(s, plan, acc_dtype) if want_grad else None
-        for rows in plan.row_chunks(n_rows):
+        g_bufs = [self._grad_buffer(s, plan, acc_dtype)] if want_grad else [None]
+        overlap = _Overlap(device, want_grad and plan.vocab_tiles == 1 and g_bufs[0] is not None)
+        if overlap.enabled:
+            g_bufs.append(self._grad_buffer(s, plan, acc_dtype))  # chunk i's G is read while i + 1's is written
+        pending = None  # the previous chunk's (G, rows, cols, weights), its gradient GEMMs not yet enqueued
+        for i, rows in enumerate(plan.row_chunks(n_rows)):
             r = rows.stop - rows.start
             ids_r = None if ids is None else ids[rows]
+            overlap.wait_epilogue()  # the logits workspace is free again
             tiles = self._tile_source(plan, ops, bufs, rows)
+            logits_ready = overlap.mark()
+            if pending is not None:
+                acc.add(*pending)  # overlaps this chunk's epilogue on the side stream
+                pending = None
             if jsd_lse is not None:
-                terms = torch.zeros((2, r), device=device, dtype=acc_dtype)
+                terms = torch.zeros((3, r), device=device, dtype=acc_dtype)
                 for cols, (zs, zt) in tiles():
                     epi.jsd_update(terms, zs, zt, jsd_lse[0][rows], jsd_lse[1][rows], s.tile(cols), t.tile(cols), beta)
-                out.loss[rows], out.center[rows] = terms
+                out[:, rows] = terms
                 continue
-            if want_stats:
-                stats = self._chunk_stats(mode, s, t, tiles, ids_r, beta, r, acc_dtype)
-                for field, value in zip(out, stats):
-                    field[rows] = value
-            else:
-                stats = _select(given, rows)
-            if not want_grad:
-                continue
-            weight_r = row_weight[rows].to(acc_dtype)
-            for cols, zz in tiles():
-                c = cols.stop - cols.start
-                g_out = None if g_buf is None else g_buf[: r * c].view(r, c)
-                zt = zz[1] if t is not None else None
-                ht = t.tile(cols) if t is not None else None
-                g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_out)
-                acc.add(g, rows, cols, weight_r)
+            with overlap.epilogue(logits_ready):
+                if want_stats:
+                    stats = self._chunk_stats(mode, s, t, tiles, ids_r, beta, r, acc_dtype)
+                    for field, value in zip(out, stats):
+                        field[rows] = value
+                else:
+                    stats = _select(given, rows)
+                if not want_grad:
+                    continue
+                weight_r = row_weight[rows].to(acc_dtype)
+                g_buf = g_bufs[i % len(g_bufs)]
+                for cols, zz in tiles():
+                    c = cols.stop - cols.start
+                    g_out = None if g_buf is None else g_buf[: r * c].view(r, c)
+                    zt = zz[1] if t is not None else None
+                    ht = t.tile(cols) if t is not None else None
+                    g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_out)
+                    if overlap.enabled:
+                        weight_r.record_stream(overlap.main)  # made on the side stream, read on the main one
+                        pending = (g, rows, cols, weight_r)
+                    else:
+                        acc.add(g, rows, cols, weight_r)
+        overlap.wait_epilogue()
+        if pending is not None:
+            acc.add(*pending)
+        overlap.finish()
         return out, Grads() if acc is None else acc.result()
 
     # -- the ops -------------------------------------------------------------------------------------------------
@@ -453,13 +525,13 @@ class Sweep:
         given = DivergenceStats(*(x.to(torch.promote_types(ops[0].hidden.dtype, torch.float32)) for x in stats))
         return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, spec.filter_eps or 0.0)[1]
 
-    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor) -> tuple[Tensor, Tensor]:
-        """(KL(p_s ‖ m), KL(p_t ‖ m)) summed over these vocabulary rows, given the rows' (global) lse."""
+    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor) -> Tensor:
+        """JSD's terms [3, N] (see :func:`jsd_loss`) summed over these vocabulary rows, given the rows' (global)
+        lse."""
         ops = self._operands([s, t], spec.temperature)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         lse = (lse_s.to(dtype), lse_t.to(dtype))
-        out, _ = self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)
-        return out.loss, out.center
+        return self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)[0]
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """(z_y [N], lse [N]): the logit of each row's token (0 where ``ids`` is outside these rows, e.g. −1)

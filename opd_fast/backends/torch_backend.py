@@ -13,7 +13,8 @@ and with the rows' log-probs lp = z − lse the logit gradients of the per-token
 * reverse KL  D = Σ p_s (lp_s − lp_t):           ∂D/∂z_s = p_s ⊙ (lp_s − lp_t − D)
 * forward KL  D = Σ p_t (lp_t − lp_s):           ∂D/∂z_s = p_s − p_t
 * JSD(β)      D = β KL(p_t‖m) + (1−β) KL(p_s‖m), m = β p_t + (1−β) p_s:
-              ∂D/∂z_s = p_s ⊙ ((1−β) log(p_s/m) − center),   center = (1−β) KL(p_s‖m)
+              ∂D/∂z_s = p_s ⊙ ((1−β) log(p_s/m) − center),   center = (1−β) KL(p_s‖m),
+              in the cancellation-free form of :func:`jsd_parts`
 * token       log p(y):                           ∂/∂z = [v = y] − p
 * logsumexp   lse:                                ∂/∂z = p
 
@@ -65,9 +66,56 @@ def head_chain(z_final: Tensor, head: TileHead) -> Tensor | float:
     return (1.0 - tanh * tanh) * factor
 
 
+def x_minus_log1p(x: Tensor) -> Tensor:
+    """x − log(1 + x) ≥ 0 without cancellation near 0: with u = x / (2 + x), log1p(x) = 2 atanh(u), so
+    x − log1p(x) = x² / (2 + x) − 2 (u³/3 + u⁵/5 + …), the series cut where it drops below the dtype's
+    resolution for |u| ≤ 1/3 (|x| ≤ 1/2): through u¹⁵ in float32, u³⁵ in float64. Larger |x| lose at most a
+    few bits directly."""
+    u = x / (2.0 + x)
+    u2 = u * u
+    terms = 17 if x.dtype == torch.float64 else 7
+    poly = torch.full_like(u, 1.0 / (2 * terms + 1))
+    for k in range(terms - 1, 0, -1):
+        poly = 1.0 / (2 * k + 1) + u2 * poly
+    return torch.where(x.abs() <= 0.5, x * x / (2.0 + x) - 2.0 * u * u2 * poly, x - torch.log1p(x))
+
+
+def jsd_parts(lp_s: Tensor, lp_t: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """JSD(β) per element without cancellation at any β: (p_s, log(p_s / m), fs, ft) with Σ fs = KL(p_s ‖ m)
+    and Σ ft = KL(p_t ‖ m), m = β p_t + (1 − β) p_s.
+
+    With d = lp_t − lp_s, m / p_s = 1 + x for x = β·expm1(d) and m / p_t = 1 + y for y = (1 − β)·expm1(−d).
+    Because Σ p_s x = β Σ (p_t − p_s) = 0 (and likewise Σ p_t y = 0), KL(p_s ‖ m) = Σ p_s (x − log1p x):
+    every term is ≥ 0 and O(β²) when β → 0, where the textbook Σ p_s (log p_s − log m) sums terms of size
+    β that cancel to β². The gradient is p_s ((1 − β) log(p_s / m) − center), with log(p_s / m) = −log1p(x)
+    accurate to a few ulps at every β (not β (p_s − p_t) + fs, whose terms cancel). For |d| > 30 the
+    exponential of the other side is used (log(p_s/m) = log(p_t/m) − d), so nothing overflows.
+    """
+    p_s, p_t = lp_s.exp(), lp_t.exp()
+    d = lp_t - lp_s
+    x = beta * torch.expm1(d.clamp(max=30.0))
+    y = (1.0 - beta) * torch.expm1((-d).clamp(max=30.0))
+    # log(p_s / m) = −log1p(x), except where 1 + x = (1 − β) + β e^d is small (x < −1/2, e.g. β → 1 and
+    # p_t ≪ p_s): 1 + x would cancel, so log((1 − β) + β e^d) is taken as a log-add-exp. Likewise for y.
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    log_rest = math.log1p(-beta) if beta < 1 else -math.inf
+    log_s = torch.where(x < -0.5, -torch.logaddexp(torch.full_like(d, log_rest), d + log_beta), -torch.log1p(x))
+    log_t = torch.where(y < -0.5, -torch.logaddexp(torch.full_like(d, log_beta), log_rest - d), -torch.log1p(y))
+    log_s = torch.where(d > 30.0, log_t - d, log_s)
+    log_t = torch.where(d < -30.0, log_s + d, log_t)
+    fs = torch.where(x.abs() <= 0.5, p_s * x_minus_log1p(x), beta * (p_t - p_s) + p_s * log_s)
+    ft = torch.where(y.abs() <= 0.5, p_t * x_minus_log1p(y), (1.0 - beta) * (p_s - p_t) + p_t * log_t)
+    return p_s, log_s, fs, ft
+
+
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Σ_v a[n, v] · b[n, v]."""
     return (a * b).sum(dim=-1)
+
+
+def _softmax_mean_of_difference(x: Tensor, y: Tensor) -> Tensor:
+    """Σ_v softmax(x)_v (x_v − y_v) per row, with two tile-sized temporaries (the product is made in place)."""
+    return torch.softmax(x, dim=-1).mul_(x - y).sum(dim=-1)
 
 
 def _merge_online(m: Tensor, s: Tensor, acc: Tensor | None, tile_lse: Tensor, tile_acc: Tensor | None) -> None:
@@ -103,10 +151,10 @@ class TorchEpilogue:
             b = final_logits(zt, ht)
             lse_t = torch.logsumexp(b, dim=-1)
             if mode == "reverse_kl":
-                _merge_online(m_s, s_s, acc, lse_s, _rowdot(torch.softmax(a, dim=-1), a - b))
+                _merge_online(m_s, s_s, acc, lse_s, _softmax_mean_of_difference(a, b))
             else:
                 _merge_online(m_s, s_s, None, lse_s, None)
-            tile_acc = _rowdot(torch.softmax(b, dim=-1), b - a) if mode == "forward_kl" else None
+            tile_acc = _softmax_mean_of_difference(b, a) if mode == "forward_kl" else None
             _merge_online(m_t, s_t, acc if mode == "forward_kl" else None, lse_t, tile_acc)
             return
         _merge_online(m_s, s_s, None, lse_s, None)
@@ -119,36 +167,40 @@ class TorchEpilogue:
     def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
         lp_s = final_logits(zs, hs) - lse_s[:, None]
         lp_t = final_logits(zt, ht) - lse_t[:, None]
-        log_m = torch.logaddexp(lp_s + math.log1p(-beta), lp_t + math.log(beta))
-        terms[0] += _rowdot(lp_s.exp(), lp_s - log_m)
-        terms[1] += _rowdot(lp_t.exp(), lp_t - log_m)
+        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
+        terms[0] += fs.sum(dim=-1)
+        terms[1] += ft.sum(dim=-1)
+        terms[2] += _rowdot(p_s, log_s)
 
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
+        """dL/d(h·Wᵀ) of one tile, written into ``out`` (or over ``zs``). The grad is the sweep's last use of
+        the tile, so ``zt`` and the temporaries are overwritten in place: the workspace stays at a few tiles."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs)
         lp_s = a - stats.student_lse[:, None]
         p_s = lp_s.exp()
         if mode == "reverse_kl":
-            lp_t = final_logits(zt, ht) - stats.teacher_lse[:, None]
-            g = p_s * (lp_s - lp_t - stats.loss[:, None])
+            lp_t = final_logits(zt, ht).sub_(stats.teacher_lse[:, None])
+            g = lp_s.sub_(lp_t).sub_(stats.loss[:, None]).mul_(p_s)
         elif mode == "forward_kl":
-            g = p_s - (final_logits(zt, ht) - stats.teacher_lse[:, None]).exp()
+            g = p_s.sub_(final_logits(zt, ht).sub_(stats.teacher_lse[:, None]).exp_())
         elif mode == "jsd":
-            lp_t = final_logits(zt, ht) - stats.teacher_lse[:, None]
-            log_m = torch.logaddexp(lp_s + math.log1p(-beta), lp_t + math.log(beta))
-            g = p_s * ((1.0 - beta) * (lp_s - log_m) - stats.center[:, None])
+            _, log_s, _, _ = jsd_parts(lp_s, final_logits(zt, ht) - stats.teacher_lse[:, None], beta)
+            g = log_s.mul_(1.0 - beta).sub_(stats.center[:, None]).mul_(p_s)
         elif mode == "token_logprob":
             col = ids - v_lo
             inside = (col >= 0) & (col < a.shape[1])
-            g = -p_s
+            g = p_s.neg_()
             rows = inside.nonzero().view(-1)
             g[rows, col[rows]] += 1.0
         else:
             g = p_s
-        g = g * (row_weight[:, None] * chain) if isinstance(chain, Tensor) else g.mul_(row_weight[:, None] * chain)
-        if out is None:
-            return zs.copy_(g)
-        return out.copy_(g)
+        if isinstance(chain, Tensor):
+            g.mul_(chain)
+            g.mul_(row_weight[:, None])
+        else:
+            g.mul_(row_weight[:, None] * chain)
+        return (zs if out is None else out).copy_(g)
 
     def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(m, ℓ, μ) of :meth:`topk`, empty: m = ℓ = −inf, μ = 0."""

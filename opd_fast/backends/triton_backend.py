@@ -1,12 +1,17 @@
-"""Triton backend: the ops of :mod:`opd_fast.backends` on the fused kernels of :mod:`opd_fast.kernels`.
+"""Triton backend: the ops of :mod:`opd_fast.backends` on the kernels of :mod:`opd_fast.kernels`, for both plans.
 
-Forward: one pass of ``softmax_stats`` over the vocabulary gives each row's log-sum-exps and the
-divergence for reverse/forward KL; JSD takes a second pass (``jsd_terms``) because its mixture needs the
-final log-sum-exps. Backward: ``logit_grad_backward`` recomputes logits tiles chunk by chunk and
-accumulates dH and dW deterministically, with gradient filtering (see :mod:`opd_fast.kernels.linear_grad`).
+* **chunked** (default): the shared sweep of :mod:`opd_fast.backends.sweep` — cuBLAS chunk logits, the fused
+  Triton epilogue of :mod:`opd_fast.kernels.chunk_epilogue` (statistics, JSD terms, logit gradients with the
+  head applied on the fly), cuBLAS gradient GEMMs. Top-k ranks each chunk's final logits with
+  ``torch.topk`` (a radix select over a row already in memory) and its entropy with torch ops.
+* **streaming** (low memory, no logits workspace): the fused tl.dot kernels — one pass of
+  ``softmax_stats`` over the vocabulary for the log-sum-exps and the divergence (JSD takes a second pass,
+  ``jsd_terms``), ``logit_grad_backward`` recomputing the logits tiles chunk by chunk for dH, dW (and the
+  bias gradient), with opt-in gradient filtering; top-k by the streaming ``topk_stats`` kernel.
 
 Inputs: fp32, bf16 or fp16 (each model's hidden states and weight are brought to a common dtype); the
-kernels accumulate in fp32. The gradient workspace holds ``WORKSPACE_FACTOR × chunk budget`` elements.
+kernels accumulate in fp32. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``), which has no bf16
+``tl.dot``, the streaming kernels take bf16 inputs upcast to fp32 (the chunked plan's GEMMs are torch's).
 """
 
 from __future__ import annotations
@@ -14,149 +19,185 @@ from __future__ import annotations
 import torch
 
 from opd_fast._validation import DivergenceSpec
+from opd_fast.backends.sweep import FilterStats, Operand, Sweep, jsd_loss, set_filter_stats
+from opd_fast.backends.torch_backend import TorchEpilogue
 from opd_fast.chunking import get_chunk_budget
-from opd_fast.kernels._common import dot_precision
-from opd_fast.kernels.linear_grad import FilterStats, logit_grad_backward
+from opd_fast.kernels import chunk_epilogue
+from opd_fast.kernels._common import dot_precision, is_interpreter
+from opd_fast.kernels.linear_grad import logit_grad_backward
 from opd_fast.kernels.linear_softmax import jsd_terms as linear_jsd_terms
 from opd_fast.kernels.linear_softmax import softmax_stats
 from opd_fast.kernels.linear_topk import MAX_K, topk_stats
-from opd_fast.types import DivergenceStats
+from opd_fast.types import DivergenceStats, Grads, Need, Side
 
+# The streaming backward's gradient workspace holds WORKSPACE_FACTOR × chunk budget elements.
 WORKSPACE_FACTOR = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_last_filter_stats = FilterStats()
+Tensor = torch.Tensor
 
 
-def default_filter_eps(dtype: torch.dtype) -> float:
-    """Probabilities below the dtype's resolution (finfo.eps / 32; 2**-12 for bf16) are skipped."""
-    return torch.finfo(dtype).eps / 32
-
-
-def last_filter_stats() -> dict:
-    """Tiles seen and skipped by gradient filtering in the most recent backward on this backend."""
-    return _last_filter_stats.as_dict()
-
-
-def _prepare(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One dtype per model and unit stride along H, as tl.dot tiles want."""
-    for name, t in (("hidden states", hidden), ("weight", weight)):
+def _common_dtype(side: Side) -> torch.dtype:
+    for name, t in (("hidden states", side.hidden), ("weight", side.weight)):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"backend='triton' takes float32, bfloat16 or float16 {name}, got {t.dtype}; "
                 f"use backend='torch' for {t.dtype}"
             )
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    return (
-        hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-        weight if weight.stride(-1) == 1 else weight.contiguous(),
-    )
+    return torch.promote_types(side.hidden.dtype, side.weight.dtype)
 
 
-def _filter_eps(filter_eps: float | None, weight: torch.Tensor) -> float:
-    return default_filter_eps(weight.dtype) if filter_eps is None else filter_eps
+def _unit_stride(t: Tensor) -> Tensor:
+    """Unit stride along H, as tl.dot tiles and the GEMMs want."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def divergence_forward(hs, ws, ht, wt, spec: DivergenceSpec) -> DivergenceStats:
-    hs, ws = _prepare(hs, ws)
-    ht, wt = _prepare(ht, wt)
-    kw = dict(temperature=spec.temperature, precision=dot_precision(ws.dtype))
-    lse_s, lse_t, mean = softmax_stats(hs, ws, ht, wt, None, mode=spec.kind, **kw)
-    if spec.kind == "reverse_kl":
-        loss = mean - lse_s + lse_t
-        return DivergenceStats(loss, lse_s, lse_t, loss)
-    if spec.kind == "forward_kl":
-        return DivergenceStats(mean - lse_t + lse_s, lse_s, lse_t, torch.zeros_like(lse_s))
-    kl_student, kl_teacher = linear_jsd_terms(hs, ws, ht, wt, lse_s, lse_t, beta=spec.beta, **kw)
-    loss = spec.beta * kl_teacher + (1.0 - spec.beta) * kl_student
-    return DivergenceStats(loss, lse_s, lse_t, (1.0 - spec.beta) * kl_student)
+class TritonEpilogue(TorchEpilogue):
+    """The chunked plan's per-tile math as Triton kernels (top-k stays torch's: see the module docstring)."""
+
+    def prepare(self, side: Side, temperature: float) -> Operand:
+        dtype = _common_dtype(side)
+        bias = None if side.bias is None else side.bias.float().contiguous()
+        head = side.head
+        return Operand(
+            _unit_stride(side.hidden.to(dtype)),
+            _unit_stride(side.weight.to(dtype)),
+            bias,
+            head.scale,
+            head.softcap,
+            1.0 / temperature,
+        )
+
+    def grad_dtype(self, operand: Operand) -> torch.dtype:
+        return operand.weight.dtype
+
+    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
+        chunk_epilogue.stats_update(state, zs, zt, ids, hs, ht, v_lo, mode)
+
+    def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
+        chunk_epilogue.jsd_update(terms, zs, zt, lse_s, lse_t, hs, ht, beta)
+
+    def grad(self, zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
+        return chunk_epilogue.logit_grad(zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out)
 
 
-def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, spec: DivergenceSpec):
-    """(KL(p_s ‖ m), KL(p_t ‖ m)) per row over these vocabulary rows with the given log-sum-exps."""
-    hs, ws = _prepare(hs, ws)
-    ht, wt = _prepare(ht, wt)
-    kw = dict(beta=spec.beta, temperature=spec.temperature, precision=dot_precision(ws.dtype))
-    return linear_jsd_terms(hs, ws, ht, wt, lse_s.float().contiguous(), lse_t.float().contiguous(), **kw)
+class _Prepared:
+    """A model's operands for the streaming kernels: 2-D tensors and the head (bias | None, pre, softcap, post)."""
+
+    def __init__(self, side: Side, temperature: float):
+        dtype = _common_dtype(side)
+        if is_interpreter() and dtype == torch.bfloat16:
+            dtype = torch.float32  # the interpreter has no bf16 tl.dot
+        self.hidden = _unit_stride(side.hidden.to(dtype))
+        self.weight = _unit_stride(side.weight.to(dtype))
+        bias = None if side.bias is None else side.bias.float().contiguous()
+        self.head = (bias, side.head.scale, side.head.softcap, 1.0 / temperature)
+        self.precision = dot_precision(self.weight.dtype)
+        self.grad_dtype = side.weight.dtype
 
 
-def divergence_backward(hs, ws, ht, wt, stats: DivergenceStats, grad, spec: DivergenceSpec, need_dh, need_dw):
-    hs, ws = _prepare(hs, ws)
-    ht, wt = _prepare(ht, wt)
-    kw = dict(
-        temperature=spec.temperature, beta=spec.beta, filter_eps=spec.filter_eps, need_dh=need_dh, need_dw=need_dw
-    )
-    return _backward(
-        hs, ws, ht, wt, None, stats.student_lse, stats.teacher_lse, stats.loss, stats.center, grad, mode=spec.kind, **kw
-    )
+class TritonStreamingOps:
+    """The streaming plan on the fused tl.dot kernels (see the module docstring)."""
+
+    name, plan = "triton", "streaming"
+
+    def __init__(self, plan: str = "streaming"):
+        self.plan = plan
+
+    def _stats(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec) -> DivergenceStats:
+        lse_s, lse_t, mean = softmax_stats(
+            s.hidden, s.weight, t.hidden, t.weight, None, s.head, t.head, mode=spec.kind, precision=s.precision
+        )
+        if spec.kind == "reverse_kl":
+            loss = mean - lse_s + lse_t
+            return DivergenceStats(loss, lse_s, lse_t, loss)
+        if spec.kind == "forward_kl":
+            return DivergenceStats(mean - lse_t + lse_s, lse_s, lse_t, torch.zeros_like(lse_s))
+        loss, center = jsd_loss(self._jsd(s, t, spec, lse_s, lse_t), spec.beta)
+        return DivergenceStats(loss, lse_s, lse_t, center)
+
+    @staticmethod
+    def _jsd(s: _Prepared, t: _Prepared, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor):
+        lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
+        args = (s.hidden, s.weight, t.hidden, t.weight, lse_s, lse_t, s.head, t.head)
+        return linear_jsd_terms(*args, beta=spec.beta, precision=s.precision)
+
+    def _grads(self, mode, s: _Prepared, t: _Prepared | None, ids, stats, row_weight, beta, need: Need, filter_eps):
+        filter_stats = FilterStats()
+        loss, lse_s, lse_t, center = (x.float().contiguous() for x in stats)
+        dh, dw, db = logit_grad_backward(
+            s.hidden,
+            s.weight,
+            None if t is None else t.hidden,
+            None if t is None else t.weight,
+            ids,
+            lse_s,
+            None if t is None else lse_t,
+            loss,
+            center,
+            row_weight.float().contiguous(),
+            s.head,
+            None if t is None else t.head,
+            mode=mode,
+            beta=beta,
+            filter_eps=filter_eps or 0.0,
+            precision=s.precision,
+            need_dh=need.hidden,
+            need_dw=need.weight,
+            need_db=need.bias,
+            workspace_elements=WORKSPACE_FACTOR * get_chunk_budget(s.hidden.device),
+            stats=filter_stats,
+        )
+        set_filter_stats(filter_stats)
+        return Grads(dh, dw, db)
+
+    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+        ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.temperature)
+        stats = self._stats(ps, pt, spec)
+        if row_weight is None or not need.any:
+            return stats, Grads()
+        return stats, self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
+
+    def divergence_backward(self, s: Side, t: Side, spec: DivergenceSpec, stats, row_weight, need: Need) -> Grads:
+        ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.temperature)
+        return self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
+
+    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor):
+        return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.temperature), spec, lse_s, lse_t)
+
+    def token_logits(self, side: Side, ids: Tensor, temperature: float):
+        p = _Prepared(side, temperature)
+        lse, _, picked = softmax_stats(
+            p.hidden, p.weight, None, None, ids, p.head, None, mode="token_logprob", precision=p.precision
+        )
+        return picked, lse
+
+    def logsumexp(self, side: Side, temperature: float) -> Tensor:
+        p = _Prepared(side, temperature)
+        return softmax_stats(
+            p.hidden, p.weight, None, None, None, p.head, None, mode="logsumexp", precision=p.precision
+        )[0]
+
+    def logits_backward(self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None) -> Grads:
+        p = _Prepared(side, temperature)
+        lse = lse.float().contiguous()
+        zeros = torch.zeros_like(lse)
+        stats = DivergenceStats(zeros, lse, lse, zeros)
+        mode = "logsumexp" if ids is None else "token_logprob"
+        return self._grads(mode, p, None, ids, stats, row_weight, 0.0, need, filter_eps)
+
+    def topk(self, side: Side, k: int, temperature: float):
+        """Top-k lists longer than the kernel's register budget (k > MAX_K) are streamed by the torch
+        backend's epilogue on the same device."""
+        if k > MAX_K:
+            return Sweep("torch", TorchEpilogue(), "streaming").topk(side, k, temperature)
+        p = _Prepared(side, temperature)
+        ids, logits, lse, entropy = topk_stats(p.hidden, p.weight, k, p.head, precision=p.precision)
+        return ids, logits - lse[:, None], lse, entropy
 
 
-def divergence_forward_backward(hs, ws, ht, wt, grad, spec: DivergenceSpec, need_dh, need_dw):
-    stats = divergence_forward(hs, ws, ht, wt, spec)
-    dh, dw = divergence_backward(hs, ws, ht, wt, stats, grad, spec, need_dh, need_dw)
-    return stats, dh, dw
-
-
-def _backward(
-    h, w, ht, wt, ids, lse, lse_t, loss, center, grad, *, mode, temperature, beta, filter_eps, need_dh, need_dw
-):
-    global _last_filter_stats
-    dh, dw, _last_filter_stats = logit_grad_backward(
-        h,
-        w,
-        ht,
-        wt,
-        ids,
-        lse,
-        lse_t,
-        loss,
-        center,
-        grad.float().contiguous(),
-        mode=mode,
-        temperature=temperature,
-        beta=beta,
-        filter_eps=_filter_eps(filter_eps, w),
-        precision=dot_precision(w.dtype),
-        need_dh=need_dh,
-        need_dw=need_dw,
-        workspace_elements=WORKSPACE_FACTOR * get_chunk_budget(),
-    )
-    return dh, dw
-
-
-def logsumexp_forward(h, w, temperature: float):
-    h, w = _prepare(h, w)
-    kw = dict(mode="logsumexp", temperature=temperature, precision=dot_precision(w.dtype))
-    return softmax_stats(h, w, None, None, None, **kw)[0]
-
-
-def logsumexp_backward(h, w, lse, grad, temperature, need_dh, need_dw, filter_eps=None):
-    h, w = _prepare(h, w)
-    kw = dict(temperature=temperature, beta=0.0, filter_eps=filter_eps, need_dh=need_dh, need_dw=need_dw)
-    return _backward(h, w, None, None, None, lse, None, None, None, grad, mode="logsumexp", **kw)
-
-
-def token_logprobs_forward(h, w, ids, temperature: float):
-    h, w = _prepare(h, w)
-    kw = dict(mode="token_logprob", temperature=temperature, precision=dot_precision(w.dtype))
-    lse, _, picked = softmax_stats(h, w, None, None, ids, **kw)
-    return picked - lse, lse
-
-
-def token_logprobs_backward(h, w, ids, lse, grad, temperature, need_dh, need_dw, filter_eps=None):
-    h, w = _prepare(h, w)
-    kw = dict(temperature=temperature, beta=0.0, filter_eps=filter_eps, need_dh=need_dh, need_dw=need_dw)
-    return _backward(h, w, None, None, ids, lse, None, None, None, grad, mode="token_logprob", **kw)
-
-
-def topk(h, w, k: int, temperature: float):
-    """(ids, log-probs, lse, entropy) like the torch backend's; top-k lists longer than the kernel's
-    register budget (k > MAX_K) are streamed by the torch implementation on the same device."""
-    if k > MAX_K:
-        from opd_fast.backends import torch_backend
-
-        return torch_backend.topk(h, w, k, temperature)
-    h, w = _prepare(h, w)
-    ids, logits, lse, entropy = topk_stats(h, w, k, temperature=temperature, precision=dot_precision(w.dtype))
-    return ids, logits - lse[:, None], lse, entropy
+def TritonOps(plan: str = "chunked"):
+    """The Triton backend's ops for ``plan``."""
+    if plan == "streaming":
+        return TritonStreamingOps()
+    return Sweep("triton", TritonEpilogue(), plan)
