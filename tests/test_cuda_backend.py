@@ -40,8 +40,11 @@ from opd_fast import (
 )
 from opd_fast import backends as backends_module
 from opd_fast._validation import DivergenceSpec
-from opd_fast.backends import cuda_backend, torch_backend, unavailable_reason
+from opd_fast.backends import cuda_backend, unavailable_reason
+from opd_fast.backends.cuda_backend import CudaOps
+from opd_fast.backends.torch_backend import TorchOps
 from opd_fast.reference import materialized_divergence, materialized_token_logprobs, materialized_topk_overlap
+from opd_fast.types import Need, Side
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
@@ -166,7 +169,7 @@ def host_kernels():
 def cuda_on_cpu(monkeypatch, host_kernels):
     """backend="cuda" runs on CPU tensors, with the host build in place of opd_fast._C."""
     monkeypatch.setattr(cuda_backend, "_ops_module", lambda: host_kernels)
-    monkeypatch.setitem(backends_module._TABLE, "cuda", ("opd_fast.backends.cuda_backend", lambda device: None))
+    monkeypatch.setitem(backends_module._TABLE, "cuda", ("opd_fast.backends.cuda_backend:CudaOps", lambda device: None))
     return host_kernels
 
 
@@ -195,14 +198,12 @@ def test_host_many_chunks_and_odd_shapes(cuda_on_cpu, divergence, beta, budget):
 
 def test_host_jsd_terms_on_a_shard_with_global_lse(cuda_on_cpu):
     """The op vocabulary parallelism uses: a shard's JSD terms given the full vocabulary's log-sum-exps."""
-    from opd_fast._validation import DivergenceSpec
-    from opd_fast.backends import torch_backend
-
     hs, ws, ht, wt = (t.detach() for t in _cpu_pair((9,), 12, 20, 90, torch.float32))
     spec = DivergenceSpec.make("jsd", 0.3, 1.2)
-    full = torch_backend.divergence_forward(hs, ws, ht, wt, spec)
-    ours = cuda_backend.jsd_terms(hs, ws[40:], ht, wt[40:], full.student_lse, full.teacher_lse, spec)
-    ref = torch_backend.jsd_terms(hs, ws[40:], ht, wt[40:], full.student_lse, full.teacher_lse, spec)
+    full = TorchOps().divergence(Side(hs, ws), Side(ht, wt), spec, None, Need())[0]
+    shard = (Side(hs, ws[40:]), Side(ht, wt[40:]), spec, full.student_lse, full.teacher_lse)
+    ours = CudaOps().jsd_terms(*shard)
+    ref = TorchOps().jsd_terms(*shard)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -262,11 +263,12 @@ def test_host_logsumexp_matches_torch_backend(cuda_on_cpu):
     h, w, _, _ = _cpu_pair((29,), 12, 12, 77, torch.float32)
     h, w = h.detach(), w.detach()
     grad = torch.randn(29)
+    need = Need(hidden=True, weight=True)
     with chunk_budget(30):
-        lse = cuda_backend.logsumexp_forward(h, w, 0.7)
-        dh, dw = cuda_backend.logsumexp_backward(h, w, lse, grad, 0.7, True, True)
-    ref_lse = torch_backend.logsumexp_forward(h, w, 0.7)
-    ref_dh, ref_dw = torch_backend.logsumexp_backward(h, w, ref_lse, grad, 0.7, True, True)
+        lse = CudaOps().logsumexp(Side(h, w), 0.7)
+        dh, dw, _ = CudaOps().logits_backward(Side(h, w), None, lse, grad, 0.7, need)
+    ref_lse = TorchOps().logsumexp(Side(h, w), 0.7)
+    ref_dh, ref_dw, _ = TorchOps().logits_backward(Side(h, w), None, ref_lse, grad, 0.7, need)
     assert rel_err(lse, ref_lse) < 1e-6 and rel_err(dh, ref_dh) < 1e-5 and rel_err(dw, ref_dw) < 1e-5
 
 
@@ -315,7 +317,7 @@ def test_host_topk_negative_zero_ties_with_positive_zero(cuda_on_cpu):
     z = torch.tensor([[-0.0, 0.0, -0.0, 1.0, 0.0]])
     keys, state = torch.zeros(1, 5, dtype=torch.int64), torch.zeros(3, 1)
     state[0] = -torch.inf
-    cuda_backend.topk_update(z, keys, state, 0, 1.0)
+    cuda_backend.topk_update(z, keys, state, 0, None, cuda_backend.NO_HEAD)
     ids, logprobs, lse, entropy = cuda_backend.topk_finalize(keys, state)
     assert ids.tolist() == [[3, 0, 1, 2, 4]]
     log_p = torch.log_softmax(z, dim=-1)
@@ -330,8 +332,8 @@ def test_host_topk_streams_candidates_through_many_sorts(cuda_on_cpu):
     w = torch.linspace(-3, 3, vocab)[:, None].repeat(1, 4)
     h = torch.ones(3, 4)
     with chunk_budget(40):
-        ids, logprobs, lse, entropy = cuda_backend.topk(h, w, k, 1.0)
-    ref = torch_backend.topk(h, w, k, 1.0)
+        ids, logprobs, lse, entropy = CudaOps().topk(Side(h, w), k, 1.0)
+    ref = TorchOps().topk(Side(h, w), k, 1.0)
     assert torch.equal(ids, ref[0]) and ids[0].tolist() == list(range(vocab - 1, vocab - 1 - k, -1))
     for a, b in zip((logprobs, lse, entropy), ref[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -340,8 +342,8 @@ def test_host_topk_streams_candidates_through_many_sorts(cuda_on_cpu):
 def test_host_topk_longer_than_the_kernel_buffer_uses_the_torch_stream(cuda_on_cpu):
     h, w, _, _ = _cpu_pair((4,), 8, 8, 1500, torch.float32)
     h, w = h.detach(), w.detach()
-    ours = cuda_backend.topk(h, w, cuda_backend.MAX_K + 1, 1.0)
-    ref = torch_backend.topk(h, w, cuda_backend.MAX_K + 1, 1.0)
+    ours = CudaOps().topk(Side(h, w), cuda_backend.MAX_K + 1, 1.0)
+    ref = TorchOps().topk(Side(h, w), cuda_backend.MAX_K + 1, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
 
 
@@ -367,32 +369,41 @@ def test_host_fp64_is_refused_with_a_pointer_to_torch(cuda_on_cpu):
 
 def test_bindings_name_the_bad_argument(host_kernels):
     zs, state = torch.zeros(3, 4), torch.zeros(5, 3)
-    call = host_kernels.softmax_stats_update
+    head = [1.0, 0.0, 1.0]
+
+    def call(zs, state, mode=4, head_s=head, bias_s=None):
+        host_kernels.softmax_stats_update(zs, None, None, state, 0, mode, bias_s, head_s, None, head, 0)
+
     with pytest.raises(RuntimeError, match=r"softmax_stats_update: zs must be a cpu tensor, got one on meta"):
-        call(zs.to("meta"), None, None, state, 0, 1.0, 4, 0)
+        call(zs.to("meta"), state)
     with pytest.raises(RuntimeError, match=r"state must be a cpu tensor, got one on meta; move it with .to\(cpu\)"):
-        call(zs, None, None, state.to("meta"), 0, 1.0, 4, 0)
+        call(zs, state.to("meta"))
     with pytest.raises(RuntimeError, match=r"softmax_stats_update: zs must be Float, got Double"):
-        call(zs.double(), None, None, state, 0, 1.0, 4, 0)
+        call(zs.double(), state)
     with pytest.raises(RuntimeError, match=r"state must have shape \[5, 3\], got \[5, 4\]"):
-        call(zs, None, None, torch.zeros(5, 4), 0, 1.0, 4, 0)
+        call(zs, torch.zeros(5, 4))
     with pytest.raises(RuntimeError, match=r"zs must be contiguous; pass zs.contiguous\(\)"):
-        call(torch.zeros(4, 3).T, None, None, state, 0, 1.0, 4, 0)
+        call(torch.zeros(4, 3).T, state)
     with pytest.raises(RuntimeError, match=r"zt is required in two-model modes"):
-        call(zs, None, None, state, 0, 1.0, 0, 0)
+        call(zs, state, mode=0)
     with pytest.raises(RuntimeError, match=r"ids is required in token_logprob mode"):
-        call(zs, None, None, state, 0, 1.0, 3, 0)
+        call(zs, state, mode=3)
     with pytest.raises(RuntimeError, match=r"mode must be 0 \(reverse_kl\)"):
-        call(zs, None, None, state, 0, 1.0, 9, 0)
-    with pytest.raises(RuntimeError, match=r"inv_tau \(1 / temperature\) must be finite and > 0"):
-        call(zs, None, None, state, 0, 0.0, 4, 0)
+        call(zs, state, mode=9)
+    with pytest.raises(RuntimeError, match=r"head_s's post-scale \(1 / temperature\) must be finite and > 0"):
+        call(zs, state, head_s=[1.0, 0.0, 0.0])
+    with pytest.raises(RuntimeError, match=r"head_s's softcap must be finite and > 0, or 0 for none"):
+        call(zs, state, head_s=[1.0, -2.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"head_s must be \[pre, softcap, post\]"):
+        call(zs, state, head_s=[1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[4\], got \[5\]"):
+        call(zs, state, bias_s=torch.zeros(5))
     with pytest.raises(RuntimeError, match=r"k \(keys.shape\[1\]\) must be in \[1, 1024\]"):
-        host_kernels.topk_update(zs, torch.zeros(3, 1025, dtype=torch.int64), torch.zeros(3, 3), 0, 1.0, 0)
+        host_kernels.topk_update(zs, torch.zeros(3, 1025, dtype=torch.int64), torch.zeros(3, 3), 0, None, head, 0)
     with pytest.raises(RuntimeError, match=r"g must be float32, bfloat16 or float16"):
         ones = torch.ones(3)
-        host_kernels.logit_grad(
-            zs, None, None, ones, None, None, None, ones, torch.zeros(3, 4, dtype=torch.int32), 0, 1.0, 0.0, 4, 0
-        )
+        g = torch.zeros(3, 4, dtype=torch.int32)
+        host_kernels.logit_grad(zs, None, None, ones, None, None, None, ones, g, 0, 0.0, 4, None, head, None, head, 0)
 
 
 def _op_cases():
@@ -403,13 +414,21 @@ def _op_cases():
     keys, top_state = torch.zeros(5, 3, dtype=torch.int64), torch.zeros(3, 5)
     top_state[0] = -torch.inf
     g_bf16 = torch.empty(5, 7, dtype=torch.bfloat16)
+    bias = torch.randn(7)
+    plain, capped, tau = [1.0, 0.0, 1.0], [0.7, 3.0, 1.25], [1.0, 0.0, 2.0]
     return [
-        (cuda_backend.softmax_stats_update, (zs, zt, None, state, 0, 1.0, 0)),
-        (cuda_backend.softmax_stats_update, (zs, None, ids, state.clone(), 2, 0.5, 3)),
-        (cuda_backend.jsd_terms_update, (zs, zt, lse, lse, torch.zeros(2, 5), 1.0, 0.3)),
-        (cuda_backend.logit_grad, (zs.clone(), zt, None, lse, lse, lse, None, weight, None, 0, 1.0, 0.5, 0)),
-        (cuda_backend.logit_grad, (zs.clone(), None, ids, lse, None, None, None, weight, g_bf16, 0, 1.0, 0, 3)),
-        (cuda_backend.topk_update, (zs, keys, top_state, 0, 1.0)),
+        (cuda_backend.softmax_stats_update, (zs, zt, None, state, 0, 0, bias, capped, None, plain)),
+        (cuda_backend.softmax_stats_update, (zs, None, ids, state.clone(), 2, 3, None, tau, None, plain)),
+        (cuda_backend.jsd_terms_update, (zs, zt, lse, lse, torch.zeros(3, 5), 0.3, None, plain, bias, capped)),
+        (
+            cuda_backend.logit_grad,
+            (zs.clone(), zt, None, lse, lse, lse, None, weight, None, 0, 0.5, 0, bias, capped, None, plain),
+        ),
+        (
+            cuda_backend.logit_grad,
+            (zs.clone(), None, ids, lse, None, None, None, weight, g_bf16, 0, 0.0, 3, None, tau, None, plain),
+        ),
+        (cuda_backend.topk_update, (zs, keys, top_state, 0, bias, capped)),
     ]
 
 
@@ -419,7 +438,7 @@ def test_host_custom_ops_pass_opcheck(cuda_on_cpu):
         torch.library.opcheck(op, args)
     keys, state = torch.zeros(5, 3, dtype=torch.int64), torch.zeros(3, 5)
     state[0] = -torch.inf
-    cuda_backend.topk_update(torch.randn(5, 7), keys, state, 0, 1.0)
+    cuda_backend.topk_update(torch.randn(5, 7), keys, state, 0, None, cuda_backend.NO_HEAD)
     torch.library.opcheck(cuda_backend.topk_finalize, (keys, state))
 
 
@@ -429,8 +448,8 @@ def test_host_driver_traces_under_torch_compile(cuda_on_cpu):
     weight = torch.full((6,), 1 / 6)
 
     def step(hs, ws, ht, wt):
-        stats, dh, dw = cuda_backend.divergence_forward_backward(hs, ws, ht, wt, weight, spec, True, True)
-        return stats.loss, dh, dw, cuda_backend.topk(hs, ws, 4, 1.0)[0]
+        stats, (dh, dw, _) = CudaOps().divergence(Side(hs, ws), Side(ht, wt), spec, weight, Need(True, True))
+        return stats.loss, dh, dw, CudaOps().topk(Side(hs, ws), 4, 1.0)[0]
 
     with chunk_budget(64):
         compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(hs, ws, ht, wt)

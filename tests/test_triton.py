@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DEVICE, grads, rel_err
 
-from opd_fast import chunk_budget, linear_divergence, linear_token_logprobs
+from opd_fast import chunk_budget, last_filter_stats, linear_divergence, linear_token_logprobs
 from opd_fast.backends import triton_backend
 from opd_fast.reference import materialized_divergence, materialized_token_logprobs
 
@@ -38,7 +38,7 @@ def _exact(*tensors):
 def _check_divergence(hs, ws, ht, wt, tol, **kw):
     ours = linear_divergence(hs, ws, ht, wt, backend="triton", **kw)
     exact = _exact(hs, ws, ht, wt)
-    ref = materialized_divergence(*exact, **{k: v for k, v in kw.items() if k != "filter_eps"})
+    ref = materialized_divergence(*exact, **{k: v for k, v in kw.items() if k not in ("filter_eps", "plan")})
     grad_output = torch.randn_like(ref) if ref.dim() else torch.tensor(0.7, dtype=ref.dtype, device=ref.device)
     assert rel_err(ours, ref) < tol
     for a, b in zip(grads(ours, (hs, ws), grad_output.to(ours.dtype)), grads(ref, exact[:2], grad_output)):
@@ -46,22 +46,29 @@ def _check_divergence(hs, ws, ht, wt, tol, **kw):
     return ours
 
 
+@pytest.mark.parametrize("plan", ["chunked", "streaming"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_matches_reference_fp32(divergence, beta, reduction):
+def test_matches_reference_fp32(divergence, beta, reduction, plan):
     hs, ws, ht, wt = _pair((2, 19), 24, 40, 301, torch.float32)
     mask = torch.rand(2, 19, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.25
     mask[1, :7] = False
-    kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=1.3, reduction=reduction, filter_eps=0.0)
+    kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=1.3, reduction=reduction, plan=plan)
     _check_divergence(hs, ws, ht, wt, 2e-5, **kw)
 
 
+@pytest.mark.parametrize(
+    ("plan", "budget"),
+    [("chunked", 400), ("streaming", 2)],
+    ids=["chunked-3-row-chunks-4-vocabulary-tiles", "streaming-one-tile-per-backward-chunk"],
+)
 @pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_several_workspace_chunks_and_odd_shapes(divergence, beta):
-    """A tiny chunk budget forces many backward chunks; V = 97 is not a multiple of any tile."""
+def test_several_workspace_chunks_and_odd_shapes(divergence, beta, plan, budget):
+    """Small budgets force several token chunks and vocabulary tiles (chunked: 16 rows × 25 columns) or many
+    backward chunks (streaming: a workspace of 16 elements); V = 97 is not a multiple of any tile."""
     hs, ws, ht, wt = _pair((37,), 20, 17, 97, torch.float32)
-    with chunk_budget(2):  # a workspace of 16 elements → one tile-wide chunk at a time
-        _check_divergence(hs, ws, ht, wt, 2e-5, divergence=divergence, beta=beta, reduction="none", filter_eps=0.0)
+    with chunk_budget(budget):
+        _check_divergence(hs, ws, ht, wt, 2e-5, divergence=divergence, beta=beta, reduction="none", plan=plan)
 
 
 def test_single_token_and_temperature():
@@ -91,19 +98,37 @@ def test_fp16_within_twice_plain_pytorch_error(divergence, beta):
             assert rel_err(a, r) < 2e-3
 
 
-def test_filter_skips_tiles_and_stays_close():
+@pytest.mark.parametrize("plan", ["chunked", "streaming"])
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_bf16_within_twice_plain_pytorch_error(divergence, beta, plan):
+    """bf16, the production dtype, is computed right everywhere the backend runs (issue 21): under the
+    interpreter the chunked plan's GEMMs are torch's and the streaming kernels upcast their tl.dot inputs."""
+    hs, ws, ht, wt = _pair((24,), 32, 48, 200, torch.bfloat16)
+    kw = dict(divergence=divergence, beta=beta)
+    exact = _exact(hs, ws, ht, wt)
+    ref = materialized_divergence(*exact, **kw)
+    plain = materialized_divergence(hs, ws, ht, wt, **kw)  # bf16 logits, as a plain training loop has them
+    ours = linear_divergence(hs, ws, ht, wt, backend="triton", plan=plan, **kw)
+    assert rel_err(ours, ref) <= 2 * rel_err(plain, ref) + 1e-6
+    ours_g = grads(ours, (hs, ws))
+    for a, r in zip(ours_g, grads(ref, exact[:2])):  # rounded once to bf16 from fp32 logit gradients
+        assert a.dtype == torch.bfloat16 and rel_err(a, r) < torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("plan", ["chunked", "streaming"])
+def test_filter_skips_tiles_and_stays_close(plan):
     """Peaked distributions, as in trained LMs: a few frequent tokens hold the mass, so most vocabulary
-    tiles fall below the threshold; skipping them barely changes the gradient."""
+    columns (chunked) or tiles (streaming) fall below the threshold; skipping them barely changes the
+    gradient. Filtering is opt-in: exact gradients by default."""
     hs, ws, ht, wt = _pair((32,), 16, 16, 512, torch.float32, scale=0.3)
     with torch.no_grad():
         ws[:8] *= 60.0
         wt[:8] *= 60.0
-    exact = linear_divergence(hs, ws, ht, wt, backend="triton", filter_eps=0.0)
+    exact = linear_divergence(hs, ws, ht, wt, backend="triton", filter_eps=0.0, plan=plan)
     exact_g = grads(exact, (hs, ws))
-    assert triton_backend.last_filter_stats()["skipped"] == 0
-    filtered = linear_divergence(hs, ws, ht, wt, backend="triton", filter_eps=1e-3)
+    filtered = linear_divergence(hs, ws, ht, wt, backend="triton", filter_eps=1e-3, plan=plan)
     filtered_g = grads(filtered, (hs, ws))
-    stats = triton_backend.last_filter_stats()
+    stats = last_filter_stats()
     assert stats["tiles"] > 0 and stats["skipped_fraction"] > 0.3, stats
     assert torch.equal(filtered, exact)  # filtering touches the backward only
     for a, b in zip(filtered_g, exact_g):
@@ -138,16 +163,17 @@ def test_token_logprobs(lead, temperature):
 
 
 def test_token_logprobs_filter_keeps_the_token_column():
-    """With a threshold above every probability only the tiles holding a row's token survive, and the
-    gradient is exactly W_y − Σ_{v in those tiles} p_v W_v."""
+    """Streaming plan: with a threshold above every probability only the tiles holding a row's token
+    survive, and the gradient is exactly W_y − Σ_{v in those tiles} p_v W_v."""
     from opd_fast.kernels.linear_grad import tile_shape
 
     g = torch.Generator().manual_seed(8)
     h = torch.randn(8, 16, generator=g).to(DEVICE).requires_grad_()
     w = (torch.randn(256, 16, generator=g) * 0.2).to(DEVICE).requires_grad_()
     ids = torch.randint(0, 256, (8,), generator=g).to(DEVICE)
-    (dh,) = torch.autograd.grad(linear_token_logprobs(h, w, ids, backend="triton", filter_eps=0.99).sum(), h)
-    assert triton_backend.last_filter_stats()["skipped"] > 0
+    out = linear_token_logprobs(h, w, ids, backend="triton", filter_eps=0.99, plan="streaming")
+    (dh,) = torch.autograd.grad(out.sum(), h)
+    assert last_filter_stats()["skipped"] > 0
     _, bv = tile_shape()
     kept_tiles = torch.zeros(-(-256 // bv), dtype=torch.bool, device=DEVICE)
     kept_tiles[ids // bv] = True  # all 8 rows share one row block

@@ -1,0 +1,106 @@
+"""The chunked plan (issue 17): exactly the floor's GEMM FLOPs, memory independent of N, and the same numbers
+as the streaming plan, on every backend this machine runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import grads, make_pair, rel_err
+from torch.utils.flop_counter import FlopCounterMode
+
+from opd_fast import chunk_budget, linear_divergence, linear_token_logprobs
+from opd_fast.chunking import CUDA_CHUNK_ELEMENTS, plan_tiles
+from opd_fast.memory import TensorMemoryTracker
+
+DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+
+
+def _gemm_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_forward_backward_costs_exactly_the_floor(backend, divergence, beta):
+    """2·N·V·(Hs + Ht) for both models' logits + 4·N·V·Hs for dH and dW: no GEMM is recomputed, with
+    several token chunks (budget 16·V: 16-row chunks of 40 tokens)."""
+    n, hs_dim, ht_dim, vocab = 40, 16, 24, 101
+    hs, ws, ht, wt = (t.float() for t in make_pair(lead=(n,), hs_dim=hs_dim, ht_dim=ht_dim, vocab=vocab))
+    hs, ws = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+    assert plan_tiles(n, vocab, 16 * vocab).rows == 14  # 3 balanced chunks: 14, 14, 12
+
+    def step():
+        loss = linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend=backend)
+        loss.backward()
+
+    with chunk_budget(16 * vocab):
+        flops = _gemm_flops(step)
+    assert flops == 2 * n * vocab * (hs_dim + ht_dim) + 4 * n * vocab * hs_dim
+
+
+def test_streaming_plan_recomputes_the_logits():
+    """The low-memory plan's price, measured the same way: its backward recomputes both models' logits (torch
+    backend: the Triton streaming kernels do their GEMMs inside tl.dot, invisible to the FLOP counter)."""
+    n, h, vocab = 24, 16, 101
+    hs, ws, ht, wt = (t.float() for t in make_pair(lead=(n,), hs_dim=h, ht_dim=h, vocab=vocab))
+    hs, ws = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+    floor = 2 * n * vocab * 2 * h + 4 * n * vocab * h
+    with chunk_budget(n * 32):
+        flops = _gemm_flops(lambda: linear_divergence(hs, ws, ht, wt, backend="torch", plan="streaming").backward())
+    assert flops == floor + 2 * n * vocab * 2 * h
+
+
+def test_token_logprobs_backward_recomputes_only_the_student():
+    n, h, vocab = 30, 8, 77
+    w = torch.randn(vocab, h, requires_grad=True)
+    x = torch.randn(n, h, requires_grad=True)
+    ids = torch.randint(0, vocab, (n,))
+    flops = _gemm_flops(lambda: linear_token_logprobs(x, w, ids, backend="torch").sum().backward())
+    assert flops == 2 * n * vocab * h + (2 + 4) * n * vocab * h
+
+
+@pytest.mark.parametrize("n_tokens", [256, 1024, 4096])
+def test_peak_memory_is_the_workspace_plus_outputs_whatever_n(n_tokens):
+    """Beyond the inputs: fp32 upcasts / gradients O((N + V)·H) plus a workspace fixed by the budget — the
+    O(N·V) part does not grow with N (the budget holds 64 rows of the 2048-token vocabulary)."""
+    vocab, h = 2048, 16
+    budget = 64 * vocab
+    hs, ws, ht, wt = (t.float() for t in make_pair(lead=(n_tokens,), hs_dim=h, ht_dim=h, vocab=vocab))
+    hs, ws = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+    with chunk_budget(budget), TensorMemoryTracker() as tracker:
+        linear_divergence(hs, ws, ht, wt, backend="torch").backward()
+    linear_part = 4 * (n_tokens + vocab) * h * 4  # hidden/weight gradients and fp32 copies, generously
+    workspace = 8 * budget * 4  # both models' logits tiles and the epilogue's temporaries
+    assert tracker.peak_bytes <= workspace + linear_part, tracker.peak_bytes
+    assert tracker.largest_numel <= budget
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_chunked_and_streaming_plans_agree(backend, divergence, beta):
+    hs, ws, ht, wt = (t.float() for t in make_pair(lead=(2, 13), vocab=157))
+    hs, ws = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+    kw = dict(divergence=divergence, beta=beta, temperature=0.8, backend=backend)
+    chunked = linear_divergence(hs, ws, ht, wt, plan="chunked", **kw)
+    streaming = linear_divergence(hs, ws, ht, wt, plan="streaming", **kw)
+    assert rel_err(chunked, streaming) < 1e-5
+    for a, b in zip(grads(chunked, (hs, ws)), grads(streaming, (hs, ws))):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_cuda_default_budget_holds_both_models_logits_in_two_gib():
+    plan = plan_tiles(8192, 151936, device="cuda")
+    assert plan.cols == 151936 and plan.rows % 256 == 0
+    assert 2 * plan.rows * plan.cols * 4 <= 2 * CUDA_CHUNK_ELEMENTS * 4 == 2 << 30
+    assert plan_tiles(8192, 151936, device="cpu").rows < plan.rows
+
+
+def test_unknown_plan_is_refused():
+    hs, ws, ht, wt = make_pair()
+    with pytest.raises(ValueError, match="plan must be one of 'chunked', 'streaming'"):
+        linear_divergence(hs, ws, ht, wt, plan="tiled")
