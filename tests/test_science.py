@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+# the script's subprocesses import this checkout's opd_fast, whatever (or wherever) the installed one is
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 from opd_science import claims, report  # noqa: E402
 from opd_science.corpus import SkillTask, draw_problem, final_answer, render  # noqa: E402
@@ -52,7 +55,7 @@ def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("science")
     command = [sys.executable, str(REPO / "benchmarks" / "science.py"), "--quick", "--no-progress"]
     paths = ["--out", str(root / "out"), "--cache", str(root / "cache"), "--docs", str(root / "docs")]
-    done = subprocess.run([*command, *paths], capture_output=True, text=True, timeout=900, cwd=REPO)
+    done = subprocess.run([*command, *paths], capture_output=True, text=True, timeout=900, cwd=REPO, env=ENV)
     assert done.returncode == 0, done.stderr[-4000:]
     return root, done.stdout
 
@@ -106,7 +109,7 @@ def test_quick_run_reports_every_claim(quick):
 def test_report_only_reproduces_the_table(quick):
     root, _ = quick
     command = [sys.executable, str(REPO / "benchmarks" / "science.py"), "--report-only", "--out", str(root / "out")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
     assert done.returncode == 0, done.stderr[-4000:]
     table = report.table(report.from_json(json.loads((root / "docs" / "results.json").read_text())))
     assert done.stdout.startswith(table) and table in (root / "docs" / "claims.md").read_text()

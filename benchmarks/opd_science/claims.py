@@ -312,7 +312,7 @@ def _ordering(values: dict[str, float], order: tuple[str, str, str]) -> tuple[st
     return FAIL, "; ".join(broken)
 
 
-def _geometry(d: _Data, sim_k: int) -> list[dict]:
+def _geometry(d: _Data, sim_k: int, hidden: int) -> list[dict]:
     g = {name: d.geometry(name) for name in ("sft", "opd", "rlvr")}
     out = []
     sparsity = {name: g[name]["update_sparsity"] for name in g}
@@ -414,7 +414,7 @@ def _geometry(d: _Data, sim_k: int) -> list[dict]:
             "Sim_16 already high at the first checkpoint (step 63 of 299); random ≈ K/n = 16/4096",
             f"Sim_{sim_k}(20%, end): "
             + ", ".join(f"{n.upper()} {'n/a' if v is None else f'{v:.2f}'}" for n, v in early.items())
-            + f"; random ≈ {sim_k}/128 = {sim_k / 128:.2f}",
+            + f"; random ≈ K/n = {sim_k}/{hidden} = {sim_k / hidden:.2f}",
             verdict,
             reason,
             sim_k=emergence,
@@ -542,6 +542,6 @@ def evaluate(data: dict) -> list[dict]:
         *_opd_vs_sft(d),
         *_overlap(d, settings["finetune"]["overlap_k"], settings["vocab_size"]),
         *_incompatible(d),
-        *_geometry(d, settings["sim_k"]),
+        *_geometry(d, settings["sim_k"], settings["base"]["hidden"]),
         *_opsd(d),
     ]

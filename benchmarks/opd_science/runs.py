@@ -83,7 +83,7 @@ RUNS = (
     ),
     RunSpec(
         "opd_incompatible_aligned",
-        "  + teacher-aligned prompt template (?)",
+        "  + teacher-aligned prompts (the think template, `?`)",
         "incompatible_teacher",
         prompt_style="think",
     ),
