@@ -143,6 +143,22 @@ def test_run_streamed_kills_a_hung_command_at_its_time_box(tmp_path):
     assert (tmp_path / "log").read_text() == "started\n"  # streamed before the kill
 
 
+def test_a_lost_cuda_context_ends_the_stage_process_and_a_resumed_one_skips_the_rows_done(tmp_path):
+    stage = gpu_verify.STAGES[2]
+    path = stage.path(tmp_path, "gpu-2026-12-01")
+    record = gpu_verify.StageFile(path, stage, box=60, resume=False)
+    record.begin("reverse_kl/N8192/naive")
+    assert json.loads(path.read_text())["in_progress"] == "reverse_kl/N8192/naive"  # a kill here leaves this
+    record.add({"id": "reverse_kl/N8192/naive", "median_ms": 111.0})
+    sticky = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    with pytest.raises(gpu_verify.ContextLost):
+        record.add({"id": "reverse_kl/N8192/cuda", "error": sticky})
+    resumed = gpu_verify.StageFile(path, stage, box=30, resume=True)
+    assert resumed.done == {"reverse_kl/N8192/naive", "reverse_kl/N8192/cuda"}
+    assert resumed.data["status"] == "running" and resumed.data["box_seconds"] == 30
+    assert gpu_verify.StageFile(path, stage, box=30, resume=False).done == set()  # a fresh run starts over
+
+
 def test_targets_on_the_committed_cpu_results():
     results = json.loads((REPO / "benchmarks" / "results" / "cpu-2core-2026-11-22.json").read_text())["results"]
     verdicts = {v["tokens"]: v for v in gpu_verify.check_targets(results)}
