@@ -114,8 +114,8 @@ class Stage:
 
 
 STAGES = (
-    Stage(0, "env", 40, 15, 10),
-    Stage(1, "correctness", 100, 25, 30),
+    Stage(0, "env", 30, 15, 10),
+    Stage(1, "correctness", 90, 25, 30),
     Stage(2, "headline", 170, 25, 40),
     Stage(3, "sweep", 150, 25, 30),
     Stage(4, "tests", 120, 15, 30),
