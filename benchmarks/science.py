@@ -1,7 +1,7 @@
 """Reproduce the OPD papers' findings on a small pretrained model, in one command on the CPU.
 
-    python benchmarks/science.py --out runs/science [--docs docs/science]   # the full run (~30 min, 2 cores)
-    python benchmarks/science.py --quick --out /tmp/science-quick           # every measurement, tiny (~2 min)
+    python benchmarks/science.py --out runs/science [--docs docs/science]   # 19 min (cached models), 26 from scratch
+    python benchmarks/science.py --quick --out /tmp/science-quick           # every measurement, tiny (under a minute)
     python benchmarks/science.py --report-only --out runs/science --docs docs/science   # redo the report
 
 Pretrains (once, cached) a small Llama on a synthetic corpus of three skills in two answer styles plus
