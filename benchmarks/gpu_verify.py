@@ -117,7 +117,7 @@ STAGES = (
     Stage(0, "env", 30, 15, 10),
     Stage(1, "correctness", 90, 25, 30),
     Stage(2, "headline", 170, 25, 40),
-    Stage(3, "sweep", 150, 25, 30),
+    Stage(3, "sweep", 150, 30, 30),
     Stage(4, "tests", 120, 15, 30),
     Stage(5, "ncu", 90, 10, 45),
 )
@@ -131,6 +131,7 @@ class Sizes:
     correctness: dict
     headline: dict
     sweep_tokens: tuple[int, ...]
+    loss_tokens: int  # the sweep's forward KL, JSD and top-k rows
     topk_ks: tuple[int, ...]
     profile_tokens: int
     gemm_size: int
@@ -148,6 +149,7 @@ GPU_SIZES = Sizes(
     correctness=dict(tokens=1024, **QWEN3),  # the float64 reference needs ~1.2 GB per [N, V] tensor
     headline=dict(tokens=8192, **QWEN3),
     sweep_tokens=(4096, 16384),
+    loss_tokens=8192,
     topk_ks=(16, 64),
     profile_tokens=4096,
     gemm_size=8192,
@@ -162,6 +164,7 @@ REHEARSAL_SIZES = Sizes(
     correctness=dict(tokens=16, vocab=160, **TINY),
     headline=dict(tokens=32, vocab=128, **TINY),
     sweep_tokens=(16,),
+    loss_tokens=16,
     topk_ks=(2,),  # the top-k kernel is slow in the interpreter: ~1 s a call at k=2, N=32, V=128
     profile_tokens=16,
     gemm_size=256,
@@ -909,8 +912,9 @@ def stage_sweep(ctx: Context, record: StageFile) -> None:
     cases = []
     for tokens in ctx.sizes.sweep_tokens:
         cases += headline_cases(dict(ctx.sizes.headline, tokens=tokens), "reverse_kl", filtering=False)
+    shape = dict(ctx.sizes.headline, tokens=ctx.sizes.loss_tokens)
     for loss in ("forward_kl", "jsd", "topk_overlap"):
-        cases += headline_cases(ctx.sizes.headline, loss, filtering=False, topk_k=ctx.sizes.topk_ks[0])
+        cases += headline_cases(shape, loss, filtering=False, topk_k=ctx.sizes.topk_ks[0])
     run_cases(ctx, record, cases, "3 sweep")
     write_plot(ctx)
 
