@@ -24,8 +24,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 
+# The license as a PEP 639 expression where setuptools knows it (>= 77), else the older free-text field: a static
+# `license = "Apache-2.0"` in pyproject.toml fails `pip install --no-build-isolation -e .` under setuptools 68.
+LICENSE = (
+    {"license_expression": "Apache-2.0"}
+    if int(setuptools.__version__.split(".")[0]) >= 77
+    else {"license": "Apache-2.0"}
+)
 PACKAGES = ["opd_fast", "opd_fast.backends", "opd_fast.kernels", "opd_fast.trainer"]
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -94,5 +102,6 @@ def cuda_extension() -> dict:
 setup(
     packages=PACKAGES,
     package_dir={"opd_fast": "opd_fast", "opd_fast.kernels": "kernels"},
+    **LICENSE,
     **cuda_extension(),
 )

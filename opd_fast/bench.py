@@ -1,35 +1,43 @@
-"""`opd-fast bench`: time and memory of the reverse-KL loss per backend, side by side in one run.
+"""`opd-fast bench`: time and memory of the OPD losses per backend, side by side in one run.
 
-Each case builds random inputs of a realistic logit scale (hidden states ~ N(0, 1), weights
-~ N(0, 1/H) · 4, so logits have a standard deviation of about 4 and the softmax is peaked as in a
-trained model), then times the chosen mode:
+Each case draws its inputs on the benchmark device (:mod:`opd_fast.bench_inputs`): the ``random`` preset
+(logits ~ N(0, 16), unrelated student and teacher) or the ``peaked`` one (a chosen mean entropy, 1.5 nats
+by default, and a chosen student mass on the shared top-16, 0.9), and every row reports what the inputs
+were: both models' mean entropy, the shared top-16 mass and overlap ratio. Then it times the chosen mode:
 
 * ``fwd``: the loss alone (under grad mode, as in training; our backends then compute the gradients in
   the forward, so this is the whole cost);
 * ``bwd``: ``loss.backward()`` alone, after an untimed forward;
 * ``fwd+bwd``: both.
 
+Losses: ``reverse_kl`` (the default), ``forward_kl``, ``jsd`` (β = 0.5) and ``topk_overlap`` (the k = 16
+statistics, ``fwd`` only: a diagnostic without gradients).
+
 Backends: ``naive`` (materialized logits and autograd, the baseline), ``compile`` (torch.compile of a
-chunked plain-PyTorch loss), ``liger`` (Liger-Kernel's fused linear JSD, β = 1) and ``liger_chunked``
-(its chunked JSD loss, β = 1) when Liger-Kernel is installed — see :mod:`opd_fast.baselines` — and
-ours: ``torch``, ``triton``, ``cuda``. A backend that cannot run here becomes a row whose ``error`` says
-``skipped:`` and why.
+chunked plain-PyTorch loss), ``liger`` (Liger-Kernel's fused linear JSD), ``liger_chunked`` (its chunked
+JSD loss) and ``trl`` (TRL's chunked divergence, the loss inside ``trl.DistillationTrainer``) when
+installed — see :mod:`opd_fast.baselines` — and ours, each named with its plan: ``torch``, ``triton``,
+``cuda`` (the default plan, chunked) and ``triton-streaming``, ``cuda-streaming`` (``plan="streaming"``).
+A backend that cannot run here becomes a row whose ``error`` says ``skipped:`` and why. ``filter_eps``
+turns on our backends' gradient filtering (exact by default); the row then reports the share of logits
+tiles it skipped (``opd_fast.last_filter_stats()``).
 
 Timing: CUDA events around each call on GPU, wall clock on CPU, after warm-up (which includes any
 compilation); median and the 20th/80th percentiles. Memory: the peak beyond the inputs
 (:func:`opd_fast.memory.peak_extra_bytes`: the CUDA allocator's peak delta, or on CPU the peak of live
-tensor storages created by the operation), outputs and gradients included. A case that fails (e.g. out
-of memory) becomes a row with an ``error`` field.
+tensor storages created by the operation), outputs and gradients included. A case that fails (out of
+memory, or any exception a baseline raises) becomes a row with an ``error`` field.
 
 Rate: ``floor_gflop`` is the matmul work any exact method must do — 2·N·V·(Hs + Ht) for the forward
 (both models' logits) and 4·N·V·Hs for the backward (dH and dW) — and ``effective_tflops`` that floor
-over the median time. On GPU the device's measured bf16 matmul rate is in the environment
-(``matmul_tflops_bf16``) and each bf16 row gets ``fraction_of_matmul_rate``. The Triton backend's rows
-report ``filter_skipped_fraction``, the share of logits tiles gradient filtering skipped.
+over the median time. Given the device's measured bf16 matmul rate (``matmul_tflops_bf16`` in the
+environment), each bf16 row also gets ``floor_ms`` (the floor at that rate), ``ratio_to_floor`` and
+``fraction_of_matmul_rate``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -42,14 +50,31 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import backends, baselines
-from opd_fast.functional import linear_reverse_kl
+from opd_fast import backends, baselines, bench_inputs
+from opd_fast.functional import linear_divergence
 from opd_fast.memory import peak_extra_bytes
-from opd_fast.reference import materialized_divergence
+from opd_fast.reference import materialized_divergence, materialized_topk_overlap
+from opd_fast.topk import linear_topk_overlap
 
-BACKENDS = ("naive", "torch", "triton", "cuda", "liger", "liger_chunked", "compile")
+OURS = ("torch", "triton", "cuda")
+PLANS = ("chunked", "streaming")  # the library's default plan first
+BACKENDS = (
+    "naive",
+    "torch",
+    "triton",
+    "triton-streaming",
+    "cuda",
+    "cuda-streaming",
+    "compile",
+    "liger",
+    "liger_chunked",
+    "trl",
+)
+LOSSES = ("reverse_kl", "forward_kl", "jsd", "topk_overlap")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+JSD_BETA = 0.5
+TOPK_K = 16
 
 # Real student/teacher pairs: tokens swept, hidden sizes, shared vocabulary.
 PRESETS: dict[str, dict] = {
@@ -69,40 +94,92 @@ class Case:
     vocab: int
     dtype: str
     mode: str
+    loss: str = "reverse_kl"
+    inputs: str = "random"
+    filter_eps: float | None = None
+    target_entropy: float = bench_inputs.PEAKED_ENTROPY
+    target_shared_mass: float = bench_inputs.PEAKED_SHARED_MASS
+    topk_k: int = TOPK_K  # the k of the topk_overlap loss
+
+    def row(self) -> dict:
+        """The case as the leading fields of a result row (the peaked targets only for peaked inputs, k only for
+        the top-k overlap)."""
+        row = asdict(self)
+        if self.inputs != "peaked":
+            del row["target_entropy"], row["target_shared_mass"]
+        if self.loss != "topk_overlap":
+            del row["topk_k"]
+        return {**row, "plan": plan_of(self.backend)}
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot be benchmarked on ``device`` (None when it can)."""
-    if backend == "naive":
+def split_backend(name: str) -> tuple[str, str | None]:
+    """("triton", "streaming") for "triton-streaming", ("cuda", "chunked") for "cuda", (name, None) for baselines."""
+    base, _, plan = name.partition("-")
+    if base in OURS:
+        return base, plan or PLANS[0]
+    return name, None
+
+
+def plan_of(name: str) -> str | None:
+    return split_backend(name)[1]
+
+
+def unavailable_reason(backend: str, device: torch.device, *, interpreter: bool = False) -> str | None:
+    """Why ``backend`` cannot be benchmarked on ``device`` (None when it can).
+
+    The Triton backends need CUDA here unless ``interpreter`` (a rehearsal under ``TRITON_INTERPRET=1``,
+    whose timings say nothing about speed).
+    """
+    device = torch.device(device)
+    base, _ = split_backend(backend)
+    if base == "naive":
         return None
-    if backend == "triton" and torch.device(device).type != "cuda":
+    if base == "triton" and device.type != "cuda" and not interpreter:
         return "the Triton kernels need a CUDA GPU (Triton's CPU interpreter checks correctness, not speed)"
-    if backend in ("torch", "triton", "cuda"):
-        return backends.unavailable_reason(backend, device)
-    return baselines.unavailable_reason(backend, torch.device(device))
+    if base in OURS:
+        return backends.unavailable_reason(base, device)
+    return baselines.unavailable_reason(base, device)
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = DTYPES[case.dtype]
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-
-    return dict(
-        student_hidden=randn(case.tokens, case.hidden).requires_grad_(),
-        student_weight=randn(case.vocab, case.hidden, scale=4 / case.hidden**0.5).requires_grad_(),
-        teacher_hidden=randn(case.tokens, case.teacher_hidden),
-        teacher_weight=randn(case.vocab, case.teacher_hidden, scale=4 / case.teacher_hidden**0.5),
+    """The case's inputs on ``device``: student_hidden [N, Hs] and student_weight [V, Hs] (requiring gradients),
+    teacher_hidden [N, Ht] and teacher_weight [V, Ht], in the case's dtype."""
+    return bench_inputs.make_inputs(
+        case.inputs,
+        case.tokens,
+        case.hidden,
+        case.teacher_hidden,
+        case.vocab,
+        DTYPES[case.dtype],
+        torch.device(device),
+        seed,
+        entropy=case.target_entropy,
+        shared_mass=case.target_shared_mass,
     )
 
 
-def loss_function(backend: str) -> Callable[..., torch.Tensor]:
-    if backend == "naive":
-        return materialized_divergence
-    if backend in baselines.LOSSES:
-        return baselines.LOSSES[backend]
-    return lambda *args: linear_reverse_kl(*args, backend=backend)
+def loss_function(case: Case) -> Callable[..., object]:
+    """fn(student_hidden, student_weight, teacher_hidden, teacher_weight) computing the case's loss."""
+    base, plan = split_backend(case.backend)
+    if case.loss == "topk_overlap":
+        if base == "naive":
+            return lambda *t: materialized_topk_overlap(*t, k=case.topk_k)
+        if base in OURS:
+            return lambda *t: linear_topk_overlap(*t, k=case.topk_k, backend=base, **plan_option(plan))
+        raise ValueError(f"{case.backend} has no top-k overlap statistics")
+    if base == "naive":
+        return lambda *t: materialized_divergence(*t, divergence=case.loss, beta=JSD_BETA)
+    if base in OURS:
+        options = plan_option(plan)
+        if case.filter_eps is not None:
+            options["filter_eps"] = case.filter_eps
+        return lambda *t: linear_divergence(*t, divergence=case.loss, beta=JSD_BETA, backend=base, **options)
+    return baselines.divergence_loss(base, case.loss)
+
+
+def plan_option(plan: str | None) -> dict:
+    """The keyword that selects ``plan``: none for the library's default plan."""
+    return {} if plan in (None, PLANS[0]) else {"plan": plan}
 
 
 def floor_flops(case: Case) -> float:
@@ -112,27 +189,51 @@ def floor_flops(case: Case) -> float:
     return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[case.mode]
 
 
-def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float | None:
-    """The device's bf16 matmul rate (TFLOP/s) from timing a [size]³ product; None off CUDA."""
-    if torch.device(device).type != "cuda":
-        return None
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _elapsed_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Time of ``repeats`` calls in ms: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        begin.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return begin.elapsed_time(end)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    """The device's bf16 matmul rate (TFLOP/s) from timing [size]³ products of random data after 3 warm-ups."""
+    device = torch.device(device)
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    begin.record()
-    for _ in range(repeats):
-        a @ b
-    end.record()
-    torch.cuda.synchronize(device)
-    return 2.0 * size**3 * repeats / (begin.elapsed_time(end) * 1e-3) / 1e12
+    _elapsed_ms(lambda: a @ b, device, 3)  # warm-up: cuBLAS handle and kernel selection
+    ms = _elapsed_ms(lambda: a @ b, device, repeats)
+    return 2.0 * size**3 * repeats / (ms * 1e-3) / 1e12
+
+
+def measure_copy_gbps(device: torch.device, mebibytes: int = 2048, repeats: int = 10) -> float:
+    """The device's copy bandwidth (GB/s, bytes read plus bytes written) from timing a copy of ``mebibytes``."""
+    device = torch.device(device)
+    src = torch.randn(mebibytes * 2**18, device=device)  # 4-byte elements
+    dst = torch.empty_like(src)
+    _elapsed_ms(lambda: dst.copy_(src), device, 3)
+    ms = _elapsed_ms(lambda: dst.copy_(src), device, repeats)
+    return 2.0 * src.numel() * src.element_size() * repeats / (ms * 1e-3) / 1e9
 
 
 def timed_call(case: Case, inputs: dict[str, torch.Tensor]) -> tuple[Callable[[], object], Callable[[], object] | None]:
     """(timed call, untimed setup run before each timed call or None) for the case's mode."""
-    loss_fn = loss_function(case.backend)
+    loss_fn = loss_function(case)
     args = list(inputs.values())
     state: dict[str, torch.Tensor] = {}
 
@@ -140,7 +241,7 @@ def timed_call(case: Case, inputs: dict[str, torch.Tensor]) -> tuple[Callable[[]
         for t in args:
             t.grad = None
 
-    def forward() -> torch.Tensor:
+    def forward() -> object:
         return loss_fn(*args)
 
     def forward_backward() -> None:
@@ -161,9 +262,11 @@ def timed_call(case: Case, inputs: dict[str, torch.Tensor]) -> tuple[Callable[[]
     return forward_backward, None
 
 
-def _time_ms(fn, setup, device: torch.device, warmup: int, repeats: int, min_seconds: float) -> list[float]:
-    """Per-call times in ms: ``warmup`` untimed calls, then at least ``repeats`` timed ones (and ≥ min_seconds)."""
-    cuda = device.type == "cuda"
+def _time_ms(
+    fn, setup, device: torch.device, warmup: int, repeats: int, min_seconds: float, max_seconds: float | None
+) -> list[float]:
+    """Per-call times in ms: ``warmup`` untimed calls, then ``repeats`` timed ones (more until ``min_seconds``,
+    at most 100; fewer, at least one, once ``max_seconds`` have passed)."""
     for _ in range(warmup):
         if setup:
             setup()
@@ -171,20 +274,11 @@ def _time_ms(fn, setup, device: torch.device, warmup: int, repeats: int, min_sec
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - started < min_seconds and len(times) < 100):
+        if times and max_seconds is not None and time.perf_counter() - started >= max_seconds:
+            break
         if setup:
             setup()
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_elapsed_ms(fn, device, 1))
     return times
 
 
@@ -196,6 +290,21 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def _error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first_line = lines[0] if lines else ""
+    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in first_line:
+        return f"out of memory: {first_line}"
+    return f"{type(exc).__name__}: {first_line}"
+
+
+def filter_stats() -> dict | None:
+    """Tiles seen and skipped by gradient filtering in the last backward of any backend, when the library
+    reports them (``opd_fast.last_filter_stats``); None otherwise."""
+    report = getattr(importlib.import_module("opd_fast"), "last_filter_stats", None)
+    return report() if report is not None else None
+
+
 def run_case(
     case: Case,
     device: torch.device | str,
@@ -203,37 +312,58 @@ def run_case(
     warmup: int = 1,
     repeats: int = 5,
     min_seconds: float = 0.0,
+    max_seconds: float | None = None,
+    call_limit_ms: float | None = None,
     matmul_tflops: float | None = None,
+    interpreter: bool = False,
+    seed: int = 0,
 ) -> dict:
-    """Benchmark one case; returns a result row (with an ``error`` field if it could not run)."""
+    """Benchmark one case; returns a result row (with an ``error`` field if it could not run).
+
+    ``max_seconds`` bounds the timed calls (at least one runs); ``call_limit_ms`` skips the case when its first
+    warm-up call takes longer (e.g. a backend far slower than the baseline, in a time-boxed run).
+    """
     device = torch.device(device)
-    row = asdict(case)
-    reason = unavailable_reason(case.backend, device)
+    row = case.row()
+    reason = unavailable_reason(case.backend, device, interpreter=interpreter)
+    if reason is None and case.loss == "topk_overlap" and case.mode != "fwd":
+        reason = "the top-k overlap statistics are a diagnostic without gradients: mode fwd only"
+    if reason is None and case.loss == "topk_overlap" and split_backend(case.backend)[0] not in ("naive", *OURS):
+        reason = f"{case.backend} has no top-k overlap statistics"
     if reason is not None:
         return {**row, "error": f"skipped: {reason}"}
     try:
-        inputs = make_inputs(case, device)
+        inputs = make_inputs(case, device, seed)
+        row.update(bench_inputs.input_statistics(*inputs.values()))
         fn, setup = timed_call(case, inputs)
-        times = _time_ms(fn, setup, device, warmup, repeats, min_seconds)
+        if call_limit_ms is not None:
+            if setup:
+                setup()
+            first_ms = _elapsed_ms(fn, device, 1)
+            if first_ms > call_limit_ms:
+                return {
+                    **row,
+                    "error": f"skipped: one call took {first_ms:.0f} ms, over the limit of {call_limit_ms:.0f}",
+                }
+            warmup = max(warmup - 1, 0)
+        times = _time_ms(fn, setup, device, warmup, repeats, min_seconds, max_seconds)
+        stats = filter_stats() if case.filter_eps else None
         if setup:
             setup()
         peak = peak_extra_bytes(fn, device)
-    except RuntimeError as exc:  # torch.OutOfMemoryError on CUDA; the CPU allocator raises a RuntimeError
-        first_line = str(exc).splitlines()[0]
-        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in first_line:
-            return {**row, "error": f"out of memory: {first_line}"}
-        return {**row, "error": f"{type(exc).__name__}: {first_line}"}
+    except Exception as exc:  # a failing case is a row: out of memory, a baseline's TypeError, a missing kwarg
+        return {**row, "error": _error_text(exc)}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     median = statistics.median(times)
-    extra = {"floor_gflop": floor_flops(case) / 1e9, "effective_tflops": floor_flops(case) / (median * 1e-3) / 1e12}
+    flops = floor_flops(case)
+    extra = {"floor_gflop": flops / 1e9, "effective_tflops": flops / (median * 1e-3) / 1e12}
     if matmul_tflops and case.dtype == "bf16":
-        extra["fraction_of_matmul_rate"] = extra["effective_tflops"] / matmul_tflops
-    if case.backend == "triton":
-        from opd_fast.backends import triton_backend
-
-        extra["filter_skipped_fraction"] = triton_backend.last_filter_stats()["skipped_fraction"]
+        floor_ms = flops / (matmul_tflops * 1e12) * 1e3
+        extra.update(floor_ms=floor_ms, ratio_to_floor=median / floor_ms, fraction_of_matmul_rate=floor_ms / median)
+    if stats is not None:
+        extra["filter_skipped_fraction"] = stats["skipped_fraction"]
     return {
         **row,
         "median_ms": median,
@@ -294,30 +424,39 @@ def environment(device: torch.device, matmul_tflops: float | None = None) -> dic
     }
 
 
+def _comparable(row: dict) -> tuple:
+    """The fields two rows must share to be compared (the same work on the same inputs)."""
+    keys = ("tokens", "hidden", "teacher_hidden", "vocab", "dtype", "mode", "loss", "inputs")
+    return tuple(row.get(key) for key in keys)
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'backend':>13} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
-    header += f"{'median ms':>10} {'p20-p80 ms':>17} {'peak MB':>9} {'TFLOP/s':>8}  vs naive"
+    header = f"{'backend':>22} {'loss':>12} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
+    header += (
+        f"{'median ms':>10} {'p20-p80 ms':>17} {'peak MB':>9} {'TFLOP/s':>8} {'H(p_s)':>6} {'shared':>6}  vs naive"
+    )
     lines = [header, "-" * len(header)]
-    naive = {
-        (r["tokens"], r["hidden"], r["teacher_hidden"], r["vocab"], r["dtype"], r["mode"]): r
-        for r in rows
-        if r["backend"] == "naive" and "error" not in r
-    }
+    naive = {_comparable(r): r for r in rows if r["backend"] == "naive" and "error" not in r}
     for r in rows:
         shape = f"{r['hidden']}/{r['teacher_hidden']}"
-        prefix = f"{r['backend']:>13} {r['tokens']:>7} {shape:>11} {r['vocab']:>7} {r['dtype']:>5} {r['mode']:>7} "
+        label = r["backend"] if not r.get("filter_eps") else f"{r['backend']} ε={r['filter_eps']:.3g}"
+        prefix = f"{label:>22} {r['loss']:>12} {r['tokens']:>7} {shape:>11} {r['vocab']:>7} {r['dtype']:>5} "
+        prefix += f"{r['mode']:>7} "
         if "error" in r:
             lines.append(prefix + r["error"])
             continue
-        base = naive.get((r["tokens"], r["hidden"], r["teacher_hidden"], r["vocab"], r["dtype"], r["mode"]))
+        base = naive.get(_comparable(r))
         ratio = ""
         if base is not None and r["backend"] != "naive":
             speed = base["median_ms"] / r["median_ms"]
             memory = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] else float("nan")
             ratio = f"{speed:.2f}x faster, {100 * memory:.1f}% memory"
+        if "filter_skipped_fraction" in r:
+            ratio += f" (filter skipped {100 * r['filter_skipped_fraction']:.1f}% of tiles)"
         spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
         rate = f"{r['effective_tflops']:>8.3f}"
-        lines.append(prefix + f"{r['median_ms']:>10.1f} {spread:>17} {r['peak_mem_mb']:>9.1f} {rate}  {ratio}")
+        inputs = f"{r['entropy_student']:>6.2f} {r['shared_mass']:>6.3f}"
+        lines.append(prefix + f"{r['median_ms']:>10.1f} {spread:>17} {r['peak_mem_mb']:>9.1f} {rate} {inputs}  {ratio}")
     return "\n".join(lines)
 
 
@@ -355,15 +494,19 @@ def require_matplotlib():
 
 
 def plot(path: str | os.PathLike, rows: list[dict], title: str) -> None:
-    """Time and peak memory vs tokens per backend, log scales, one PNG."""
+    """Time and peak memory vs tokens per backend (and loss, mode, dtype where they vary), log scales, one PNG."""
     plt = require_matplotlib()
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     ok = [r for r in rows if "error" not in r]
-    varying = [key for key in ("mode", "dtype") if len({r[key] for r in ok}) > 1]
-    for series in dict.fromkeys((r["backend"], *(r[k] for k in varying)) for r in ok):
-        mine = sorted((r for r in ok if (r["backend"], *(r[k] for k in varying)) == series), key=lambda r: r["tokens"])
+    varying = [key for key in ("loss", "mode", "dtype", "filter_eps") if len({r.get(key) for r in ok}) > 1]
+
+    def series_of(r: dict) -> tuple:
+        return (r["backend"], *(r.get(k) for k in varying))
+
+    for series in dict.fromkeys(series_of(r) for r in ok):
+        mine = sorted((r for r in ok if series_of(r) == series), key=lambda r: r["tokens"])
         tokens = [r["tokens"] for r in mine]
-        label = " ".join(series)
+        label = " ".join(str(part) for part in series if part is not None)
         ax_time.plot(tokens, [r["median_ms"] for r in mine], marker="o", label=label)
         ax_mem.plot(tokens, [r["peak_mem_mb"] for r in mine], marker="o", label=label)
     for ax, label in ((ax_time, "median time (ms)"), (ax_mem, "peak memory beyond inputs (MB)")):
@@ -372,7 +515,7 @@ def plot(path: str | os.PathLike, rows: list[dict], title: str) -> None:
         ax.set_xlabel("tokens")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from opd_fast._argtypes import nonnegative_int, positive_int
+from opd_fast._argtypes import nonnegative_int, positive_float, positive_int, probability
 from opd_fast.diagnostics_cli import add_diagnose_parser
 
 
@@ -72,13 +72,13 @@ def _csv_choices(choices: Sequence[str], what: str):
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from opd_fast import bench
+    from opd_fast import bench, bench_inputs
 
     p = sub.add_parser(
         "bench",
-        help="time forward+backward of the reverse-KL loss per backend",
-        description="Time and peak memory of the reverse-KL loss per backend, side by side in one run. "
-        "With no shape options it runs the 'cpu-small' preset.",
+        help="time forward+backward of the reverse-KL loss (and the other OPD losses) per backend",
+        description="Time and peak memory of the reverse-KL loss (or --losses) per backend, side by side in one "
+        "run. With no shape options it runs the 'cpu-small' preset.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument(
@@ -96,6 +96,38 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes")
     p.add_argument(
         "--modes", type=_csv_choices(bench.MODES, "mode"), default=["fwd+bwd"], help="fwd, bwd and/or fwd+bwd"
+    )
+    p.add_argument(
+        "--losses",
+        type=_csv_choices(bench.LOSSES, "loss"),
+        default=["reverse_kl"],
+        help=f"comma-separated subset of {','.join(bench.LOSSES)} (jsd: beta 0.5; topk_overlap: k 16, mode fwd)",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=bench_inputs.INPUT_PRESETS,
+        default="random",
+        help="random: logits ~ N(0, 16), unrelated models; peaked: LM-like distributions with --entropy and "
+        "--shared-mass (default: random)",
+    )
+    p.add_argument(
+        "--entropy",
+        type=positive_float,
+        default=bench_inputs.PEAKED_ENTROPY,
+        help=f"peaked inputs: mean next-token entropy in nats (default {bench_inputs.PEAKED_ENTROPY})",
+    )
+    p.add_argument(
+        "--shared-mass",
+        type=probability,
+        default=bench_inputs.PEAKED_SHARED_MASS,
+        help="peaked inputs: the student's mean probability mass on the tokens in both models' top-16 "
+        f"(default {bench_inputs.PEAKED_SHARED_MASS})",
+    )
+    p.add_argument(
+        "--filter-eps",
+        type=positive_float,
+        help="turn on our backends' gradient filtering with this threshold (default: exact); rows report the "
+        "share of tiles skipped",
     )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per case (at least)")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls per case first")
@@ -133,14 +165,21 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.teacher_hidden is None and args.hidden is not None and args.preset is None:
         shape["teacher_hidden"] = args.hidden
     names = args.backends or list(bench.BACKENDS)
+    inputs = dict(
+        inputs=args.inputs,
+        filter_eps=args.filter_eps,
+        target_entropy=args.entropy,
+        target_shared_mass=args.shared_mass,
+    )
     cases = [
-        bench.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, mode)
+        bench.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, mode, loss, **inputs)
+        for loss in args.losses
         for dtype in args.dtype
-        for mode in args.modes
+        for mode in (["fwd"] if loss == "topk_overlap" else args.modes)
         for n in shape["tokens"]
         for name in names
     ]
-    matmul_tflops = bench.measure_matmul_tflops(device)
+    matmul_tflops = bench.measure_matmul_tflops(device) if device.type == "cuda" else None
     env = bench.environment(device, matmul_tflops)
     rows = []
     for case in tqdm(cases, desc="opd-fast bench", unit="case", file=sys.stderr):
@@ -156,8 +195,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             print(f"wrote {args.csv}")
         if args.plot:
             title = (
-                f"reverse KL, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
-                f"{'/'.join(args.dtype)}, {env['gpu'] or 'CPU'}"
+                f"{'/'.join(args.losses)}, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
+                f"{'/'.join(args.dtype)}, {args.inputs} inputs, {env['gpu'] or 'CPU'}"
             )
             bench.plot(args.plot, rows, title)
             print(f"wrote {args.plot}")

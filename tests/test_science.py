@@ -1,0 +1,167 @@
+"""benchmarks/science.py: the quick run produces every measurement, the report and a verdict for every claim;
+the statistics under the verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+# the script's subprocesses import this checkout's opd_fast, whatever (or wherever) the installed one is
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+from opd_science import claims, report  # noqa: E402
+from opd_science.corpus import SkillTask, draw_problem, final_answer, render  # noqa: E402
+from opd_science.measure import paired_difference, paired_interaction  # noqa: E402
+from opd_science.pipeline import PRESETS  # noqa: E402
+from opd_science.runs import RUNS  # noqa: E402
+
+VISITED_KEYS = (
+    "overlap_ratio_all",
+    "overlap_mass_student_all",
+    "overlap_mass_teacher_all",
+    "nonempty_fraction",
+    "overlap_mass_student_nonempty",
+    "overlap_mass_teacher_nonempty",
+    "reverse_kl",
+    "entropy_student",
+    "entropy_teacher",
+    "entropy_gap",
+)
+GEOMETRY_KEYS = (
+    "update_sparsity",
+    "principal_mask_overlap_ratio",
+    "principal_angle_mean_deg",
+    "principal_angle_max_deg",
+    "nss",
+    "stable_rank",
+    "frobenius_norm",
+)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("science")
+    command = [sys.executable, str(REPO / "benchmarks" / "science.py"), "--quick", "--no-progress"]
+    paths = ["--out", str(root / "out"), "--cache", str(root / "cache"), "--docs", str(root / "docs")]
+    done = subprocess.run([*command, *paths], capture_output=True, text=True, timeout=900, cwd=REPO, env=ENV)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root, done.stdout
+
+
+def test_quick_run_measures_everything(quick):
+    root, _ = quick
+    data = report.from_json(json.loads((root / "docs" / "results.json").read_text()))
+    preset = PRESETS["quick"]
+    spec = preset.finetune
+    assert set(data["runs"]) == {run.name for run in RUNS}
+    for name, correct in data["reference_correct"].items():
+        assert len(correct) == preset.final_eval_size, name
+    for name, run in data["runs"].items():
+        assert len(run["final_correct"]) == preset.final_eval_size, name
+        steps = [point["step"] for point in run["accuracy_curve"]]
+        assert steps == list(range(0, spec.steps + 1, spec.eval_every)), name
+        assert run["completion_tokens"] > 0
+        every = spec.steps // spec.checkpoints
+        assert [v["step"] for v in run["visited_states"]] == list(range(0, spec.steps + 1, every)), name
+        for stats in [*run["visited_states"], run["final_on_teacher_samples"]]:
+            assert stats["tokens"] > 0
+            for key in VISITED_KEYS:
+                assert _number(stats[key]), (name, key, stats[key])
+            assert 0 <= stats["overlap_mass_student_all"] <= stats["overlap_mass_student_nonempty"] <= 1 + 1e-6
+            assert any(v is not None for v in stats["reverse_kl_by_position"])
+        geometry = run["geometry"]["overall"]
+        for key in GEOMETRY_KEYS:
+            assert _number(geometry[key]), (name, key, geometry[key])
+        assert len(geometry["sim_k"]) == spec.checkpoints and geometry["sim_k"][-1] == pytest.approx(1.0)
+        assert len(run["geometry"]["trajectory"]) == spec.checkpoints
+        assert run["geometry"]["command"].startswith("opd-fast diagnose ")
+
+
+def test_quick_run_reports_every_claim(quick):
+    root, stdout = quick
+    data = json.loads((root / "docs" / "results.json").read_text())
+    verdicts = {claims.SUCCESS, claims.FAIL, claims.REVERSED}
+    assert len(data["claims"]) == 17
+    for claim in data["claims"]:
+        assert claim["verdict"] in verdicts, claim
+        assert claim["ours"] and claim["paper"] and claim["source"]
+        # a claim that does not reproduce says why
+        assert claim["verdict"] == claims.SUCCESS or claim["reason"], claim["id"]
+    table = (root / "docs" / "claims.md").read_text()
+    assert table.count("\n| ") >= len(data["claims"]) + len(data["runs"])
+    assert report.table(report.from_json(data)) in stdout
+    for name in ("accuracy_vs_tokens", "thinking_patterns", "overlap", "drift", "geometry", "subspace_lock"):
+        assert (root / "docs" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_only_reproduces_the_table(quick):
+    root, _ = quick
+    command = [sys.executable, str(REPO / "benchmarks" / "science.py"), "--report-only", "--out", str(root / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
+    assert done.returncode == 0, done.stderr[-4000:]
+    table = report.table(report.from_json(json.loads((root / "docs" / "results.json").read_text())))
+    assert done.stdout.startswith(table) and table in (root / "docs" / "claims.md").read_text()
+
+
+def test_paired_difference():
+    a = [True, True, False, False, True]
+    b = [True, False, True, False, False]
+    d = paired_difference(a, b)
+    assert d["difference"] == pytest.approx(1 / 5)
+    # discordant pairs: 2 for a, 1 for b → variance (3/25) − (1/5)²/5
+    assert d["standard_error"] == pytest.approx(math.sqrt(3 / 25 - 0.04 / 5))
+    assert paired_difference(a, a) == {"difference": 0.0, "standard_error": 0.0, "n": 5}
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference(a, b[:3])
+    # (a1 − a0) − (b1 − b0) per problem: [0, 1, −1, 0, 1] → mean 0.2
+    contrast = paired_interaction(a, b, b, b)
+    assert contrast["difference"] == pytest.approx(0.2)
+    assert contrast["standard_error"] == pytest.approx(math.sqrt((2 * 0.2**2 + 2 * 0.8**2 + 1.2**2) / 5 / 5))
+
+
+def test_orderings_and_margins():
+    assert claims._ordering({"a": 1, "b": 2, "c": 3}, ("a", "b", "c")) == (claims.SUCCESS, None)
+    assert claims._ordering({"a": 3, "b": 2, "c": 1}, ("a", "b", "c"))[0] == claims.REVERSED
+    verdict, reason = claims._ordering({"a": 1, "b": 3, "c": 2}, ("a", "b", "c"))
+    assert verdict == claims.FAIL and reason == "B < C is reversed"
+    # steps of less than 10% relative do not order two values
+    verdict, reason = claims._ordering({"a": 1.0, "b": 1.05, "c": 2.0}, ("a", "b", "c"))
+    assert verdict == claims.FAIL and reason == "A < B is within 10%"
+    assert claims._relative(1.0, 0.95) == 0 and claims._relative(1.0, 0.8) == 1 and claims._relative(0.8, 1.0) == -1
+
+
+def test_styles_share_problems_and_answers():
+    import random
+
+    problem = draw_problem(random.Random(0), "A")
+    direct, think, hinted = (render(problem, style) for style in ("direct", "think", "hinted"))
+    assert direct.prompt.endswith("=") and think.prompt.endswith("?") and hinted.prompt.startswith(problem.answer + "|")
+    assert final_answer(think.answer) == final_answer(direct.answer) == problem.answer
+    task = SkillTask("think")
+    assert [e.prompt[:-1] for e in task.eval_set(9)] == [e.prompt[:-1] for e in SkillTask("direct").eval_set(9)]
+    assert task.verify(task.eval_set(1)[0], final_answer(task.eval_set(1)[0].answer))
+
+
+def test_full_preset_configs_are_valid(tmp_path):
+    """Every run of the full preset builds a valid trainer configuration (the full run is too long for CI)."""
+    from opd_science.runs import run_config
+
+    spec = PRESETS["full"].finetune
+    teachers = {"teacher": tmp_path / "t", "incompatible_teacher": tmp_path / "i"}
+    for run in RUNS:
+        config = run_config(run, spec, tmp_path / "base", teachers, tmp_path / run.name)
+        assert config.train.steps == spec.steps and config.optim.lr == spec.lr, run.name
+        assert config.train.save_every * spec.checkpoints == spec.steps, run.name
+        assert config.teacher.self_distill == (run.teacher == "self"), run.name
