@@ -12,7 +12,13 @@ from opd_fast.distributed import shard_rows
 from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs
 from opd_fast.heads import LMHead
 from opd_fast.modules import OPDLoss
-from opd_fast.topk import linear_topk_divergence, linear_topk_overlap, linear_topk_target_divergence
+from opd_fast.topk import (
+    OverlapAverages,
+    linear_topk_divergence,
+    linear_topk_overlap,
+    linear_topk_target_divergence,
+    overlap_averages,
+)
 from opd_fast.types import TopKOverlap
 
 __version__ = "0.1.0"
@@ -21,6 +27,7 @@ __all__ = [
     "BackendUnavailableError",
     "LMHead",
     "OPDLoss",
+    "OverlapAverages",
     "TopKOverlap",
     "__version__",
     "chunk_budget",
@@ -32,6 +39,7 @@ __all__ = [
     "linear_topk_divergence",
     "linear_topk_overlap",
     "linear_topk_target_divergence",
+    "overlap_averages",
     "set_chunk_budget",
     "shard_rows",
 ]

@@ -9,6 +9,7 @@ autograd Function, and the divergence on the support, in plain PyTorch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -231,6 +232,62 @@ def linear_topk_overlap(
     lead = pair.lead
     return TopKOverlap(
         *(scatter_rows(field, rows, n_rows, fill).view((*lead, *field.shape[1:])) for field, fill in zip(fields, fills))
+    )
+
+
+class OverlapAverages(NamedTuple):
+    """Averages of :class:`opd_fast.TopKOverlap`'s per-token statistics over the counted tokens, fp32 0-d tensors.
+
+    The overlap masses have two averages in use, and they differ a lot when many top-k sets are disjoint:
+
+    * ``*_all_tokens``: over every counted token, a token whose top-k sets do not intersect counting 0
+      (DESIGN.md's E_t; the trainer's ``overlap/mass_student``, ``overlap/mass_teacher``, ``overlap/ratio``).
+    * ``*_nonempty``: over the counted tokens whose top-k sets intersect (``overlap_ratio > 0``), as the
+      released code of "Rethinking OPD" averages its ``student_p_sum_intersection``: the papers' 97–99% is
+      this one. 0 when no counted token has a non-empty intersection (``nonempty_fraction`` is then 0).
+
+    A disjoint token's masses are exactly 0, so ``mass_*_nonempty = mass_*_all_tokens / nonempty_fraction``.
+    """
+
+    ratio_all_tokens: torch.Tensor
+    mass_student_all_tokens: torch.Tensor
+    mass_teacher_all_tokens: torch.Tensor
+    mass_student_nonempty: torch.Tensor
+    mass_teacher_nonempty: torch.Tensor
+    nonempty_fraction: torch.Tensor
+
+
+def overlap_averages(stats: TopKOverlap, mask: torch.Tensor | None = None) -> OverlapAverages:
+    """Both averages of the overlap masses (all tokens, non-empty intersections) of ``stats``; see
+    :class:`OverlapAverages`.
+
+    Args:
+        stats: the output of :func:`linear_topk_overlap`. Its tokens left out by the op's mask (top-k ids -1)
+            are never counted.
+        mask: optional bool ``[...]`` (the statistics' leading shape), True where a token counts; it restricts
+            the tokens further. Every average is 0 when no token counts.
+    """
+    counted = stats.student_topk_ids[..., 0] >= 0
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != counted.shape:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(counted.shape)} (the statistics' leading shape), got "
+                f"{type(mask).__name__} {getattr(mask, 'dtype', '')} {tuple(getattr(mask, 'shape', ()))}; pass the "
+                "mask given to linear_topk_overlap"
+            )
+        counted = counted & mask.to(counted.device)
+    nonempty = counted & (stats.overlap_ratio > 0)
+
+    def mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        return torch.where(where, values, 0.0).sum() / where.sum().clamp_min(1)
+
+    return OverlapAverages(
+        ratio_all_tokens=mean(stats.overlap_ratio, counted),
+        mass_student_all_tokens=mean(stats.overlap_mass_student, counted),
+        mass_teacher_all_tokens=mean(stats.overlap_mass_teacher, counted),
+        mass_student_nonempty=mean(stats.overlap_mass_student, nonempty),
+        mass_teacher_nonempty=mean(stats.overlap_mass_teacher, nonempty),
+        nonempty_fraction=nonempty.sum() / counted.sum().clamp_min(1),
     )
 
 
