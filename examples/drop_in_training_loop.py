@@ -2,7 +2,8 @@
 
 On-policy distillation in ~40 lines: the student samples completions, the teacher scores them, and the
 reverse KL between their next-token distributions on the completion tokens is computed from the final
-hidden states and the lm_head weights, never from [tokens × vocabulary] logits.
+hidden states and the output heads (``LMHead.from_model``: the lm_head with whatever bias, scale or soft-cap
+the model's forward applies), never from [tokens × vocabulary] logits.
 
 Runs anywhere: with no model paths it builds two tiny Qwen2 models from configs (random weights),
 saves them and loads them back from local directories. Pass --student/--teacher to use your own.
@@ -16,7 +17,7 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from opd_fast import linear_reverse_kl
+from opd_fast import LMHead, linear_reverse_kl
 
 
 def tiny_models(directory: str) -> tuple[str, str]:
@@ -53,18 +54,19 @@ def main(student_path: str, teacher_path: str, steps: int = 3, batch: int = 4, n
                 pad_token_id=0,
                 attention_mask=torch.ones_like(prompts),
             )
-        # 2. Final hidden states of both models; the base model skips the lm_head, so no logits are built.
-        student_hidden = student.base_model(sequences).last_hidden_state
+        # 2. Final hidden states of both models; the decoder skips the lm_head, so no logits are built.
+        student_hidden = student.get_decoder()(sequences).last_hidden_state
         with torch.no_grad():
-            teacher_hidden = teacher.base_model(sequences).last_hidden_state
+            teacher_hidden = teacher.get_decoder()(sequences).last_hidden_state
         # 3. Position t predicts token t + 1: count the positions whose next token is a completion token.
         predicts_completion = torch.zeros_like(sequences, dtype=torch.bool)[:, :-1]
         predicts_completion[:, prompts.shape[1] - 1 :] = True
+        # 4. The heads as the models' forwards apply them (read each step: views of the current parameters).
         loss = linear_reverse_kl(
             student_hidden[:, :-1],
-            student.lm_head.weight,
+            LMHead.from_model(student),
             teacher_hidden[:, :-1],
-            teacher.lm_head.weight,
+            LMHead.from_model(teacher).detach(),
             mask=predicts_completion,
         )
         loss.backward()

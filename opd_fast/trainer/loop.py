@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from opd_fast.heads import LMHead
 from opd_fast.trainer import checkpoint as ckpt
 from opd_fast.trainer.config import TrainConfig
 from opd_fast.trainer.losses import compute_loss, overlap_metrics, overlap_statistics
@@ -41,7 +42,6 @@ from opd_fast.trainer.modeling import (
     apply_lora,
     check_same_tokenizer,
     final_hidden_states,
-    lm_head_weight,
     load_causal_lm,
     load_tokenizer,
     shared_vocab_size,
@@ -251,7 +251,7 @@ class Trainer:
         hidden = gather_positions(
             final_hidden_states(self.student, batch.input_ids, batch.attention_mask), batch.student_positions
         )
-        head = lm_head_weight(self.student)[: self.vocab_size]
+        head = LMHead.from_model(self.student).vocab_slice(0, self.vocab_size)
         return linear_token_logprobs(
             hidden, head, batch.targets, temperature=self.config.loss.temperature, backend=self.config.loss.backend
         )
@@ -265,10 +265,10 @@ class Trainer:
     def _overlap(self, batch: Batch, student_hidden, teacher_hidden):
         cfg = self.config
         with self._teacher_context():
-            teacher_head = lm_head_weight(self.teacher)
+            teacher_head = LMHead.from_model(self.teacher).detach()
         return overlap_statistics(
             student_hidden,
-            lm_head_weight(self.student).detach(),
+            LMHead.from_model(self.student).detach(),
             teacher_hidden,
             teacher_head,
             batch.completion_mask,
@@ -331,7 +331,7 @@ class Trainer:
         if self.teacher is not None and (loss_config.mode != "sft" or diagnostics):
             teacher_hidden = self._teacher_hidden(batch)
             with self._teacher_context():
-                teacher_head = lm_head_weight(self.teacher).detach()
+                teacher_head = LMHead.from_model(self.teacher).detach()
         rewards = None
         if loss_config.reward_mix < 1.0:
             rewards = torch.tensor(
@@ -341,7 +341,7 @@ class Trainer:
             loss_config,
             batch,
             student_hidden,
-            lm_head_weight(self.student),
+            LMHead.from_model(self.student),
             teacher_hidden,
             teacher_head,
             self.vocab_size,

@@ -1,4 +1,4 @@
-"""The trainer's loss modes, all computed from final hidden states and lm_head weights by opd_fast's ops.
+"""The trainer's loss modes, all computed from final hidden states and output heads by opd_fast's ops.
 
 Hidden states arrive already gathered at the positions that predict completion tokens (``[B, L, H]``,
 aligned with ``batch.targets``), so the student and the teacher may have seen different prompts. Every
@@ -27,7 +27,14 @@ import math
 
 import torch
 
-from opd_fast import linear_divergence, linear_token_logprobs, linear_topk_divergence, linear_topk_overlap
+from opd_fast import (
+    LMHead,
+    linear_divergence,
+    linear_token_logprobs,
+    linear_topk_divergence,
+    linear_topk_overlap,
+    overlap_averages,
+)
 from opd_fast.trainer.config import LossConfig
 
 
@@ -66,14 +73,15 @@ def compute_loss(
     cfg: LossConfig,
     batch,
     student_hidden: torch.Tensor,
-    student_head: torch.Tensor,
+    student_head: LMHead,
     teacher_hidden: torch.Tensor | None,
-    teacher_head: torch.Tensor | None,
+    teacher_head: LMHead | None,
     vocab_size: int,
     behaviour_logprobs: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(loss, metrics) for one micro-batch; hidden states ``[B, L, H]`` at the completion positions."""
+    """(loss, metrics) for one micro-batch; hidden states ``[B, L, H]`` at the completion positions, heads as
+    ``LMHead.from_model`` reads them (the teacher's detached), padded rows included: ``vocab_size`` cuts them."""
     hs, ht, mask = student_hidden, teacher_hidden, batch.completion_mask
     common = dict(temperature=cfg.temperature, backend=cfg.backend)
     metrics: dict[str, float] = {}
@@ -127,13 +135,15 @@ def compute_loss(
         kept = sparsify(mask, per_token, cfg.token_keep, cfg.token_select)
         loss = _masked_mean(per_token, kept)
     else:
-        logprobs = linear_token_logprobs(hs, student_head[:vocab_size], batch.targets, **common)
+        logprobs = linear_token_logprobs(hs, student_head.vocab_slice(0, vocab_size), batch.targets, **common)
         if cfg.mode == "sft":
             kept = sparsify(mask, -logprobs, cfg.token_keep, cfg.token_select)
             loss = -_masked_mean(logprobs, kept)
         else:
             with torch.no_grad():
-                teacher_logprobs = linear_token_logprobs(ht, teacher_head[:vocab_size], batch.targets, **common)
+                teacher_logprobs = linear_token_logprobs(
+                    ht, teacher_head.vocab_slice(0, vocab_size), batch.targets, **common
+                )
             old = logprobs.detach() if behaviour_logprobs is None else behaviour_logprobs
             estimate = old - teacher_logprobs  # one-sample reverse KL at the sampled token
             advantage = discounted_advantage(-estimate, mask, cfg.discount)
@@ -172,12 +182,21 @@ def overlap_statistics(
 
 
 def overlap_metrics(stats, mask) -> dict[str, float]:
-    """Mean top-k agreement and entropies over the completion tokens (DESIGN.md §2)."""
+    """Top-k agreement and entropies over the completion tokens (DESIGN.md §2).
+
+    ``overlap/ratio`` and ``overlap/mass_*`` average over all completion tokens (a token whose top-k sets are
+    disjoint counts 0); ``overlap/mass_*_nonempty`` over the tokens whose top-k sets intersect, the average
+    the OPD papers' 97–99% refers to; ``overlap/nonempty_fraction`` is the share of such tokens.
+    """
+    averages = overlap_averages(stats, mask)
     mean = lambda t: _masked_mean(t, mask).item()  # noqa: E731
     return {
-        "overlap/ratio": mean(stats.overlap_ratio),
-        "overlap/mass_student": mean(stats.overlap_mass_student),
-        "overlap/mass_teacher": mean(stats.overlap_mass_teacher),
+        "overlap/ratio": averages.ratio_all_tokens.item(),
+        "overlap/mass_student": averages.mass_student_all_tokens.item(),
+        "overlap/mass_teacher": averages.mass_teacher_all_tokens.item(),
+        "overlap/mass_student_nonempty": averages.mass_student_nonempty.item(),
+        "overlap/mass_teacher_nonempty": averages.mass_teacher_nonempty.item(),
+        "overlap/nonempty_fraction": averages.nonempty_fraction.item(),
         "entropy/student": mean(stats.student_entropy),
         "entropy/teacher": mean(stats.teacher_entropy),
         "entropy/gap": mean((stats.teacher_entropy - stats.student_entropy).abs()),

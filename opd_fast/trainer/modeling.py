@@ -1,5 +1,6 @@
 """Loading student and teacher models and their tokenizer, and the two things the fused losses need:
-final hidden states (the lm_head is never applied by the model) and the lm_head weight.
+final hidden states (the lm_head is never applied by the model) and the output head (:class:`opd_fast.LMHead`:
+the lm_head's weight and bias with the scale and soft-cap the model's forward applies after it).
 
 Nothing is ever downloaded: paths must be local transformers model directories.
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from opd_fast.heads import LMHead
 from opd_fast.trainer.config import ConfigError, LoraConfig, ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -96,6 +98,8 @@ def causal_lm(model):
 
 
 def lm_head_weight(model) -> torch.Tensor:
+    """The lm_head's weight alone, without the bias, scale and soft-cap some models apply after it: the losses
+    take ``LMHead.from_model(model)`` instead."""
     return causal_lm(model).get_output_embeddings().weight
 
 
@@ -119,12 +123,18 @@ class HiddenStates(torch.nn.Module):
 
 def shared_vocab_size(tokenizer, student, teacher=None) -> int:
     """The number of real token ids: the tokenizer's length. lm_heads may have extra padded rows
-    (e.g. 151936 vs 152064); those are excluded from every loss and from sampling."""
+    (e.g. 151936 vs 152064); those are excluded from every loss and from sampling.
+
+    Reads each model's output head with :meth:`LMHead.from_model`, so a model whose head the fused losses
+    cannot compute exactly is refused here, before any training."""
     size = len(tokenizer)
     for role, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
-        rows = lm_head_weight(model).shape[0]
+        try:
+            rows = LMHead.from_model(model).vocab_size
+        except ValueError as exc:
+            raise ConfigError(f"{role}.path: the fused losses cannot compute this model's output head: {exc}") from None
         if rows < size:
             raise ConfigError(
                 f"the {role}'s lm_head has {rows} rows but the tokenizer has {size} tokens; the model cannot "

@@ -10,7 +10,11 @@ from opd_fast.bench import require_matplotlib
 PANELS = (
     ("loss", ["loss"], "training loss"),
     ("accuracy", ["eval/student_accuracy", "rollout/accuracy"], "accuracy"),
-    ("overlap", ["overlap/mass_student", "overlap/mass_teacher", "overlap/ratio"], "top-k overlap"),
+    (
+        "overlap",
+        ["overlap/mass_student", "overlap/mass_student_nonempty", "overlap/mass_teacher", "overlap/ratio"],
+        "top-k overlap",
+    ),
     ("entropy", ["entropy/gap", "entropy/student", "entropy/teacher"], "entropy (nats)"),
 )
 

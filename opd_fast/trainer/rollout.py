@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_fast.heads import LMHead
 from opd_fast.trainer.modeling import causal_lm
 from opd_fast.trainer.tasks import Example
 
@@ -99,7 +100,7 @@ def generate(
         kwargs.update(do_sample=False)
     else:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    head_rows = lm.get_output_embeddings().weight.shape[0]
+    head_rows = LMHead.from_model(lm).vocab_size
     if vocab_size is not None and head_rows > vocab_size:
         kwargs["suppress_tokens"] = list(range(vocab_size, head_rows))
     out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
