@@ -1,0 +1,185 @@
+"""TRL's distillation trainers with opd_fast's fused loss.
+
+:class:`FusedDistillationTrainer` subclasses ``trl.DistillationTrainer`` and ``FusedGKDTrainer`` (imported from
+here, defined in :mod:`opd_fast.integrations._trl_gkd` so that ``trl.experimental`` is imported only when it is
+asked for) subclasses ``trl.experimental.gkd.GKDTrainer``. Everything but the loss is the parent's: data,
+generation, λ on-policy mixing (GKD), sequence-level KD, logging, saving, distributed wrappers. The loss is
+:func:`opd_fast.linear_divergence` from each model's final hidden states and its whole output head
+(:meth:`opd_fast.LMHead.from_model`: weight, bias, logit scale, softcap), so no ``[tokens × vocabulary]`` logits
+tensor of either model exists.
+
+How TRL's conventions map (checked against the parents' own losses in tests/test_integrations_trl.py):
+
+* β: TRL's generalized JSD is opd_fast's ``"jsd"`` with the same β (m = β p_t + (1 − β) p_s), with β = 0
+  meaning the forward KL(p_t ‖ p_s) and β = 1 the reverse KL(p_s ‖ p_t), as in TRL.
+* Temperature: ``DistillationTrainer`` divides both models' logits by ``args.temperature`` after the scale and
+  softcap, as opd_fast does. ``GKDTrainer`` uses ``args.temperature`` for sampling only and computes its loss at
+  temperature 1; so does ``FusedGKDTrainer``.
+* Mask: ``DistillationTrainer`` counts completion tokens (times the tool mask in multi-turn runs);
+  ``GKDTrainer`` counts the positions whose next label is not -100.
+* Reduction: with ``num_items_in_batch`` (TRL's gradient-accumulation-correct count) the loss is the sum over
+  counted tokens divided by it; without, the mean over counted tokens (0 when none count), as both parents do.
+
+Requires ``pip install trl`` (written against trl 1.16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_fast.functional import linear_divergence
+from opd_fast.heads import LMHead
+
+try:
+    from trl import DistillationTrainer
+except ImportError as exc:
+    raise ImportError(
+        f"opd_fast.integrations.trl needs TRL ({exc}); install it with `pip install trl` (tested with trl 1.16)"
+    ) from exc
+
+# FusedGKDTrainer is importable from here too, through the module __getattr__ at the end.
+__all__ = ["FusedDistillationTrainer", "divergence_for_trl_beta", "trl_divergence_loss"]
+
+# The multimodal fields DistillationTrainer keeps per micro-batch and passes to the backbone with the token ids.
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+# DistillationTrainer hooks the subclass relies on (private in TRL: checked here so that a TRL release that renames
+# them fails at import with a clear message instead of mid-training).
+for _hook in ("_get_last_hidden_state", "compute_loss"):
+    if not hasattr(DistillationTrainer, _hook):
+        raise ImportError(
+            f"trl.DistillationTrainer has no {_hook}; opd_fast.integrations.trl was written against trl 1.16: "
+            "install a compatible release (pip install 'trl>=1.16,<2')"
+        )
+
+
+def divergence_for_trl_beta(beta: float) -> tuple[str, float]:
+    """TRL's generalized-JSD β → ``(divergence, beta)`` of :func:`opd_fast.linear_divergence`.
+
+    TRL computes β = 0 as the forward KL(p_t ‖ p_s) and β = 1 as the reverse KL(p_s ‖ p_t) (the JSD itself would
+    be 0 at both ends); between, the same JSD(β) as opd_fast's.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"TRL's beta must be in [0, 1], got {beta}; set it in the trainer's config")
+    if beta == 0.0:
+        return "forward_kl", beta
+    if beta == 1.0:
+        return "reverse_kl", beta
+    return "jsd", beta
+
+
+def trl_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: LMHead,
+    *,
+    mask: torch.Tensor,
+    beta: float,
+    temperature: float,
+    num_items_in_batch: torch.Tensor | int | float | None,
+) -> torch.Tensor:
+    """The divergence TRL's distillation trainers compute, reduced as they reduce it.
+
+    Args:
+        student_hidden: ``[B, T, Hs]`` the student's final hidden states at the positions that predict a token.
+        student_head: the student's :class:`opd_fast.LMHead` (gradients reach its weight and bias).
+        teacher_hidden: ``[B, T, Ht]`` the teacher's at the same positions.
+        teacher_head: the teacher's :class:`opd_fast.LMHead` (never differentiated).
+        mask: ``[B, T]`` bool or 0/1 integers, nonzero where the token counts.
+        beta: TRL's β (see :func:`divergence_for_trl_beta`).
+        temperature: τ > 0 dividing both models' logits.
+        num_items_in_batch: the number of counted tokens the sum is divided by (TRL's count over the global
+            batch, for gradient accumulation), or None for the mean over the counted tokens here.
+
+    Returns:
+        fp32 scalar loss (fp64 for fp64 inputs), differentiable w.r.t. the student's hidden states and head.
+    """
+    divergence, beta = divergence_for_trl_beta(beta)
+    device = student_head.weight.device
+    kwargs = dict(divergence=divergence, beta=beta, temperature=temperature, mask=mask.to(device) != 0)
+    # Backbones may end on another device than the head (device_map) or, under autocast, in another dtype.
+    student_hidden = student_hidden.to(device=device, dtype=student_head.weight.dtype)
+    teacher_hidden = teacher_hidden.to(device=device, dtype=teacher_head.weight.dtype)
+    if num_items_in_batch is None:
+        return linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head, reduction="mean", **kwargs)
+    total = linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head, reduction="sum", **kwargs)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class FusedDistillationTrainer(DistillationTrainer):
+    """``trl.DistillationTrainer`` whose loss is :func:`opd_fast.linear_divergence` (same arguments and config).
+
+    The parent's backbone calls, on-policy generation, masks and ``num_items_in_batch`` are kept; only the
+    projection through both lm_heads and the divergence are replaced. The parent also logs the student's mean
+    entropy, which needs one more pass over the vocabulary; this trainer does not log it.
+
+    Override :meth:`lm_head` for a model class :meth:`opd_fast.LMHead.from_model` does not know.
+    """
+
+    def lm_head(self, model) -> LMHead:
+        """The output head of ``model`` (a transformers causal LM, peft-wrapped too), as its forward applies it."""
+        return LMHead.from_model(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # In training the count comes from the generated completions (the dataloader's labels predate them), per
+        # process, so that DDP's gradient averaging gives the global mean: TRL's convention.
+        if self.model.training and inputs.get("num_items_in_batch") is not None:
+            num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        student = self.accelerator.unwrap_model(model)
+        # Through the wrapper's forward, so DDP/FSDP see a forward (gradient sync, unsharded parameters).
+        loss = self._forward_redirection(model, student, self._fused_loss, student, inputs, num_items_in_batch)
+        return (loss, None) if return_outputs else loss
+
+    def _fused_loss(self, student, inputs, num_items_in_batch) -> torch.Tensor:
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # multi-turn: tool outputs are not the student's tokens
+            mask = mask * inputs["tool_mask"]
+        completion_length = inputs["completion_ids"].size(1)
+        multimodal = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
+
+        hidden_inputs = (input_ids, attention_mask, completion_length)
+        student_hidden = self._get_last_hidden_state(student, *hidden_inputs, **multimodal)
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model,
+                teacher,
+                self._get_last_hidden_state,
+                teacher,
+                *hidden_inputs,
+                **multimodal,
+            )
+        return trl_divergence_loss(
+            student_hidden,
+            self.lm_head(student),
+            teacher_hidden,
+            self.lm_head(teacher).detach(),
+            mask=mask,
+            beta=self.beta,
+            temperature=self.temperature,
+            num_items_in_batch=num_items_in_batch,
+        )
+
+
+def __getattr__(name: str):
+    # trl.experimental warns on import that its APIs are unstable: import it only for the GKD trainer.
+    if name == "FusedGKDTrainer":
+        from opd_fast.integrations._trl_gkd import FusedGKDTrainer
+
+        return FusedGKDTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
