@@ -98,6 +98,10 @@ class Epilogue(Protocol):
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         """dtype of the logit gradient G handed to the gradient GEMMs."""
 
+    # Optional: ``full_rows(zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> (DivergenceStats, G | None)``,
+    # the statistics and (with ``row_weight``) the logit gradient of tiles that span the whole vocabulary, in
+    # one pass; the sweep uses it instead of stats_update + jsd_update + grad when a chunk is one tile.
+
     def stats_update(
         self,
         state: Tensor,
@@ -476,6 +480,18 @@ class Sweep:
                 out[:, rows] = terms
                 continue
             with overlap.epilogue(logits_ready):
+                weight_r = row_weight[rows].to(acc_dtype) if want_grad else None
+                g_buf = g_bufs[i % len(g_bufs)]
+                if want_stats and plan.vocab_tiles == 1 and getattr(epi, "full_rows", None) is not None:
+                    ((cols, zz),) = tiles()
+                    g_out = None if g_buf is None else g_buf[: r * plan.vocab].view(r, plan.vocab)
+                    zt, ht = (zz[1], t.tile(cols)) if t is not None else (None, None)
+                    stats, g = epi.full_rows(zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_out)
+                    for field, value in zip(out, stats):
+                        field[rows] = value
+                    if g is not None:
+                        pending = self._emit(g, rows, cols, weight_r, acc, overlap)
+                    continue
                 if want_stats:
                     stats = self._chunk_stats(mode, s, t, tiles, ids_r, beta, r, acc_dtype)
                     for field, value in zip(out, stats):
@@ -484,24 +500,27 @@ class Sweep:
                     stats = _select(given, rows)
                 if not want_grad:
                     continue
-                weight_r = row_weight[rows].to(acc_dtype)
-                g_buf = g_bufs[i % len(g_bufs)]
                 for cols, zz in tiles():
                     c = cols.stop - cols.start
                     g_out = None if g_buf is None else g_buf[: r * c].view(r, c)
                     zt = zz[1] if t is not None else None
                     ht = t.tile(cols) if t is not None else None
                     g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_out)
-                    if overlap.enabled:
-                        weight_r.record_stream(overlap.main)  # made on the side stream, read on the main one
-                        pending = (g, rows, cols, weight_r)
-                    else:
-                        acc.add(g, rows, cols, weight_r)
+                    pending = self._emit(g, rows, cols, weight_r, acc, overlap)
         overlap.wait_epilogue()
         if pending is not None:
             acc.add(*pending)
         overlap.finish()
         return out, Grads() if acc is None else acc.result()
+
+    @staticmethod
+    def _emit(g: Tensor, rows: slice, cols: slice, weight_r: Tensor, acc: _Accumulator, overlap: _Overlap):
+        """Hand a tile's logit gradient to the dH/dW GEMMs: now, or (overlapping) as the pending tile."""
+        if overlap.enabled:
+            weight_r.record_stream(overlap.main)  # made on the side stream, read on the main one
+            return (g, rows, cols, weight_r)
+        acc.add(g, rows, cols, weight_r)
+        return None
 
     # -- the ops -------------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import math
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear
+from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear, jsd_loss
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.types import DivergenceStats, Grads, Need, Side
 
@@ -172,6 +172,62 @@ class TorchEpilogue:
         terms[1] += ft.sum(dim=-1)
         terms[2] += _rowdot(p_s, log_s)
 
+    def full_rows(self, zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> tuple[DivergenceStats, Tensor | None]:
+        """Statistics and logit gradient of whole vocabulary rows from log_softmax, which keeps each row's max
+        and log Σ apart (log p accurate to ~ulp(log p), not ~ulp(lse)) in one fused pass per model: about half
+        the passes over the tile of the online merge + grad path, which the tiled plan needs."""
+        a = final_logits(zs, hs)
+        chain = head_chain(a, hs) if row_weight is not None else None
+        lp_s = torch.log_softmax(a, dim=-1)
+        lse_s = a.amax(dim=-1) - lp_s.amax(dim=-1)  # the max's log-prob is near 0: no digits lost
+        zeros = torch.zeros_like(lse_s)
+        g = None
+        if mode in ("reverse_kl", "forward_kl", "jsd"):
+            b = final_logits(zt, ht)
+            lp_t = torch.log_softmax(b, dim=-1)
+            lse_t = b.amax(dim=-1) - lp_t.amax(dim=-1)
+            if mode == "reverse_kl":
+                p_s = lp_s.exp()
+                diff = lp_s.sub_(lp_t)  # log p_s − log p_t
+                loss = center = _rowdot(p_s, diff)
+                if row_weight is not None:
+                    g = diff.sub_(loss[:, None]).mul_(p_s)
+            elif mode == "forward_kl":
+                p_t = lp_t.exp()
+                loss, center = _rowdot(p_t, lp_t - lp_s), zeros
+                if row_weight is not None:
+                    g = lp_s.exp_().sub_(p_t)
+            else:
+                p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
+                loss, center = jsd_loss(torch.stack([fs.sum(dim=-1), ft.sum(dim=-1), _rowdot(p_s, log_s)]), beta)
+                if row_weight is not None:
+                    g = log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s)
+            stats = DivergenceStats(loss, lse_s, lse_t, center)
+        else:
+            picked = zeros
+            if mode == "token_logprob":
+                inside = (ids >= 0) & (ids < a.shape[1])
+                picked = torch.where(inside, a.gather(1, ids.clamp(0, a.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+            stats = DivergenceStats(picked, lse_s, lse_s, zeros)
+            if row_weight is not None:
+                g = lp_s.exp_()
+                if mode == "token_logprob":
+                    rows = inside.nonzero().view(-1)
+                    g.neg_()[rows, ids[rows]] += 1.0
+        if g is None:
+            return stats, None
+        return stats, self._finish_grad(g, chain, row_weight, zs if out is None else out)
+
+    @staticmethod
+    def _finish_grad(g: Tensor, chain: Tensor | float, row_weight: Tensor, out: Tensor) -> Tensor:
+        """out = g · χ · w (χ the head's chain factor, w the row weights)."""
+        if isinstance(chain, Tensor):
+            g.mul_(chain)
+            g.mul_(row_weight[:, None])
+        else:
+            g.mul_(row_weight[:, None] * chain)
+        return out.copy_(g)
+
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
         """dL/d(h·Wᵀ) of one tile, written into ``out`` (or over ``zs``). The grad is the sweep's last use of
         the tile, so ``zt`` and the temporaries are overwritten in place: the workspace stays at a few tiles."""
@@ -195,12 +251,7 @@ class TorchEpilogue:
             g[rows, col[rows]] += 1.0
         else:
             g = p_s
-        if isinstance(chain, Tensor):
-            g.mul_(chain)
-            g.mul_(row_weight[:, None])
-        else:
-            g.mul_(row_weight[:, None] * chain)
-        return (zs if out is None else out).copy_(g)
+        return self._finish_grad(g, chain, row_weight, zs if out is None else out)
 
     def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(m, ℓ, μ) of :meth:`topk`, empty: m = ℓ = −inf, μ = 0."""

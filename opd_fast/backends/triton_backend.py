@@ -55,6 +55,8 @@ def _unit_stride(t: Tensor) -> Tensor:
 class TritonEpilogue(TorchEpilogue):
     """The chunked plan's per-tile math as Triton kernels (top-k stays torch's: see the module docstring)."""
 
+    full_rows = None  # statistics and gradient come from the Triton kernels, not the torch one-pass path
+
     def prepare(self, side: Side, temperature: float) -> Operand:
         dtype = _common_dtype(side)
         bias = None if side.bias is None else side.bias.float().contiguous()
