@@ -87,12 +87,12 @@ def known_gap(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-# Found by this tier (not in the issue's list): opd_fast's log-probabilities are z − lse with the row's lse
-# rounded to fp32, an error of ~ulp(lse) (≈5e-7 at lse ≈ 25) in every log p, where log_softmax keeps the row
-# max and log Σ apart (its error ~ulp(log Σ)). The JSD gradient p_s ((1 − β) log(p_s/m) − center) amplifies it
-# where its two parts nearly cancel (peaked rows: the single-token case of TORCH_CASES), and the same rounding
-# puts reverse KL just over 2× Liger-Kernel's there. The fix is to carry (max, log Σ) apart through the
-# statistics. The (backend, divergence, peer[-reduction]) comparisons it fails today, measured:
+# Found by this tier (not in the issue's list): where log-probabilities are z − lse with the row's lse rounded
+# to fp32, every log p carries an error of ~ulp(lse) (≈5e-7 at lse ≈ 25), where log_softmax keeps the row max
+# and log Σ apart (its error ~ulp(log Σ)). The JSD gradient p_s ((1 − β) log(p_s/m) − center) amplifies it
+# where its two parts nearly cancel (peaked rows). The torch backend takes whole rows through log_softmax (its
+# gaps here closed with that); the Triton epilogue and the tiled paths still use the rounded lse. The fix is to
+# carry (max, log Σ) apart through the statistics. The comparisons it fails today, measured:
 LSE_ROUNDING_GAP = known_gap(
     f"{ISSUE}: fp32 lse rounding (~ulp(lse)) in every log-probability, amplified by the JSD gradient's "
     "cancellation on peaked rows (found by the peer tier)"
