@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TASK, grads, make_pair, rel_err, tiny_config
 
-from opd_fast import linear_divergence
+from opd_fast import LMHead, linear_divergence
 from opd_fast.trainer import ConfigError, Trainer, run
 from opd_fast.trainer.losses import compute_loss, sparsify
 from opd_fast.trainer.rollout import gather_positions
@@ -209,16 +209,14 @@ def test_reward_mixing_advantage(models, tmp_path):
     (batch,) = trainer.make_rollouts(trainer._seed_step(0), "student")
     hs = gather_positions(trainer.forward(batch.input_ids, batch.attention_mask), batch.student_positions)
     ht = trainer._teacher_hidden(batch)
-    from opd_fast.trainer.modeling import lm_head_weight
-
     rewards = torch.ones(batch.input_ids.shape[0])
     loss, metrics = compute_loss(
         config.loss,
         batch,
         hs,
-        lm_head_weight(trainer.student),
+        LMHead.from_model(trainer.student),
         ht,
-        lm_head_weight(trainer.teacher),
+        LMHead.from_model(trainer.teacher).detach(),
         trainer.vocab_size,
         None,
         rewards,

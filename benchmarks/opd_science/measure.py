@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import linear_reverse_kl, linear_topk_overlap
+from opd_fast import LMHead, linear_reverse_kl, linear_topk_overlap
 from opd_fast.diagnostics import diagnose
-from opd_fast.trainer.modeling import final_hidden_states, lm_head_weight
+from opd_fast.trainer.modeling import final_hidden_states
 from opd_fast.trainer.rollout import encode_prompts, gather_positions, generate, make_batch
 
 from .corpus import MAX_COMPLETION_TOKENS, SkillTask
@@ -97,7 +97,7 @@ def visited_state_statistics(
     ht = gather_positions(
         final_hidden_states(teacher, batch.teacher_input_ids, batch.teacher_attention_mask), batch.teacher_positions
     )
-    ws, wt, mask = lm_head_weight(student), lm_head_weight(teacher), batch.completion_mask
+    ws, wt, mask = LMHead.from_model(student), LMHead.from_model(teacher).detach(), batch.completion_mask
     stats = linear_topk_overlap(hs, ws, ht, wt, k=k, mask=mask)
     kl = linear_reverse_kl(hs, ws, ht, wt, mask=mask, reduction="none")
     nonempty = mask & (stats.overlap_ratio > 0)

@@ -97,12 +97,6 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def lm_head_weight(model) -> torch.Tensor:
-    """The lm_head's weight alone, without the bias, scale and soft-cap some models apply after it: the losses
-    take ``LMHead.from_model(model)`` instead."""
-    return causal_lm(model).get_output_embeddings().weight
-
-
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, H] after the final norm; the lm_head is not applied (the fused losses apply it)."""
     decoder = causal_lm(model).get_decoder()
