@@ -32,14 +32,13 @@ from types import ModuleType
 
 import torch
 
-from opd_fast.backends.sweep import MODES, Operand, Sweep, TileHead
+from opd_fast.backends.sweep import MODES, Operand, Sweep, TileHead, kernel_operand
 from opd_fast.backends.torch_backend import TorchEpilogue
 from opd_fast.types import DivergenceStats, Side
 
 # Longest top-k list the kernel keeps in shared memory (csrc/epilogue.h kMaxTopK); longer ones are
 # streamed by the torch backend's epilogue on the same device.
 MAX_K = 1024
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EXTENSION = "opd_fast._C"
 
 Tensor = torch.Tensor
@@ -206,32 +205,11 @@ def _head(head: TileHead | None) -> tuple[Tensor | None, list[float]]:
     return head.bias, [head.pre, head.softcap or 0.0, head.post]
 
 
-def _contiguous_h(t: Tensor) -> Tensor:
-    """Unit stride along H, as the GEMMs want."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class CudaEpilogue:
     """The per-tile math as the csrc kernels (one block per token row)."""
 
     def prepare(self, side: Side, temperature: float) -> Operand:
-        for name, t in (("hidden states", side.hidden), ("weight", side.weight)):
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"backend='cuda' takes float32, bfloat16 or float16 {name}, got {t.dtype}; "
-                    f"use backend='torch' for {t.dtype}"
-                )
-        dtype = torch.promote_types(side.hidden.dtype, side.weight.dtype)
-        bias = None if side.bias is None else side.bias.float().contiguous()
-        head = side.head
-        return Operand(
-            _contiguous_h(side.hidden.to(dtype)),
-            _contiguous_h(side.weight.to(dtype)),
-            bias,
-            head.scale,
-            head.softcap,
-            1.0 / temperature,
-        )
+        return kernel_operand(side, temperature, "cuda")
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype

@@ -604,6 +604,35 @@ class Sweep:
         return ids, logprobs, lse, entropy
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_dtype(side: Side, backend: str) -> torch.dtype:
+    """The GEMM dtype of a model on a kernel backend (fp32, bf16, fp16; the two tensors' promotion)."""
+    for name, t in (("hidden states", side.hidden), ("weight", side.weight)):
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"backend={backend!r} takes float32, bfloat16 or float16 {name}, got {t.dtype}; "
+                f"use backend='torch' for {t.dtype}"
+            )
+    return torch.promote_types(side.hidden.dtype, side.weight.dtype)
+
+
+def unit_stride(t: Tensor) -> Tensor:
+    """Unit stride along H, as the GEMMs and tl.dot tiles want."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def kernel_operand(side: Side, temperature: float, backend: str) -> Operand:
+    """A model's :class:`Operand` for the kernel epilogues: the GEMM inputs in their common dtype and the head
+    applied in the epilogue (bias in fp32, pre = scale, softcap, post = 1/τ)."""
+    dtype = kernel_dtype(side, backend)
+    bias = None if side.bias is None else side.bias.float().contiguous()
+    head = side.head
+    hidden, weight = unit_stride(side.hidden.to(dtype)), unit_stride(side.weight.to(dtype))
+    return Operand(hidden, weight, bias, head.scale, head.softcap, 1.0 / temperature)
+
+
 def fold_linear(side: Side, temperature: float, dtype: torch.dtype, contiguous: Callable[[Tensor], Tensor]) -> Operand:
     """An :class:`Operand` in ``dtype`` with the head's linear factors folded into the hidden states and bias
     (scale · 1/τ when there is no softcap, the scale alone before a softcap): for backends that copy the

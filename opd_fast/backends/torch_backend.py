@@ -113,6 +113,12 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=-1)
 
 
+def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(log_softmax(z), lse(z)) per row; lse = max z − max log p, the latter near 0 (no digits lost)."""
+    log_probs = torch.log_softmax(z, dim=-1)
+    return log_probs, z.amax(dim=-1) - log_probs.amax(dim=-1)
+
+
 def _softmax_mean_of_difference(x: Tensor, y: Tensor) -> Tensor:
     """Σ_v softmax(x)_v (x_v − y_v) per row, with two tile-sized temporaries (the product is made in place)."""
     return torch.softmax(x, dim=-1).mul_(x - y).sum(dim=-1)
@@ -178,14 +184,11 @@ class TorchEpilogue:
         the passes over the tile of the online merge + grad path, which the tiled plan needs."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs) if row_weight is not None else None
-        lp_s = torch.log_softmax(a, dim=-1)
-        lse_s = a.amax(dim=-1) - lp_s.amax(dim=-1)  # the max's log-prob is near 0: no digits lost
+        lp_s, lse_s = _log_softmax_and_lse(a)
         zeros = torch.zeros_like(lse_s)
         g = None
         if mode in ("reverse_kl", "forward_kl", "jsd"):
-            b = final_logits(zt, ht)
-            lp_t = torch.log_softmax(b, dim=-1)
-            lse_t = b.amax(dim=-1) - lp_t.amax(dim=-1)
+            lp_t, lse_t = _log_softmax_and_lse(final_logits(zt, ht))
             if mode == "reverse_kl":
                 p_s = lp_s.exp()
                 diff = lp_s.sub_(lp_t)  # log p_s − log p_t
@@ -216,17 +219,17 @@ class TorchEpilogue:
                     g.neg_()[rows, ids[rows]] += 1.0
         if g is None:
             return stats, None
-        return stats, self._finish_grad(g, chain, row_weight, zs if out is None else out)
+        return stats, self._finish_grad(g, chain, row_weight, out)
 
     @staticmethod
-    def _finish_grad(g: Tensor, chain: Tensor | float, row_weight: Tensor, out: Tensor) -> Tensor:
-        """out = g · χ · w (χ the head's chain factor, w the row weights)."""
+    def _finish_grad(g: Tensor, chain: Tensor | float, row_weight: Tensor, out: Tensor | None) -> Tensor:
+        """g · χ · w (χ the head's chain factor, w the row weights), in place; copied into ``out`` if given."""
         if isinstance(chain, Tensor):
             g.mul_(chain)
             g.mul_(row_weight[:, None])
         else:
             g.mul_(row_weight[:, None] * chain)
-        return out.copy_(g)
+        return g if out is None else out.copy_(g)
 
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
         """dL/d(h·Wᵀ) of one tile, written into ``out`` (or over ``zs``). The grad is the sweep's last use of
@@ -251,7 +254,7 @@ class TorchEpilogue:
             g[rows, col[rows]] += 1.0
         else:
             g = p_s
-        return self._finish_grad(g, chain, row_weight, zs if out is None else out)
+        return self._finish_grad(g, chain, row_weight, out)
 
     def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(m, ℓ, μ) of :meth:`topk`, empty: m = ℓ = −inf, μ = 0."""

@@ -19,7 +19,16 @@ from __future__ import annotations
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.backends.sweep import FilterStats, Operand, Sweep, jsd_loss, set_filter_stats
+from opd_fast.backends.sweep import (
+    FilterStats,
+    Operand,
+    Sweep,
+    jsd_loss,
+    kernel_dtype,
+    kernel_operand,
+    set_filter_stats,
+    unit_stride,
+)
 from opd_fast.backends.torch_backend import TorchEpilogue
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.kernels import chunk_epilogue
@@ -32,24 +41,7 @@ from opd_fast.types import DivergenceStats, Grads, Need, Side
 
 # The streaming backward's gradient workspace holds WORKSPACE_FACTOR × chunk budget elements.
 WORKSPACE_FACTOR = 8
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 Tensor = torch.Tensor
-
-
-def _common_dtype(side: Side) -> torch.dtype:
-    for name, t in (("hidden states", side.hidden), ("weight", side.weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"backend='triton' takes float32, bfloat16 or float16 {name}, got {t.dtype}; "
-                f"use backend='torch' for {t.dtype}"
-            )
-    return torch.promote_types(side.hidden.dtype, side.weight.dtype)
-
-
-def _unit_stride(t: Tensor) -> Tensor:
-    """Unit stride along H, as tl.dot tiles and the GEMMs want."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class TritonEpilogue(TorchEpilogue):
@@ -58,17 +50,7 @@ class TritonEpilogue(TorchEpilogue):
     full_rows = None  # statistics and gradient come from the Triton kernels, not the torch one-pass path
 
     def prepare(self, side: Side, temperature: float) -> Operand:
-        dtype = _common_dtype(side)
-        bias = None if side.bias is None else side.bias.float().contiguous()
-        head = side.head
-        return Operand(
-            _unit_stride(side.hidden.to(dtype)),
-            _unit_stride(side.weight.to(dtype)),
-            bias,
-            head.scale,
-            head.softcap,
-            1.0 / temperature,
-        )
+        return kernel_operand(side, temperature, "triton")
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype
@@ -87,11 +69,11 @@ class _Prepared:
     """A model's operands for the streaming kernels: 2-D tensors and the head (bias | None, pre, softcap, post)."""
 
     def __init__(self, side: Side, temperature: float):
-        dtype = _common_dtype(side)
+        dtype = kernel_dtype(side, "triton")
         if is_interpreter() and dtype == torch.bfloat16:
             dtype = torch.float32  # the interpreter has no bf16 tl.dot
-        self.hidden = _unit_stride(side.hidden.to(dtype))
-        self.weight = _unit_stride(side.weight.to(dtype))
+        self.hidden = unit_stride(side.hidden.to(dtype))
+        self.weight = unit_stride(side.weight.to(dtype))
         bias = None if side.bias is None else side.bias.float().contiguous()
         self.head = (bias, side.head.scale, side.head.softcap, 1.0 / temperature)
         self.precision = dot_precision(self.weight.dtype)
