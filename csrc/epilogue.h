@@ -14,7 +14,7 @@
 // arithmetic, the online-softmax merges, the reductions, the buffer management and the barrier
 // placement are all exercised on CPU tensors by the tests.
 //
-// Notation (DESIGN.md §2): a chunk holds the fp32 raw logits x = h Wᵀ of `width` vocabulary columns
+// Notation (docs/design.md §2): a chunk holds the fp32 raw logits x = h Wᵀ of `width` vocabulary columns
 // starting at column v_lo, one row per token; the model's output head and the temperature turn them into
 // the final logits z = Head::apply(x, j) on the fly. All accumulation is fp32.
 #pragma once

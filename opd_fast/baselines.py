@@ -15,7 +15,7 @@ weights (hs [N, Hs], ws [V, Hs], ht [N, Ht], wt [V, Ht]), with gradients w.r.t. 
   the loss inside ``trl.DistillationTrainer``: cuBLAS logits on [4096-token × 32768-vocabulary] tiles with
   online log-sum-exp statistics (Triton on CUDA, torch elsewhere); its backward projects the tiles again.
 
-Liger-Kernel and TRL share one β convention with ours (DESIGN.md §2): the mixture is m = β p_t + (1 − β) p_s,
+Liger-Kernel and TRL share one β convention with ours (docs/design.md §2): the mixture is m = β p_t + (1 − β) p_s,
 β = 0 is the forward KL(p_t ‖ p_s) and β = 1 the reverse KL(p_s ‖ p_t) (``BETA``).
 
 The naive baseline (materialized logits, autograd) is :func:`opd_fast.reference.materialized_divergence`.

@@ -36,7 +36,7 @@ import torch
 INPUT_PRESETS = ("random", "peaked")
 PEAKED_ENTROPY = 1.5  # nats: a confident LM's mean next-token entropy
 PEAKED_SHARED_MASS = 0.9  # student's mass on the shared top-k: a teacher the student mostly agrees with
-SHARED_K = 16  # the k of the shared top-k mass (DESIGN.md's default overlap k)
+SHARED_K = 16  # the k of the shared top-k mass (docs/design.md §3's default k)
 ZIPF = 1.0  # exponent of the prior: unigram frequencies of natural language fall as 1/rank
 # Positions the bisections look at: a GPU does 256 in microseconds; a CPU takes ~0.1 s per softmax over 256 rows of
 # a 32k vocabulary, times ~50 bisection steps, so it tunes on 64 (the targets are then met within ~10%).

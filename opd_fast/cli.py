@@ -1,4 +1,4 @@
-"""The ``opd-fast`` command line (DESIGN.md §4)."""
+"""The ``opd-fast`` command line (docs/design.md §4)."""
 
 from __future__ import annotations
 

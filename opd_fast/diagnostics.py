@@ -525,7 +525,7 @@ def diagnose(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Update-geometry diagnostics between checkpoints (DESIGN.md §4), one matrix at a time.
+    """Update-geometry diagnostics between checkpoints (docs/design.md §4), one matrix at a time.
 
     ``checkpoints``: BEFORE, AFTER (paths: model directories, .safetensors files or shard indices), or a
     series BEFORE, …, AFTER in training order, which adds Sim_K(t, AFTER) per matrix. The pairwise

@@ -1,4 +1,4 @@
-"""`opd-fast diagnose`: the command-line front end of :mod:`opd_fast.diagnostics` (DESIGN.md §4).
+"""`opd-fast diagnose`: the command-line front end of :mod:`opd_fast.diagnostics` (docs/design.md §4).
 
 Bad input (arguments, paths, unreadable checkpoints) ends with exit code 2 and one line on stderr.
 """

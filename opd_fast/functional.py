@@ -1,4 +1,4 @@
-"""Public functional API (DESIGN.md §3): OPD quantities straight from hidden states and lm_head weights.
+"""Public functional API (docs/design.md §3): OPD quantities straight from hidden states and lm_head weights.
 
 Every function here validates its inputs, flattens the leading dimensions, picks a backend and calls the
 autograd Function of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
@@ -57,7 +57,7 @@ def linear_divergence(
 ) -> torch.Tensor:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
-    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ (DESIGN.md §2; with an :class:`opd_fast.LMHead`,
+    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ (docs/design.md §2; with an :class:`opd_fast.LMHead`,
     z = softcap(scale · (h Wᵀ + b)) / τ, the order transformers applies):
 
     * ``"reverse_kl"``: Σ_v p_s (log p_s − log p_t), the usual OPD loss;

@@ -46,7 +46,7 @@ def materialized_divergence(
     temperature: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The divergence of DESIGN.md §2 from materialized logits; hidden states ``[..., H]``, weights ``[V, H]``."""
+    """The divergence of docs/design.md §2 from materialized logits; hidden states ``[..., H]``, weights ``[V, H]``."""
     spec = DivergenceSpec.make(divergence, beta, temperature)
     lps = _log_softmax(student_hidden, student_weight, temperature)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Top-k shared mass: overlap diagnostics and top-k distillation losses (DESIGN.md §2).
+"""Top-k shared mass: overlap diagnostics and top-k distillation losses (docs/design.md §2).
 
 Everything full-vocabulary here is streamed by the backends — the top-k selection with its log-sum-exp
 and entropy (``ops.topk``) and, when needed, a differentiable log-sum-exp — so no [N, V] tensor exists.
@@ -202,7 +202,7 @@ def linear_topk_overlap(
     check_finite: bool = False,
     plan: str = "chunked",
 ) -> TopKOverlap:
-    """Top-k agreement diagnostics of DESIGN.md §2 per token; see :class:`opd_fast.TopKOverlap`.
+    """Top-k agreement diagnostics of docs/design.md §2 per token; see :class:`opd_fast.TopKOverlap`.
 
     Streams a running top-k and online softmax statistics over vocabulary tiles for both models, so it
     needs O(tokens · k) memory. Ties are ordered by the smaller token id. Not differentiable (a
@@ -241,7 +241,7 @@ class OverlapAverages(NamedTuple):
     The overlap masses have two averages in use, and they differ a lot when many top-k sets are disjoint:
 
     * ``*_all_tokens``: over every counted token, a token whose top-k sets do not intersect counting 0
-      (DESIGN.md's E_t; the trainer's ``overlap/mass_student``, ``overlap/mass_teacher``, ``overlap/ratio``).
+      (the trainer's ``overlap/mass_student``, ``overlap/mass_teacher``, ``overlap/ratio``).
     * ``*_nonempty``: over the counted tokens whose top-k sets intersect (``overlap_ratio > 0``), as the
       released code of "Rethinking OPD" averages its ``student_p_sum_intersection``: the papers' 97–99% is
       this one. 0 when no counted token has a non-empty intersection (``nonempty_fraction`` is then 0).

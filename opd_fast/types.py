@@ -8,7 +8,7 @@ import torch
 
 
 class TopKOverlap(NamedTuple):
-    """Per-token top-k agreement between student and teacher (DESIGN.md §2).
+    """Per-token top-k agreement between student and teacher (docs/design.md §2).
 
     ``*_topk_ids`` are int64 and ``*_topk_logprobs`` fp32, both ``[..., k]``, sorted by descending
     log-prob with ties broken by the smaller token id. The rest are fp32 ``[...]``: ``overlap_ratio`` =
@@ -43,7 +43,7 @@ class DivergenceStats(NamedTuple):
 
 
 class HeadTransform(NamedTuple):
-    """The scalar part of an output head: logits z = softcap(scale · (h·Wᵀ + b)) / τ (DESIGN.md §2).
+    """The scalar part of an output head: logits z = softcap(scale · (h·Wᵀ + b)) / τ (docs/design.md §2).
 
     ``softcap`` None means no capping; otherwise z ← softcap · tanh(z / softcap) after the scale, as
     transformers' Gemma models apply ``final_logit_softcapping``. The temperature τ is the op's own.

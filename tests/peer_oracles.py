@@ -6,7 +6,7 @@ explicitly, so that a convention mismatch shows up as a failing comparison inste
 
 * **Divergence ↔ β.** TRL's ``generalized_jsd_loss`` and ``ChunkedDivergenceFunction`` and Liger-Kernel's JSD
   losses all define m = β p_t + (1 − β) p_s and D = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m), with β = 0 special-cased
-  to the forward KL(p_t ‖ p_s) and β = 1 to the reverse KL(p_s ‖ p_t). That is opd_fast's convention (DESIGN.md
+  to the forward KL(p_t ‖ p_s) and β = 1 to the reverse KL(p_s ‖ p_t). That is opd_fast's convention (docs/design.md
   §2): ``"forward_kl"`` ↔ β = 0, ``"reverse_kl"`` ↔ β = 1, ``"jsd"`` ↔ the same β.
 * **Temperature.** All of them divide both models' logits by τ before the softmax and none multiplies the loss
   by τ² (as Hinton-style KD does); neither does opd_fast.
@@ -208,7 +208,7 @@ def paper_topk_overlap(hs, ws, ht, wt, *, k, temperature) -> PaperOverlap:
 
 def overlap_averages(mass: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """The two averages of a per-token overlap mass over the counted tokens: over all of them (an empty
-    intersection counts 0; DESIGN.md's E_t and the trainer's "overlap/mass_*"), and over the tokens whose
+    intersection counts 0; the trainer's "overlap/mass_*"), and over the tokens whose
     top-k sets intersect, as the verl code that logs the paper's ``val-topk/student_p_sum_intersection``
     averages it (``student_p_sum[inter_positions].mean()``, inter_positions = a non-empty I_t)."""
     counted = mask & (ratio > 0)

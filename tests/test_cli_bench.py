@@ -1,4 +1,4 @@
-"""`opd-fast bench`: the DESIGN.md §4 contract on a tiny CPU case."""
+"""`opd-fast bench`: the docs/design.md §4 contract on a tiny CPU case."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""Bad input on the command line (DESIGN.md §4) and in trainer configs: exit status 2 and one line on stderr
+"""Bad input on the command line (docs/design.md §4) and in trainer configs: exit status 2 and one line on stderr
 that names the option or config key and says what to do, never a traceback, and nothing run first.
 
 The commands run in-process (``opd_fast.cli.main``); one subprocess test checks the console entry point.

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §3 gets a ValueError/TypeError that names the argument and the fix."""
+"""Every bad input of docs/design.md §3 gets a ValueError/TypeError that names the argument and the fix."""
 
 import math
 import re

@@ -1,7 +1,7 @@
 """Measurements on trained models: held-out accuracy per problem, top-k overlap and divergence at the states a
 student visits, drift by completion position, and the update geometry with ``opd-fast diagnose``.
 
-Top-k overlap (DESIGN.md §2) at a completion position with student and teacher top-k sets S_s, S_t and
+Top-k overlap (docs/design.md §2) at a completion position with student and teacher top-k sets S_s, S_t and
 I = S_s ∩ S_t: the ratio |I|/k and the masses Σ_{v∈I} p_s(v), Σ_{v∈I} p_t(v). Two averages are reported:
 over all completion tokens, and over the tokens whose intersection is not empty (``overlap_ratio > 0``).
 The papers' 97–99% is the second: the released verl-based code of "Rethinking OPD" averages

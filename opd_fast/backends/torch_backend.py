@@ -8,7 +8,7 @@ the upcast hidden states and bias, so for most heads the tiles are the final log
 
 The logits of a tile are z = post · softcap_c(pre · (h·Wᵀ + b)) (:class:`opd_fast.backends.sweep.Operand`),
 and with the rows' log-probs lp = z − lse the logit gradients of the per-token divergence D are
-(DESIGN.md §2, ``center`` from the forward):
+(docs/design.md §2, ``center`` from the forward):
 
 * reverse KL  D = Σ p_s (lp_s − lp_t):           ∂D/∂z_s = p_s ⊙ (lp_s − lp_t − D)
 * forward KL  D = Σ p_t (lp_t − lp_s):           ∂D/∂z_s = p_s − p_t

@@ -182,7 +182,7 @@ def overlap_statistics(
 
 
 def overlap_metrics(stats, mask) -> dict[str, float]:
-    """Top-k agreement and entropies over the completion tokens (DESIGN.md §2).
+    """Top-k agreement and entropies over the completion tokens (docs/design.md §2).
 
     ``overlap/ratio`` and ``overlap/mass_*`` average over all completion tokens (a token whose top-k sets are
     disjoint counts 0); ``overlap/mass_*_nonempty`` over the tokens whose top-k sets intersect, the average
