@@ -149,6 +149,17 @@ def logaddexp(a, b):
 
 
 @triton.jit
+def log_ratio_to_mixture(d, beta):
+    """log(p / m) for m = (1 − β) p + β q and d = log q − log p: −log1p(x) with x = β·expm1(d) where that is
+    accurate (x ≥ −1/2, d ≤ 30), else the log-add-exp of log(1 − β) and log β + d (exact where 1 + x would
+    cancel, and for large d, where expm1 would overflow). The JSD gradient needs only this for the student,
+    (d, β); the teacher's is (−d, 1 − β)."""
+    x = beta * expm1(tl.minimum(d, 30.0))
+    direct = (x >= -0.5) & (d <= 30.0)
+    return tl.where(direct, -log1p(x), -logaddexp(tl.log(1.0 - beta), tl.log(beta) + d))
+
+
+@triton.jit
 def jsd_parts(lp_s, lp_t, beta):
     """JSD(β) per element, cancellation-free for every β (the closed forms of opd_fast.backends.jsd_math):
     (p_s, log(p_s / m), fs = p_s (x − log1p x), ft = p_t (y − log1p y)) with d = lp_t − lp_s, x = β·expm1(d),
@@ -160,7 +171,8 @@ def jsd_parts(lp_s, lp_t, beta):
     x = beta * expm1(tl.minimum(d, 30.0))
     y = (1.0 - beta) * expm1(tl.minimum(-d, 30.0))
     # log(p_s / m) = −log1p(x) for d ≤ 30, except where 1 + x = (1 − β) + β e^d is small (x < −1/2): there
-    # 1 + x would cancel and the log-add-exp of log(1 − β) and log β + d is exact. Likewise for log(p_t / m).
+    # 1 + x would cancel and the log-add-exp of log(1 − β) and log β + d is exact (log_ratio_to_mixture's
+    # branches; shared here with the teacher's side, which keeps this kernel's registers in bounds).
     log_beta = tl.log(beta)
     log_rest = tl.log(1.0 - beta)
     log_s = tl.where(x < -0.5, -logaddexp(log_rest, d + log_beta), -log1p(x))

@@ -37,6 +37,7 @@ from opd_fast.kernels._common import (
     head_chain,
     is_interpreter,
     jsd_parts,
+    log_ratio_to_mixture,
 )
 
 
@@ -330,8 +331,8 @@ def _logit_grad_kernel(
     elif MODE == FORWARD_KL:
         grad = tl.exp(lp_s) - tl.exp(lp_t)
     elif MODE == JSD:
-        p_s, log_s, _fs, _ft = jsd_parts(lp_s, lp_t, beta)
-        grad = p_s * ((1.0 - beta) * log_s - tl.load(center_ptr + i_n))
+        log_s = log_ratio_to_mixture(lp_t - lp_s, beta)  # the gradient needs only log(p_s / m)
+        grad = tl.exp(lp_s) * ((1.0 - beta) * log_s - tl.load(center_ptr + i_n))
     elif MODE == TOKEN_LOGPROB:
         hit = o_c == tl.load(ids_ptr + i_n) - v_lo
         grad = tl.where(hit, 1.0, 0.0) - tl.exp(lp_s)

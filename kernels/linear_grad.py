@@ -25,7 +25,7 @@ weight, χ = dz/dx the head's chain factor):
 
     reverse KL:  G = w χ p_s (lp_s − lp_t − D)
     forward KL:  G = w χ (p_s − p_t)
-    JSD(β):      G = w χ p_s ((1 − β) log(p_s / m) − center)   (log(p_s / m) = −log1p(x): _common.jsd_parts)
+    JSD(β):      G = w χ p_s ((1 − β) log(p_s / m) − center)   (_common.log_ratio_to_mixture)
     token:       G = w χ ([v = y] − p_s)                      (never skipped where a row's token lies)
     logsumexp:   G = w χ p_s
 """
@@ -50,7 +50,7 @@ from opd_fast.kernels._common import (
     grouped_pid,
     head_chain,
     is_interpreter,
-    jsd_parts,
+    log_ratio_to_mixture,
     logits_tile,
 )
 from opd_fast.kernels.linear_softmax import GROUP_N, head_args
@@ -151,9 +151,9 @@ def _logit_grad_kernel(
             x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
             lp_t = z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
-            jp_s, log_s, _fs, _ft = jsd_parts(lp_s, lp_t, beta)
+            log_s = log_ratio_to_mixture(lp_t - lp_s, beta)  # the gradient needs only log(p_s / m)
             b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
-            grad = jp_s * ((1.0 - beta) * log_s - b_center[:, None])
+            grad = p_s * ((1.0 - beta) * log_s - b_center[:, None])
         if MODE == TOKEN_LOGPROB:
             grad = tl.where(hit, 1.0, 0.0) - p_s
         if MODE == LOGSUMEXP:
