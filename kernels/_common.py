@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -53,6 +54,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
+
+
+def on_device(t: torch.Tensor):
+    """The context that launches kernels on ``t``'s GPU (nothing to enter for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def head_args(head, like):
+    """Kernel arguments of a model's head (bias | None, pre, softcap | None, post) or of an unused model:
+    (bias pointer, pre, softcap, post) and the constexprs (HAS_BIAS, HAS_SOFTCAP)."""
+    if head is None:
+        return (like, 1.0, 1.0, 1.0), (False, False)
+    bias, pre, softcap, post = head
+    values = (like if bias is None else bias, float(pre), 1.0 if softcap is None else float(softcap), float(post))
+    return values, (bias is not None, softcap is not None)
 
 
 @triton.jit

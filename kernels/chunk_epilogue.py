@@ -21,9 +21,6 @@ this is the only memory traffic besides the GEMMs'.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
-import torch
 import triton
 import triton.language as tl
 
@@ -34,10 +31,12 @@ from opd_fast.kernels._common import (
     REVERSE_KL,
     TOKEN_LOGPROB,
     apply_head,
+    head_args,
     head_chain,
     is_interpreter,
     jsd_parts,
     log_ratio_to_mixture,
+    on_device,
 )
 
 
@@ -45,25 +44,6 @@ def _block(width: int) -> int:
     """Columns per step: one wide vector per row (2048 on a GPU, 256 under the interpreter, whose cost is
     per operation, not per element)."""
     return min(256 if is_interpreter() else 2048, triton.next_power_of_2(max(width, 16)))
-
-
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
-def _head_args(head, like: torch.Tensor):
-    """(bias pointer, pre, softcap, post, HAS_BIAS, HAS_SOFTCAP) of a TileHead (or an unused model)."""
-    if head is None:
-        return like, 1.0, 1.0, 1.0, False, False
-    bias, pre, softcap, post = head
-    return (
-        like if bias is None else bias,
-        float(pre),
-        1.0 if softcap is None else float(softcap),
-        float(post),
-        bias is not None,
-        softcap is not None,
-    )
 
 
 @triton.jit
@@ -173,9 +153,9 @@ def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> No
     rows, width = zs.shape
     if rows == 0:
         return
-    bias_s, pre_s, cap_s, post_s, has_bias_s, has_cap_s = _head_args(head_s, zs)
-    bias_t, pre_t, cap_t, post_t, has_bias_t, has_cap_t = _head_args(head_t, zs)
-    with _device(zs):
+    (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
+    (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
+    with on_device(zs):
         _stats_update_kernel[(rows,)](
             zs,
             zs if zt is None else zt,
@@ -255,9 +235,9 @@ def jsd_update(terms, zs, zt, lse_s, lse_t, head_s, head_t, beta: float) -> None
     rows, width = zs.shape
     if rows == 0:
         return
-    bias_s, pre_s, cap_s, post_s, has_bias_s, has_cap_s = _head_args(head_s, zs)
-    bias_t, pre_t, cap_t, post_t, has_bias_t, has_cap_t = _head_args(head_t, zs)
-    with _device(zs):
+    (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
+    (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
+    with on_device(zs):
         _jsd_update_kernel[(rows,)](
             zs,
             zt,
@@ -350,10 +330,10 @@ def logit_grad(zs, zt, ids, stats, row_weight, head_s, head_t, v_lo: int, mode: 
     if rows == 0:
         return g
     loss, lse_s, lse_t, center = (t.float().contiguous() for t in stats)
-    bias_s, pre_s, cap_s, post_s, has_bias_s, has_cap_s = _head_args(head_s, zs)
-    bias_t, pre_t, cap_t, post_t, has_bias_t, has_cap_t = _head_args(head_t, zs)
+    (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
+    (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     block = _block(width)
-    with _device(zs):
+    with on_device(zs):
         _logit_grad_kernel[(rows, triton.cdiv(width, block))](
             zs,
             zs if zt is None else zt,

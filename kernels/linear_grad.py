@@ -32,8 +32,6 @@ weight, χ = dz/dx the head's chain factor):
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
@@ -48,12 +46,14 @@ from opd_fast.kernels._common import (
     apply_head,
     configs,
     grouped_pid,
+    head_args,
     head_chain,
     is_interpreter,
     log_ratio_to_mixture,
     logits_tile,
+    on_device,
 )
-from opd_fast.kernels.linear_softmax import GROUP_N, head_args
+from opd_fast.kernels.linear_softmax import GROUP_N
 
 
 def tile_shape() -> tuple[int, int]:
@@ -302,7 +302,7 @@ def logit_grad_backward(
     dummy = hs
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
-    with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
+    with on_device(hs):
         for v_lo in range(0, vocab, chunk):
             v_hi = min(v_lo + chunk, vocab)
             n_vtiles = triton.cdiv(v_hi - v_lo, bv)

@@ -22,8 +22,6 @@ rescaling (O(N · splits) work). Memory: O(N) per output; no [N, V] tensor exist
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
@@ -37,22 +35,14 @@ from opd_fast.kernels._common import (
     apply_head,
     configs,
     grouped_pid,
+    head_args,
     jsd_parts,
     logits_tile,
+    on_device,
 )
 
 # Token blocks per rasterization group (see grouped_pid).
 GROUP_N: tl.constexpr = tl.constexpr(8)  # a constexpr: compiled kernels may read only constexpr globals
-
-
-def head_args(head, like):
-    """Kernel arguments of a model's head (bias | None, pre, softcap | None, post) or of an unused model:
-    (bias pointer, pre, softcap, post) and the constexprs (HAS_BIAS, HAS_SOFTCAP)."""
-    if head is None:
-        return (like, 1.0, 1.0, 1.0), (False, False)
-    bias, pre, softcap, post = head
-    values = (like if bias is None else bias, float(pre), 1.0 if softcap is None else float(softcap), float(post))
-    return values, (bias is not None, softcap is not None)
 
 
 def _stats_configs():
@@ -181,7 +171,7 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
-    with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
+    with on_device(hs):
         _softmax_stats_fwd_kernel[grid](
             hs,
             ws,
@@ -319,7 +309,7 @@ def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, prec
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
-    with torch.cuda.device(hs.device) if hs.is_cuda else nullcontext():
+    with on_device(hs):
         _jsd_terms_kernel[grid](
             hs,
             ws,

@@ -20,14 +20,20 @@ registers and are left to the torch backend's streaming implementation (same res
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
 
-from opd_fast.kernels._common import apply_head, configs, grouped_pid, is_interpreter, logits_tile
-from opd_fast.kernels.linear_softmax import GROUP_N, head_args, vocab_splits
+from opd_fast.kernels._common import (
+    apply_head,
+    configs,
+    grouped_pid,
+    head_args,
+    is_interpreter,
+    logits_tile,
+    on_device,
+)
+from opd_fast.kernels.linear_softmax import GROUP_N, vocab_splits
 
 # The largest K whose default configuration compiles in seconds without spilling (tests/test_triton_aot.py):
 # K = 128 uses 249 registers; K = 256 spills on sm_90a and takes ptxas ~2 minutes, K = 1024 over 23 minutes.
@@ -133,7 +139,7 @@ def topk_stats(h, w, k: int, head, *, precision: str, n_splits: int | None = Non
     part = torch.empty((3, splits, n_rows), device=h.device, dtype=torch.float32)
     (bias, pre, softcap, post), (has_bias, has_softcap) = head_args(head, h)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
-    with torch.cuda.device(h.device) if h.is_cuda else nullcontext():
+    with on_device(h):
         _topk_stats_kernel[grid](
             h,
             w,
