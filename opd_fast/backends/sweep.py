@@ -143,8 +143,9 @@ class Epilogue(Protocol):
         beta: float,
         out: Tensor | None,
     ) -> Tensor:
-        """G [r, c] = row_weight · ∂D/∂(h·Wᵀ) for the tile (the head's chain rule included), into ``out`` or
-        over ``zs``; ``stats`` holds the rows' final (loss, lse_s, lse_t, center)."""
+        """G [r, c] = row_weight · ∂D/∂(h·Wᵀ) for the tile (the head's chain rule included), into ``out`` when
+        given, else in a tile the epilogue may take from ``zs``; ``stats`` holds the rows' final (loss, lse_s,
+        lse_t, center)."""
 
     def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The empty entropy state of :meth:`topk` for ``rows`` rows."""

@@ -113,6 +113,22 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=-1)
 
 
+def _token_logit(z: Tensor, ids: Tensor, v_lo: int) -> Tensor:
+    """z[n, ids_n − v_lo] per row, 0 where the token is not among the tile's columns [v_lo, v_lo + width)."""
+    col = ids - v_lo
+    inside = (col >= 0) & (col < z.shape[1])
+    return torch.where(inside, z.gather(1, col.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+
+
+def _one_hot_minus(p: Tensor, ids: Tensor, v_lo: int) -> Tensor:
+    """[v = ids_n] − p over the tile's columns [v_lo, v_lo + width), in place of ``p``."""
+    col = ids - v_lo
+    rows = ((col >= 0) & (col < p.shape[1])).nonzero().view(-1)
+    g = p.neg_()
+    g[rows, col[rows]] += 1.0
+    return g
+
+
 def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
     """(log_softmax(z), lse(z)) per row; lse = max z − max log p, the latter near 0 (no digits lost)."""
     log_probs = torch.log_softmax(z, dim=-1)
@@ -165,10 +181,7 @@ class TorchEpilogue:
             return
         _merge_online(m_s, s_s, None, lse_s, None)
         if mode == "token_logprob":
-            col = ids - v_lo
-            inside = (col >= 0) & (col < a.shape[1])
-            picked = a.gather(1, col.clamp(0, a.shape[1] - 1)[:, None]).squeeze(1)
-            acc.add_(torch.where(inside, picked, 0.0))
+            acc.add_(_token_logit(a, ids, v_lo))
 
     def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
         lp_s = final_logits(zs, hs) - lse_s[:, None]
@@ -180,8 +193,8 @@ class TorchEpilogue:
 
     def full_rows(self, zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> tuple[DivergenceStats, Tensor | None]:
         """Statistics and logit gradient of whole vocabulary rows from log_softmax, which keeps each row's max
-        and log Σ apart (log p accurate to ~ulp(log p), not ~ulp(lse)) in one fused pass per model: about half
-        the passes over the tile of the online merge + grad path, which the tiled plan needs."""
+        and log Σ apart (log p accurate to ~ulp(log p), not ~ulp(lse)), in one fused pass per model: fewer passes
+        over the tile than the online merge + grad path, which the tiled plan needs."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs) if row_weight is not None else None
         lp_s, lse_s = _log_softmax_and_lse(a)
@@ -207,16 +220,10 @@ class TorchEpilogue:
                     g = log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s)
             stats = DivergenceStats(loss, lse_s, lse_t, center)
         else:
-            picked = zeros
-            if mode == "token_logprob":
-                inside = (ids >= 0) & (ids < a.shape[1])
-                picked = torch.where(inside, a.gather(1, ids.clamp(0, a.shape[1] - 1)[:, None]).squeeze(1), 0.0)
-            stats = DivergenceStats(picked, lse_s, lse_s, zeros)
+            token = mode == "token_logprob"
+            stats = DivergenceStats(_token_logit(a, ids, 0) if token else zeros, lse_s, lse_s, zeros)
             if row_weight is not None:
-                g = lp_s.exp_()
-                if mode == "token_logprob":
-                    rows = inside.nonzero().view(-1)
-                    g.neg_()[rows, ids[rows]] += 1.0
+                g = _one_hot_minus(lp_s.exp_(), ids, 0) if token else lp_s.exp_()
         if g is None:
             return stats, None
         return stats, self._finish_grad(g, chain, row_weight, out)
@@ -232,8 +239,8 @@ class TorchEpilogue:
         return g if out is None else out.copy_(g)
 
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
-        """dL/d(h·Wᵀ) of one tile, written into ``out`` (or over ``zs``). The grad is the sweep's last use of
-        the tile, so ``zt`` and the temporaries are overwritten in place: the workspace stays at a few tiles."""
+        """dL/d(h·Wᵀ) of one tile (copied into ``out`` when given). The grad is the sweep's last use of the tile,
+        so ``zt`` and the temporaries are overwritten in place: the workspace stays at a few tiles."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs)
         lp_s = a - stats.student_lse[:, None]
@@ -247,11 +254,7 @@ class TorchEpilogue:
             _, log_s, _, _ = jsd_parts(lp_s, final_logits(zt, ht) - stats.teacher_lse[:, None], beta)
             g = log_s.mul_(1.0 - beta).sub_(stats.center[:, None]).mul_(p_s)
         elif mode == "token_logprob":
-            col = ids - v_lo
-            inside = (col >= 0) & (col < a.shape[1])
-            g = p_s.neg_()
-            rows = inside.nonzero().view(-1)
-            g[rows, col[rows]] += 1.0
+            g = _one_hot_minus(p_s, ids, v_lo)
         else:
             g = p_s
         return self._finish_grad(g, chain, row_weight, out)
