@@ -129,10 +129,25 @@ def _one_hot_minus(p: Tensor, ids: Tensor, v_lo: int) -> Tensor:
     return g
 
 
+def _minus_times(x: Tensor, offset: Tensor, scale: Tensor, p: Tensor, out: Tensor | None) -> Tensor:
+    """(x − offset) · scale · p per row in two passes (one addcmul, one multiply), in place of ``x`` or into
+    ``out``: the reverse-KL logit gradient p_s ⊙ (lp_s − lp_t − D) with the row weights folded in. (JSD keeps
+    its own order: its log-ratio sits close to the center, where this form loses a digit.)"""
+    shift = (offset * scale).neg_()[:, None]
+    return torch.addcmul(shift, x, scale[:, None], out=x if out is None else out).mul_(p)
+
+
+def _scale_rows(g: Tensor, scale: Tensor, out: Tensor | None) -> Tensor:
+    """g · scale per row, in place or into ``out``."""
+    return g.mul_(scale[:, None]) if out is None else torch.mul(g, scale[:, None], out=out)
+
+
 def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
-    """(log_softmax(z), lse(z)) per row; lse = max z − max log p, the latter near 0 (no digits lost)."""
+    """(log_softmax(z), lse(z)) per row; lse = max z − log p at the argmax, the latter near 0 (no digits lost).
+    Reading log p at z's argmax instead of taking its own max saves one pass over the row."""
     log_probs = torch.log_softmax(z, dim=-1)
-    return log_probs, z.amax(dim=-1) - log_probs.amax(dim=-1)
+    top, at = z.max(dim=-1)
+    return log_probs, top - log_probs.gather(1, at[:, None]).squeeze(1)
 
 
 def _softmax_mean_of_difference(x: Tensor, y: Tensor) -> Tensor:
@@ -194,9 +209,13 @@ class TorchEpilogue:
     def full_rows(self, zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> tuple[DivergenceStats, Tensor | None]:
         """Statistics and logit gradient of whole vocabulary rows from log_softmax, which keeps each row's max
         and log Σ apart (log p accurate to ~ulp(log p), not ~ulp(lse)), in one fused pass per model: fewer passes
-        over the tile than the online merge + grad path, which the tiled plan needs."""
+        over the tile than the online merge + grad path, which the tiled plan needs. The row weights (and a
+        constant chain factor) ride in the gradient's last passes instead of a pass of their own."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs) if row_weight is not None else None
+        scale = None
+        if row_weight is not None:
+            scale = row_weight if isinstance(chain, Tensor) else row_weight * chain
         lp_s, lse_s = _log_softmax_and_lse(a)
         zeros = torch.zeros_like(lse_s)
         g = None
@@ -206,27 +225,28 @@ class TorchEpilogue:
                 p_s = lp_s.exp()
                 diff = lp_s.sub_(lp_t)  # log p_s − log p_t
                 loss = center = _rowdot(p_s, diff)
-                if row_weight is not None:
-                    g = diff.sub_(loss[:, None]).mul_(p_s)
+                if scale is not None:
+                    g = _minus_times(diff, loss, scale, p_s, out)
             elif mode == "forward_kl":
                 p_t = lp_t.exp()
                 loss, center = _rowdot(p_t, lp_t - lp_s), zeros
-                if row_weight is not None:
-                    g = lp_s.exp_().sub_(p_t)
+                if scale is not None:
+                    g = _scale_rows(lp_s.exp_().sub_(p_t), scale, out)
             else:
                 p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
                 loss, center = jsd_loss(torch.stack([fs.sum(dim=-1), ft.sum(dim=-1), _rowdot(p_s, log_s)]), beta)
-                if row_weight is not None:
-                    g = log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s)
+                if scale is not None:
+                    g = _scale_rows(log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s), scale, out)
             stats = DivergenceStats(loss, lse_s, lse_t, center)
         else:
             token = mode == "token_logprob"
             stats = DivergenceStats(_token_logit(a, ids, 0) if token else zeros, lse_s, lse_s, zeros)
-            if row_weight is not None:
-                g = _one_hot_minus(lp_s.exp_(), ids, 0) if token else lp_s.exp_()
+            if scale is not None:
+                p = lp_s.exp_()
+                g = _scale_rows(_one_hot_minus(p, ids, 0) if token else p, scale, out)
         if g is None:
             return stats, None
-        return stats, self._finish_grad(g, chain, row_weight, out)
+        return stats, g.mul_(chain) if isinstance(chain, Tensor) else g
 
     @staticmethod
     def _finish_grad(g: Tensor, chain: Tensor | float, row_weight: Tensor, out: Tensor | None) -> Tensor:
