@@ -56,8 +56,8 @@ WORKERS = 2
 KNOWN_PROBLEMS = {
     "linear_grad._logit_grad_kernel": (
         "jsd ",
-        "JSD's logit gradient over a 64 x 128 tile (tile_shape) spills ~0.5 KB per thread at 8 warps (536 B sm_90a, "
-        "416 B sm_80, with only log(p_s/m) computed); it needs a smaller tile than the skip flags' 64 x 128",
+        "JSD's logit gradient over a 64 x 128 tile (tile_shape) spills ~0.5 KB per thread at 8 warps (448 B sm_90a, "
+        "492 B sm_80, with only log(p_s/m) computed); it needs a smaller tile than the skip flags' 64 x 128",
     ),
 }
 MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
@@ -108,7 +108,11 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
         KernelSpec(
             "linear_softmax",
             "_jsd_terms_kernel",
-            {**two_inputs, **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "part_ptr", "bias_s_ptr", "bias_t_ptr"], "fp32")},
+            {
+                **two_inputs,
+                **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "part_ptr"], "fp32"),
+                **dict.fromkeys(["bias_s_ptr", "bias_t_ptr"], "fp32"),
+            },
             NO_HEAD,
         ),
         KernelSpec(
@@ -117,7 +121,8 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             {
                 **two_inputs,
                 "ids_ptr": "i64",
-                **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "loss_ptr", "center_ptr", "row_w_ptr"], "fp32"),
+                **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "loss_ptr", "center_ptr"], "fp32"),
+                "row_w_ptr": "fp32",
                 "g_ptr": INPUT,
                 "colsum_ptr": "fp32",
                 "flag_ptr": "i32",
@@ -164,7 +169,18 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             "chunk_epilogue",
             "_jsd_update_kernel",
             dict.fromkeys(
-                ["zs_ptr", "zt_ptr", "lse_s_ptr", "lse_t_ptr", "terms_ptr", "bias_s_ptr", "bias_t_ptr"], "fp32"
+                [
+                    "zs_ptr",
+                    "zt_ptr",
+                    "lse_s_ptr",
+                    "lse_t_ptr",
+                    "lo_s_ptr",
+                    "lo_t_ptr",
+                    "terms_ptr",
+                    "bias_s_ptr",
+                    "bias_t_ptr",
+                ],
+                "fp32",
             ),
             {**NO_HEAD, **epilogue_bv},
         ),
@@ -174,7 +190,8 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             {
                 **dict.fromkeys(["zs_ptr", "zt_ptr"], "fp32"),
                 "ids_ptr": "i64",
-                **dict.fromkeys(["loss_ptr", "lse_s_ptr", "lse_t_ptr", "center_ptr", "row_w_ptr"], "fp32"),
+                **dict.fromkeys(["loss_ptr", "lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "center_ptr"], "fp32"),
+                "row_w_ptr": "fp32",
                 "g_ptr": "bf16",  # the chunked plan's G feeds bf16 GEMMs
                 "bias_s_ptr": "fp32",
                 "bias_t_ptr": "fp32",
