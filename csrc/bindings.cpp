@@ -133,8 +133,8 @@ void jsd_terms_update(const at::Tensor& zs, const at::Tensor& zt, const at::Tens
   TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
               ": beta must be in (0, 1) (0 and 1 are forward and reverse KL), got ", beta);
   check_tensor(op, "zt", zt, at::kFloat, {n, width}, zs.device());
-  check_tensor(op, "lse_s", lse_s, at::kFloat, {n}, zs.device());
-  check_tensor(op, "lse_t", lse_t, at::kFloat, {n}, zs.device());
+  check_tensor(op, "lse_s", lse_s, at::kFloat, {2, n}, zs.device());
+  check_tensor(op, "lse_t", lse_t, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "terms", terms, at::kFloat, {3, n}, zs.device());
   check_launch(op, launch_jsd_terms_update(zs.data_ptr<float>(), zt.data_ptr<float>(), lse_s.data_ptr<float>(),
                                            lse_t.data_ptr<float>(), terms.data_ptr<float>(), n, width, hs, ht,
@@ -164,7 +164,7 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
     check_tensor(op, name, r, at::kFloat, {n}, zs.device());
     return r.data_ptr<float>();
   };
-  check_tensor(op, "lse_s", lse_s, at::kFloat, {n}, zs.device());
+  check_tensor(op, "lse_s", lse_s, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "row_weight", row_weight, at::kFloat, {n}, zs.device());
   const float* zt_ptr = nullptr;
   const float* lse_t_ptr = nullptr;
@@ -172,7 +172,9 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
     const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
     check_tensor(op, "zt", t, at::kFloat, {n, width}, zs.device());
     zt_ptr = t.data_ptr<float>();
-    lse_t_ptr = vec("lse_t", lse_t, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    const at::Tensor& lse = required(op, "lse_t", lse_t, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    check_tensor(op, "lse_t", lse, at::kFloat, {2, n}, zs.device());
+    lse_t_ptr = lse.data_ptr<float>();
   }
   const float* loss_ptr = mode == kReverseKL ? vec("loss", loss, "in reverse_kl mode") : nullptr;
   const float* center_ptr = nullptr;

@@ -267,15 +267,27 @@ OPD_HD JsdParts jsd_parts(float lp_s, float lp_t, float beta) {
   return {p_s, log_s, fs, ft};
 }
 
+// A row's log-sum-exp as the pair (lse, lo): lse rounded to fp32 and its residual lo = (m − lse) + log Σ e^{z − m}
+// (opd_fast.backends.sweep.split_lse), kept apart like log_softmax keeps the max and log Σ apart. A log-probability
+// (z − lse) − lo is accurate to ~ulp(log p); z − lse alone would carry ~ulp(lse) (5e-4 at lse ≈ 1e4). Stored as
+// [2, N] per-row arrays: lse in row 0, lo in row 1.
+struct RowLse {
+  float lse;
+  float lo;
+  OPD_HD float log_prob(float z) const { return (z - lse) - lo; }
+};
+
+OPD_HD RowLse row_lse(const float* lse, int64_t i_n, int64_t n_rows) { return {lse[i_n], lse[n_rows + i_n]}; }
+
 // Second JSD pass: adds this chunk's Σ fs to terms[0], Σ ft to terms[stride] and Σ p_s log(p_s / m) to
 // terms[2 · stride] (the gradient's center, consistent with the per-element log(p_s / m): sweep.jsd_loss).
 template <class Group>
 OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
-                          const Head& ht, float lse_s, float lse_t, float beta, float* terms, int64_t stride,
+                          const Head& ht, RowLse lse_s, RowLse lse_t, float beta, float* terms, int64_t stride,
                           Sum3* scratch) {
   Sum3 local = {0.f, 0.f, 0.f};
   for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const JsdParts e = jsd_parts(hs.apply(zs[j], j) - lse_s, ht.apply(zt[j], j) - lse_t, beta);
+    const JsdParts e = jsd_parts(lse_s.log_prob(hs.apply(zs[j], j)), lse_t.log_prob(ht.apply(zt[j], j)), beta);
     local.a += e.fs;
     local.b += e.ft;
     local.c += e.p_s * e.log_s;
@@ -313,12 +325,12 @@ OPD_HD float logit_grad_element(float lp_s, float lp_t, bool hit, float loss, fl
 // over zs[j] (in place) because each column is read before it is written, by the same thread.
 template <int kMode, class Group, class Store>
 OPD_HD void row_logit_grad(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
-                           const Head& hs, const Head& ht, float lse_s, float lse_t, float loss, float center,
+                           const Head& hs, const Head& ht, RowLse lse_s, RowLse lse_t, float loss, float center,
                            float beta, float scale, Store store) {
   for (int64_t j = g.rank(); j < width; j += g.size()) {
     const float a = hs.apply(zs[j], j);
-    const float lp_s = a - lse_s;
-    const float lp_t = two_models(kMode) ? ht.apply(zt[j], j) - lse_t : 0.f;
+    const float lp_s = lse_s.log_prob(a);
+    const float lp_t = two_models(kMode) ? lse_t.log_prob(ht.apply(zt[j], j)) : 0.f;
     const float element = logit_grad_element<kMode>(lp_s, lp_t, j == y_col, loss, center, beta);
     store(j, scale * hs.chain(a) * element);
   }
@@ -449,12 +461,11 @@ OPD_HD void row_topk_update(const Group& g, const float* z, int64_t width, int64
 OPD_HD void row_topk_finalize(const uint64_t* keys, int64_t k, float m, float s, float t, int64_t* ids,
                               float* logprobs, float* lse, float* entropy) {
   const float log_s = logf(s);
-  const float row_lse = m + log_s;
   for (int64_t i = 0; i < k; ++i) {
     ids[i] = key_id(keys[i]);
-    logprobs[i] = key_logit(keys[i]) - row_lse;
+    logprobs[i] = (key_logit(keys[i]) - m) - log_s;  // max and log Σ apart: ~ulp(log p), not ~ulp(lse)
   }
-  *lse = row_lse;
+  *lse = m + log_s;
   *entropy = log_s - t / s;
 }
 

@@ -22,6 +22,8 @@ const char* launch_softmax_stats_update(const float* zs, const float* zt, const 
                                         int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, int mode,
                                         std::intptr_t stream);
 
+// lse_s, lse_t: [2, N] fp32, each row's final log-sum-exp and its residual (epilogue.h: RowLse).
+//
 // terms [3, N] fp32 += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s/m)) over the chunk, given the final lse.
 const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
                                     float* terms, int64_t n_rows, int64_t width, Head hs, Head ht, float beta,

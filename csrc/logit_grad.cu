@@ -32,12 +32,13 @@ __global__ void __launch_bounds__(kThreads)
                       const float* __restrict__ loss, const float* __restrict__ center,
                       const float* __restrict__ row_weight, T* g, int64_t width, int64_t v_lo, Head hs, Head ht,
                       float beta) {
-  const int64_t i_n = blockIdx.x;
+  const int64_t i_n = blockIdx.x;  // one block per row: gridDim.x = N, the stride of the [2, N] lse arrays
   const int64_t o_row = i_n * width;  // int64: N · width exceeds int32 for real shapes
   const bool two = two_models(kMode);
   row_logit_grad<kMode>(BlockGroup(), zs + o_row, two ? zt + o_row : nullptr, width,
-                        kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht, lse_s[i_n],
-                        two ? lse_t[i_n] : 0.f, kMode == kReverseKL ? loss[i_n] : 0.f,
+                        kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht,
+                        row_lse(lse_s, i_n, gridDim.x), two ? row_lse(lse_t, i_n, gridDim.x) : RowLse{0.f, 0.f},
+                        kMode == kReverseKL ? loss[i_n] : 0.f,
                         kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n], RowStore<T>{g + o_row});
 }
 

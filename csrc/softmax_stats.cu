@@ -29,8 +29,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Sum3 scratch[kThreads];
   const int64_t i_n = blockIdx.x;
   const int64_t o_row = i_n * width;
-  row_jsd_terms(BlockGroup(), zs + o_row, zt + o_row, width, hs, ht, lse_s[i_n], lse_t[i_n], beta, terms + i_n, n_rows,
-                scratch);
+  row_jsd_terms(BlockGroup(), zs + o_row, zt + o_row, width, hs, ht, row_lse(lse_s, i_n, n_rows),
+                row_lse(lse_t, i_n, n_rows), beta, terms + i_n, n_rows, scratch);
 }
 
 }  // namespace

@@ -98,6 +98,15 @@ def logits_tile(
     return acc
 
 
+@triton.jit
+def row_log_probs(z, lse_ptr, lo_ptr, o_n, m_n):
+    """log p = (z − lse) − lse_lo for a [BN, BV] tile of final logits of rows o_n: each row's lse and its fp32
+    rounding residual kept apart (linear_softmax._merge), accurate to ~ulp(log p) rather than ~ulp(lse)."""
+    lse = tl.load(lse_ptr + o_n, mask=m_n, other=0.0)
+    lo = tl.load(lo_ptr + o_n, mask=m_n, other=0.0)
+    return (z - lse[:, None]) - lo[:, None]
+
+
 # ---- accurate elementwise math (Triton core has no expm1/log1p/tanh, and libdevice does not run under the
 # interpreter). Kahan's tricks: the rounding error of 1 + x, or of e^x, cancels in the ratio.
 

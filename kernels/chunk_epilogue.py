@@ -188,6 +188,8 @@ def _jsd_update_kernel(
     zt_ptr,
     lse_s_ptr,
     lse_t_ptr,
+    lo_s_ptr,
+    lo_t_ptr,
     terms_ptr,
     bias_s_ptr,
     bias_t_ptr,
@@ -210,6 +212,8 @@ def _jsd_update_kernel(
     i_n = tl.program_id(0).to(tl.int64)
     lse_s = tl.load(lse_s_ptr + i_n)
     lse_t = tl.load(lse_t_ptr + i_n)
+    lo_s = tl.load(lo_s_ptr + i_n)
+    lo_t = tl.load(lo_t_ptr + i_n)
     b_ks = tl.zeros([BV], tl.float32)
     b_kt = tl.zeros([BV], tl.float32)
     b_gs = tl.zeros([BV], tl.float32)
@@ -218,8 +222,8 @@ def _jsd_update_kernel(
         m_c = o_c < width
         x = tl.load(zs_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
         y = tl.load(zt_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
-        lp_s = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S) - lse_s
-        lp_t = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T) - lse_t
+        lp_s = (apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S) - lse_s) - lo_s
+        lp_t = (apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T) - lse_t) - lo_t
         p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
         b_ks += tl.where(m_c, fs, 0.0)
         b_kt += tl.where(m_c, ft, 0.0)
@@ -229,20 +233,29 @@ def _jsd_update_kernel(
     tl.store(terms_ptr + 2 * n_terms + i_n, tl.load(terms_ptr + 2 * n_terms + i_n) + tl.sum(b_gs, 0))
 
 
-def jsd_update(terms, zs, zt, lse_s, lse_t, head_s, head_t, beta: float) -> None:
-    """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, given the rows' final lse
-    (see :func:`opd_fast.backends.sweep.jsd_loss` for why the last is kept apart from the first)."""
+def _row_vectors(*vectors):
+    """Per-row fp32 kernel operands."""
+    return tuple(t.float().contiguous() for t in vectors)
+
+
+def jsd_update(terms, zs, zt, lse, head_s, head_t, beta: float) -> None:
+    """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, given the rows' final
+    ``lse`` = (lse_s, lse_t, lse_lo_s, lse_lo_t): log p = (z − lse) − lse_lo (opd_fast.backends.sweep.split_lse;
+    see :func:`opd_fast.backends.sweep.jsd_loss` for why the last term is kept apart from the first)."""
     rows, width = zs.shape
     if rows == 0:
         return
+    lse_s, lse_t, lo_s, lo_t = _row_vectors(*lse)
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     with on_device(zs):
         _jsd_update_kernel[(rows,)](
             zs,
             zt,
-            lse_s.float().contiguous(),
-            lse_t.float().contiguous(),
+            lse_s,
+            lse_t,
+            lo_s,
+            lo_t,
             terms,
             bias_s,
             bias_t,
@@ -272,6 +285,8 @@ def _logit_grad_kernel(
     loss_ptr,
     lse_s_ptr,
     lse_t_ptr,
+    lo_s_ptr,
+    lo_t_ptr,
     center_ptr,
     row_w_ptr,
     g_ptr,
@@ -300,11 +315,11 @@ def _logit_grad_kernel(
     m_c = o_c < width
     x = tl.load(zs_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
     a = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
-    lp_s = a - tl.load(lse_s_ptr + i_n)
+    lp_s = (a - tl.load(lse_s_ptr + i_n)) - tl.load(lo_s_ptr + i_n)  # shift and log Σ apart
     if MODE <= JSD:
         y = tl.load(zt_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
         lp_t = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-        lp_t = lp_t - tl.load(lse_t_ptr + i_n)
+        lp_t = (lp_t - tl.load(lse_t_ptr + i_n)) - tl.load(lo_t_ptr + i_n)
     if MODE == REVERSE_KL:
         p_s = tl.exp(lp_s)
         grad = p_s * (lp_s - lp_t - tl.load(loss_ptr + i_n))
@@ -324,12 +339,12 @@ def _logit_grad_kernel(
 
 def logit_grad(zs, zt, ids, stats, row_weight, head_s, head_t, v_lo: int, mode: str, beta: float, out):
     """G [r, width] = row_weight · ∂D/∂x for the tile into ``out`` (or over ``zs``); ``stats`` holds the rows'
-    final (loss, lse_s, lse_t, center)."""
+    final (loss, lse_s, lse_t, center, lse_lo_s, lse_lo_t), log p = (z − lse) − lse_lo."""
     rows, width = zs.shape
     g = zs if out is None else out
     if rows == 0:
         return g
-    loss, lse_s, lse_t, center = (t.float().contiguous() for t in stats)
+    loss, lse_s, lse_t, center, lo_s, lo_t = _row_vectors(*stats)
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     block = _block(width)
@@ -341,6 +356,8 @@ def logit_grad(zs, zt, ids, stats, row_weight, head_s, head_t, v_lo: int, mode: 
             loss,
             lse_s,
             lse_t,
+            lo_s,
+            lo_t,
             center,
             row_weight.float().contiguous(),
             g,

@@ -20,7 +20,8 @@ budget (never N · V). For each chunk three kernels run:
 No atomics anywhere: every output element has exactly one writer and a fixed summation order, so the
 gradients are bitwise deterministic.
 
-Logit gradients by MODE (lp = log-probs of the final logits, D and ``center`` from the forward, w the row
+Logit gradients by MODE (lp = (z − lse) − lse_lo the log-probs of the final logits z, with each row's lse
+and its fp32 rounding residual kept apart (linear_softmax), D and ``center`` from the forward, w the row
 weight, χ = dz/dx the head's chain factor):
 
     reverse KL:  G = w χ p_s (lp_s − lp_t − D)
@@ -52,17 +53,24 @@ from opd_fast.kernels._common import (
     log_ratio_to_mixture,
     logits_tile,
     on_device,
+    row_log_probs,
 )
 from opd_fast.kernels.linear_softmax import GROUP_N
 
 
-def tile_shape() -> tuple[int, int]:
-    """(BN, BV) of the gradient tiles; fixed per platform because the skip flags index these tiles."""
-    return (16, 32) if is_interpreter() else (64, 128)
+def tile_shape(mode: str | None = None) -> tuple[int, int]:
+    """(BN, BV) of the gradient tiles; fixed per platform and mode because the skip flags index these tiles.
+
+    JSD's gradient keeps more tile-sized values live than the other modes (both log-probabilities and
+    log(p_s / m)'s two branches while the teacher's tile is computed): over 64 × 128 it spilled 448-536 B per
+    thread at 8 warps on sm_90a and sm_80 (tests/test_triton_aot.py), so it takes 64 × 64 tiles."""
+    if is_interpreter():
+        return (16, 32)
+    return (64, 64) if mode == "jsd" else (64, 128)
 
 
 @triton.autotune(
-    # 4 warps spill in token mode (240-430 B per thread, tests/test_triton_aot.py); JSD spills at 8 warps too.
+    # 4 warps spill in token mode (240-430 B per thread, tests/test_triton_aot.py); JSD needs its smaller tile.
     configs=configs({"BH": [64, 32]}, warps=[8], stages=[3], interpreter={"BH": 16}),
     key=["HS", "HT", "MODE", "PRECISION"],
 )
@@ -75,6 +83,8 @@ def _logit_grad_kernel(
     ids_ptr,
     lse_s_ptr,
     lse_t_ptr,
+    lo_s_ptr,
+    lo_t_ptr,
     loss_ptr,
     center_ptr,
     row_w_ptr,
@@ -122,7 +132,7 @@ def _logit_grad_kernel(
 
     x_s = logits_tile(hs_ptr, ws_ptr, stride_hs, stride_ws, o_n, o_v, m_n, m_v, HS, BN, BV, BH, PRECISION)
     z_s = apply_head(x_s, bias_s_ptr, o_v, m_v, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
-    lp_s = z_s - tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)[:, None]
+    lp_s = row_log_probs(z_s, lse_s_ptr, lo_s_ptr, o_n, m_n)
     p_s = tl.where(m_nv, tl.exp(lp_s), 0.0)
     b_w = tl.load(row_w_ptr + o_n, mask=m_n, other=0.0)
     peak = tl.max(tl.max(p_s, 1), 0)
@@ -130,7 +140,8 @@ def _logit_grad_kernel(
     if MODE == FORWARD_KL:  # G = p_s − p_t is small only where both are: the teacher tile is always needed
         x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
         z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-        p_t = tl.where(m_nv, tl.exp(z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]), 0.0)
+        lp_t = row_log_probs(z_t, lse_t_ptr, lo_t_ptr, o_n, m_n)
+        p_t = tl.where(m_nv, tl.exp(lp_t), 0.0)
         peak = tl.maximum(peak, tl.max(tl.max(p_t, 1), 0))
     if MODE == TOKEN_LOGPROB:
         b_y = tl.load(ids_ptr + o_n, mask=m_n, other=-1)
@@ -142,7 +153,7 @@ def _logit_grad_kernel(
         if MODE == REVERSE_KL:
             x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-            lp_t = z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
+            lp_t = row_log_probs(z_t, lse_t_ptr, lo_t_ptr, o_n, m_n)
             b_loss = tl.load(loss_ptr + o_n, mask=m_n, other=0.0)
             grad = p_s * (lp_s - lp_t - b_loss[:, None])
         if MODE == FORWARD_KL:
@@ -150,7 +161,7 @@ def _logit_grad_kernel(
         if MODE == JSD:
             x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-            lp_t = z_t - tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)[:, None]
+            lp_t = row_log_probs(z_t, lse_t_ptr, lo_t_ptr, o_n, m_n)
             log_s = log_ratio_to_mixture(lp_t - lp_s, beta)  # the gradient needs only log(p_s / m)
             b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
             grad = p_s * ((1.0 - beta) * log_s - b_center[:, None])
@@ -284,12 +295,14 @@ def logit_grad_backward(
     """(dh fp32 [N, Hs] | None, dw in ws.dtype [V, Hs] | None, db fp32 [V] | None) for the given mode; the
     kept/skipped tiles are added to ``stats`` (:class:`opd_fast.backends.sweep.FilterStats`).
 
-    ``ht``/``wt``/``lse_t``/``head_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode,
-    ``center`` outside JSD. Heads are (bias | None, pre, softcap | None, post = 1/τ).
+    ``lse_s``/``lse_t`` are each row's (lse, lse_lo), fp32 [N] each (linear_softmax.softmax_stats). ``ht``/``wt``/
+    ``lse_t``/``head_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode, ``center``
+    outside JSD. Heads are (bias | None, pre, softcap | None, post = 1/τ).
     """
+    (lse_s, lo_s), (lse_t, lo_t) = lse_s, lse_t if lse_t is not None else lse_s
     n_rows, hidden = hs.shape
     vocab = ws.shape[0]
-    bn, bv = tile_shape()
+    bn, bv = tile_shape(mode)
     chunk = max(bv, (workspace_elements // max(n_rows, 1)) // bv * bv)
     chunk = min(chunk, triton.cdiv(vocab, bv) * bv)
     n_ntiles = triton.cdiv(n_rows, bn)
@@ -316,7 +329,9 @@ def logit_grad_backward(
                 wt if teacher else dummy,
                 ids if ids is not None else dummy,
                 lse_s,
-                lse_t if teacher else lse_s,
+                lse_t,
+                lo_s,
+                lo_t,
                 loss if loss is not None else lse_s,
                 center if center is not None else lse_s,
                 row_weight,

@@ -17,7 +17,9 @@ for the student (and the teacher), plus one accumulator that depends on MODE:
                  cancellation-free form of ``_common.jsd_parts``)
 
 Partial results per split land in a [5, splits, N] buffer and are merged on the host side with the same
-rescaling (O(N · splits) work). Memory: O(N) per output; no [N, V] tensor exists.
+rescaling (O(N · splits) work). Each lse comes with its fp32 rounding residual lse_lo = (m − lse) + log S, so
+that later passes take log p = (z − lse) − lse_lo: the row's shift and log S kept apart, accurate to
+~ulp(log p), where z − lse would carry ~ulp(lse). Memory: O(N) per output; no [N, V] tensor exists.
 """
 
 from __future__ import annotations
@@ -158,11 +160,12 @@ def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | 
 
 
 def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: str, n_splits: int | None = None):
-    """Per-row (lse_s, lse_t, acc) of the module docstring; ``ht``/``wt``/``head_t`` are None in one-model modes.
+    """Per-row ((lse_s, lse_lo_s), (lse_t, lse_lo_t), acc) of the module docstring; ``ht``/``wt``/``head_t`` are
+    None in one-model modes.
 
     Heads are (bias | None, pre, softcap | None, post = 1/τ) of the whole vocabulary. Returns fp32 [N]
-    tensors: the student's lse, the teacher's lse (one model: None), and the merged accumulator (A / S_s for
-    reverse KL, B / S_t for forward KL, z_y for tokens, zeros otherwise).
+    tensors: each model's lse and its residual (one model: the teacher's pair is None), and the merged
+    accumulator (A / S_s for reverse KL, B / S_t for forward KL, z_y for tokens, zeros otherwise).
     """
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
@@ -205,31 +208,36 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
             HAS_SOFTCAP_T=has_cap_t,
         )
     m_s, s_s, m_t, s_t, acc = part
-    lse_s, scale_s = _merge(m_s, s_s)
+    lse_s, lo_s, scale_s = _merge(m_s, s_s)
     if mode in ("token_logprob", "logsumexp"):
-        return lse_s, None, acc.sum(0)
-    lse_t, scale_t = _merge(m_t, s_t)
+        return (lse_s, lo_s), None, acc.sum(0)
+    lse_t, lo_t, scale_t = _merge(m_t, s_t)
     if mode == "reverse_kl":
         merged = (acc * scale_s).sum(0) / (s_s * scale_s).sum(0)
     elif mode == "forward_kl":
         merged = (acc * scale_t).sum(0) / (s_t * scale_t).sum(0)
     else:
         merged = torch.zeros_like(lse_s)
-    return lse_s, lse_t, merged
+    return (lse_s, lo_s), (lse_t, lo_t), merged
 
 
 def _merge(m: torch.Tensor, s: torch.Tensor):
-    """lse over splits from per-split (max, Σ e^{z − max}); also the per-split rescaling factors."""
+    """(lse, lse_lo, per-split rescaling factors) over splits from per-split (max, Σ e^{z − max}): lse rounded
+    to fp32 and its residual lse_lo = (m − lse) + log S, m the row max (m − lse is exact by Sterbenz's lemma
+    whenever |m| ≥ log S; 0 where lse is not finite), as opd_fast.backends.sweep.split_lse."""
     m_all = m.amax(0)
     scale = torch.exp(m - m_all)
-    return m_all + torch.log((s * scale).sum(0)), scale
+    log_sum = torch.log((s * scale).sum(0))
+    lse = m_all + log_sum
+    return lse, torch.where(torch.isfinite(lse), (m_all - lse) + log_sum, 0.0), scale
 
 
 def _jsd_configs():
-    # Two logits tiles and jsd_parts' temporaries: of _stats_configs() only BV = 64 with 8 warps compiles without
-    # spilling on sm_90a and sm_80 (tests/test_triton_aot.py; the other seven spill 1.4-27 KB per thread).
+    # Two logits tiles, both rows' (lse, residual) and jsd_parts' temporaries: BN = 64 × BV = 64 at 8 warps spills
+    # 52-84 B per thread on sm_90a and sm_80 since the residuals came in (tests/test_triton_aot.py; wider tiles
+    # and 4 warps spill 1.4-27 KB), BV = 32 compiles to ~130-140 registers without spilling.
     return configs(
-        {"BN": [64], "BV": [64], "BH": [64]}, warps=[8], stages=[3], interpreter={"BN": 16, "BV": 32, "BH": 16}
+        {"BN": [64], "BV": [32], "BH": [64]}, warps=[8], stages=[3], interpreter={"BN": 16, "BV": 32, "BH": 16}
     )
 
 
@@ -242,6 +250,8 @@ def _jsd_terms_kernel(
     wt_ptr,
     lse_s_ptr,
     lse_t_ptr,
+    lo_s_ptr,
+    lo_t_ptr,
     part_ptr,
     bias_s_ptr,
     bias_t_ptr,
@@ -279,6 +289,8 @@ def _jsd_terms_kernel(
     v_stop = tl.minimum(v_start + v_per_split, V)
     b_lse_s = tl.load(lse_s_ptr + o_n, mask=m_n, other=0.0)
     b_lse_t = tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)
+    b_lo_s = tl.load(lo_s_ptr + o_n, mask=m_n, other=0.0)
+    b_lo_t = tl.load(lo_t_ptr + o_n, mask=m_n, other=0.0)
     b_kl_s = tl.zeros([BN], tl.float32)
     b_kl_t = tl.zeros([BN], tl.float32)
     b_grad_s = tl.zeros([BN], tl.float32)
@@ -290,7 +302,9 @@ def _jsd_terms_kernel(
         z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
         z_s = apply_head(z_s, bias_s_ptr, o_v, m_v, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
         z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-        p_s, log_s, fs, ft = jsd_parts(z_s - b_lse_s[:, None], z_t - b_lse_t[:, None], beta)
+        lp_s = (z_s - b_lse_s[:, None]) - b_lo_s[:, None]  # the rows' lse and residual apart: ~ulp(log p)
+        lp_t = (z_t - b_lse_t[:, None]) - b_lo_t[:, None]
+        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
         b_kl_s += tl.sum(tl.where(m_nv, fs, 0.0), 1)
         b_kl_t += tl.sum(tl.where(m_nv, ft, 0.0), 1)
         b_grad_s += tl.sum(tl.where(m_nv, p_s * log_s, 0.0), 1)
@@ -302,7 +316,8 @@ def _jsd_terms_kernel(
 
 def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, precision: str, n_splits=None):
     """JSD's terms (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) per row, fp32 [3, N], given both rows'
-    log-sum-exps (see opd_fast.backends.sweep.jsd_loss)."""
+    (lse, lse_lo), fp32 [N] each (see opd_fast.backends.sweep.jsd_loss)."""
+    (lse_s, lo_s), (lse_t, lo_t) = lse_s, lse_t
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
     part = torch.empty((3, splits, n_rows), device=hs.device, dtype=torch.float32)
@@ -317,6 +332,8 @@ def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, prec
             wt,
             lse_s,
             lse_t,
+            lo_s,
+            lo_t,
             part,
             bias_s,
             bias_t,

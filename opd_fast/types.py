@@ -34,12 +34,20 @@ class DivergenceStats(NamedTuple):
     ``center`` is Σ_v p_s,v g_v where g = ∂D/∂p_s, so that ∂D/∂z_s = p_s ⊙ (g − center): D itself for
     reverse KL, (1 − β)·KL(p_s ‖ m) for JSD, and unused (zero) for forward KL, whose logit gradient is
     simply p_s − p_t.
+
+    ``student_lse_lo`` / ``teacher_lse_lo`` (or None: 0) are the log-sum-exps' fp32 rounding residuals,
+    lse_lo = (m − lse) + log Σ_v e^{z_v − m} with m the row max: the pair keeps the row's shift and log Σ apart,
+    so that a log-probability is (z − lse) − lse_lo, accurate to ~ulp(log p) rather than ~ulp(lse) (z − lse
+    is exact by Sterbenz's lemma wherever p is not negligible). Where only an lse is known (it crossed ranks,
+    or the API saved just it), the residual is None and log p is z − lse.
     """
 
     loss: torch.Tensor
     student_lse: torch.Tensor
     teacher_lse: torch.Tensor
     center: torch.Tensor
+    student_lse_lo: torch.Tensor | None = None
+    teacher_lse_lo: torch.Tensor | None = None
 
 
 class HeadTransform(NamedTuple):

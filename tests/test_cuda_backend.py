@@ -401,16 +401,17 @@ def test_bindings_name_the_bad_argument(host_kernels):
     with pytest.raises(RuntimeError, match=r"k \(keys.shape\[1\]\) must be in \[1, 1024\]"):
         host_kernels.topk_update(zs, torch.zeros(3, 1025, dtype=torch.int64), torch.zeros(3, 3), 0, None, head, 0)
     with pytest.raises(RuntimeError, match=r"g must be float32, bfloat16 or float16"):
-        ones = torch.ones(3)
+        ones, lse = torch.ones(3), torch.ones(2, 3)
         g = torch.zeros(3, 4, dtype=torch.int32)
-        host_kernels.logit_grad(zs, None, None, ones, None, None, None, ones, g, 0, 0.0, 4, None, head, None, head, 0)
+        host_kernels.logit_grad(zs, None, None, lse, None, None, None, ones, g, 0, 0.0, 4, None, head, None, head, 0)
 
 
 def _op_cases():
     zs, zt = torch.randn(5, 7), torch.randn(5, 7)
     state = torch.zeros(5, 5)
     state[0] = state[2] = -torch.inf
-    ids, lse, weight = torch.randint(0, 7, (5,)), torch.randn(5), torch.rand(5)
+    ids, loss, weight = torch.randint(0, 7, (5,)), torch.randn(5), torch.rand(5)
+    lse = torch.randn(2, 5)  # (lse, residual) per row
     keys, top_state = torch.zeros(5, 3, dtype=torch.int64), torch.zeros(3, 5)
     top_state[0] = -torch.inf
     g_bf16 = torch.empty(5, 7, dtype=torch.bfloat16)
@@ -422,7 +423,7 @@ def _op_cases():
         (cuda_backend.jsd_terms_update, (zs, zt, lse, lse, torch.zeros(3, 5), 0.3, None, plain, bias, capped)),
         (
             cuda_backend.logit_grad,
-            (zs.clone(), zt, None, lse, lse, lse, None, weight, None, 0, 0.5, 0, bias, capped, None, plain),
+            (zs.clone(), zt, None, lse, lse, loss, None, weight, None, 0, 0.5, 0, bias, capped, None, plain),
         ),
         (
             cuda_backend.logit_grad,

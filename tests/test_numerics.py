@@ -35,6 +35,8 @@ def _rows(kind: str, n: int = 6, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if kind == "huge":
         return (torch.rand(n, V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+    if kind == "shifted":  # logits near 1e4 with a spread-out distribution: an lse of 1e4 and no single winner
+        return 1e4 + torch.randn(n, V, generator=g, dtype=torch.float64) * 2
     if kind == "all-equal":
         return torch.full((n, V), 5e3, dtype=torch.float64)
     if kind == "one-hot":
@@ -55,49 +57,103 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> b
     return bool(((actual.double() - expected.double()).abs() <= rel * (1 + expected.double().abs())).all())
 
 
-KINDS = [("huge", "huge"), ("all-equal", "all-equal"), ("one-hot", "one-hot"), ("one-hot", "all-equal")]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("student", "teacher"), KINDS)
-@pytest.mark.parametrize(("divergence", "temperature"), [("reverse_kl", 1.0), ("forward_kl", 0.25), ("jsd", 2.0)])
-def test_extreme_logits_give_the_exact_divergence_and_gradients(backend, student, teacher, divergence, temperature):
-    """Exact up to the conditioning of fp32 logits: a logit z is only known to eps·|z| (1e-3 at 1e4), so
-    log-probabilities, the loss and the logit gradients are allowed eps·max|z|/τ, and the weight gradient
-    (Σ over tokens of logit gradient × hidden state) that times Σ|h|. Never NaN, never further off."""
-    pair = _as_pair(_rows(student, seed=1), _rows(teacher, seed=2))
-    kw = dict(divergence=divergence, beta=0.5, temperature=temperature, reduction="none")
-    extra = {} if backend == "torch" else {"filter_eps": 0.0}
-    ours = linear_divergence(*pair, backend=backend, **kw, **extra)
-    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in pair]
-    reference = materialized_divergence(*exact, **kw)
-    logit_error = 8 * torch.finfo(torch.float32).eps * max(1.0, exact[0].abs().max().item()) / temperature
-    assert torch.isfinite(ours).all() and _within(ours, reference, logit_error), (ours, reference)
-    if student == teacher == "all-equal" and divergence != "jsd":
-        assert torch.equal(ours, torch.zeros_like(ours))  # identical distributions: exactly 0 (JSD: to rounding)
-    d_hidden, d_weight = torch.autograd.grad(ours.sum(), pair[:2])
-    ref_hidden, ref_weight = torch.autograd.grad(reference.sum(), exact[:2])
-    assert torch.isfinite(d_hidden).all() and torch.isfinite(d_weight).all()
-    assert _within(d_hidden, ref_hidden, logit_error)
-    assert _within(d_weight, ref_weight, logit_error * exact[0].abs().sum(dim=0).max().item())
-
-
 def _within(actual: torch.Tensor, expected: torch.Tensor, bound: float) -> bool:
     return bool(((actual.double() - expected.double()).abs() <= bound + 1e-5 * expected.double().abs()).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["huge", "all-equal", "one-hot"])
-def test_extreme_logits_token_logprobs(backend, kind):
+def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def _as_accurate_as_plain(ours: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> bool:
+    """ours is within 2× the error of plain fp32 PyTorch (log_softmax on materialized logits) against float64, plus
+    2 ulps of the result (where plain happens to be exact)."""
+    assert torch.isfinite(ours).all()
+    eps = torch.finfo(torch.float32).eps
+    return _error(ours, exact) <= 2 * _error(plain, exact) + 2 * eps * exact.abs().max().item()
+
+
+KINDS = [
+    ("huge", "huge"),
+    ("shifted", "shifted"),
+    ("all-equal", "all-equal"),
+    ("one-hot", "one-hot"),
+    ("one-hot", "all-equal"),
+]
+# Both plans on the Triton backend: the chunk epilogue and the streaming kernels (the torch backend's streaming
+# plan is the same sweep as its tiled chunks, covered by tests/test_plans.py).
+BACKEND_PLANS = [("torch", "chunked")] + [
+    (b, plan) for b in BACKENDS if b != "torch" for plan in ("chunked", "streaming")
+]
+DIVERGENCES = [("reverse_kl", 1.0), ("forward_kl", 0.25), ("jsd", 2.0)]
+
+# Where a backend is still less accurate than log_softmax at these logits, for a reason other than the lse's rounding
+# (which every backend now keeps apart from its residual): strict, so that each fails loudly once fixed.
+ONLINE_KL_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="the online reverse-KL statistic D = E_p[z_s − z_t] − (lse_s − lse_t) cancels when the two heads' logits "
+    "sit 5e3 apart (one-hot vs all-equal rows): ~ulp(5e3), where log_softmax's Σ p_s (log p_s − log p_t) is exact",
+)
+TOKEN_LSE_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="autograd.LinearTokenLogprobs takes log p(y) = z_y − lse from the op's (z_y, lse): ~ulp(lse); the op would "
+    "have to return log p(y) itself, (z_y − lse) − lse_lo",
+)
+
+
+def _divergence_cases() -> list:
+    cases = []
+    for divergence, temperature in DIVERGENCES:
+        for student, teacher in KINDS:
+            for backend, plan in BACKEND_PLANS:
+                gap = (
+                    divergence == "reverse_kl" and (student, teacher) == ("one-hot", "all-equal") and backend != "torch"
+                )
+                case_id = f"{divergence}-{student}-{teacher}-{backend}-{plan}"
+                marks = [ONLINE_KL_GAP] if gap else []
+                cases.append(
+                    pytest.param(backend, plan, student, teacher, divergence, temperature, id=case_id, marks=marks)
+                )
+    return cases
+
+
+@pytest.mark.parametrize(("backend", "plan", "student", "teacher", "divergence", "temperature"), _divergence_cases())
+def test_extreme_logits_are_as_accurate_as_log_softmax(backend, plan, student, teacher, divergence, temperature):
+    """At logits of ±1e4, a row's lse rounded to fp32 is off by ~ulp(1e4) = 1e-3, and log p = z − lse would carry
+    that into every log-probability; log_softmax keeps the row's max and log Σ apart (error ~ulp(log p)), and so
+    must every backend: the loss and both gradients within 2× plain fp32 PyTorch's own error against float64."""
+    pair = _as_pair(_rows(student, seed=1), _rows(teacher, seed=2))
+    kw = dict(divergence=divergence, beta=0.5, temperature=temperature, reduction="none")
+    extra = {} if backend == "torch" else {"filter_eps": 0.0}
+    ours = linear_divergence(*pair, backend=backend, plan=plan, **kw, **extra)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in pair]
+    plain_pair = [t.detach().clone().requires_grad_(t.requires_grad) for t in pair]
+    reference, plain = materialized_divergence(*exact, **kw), materialized_divergence(*plain_pair, **kw)
+    assert _as_accurate_as_plain(ours, plain, reference), (ours, plain, reference)
+    if student == teacher == "all-equal" and divergence != "jsd":
+        assert torch.equal(ours, torch.zeros_like(ours))  # identical distributions: exactly 0 (JSD: to rounding)
+    ours_grads = torch.autograd.grad(ours.sum(), pair[:2])
+    plain_grads = torch.autograd.grad(plain.sum(), plain_pair[:2])
+    exact_grads = torch.autograd.grad(reference.sum(), exact[:2])
+    for name, a, p, e in zip(("hidden", "weight"), ours_grads, plain_grads, exact_grads):
+        assert _as_accurate_as_plain(a, p, e), (name, _error(a, e), _error(p, e))
+
+
+@pytest.mark.parametrize(("backend", "plan"), BACKEND_PLANS)
+@pytest.mark.parametrize(
+    "kind",
+    ["huge", pytest.param("shifted", marks=TOKEN_LSE_GAP), pytest.param("all-equal", marks=TOKEN_LSE_GAP), "one-hot"],
+)
+def test_extreme_logits_token_logprobs(backend, plan, kind):
     hs, ws, _, _ = _as_pair(_rows(kind), _rows(kind))
     ids = torch.arange(6, device=DEVICE) * 5 % V
     extra = {} if backend == "torch" else {"filter_eps": 0.0}
-    ours = linear_token_logprobs(hs, ws, ids, backend=backend, **extra)
+    ours = linear_token_logprobs(hs, ws, ids, backend=backend, plan=plan, **extra)
     reference = materialized_token_logprobs(hs.detach().double(), ws.detach().double(), ids)
-    logit_error = 8 * torch.finfo(torch.float32).eps * hs.detach().abs().max().item()  # fp32 logits' resolution
-    assert torch.isfinite(ours).all() and _within(ours, reference, logit_error)
+    plain = materialized_token_logprobs(hs.detach(), ws.detach(), ids)
+    assert _as_accurate_as_plain(ours, plain, reference), (_error(ours, reference), _error(plain, reference))
     if kind == "all-equal":
-        assert _within(ours, torch.full_like(reference, -math.log(V)), logit_error)
+        assert _as_accurate_as_plain(ours, plain, torch.full_like(reference, -math.log(V)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

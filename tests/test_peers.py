@@ -53,7 +53,6 @@ from opd_fast.trainer.losses import overlap_metrics
 FLOOR = 8 * torch.finfo(torch.float32).eps
 # An fp32 peer more than this far from the float64 reference is not computing what we think it computes.
 PEER_SANITY = 1e-4
-ISSUE = "issue 21"
 
 BACKEND_MARKS = {
     "torch": [],
@@ -87,20 +86,11 @@ def known_gap(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-# Found by this tier (not in the issue's list): where log-probabilities are z − lse with the row's lse rounded
-# to fp32, every log p carries an error of ~ulp(lse) (≈5e-7 at lse ≈ 25), where log_softmax keeps the row max
-# and log Σ apart (its error ~ulp(log Σ)). The JSD gradient p_s ((1 − β) log(p_s/m) − center) amplifies it
-# where its two parts nearly cancel (peaked rows). The torch backend takes whole rows through log_softmax (its
-# gaps here closed with that); the Triton epilogue and the tiled paths still use the rounded lse. The fix is to
-# carry (max, log Σ) apart through the statistics. The comparisons it fails today, measured:
-LSE_ROUNDING_GAP = known_gap(
-    f"{ISSUE}: fp32 lse rounding (~ulp(lse)) in every log-probability, amplified by the JSD gradient's "
-    "cancellation on peaked rows (found by the peer tier)"
-)
-KNOWN_GAPS = {
-    ("triton", "jsd0.5", "trl_generalized_jsd-none"): LSE_ROUNDING_GAP,
-    ("triton", "jsd0.15", "trl_generalized_jsd-none"): LSE_ROUNDING_GAP,
-}
+# Where opd_fast is measurably worse than a peer: (backend, divergence id, peer or peer-reduction) -> known_gap(why).
+# Empty today. The last entries (Triton JSD vs trl_generalized_jsd, reduction "none") were fp32 lse rounding: every
+# log p = z − lse carried ~ulp(lse), which the JSD gradient's cancellation on peaked rows amplified; every backend
+# now keeps each row's lse and its residual apart (opd_fast.backends.sweep.split_lse), as log_softmax does.
+KNOWN_GAPS: dict[tuple[str, str, str], pytest.MarkDecorator] = {}
 
 
 def known_gap_mark(gaps: dict, backend: str, divergence_id: str, peer: str, reduction: str):

@@ -53,13 +53,7 @@ WORKERS = 2
 
 # Default configurations that fail for a reason the config lists cannot fix: kernel -> (variant prefix, why).
 # The test xfails on exactly these and fails once they are clean, so that the entry is removed.
-KNOWN_PROBLEMS = {
-    "linear_grad._logit_grad_kernel": (
-        "jsd ",
-        "JSD's logit gradient over a 64 x 128 tile (tile_shape) spills ~0.5 KB per thread at 8 warps (536 B sm_90a, "
-        "416 B sm_80, with only log(p_s/m) computed); it needs a smaller tile than the skip flags' 64 x 128",
-    ),
-}
+KNOWN_PROBLEMS: dict[str, tuple[str, str]] = {}
 MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
 # Scalar float arguments of the kernels; every other non-pointer, non-constexpr argument is an i32.
 FLOAT_ARGS = {"pre", "softcap", "post", "pre_s", "cap_s", "post_s", "pre_t", "cap_t", "post_t", "beta", "filter_eps"}
@@ -96,6 +90,8 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
     """Every Triton kernel with the launch arguments of opd_fast/kernels/*.py's host functions on a GPU."""
     two_inputs = {"hs_ptr": INPUT, "ws_ptr": INPUT, "ht_ptr": INPUT, "wt_ptr": INPUT}
     grad_tile = {"BN": 64, "BV": 128}  # linear_grad.tile_shape() on a GPU
+    jsd_grad_tile = {"BN": 64, "BV": 64}  # linear_grad.tile_shape("jsd")
+    grad_tiles = {"": {}, "jsd tile": jsd_grad_tile}  # the gradient GEMMs run on either
     epilogue_bv = {"BV": 2048}  # chunk_epilogue._block() for chunks of ≥ 2048 columns on a GPU
     return [
         KernelSpec(
@@ -108,7 +104,11 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
         KernelSpec(
             "linear_softmax",
             "_jsd_terms_kernel",
-            {**two_inputs, **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "part_ptr", "bias_s_ptr", "bias_t_ptr"], "fp32")},
+            {
+                **two_inputs,
+                **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "part_ptr"], "fp32"),
+                **dict.fromkeys(["bias_s_ptr", "bias_t_ptr"], "fp32"),
+            },
             NO_HEAD,
         ),
         KernelSpec(
@@ -117,7 +117,8 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             {
                 **two_inputs,
                 "ids_ptr": "i64",
-                **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "loss_ptr", "center_ptr", "row_w_ptr"], "fp32"),
+                **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "loss_ptr", "center_ptr"], "fp32"),
+                "row_w_ptr": "fp32",
                 "g_ptr": INPUT,
                 "colsum_ptr": "fp32",
                 "flag_ptr": "i32",
@@ -125,19 +126,21 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
                 "bias_t_ptr": "fp32",
             },
             {**NO_HEAD, **grad_tile},
-            _by_mode(),
+            {**_by_mode(), "jsd": {"MODE": MODES["jsd"], **jsd_grad_tile}},
         ),
         KernelSpec(
             "linear_grad",
             "_grad_hidden_kernel",
             {"g_ptr": INPUT, "kept_ptr": "i32", "count_ptr": "i32", "w_ptr": INPUT, "dh_ptr": "fp32"},
             grad_tile,
+            grad_tiles,
         ),
         KernelSpec(
             "linear_grad",
             "_grad_weight_kernel",
             {"g_ptr": INPUT, "kept_ptr": "i32", "count_ptr": "i32", "h_ptr": INPUT, "dw_ptr": INPUT},
             grad_tile,
+            grad_tiles,
         ),
         KernelSpec(
             "linear_topk",
@@ -164,7 +167,18 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             "chunk_epilogue",
             "_jsd_update_kernel",
             dict.fromkeys(
-                ["zs_ptr", "zt_ptr", "lse_s_ptr", "lse_t_ptr", "terms_ptr", "bias_s_ptr", "bias_t_ptr"], "fp32"
+                [
+                    "zs_ptr",
+                    "zt_ptr",
+                    "lse_s_ptr",
+                    "lse_t_ptr",
+                    "lo_s_ptr",
+                    "lo_t_ptr",
+                    "terms_ptr",
+                    "bias_s_ptr",
+                    "bias_t_ptr",
+                ],
+                "fp32",
             ),
             {**NO_HEAD, **epilogue_bv},
         ),
@@ -174,7 +188,8 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             {
                 **dict.fromkeys(["zs_ptr", "zt_ptr"], "fp32"),
                 "ids_ptr": "i64",
-                **dict.fromkeys(["loss_ptr", "lse_s_ptr", "lse_t_ptr", "center_ptr", "row_w_ptr"], "fp32"),
+                **dict.fromkeys(["loss_ptr", "lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "center_ptr"], "fp32"),
+                "row_w_ptr": "fp32",
                 "g_ptr": "bf16",  # the chunked plan's G feeds bf16 GEMMs
                 "bias_s_ptr": "fp32",
                 "bias_t_ptr": "fp32",

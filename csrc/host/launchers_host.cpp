@@ -80,8 +80,9 @@ void grad_rows(const float* zs, const float* zt, const int64_t* ids, const float
   for_each_row(n_rows, [&](const ThreadGroup& group, int64_t i_n) {
     const int64_t o_row = i_n * width;
     row_logit_grad<kMode>(group, zs + o_row, two ? zt + o_row : nullptr, width,
-                          kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht, lse_s[i_n],
-                          two ? lse_t[i_n] : 0.f, kMode == kReverseKL ? loss[i_n] : 0.f,
+                          kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht,
+                          row_lse(lse_s, i_n, n_rows), two ? row_lse(lse_t, i_n, n_rows) : RowLse{0.f, 0.f},
+                          kMode == kReverseKL ? loss[i_n] : 0.f,
                           kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n], RowStore<T>{g + o_row});
   });
 }
@@ -140,8 +141,8 @@ const char* launch_jsd_terms_update(const float* zs, const float* zt, const floa
   Sum3 scratch[kHostThreads];
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
     const int64_t o_row = i_n * width;
-    row_jsd_terms(g, zs + o_row, zt + o_row, width, hs, ht, lse_s[i_n], lse_t[i_n], beta, terms + i_n, n_rows,
-                  scratch);
+    row_jsd_terms(g, zs + o_row, zt + o_row, width, hs, ht, row_lse(lse_s, i_n, n_rows), row_lse(lse_t, i_n, n_rows),
+                  beta, terms + i_n, n_rows, scratch);
   });
   return nullptr;
 }

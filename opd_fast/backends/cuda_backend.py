@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from opd_fast.backends.sweep import MODES, Operand, Sweep, TileHead, kernel_operand
+from opd_fast.backends.sweep import MODES, Operand, Sweep, TileHead, kernel_operand, lse_lo
 from opd_fast.backends.torch_backend import TorchEpilogue
 from opd_fast.types import DivergenceStats, Side
 
@@ -119,7 +119,7 @@ def jsd_terms_update(
     head_t: list[float],
 ) -> None:
     """Add a chunk's JSD terms (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m); sweep.jsd_loss) to ``terms``
-    (fp32 [3, N]) given the final lse ([N])."""
+    (fp32 [3, N]) given the final lse and its residual (fp32 [2, N] each: :func:`_row_lse`)."""
     _launch("jsd_terms_update", zs, zs, zt, lse_s, lse_t, terms, beta, bias_s, head_s, bias_t, head_t)
 
 
@@ -148,7 +148,8 @@ def logit_grad(
     head_t: list[float],
 ) -> None:
     """Write the chunk's gradient w.r.t. the raw logits for op code ``kind`` (``MODES``), times ``row_weight``
-    ([N] fp32), into ``g`` ([N, width], the student weight's dtype), or over ``zs`` itself when ``g`` is None."""
+    ([N] fp32), given each model's (lse, residual) (fp32 [2, N]: :func:`_row_lse`), into ``g`` ([N, width], the
+    student weight's dtype), or over ``zs`` itself when ``g`` is None."""
     _launch(
         "logit_grad", zs, zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, v_lo, beta, kind,
         bias_s, head_s, bias_t, head_t,
@@ -205,6 +206,15 @@ def _head(head: TileHead | None) -> tuple[Tensor | None, list[float]]:
     return head.bias, [head.pre, head.softcap or 0.0, head.post]
 
 
+def _row_lse(stats: DivergenceStats) -> tuple[Tensor, Tensor]:
+    """Student's and teacher's [2, N] fp32 (lse, residual) as the kernels take them (csrc/epilogue.h: RowLse)."""
+    lo_s, lo_t = lse_lo(stats)
+    return (
+        torch.stack([stats.student_lse, lo_s]).float().contiguous(),
+        torch.stack([stats.teacher_lse, lo_t]).float().contiguous(),
+    )
+
+
 class CudaEpilogue:
     """The per-tile math as the csrc kernels (one block per token row)."""
 
@@ -217,11 +227,13 @@ class CudaEpilogue:
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
         softmax_stats_update(zs, zt, ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht))
 
-    def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
-        jsd_terms_update(zs, zt, lse_s.contiguous(), lse_t.contiguous(), terms, beta, *_head(hs), *_head(ht))
+    def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
+        lse_s, lse_t = _row_lse(stats)
+        jsd_terms_update(zs, zt, lse_s, lse_t, terms, beta, *_head(hs), *_head(ht))
 
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
-        loss, lse_s, lse_t, center = (x.float().contiguous() for x in stats)
+        loss, center = stats.loss.float().contiguous(), stats.center.float().contiguous()
+        lse_s, lse_t = _row_lse(stats)
         row_weight = row_weight.float().contiguous()
         two = zt is not None
         logit_grad(

@@ -120,14 +120,13 @@ class Epilogue(Protocol):
         terms: Tensor,
         zs: Tensor,
         zt: Tensor,
-        lse_s: Tensor,
-        lse_t: Tensor,
+        stats: DivergenceStats,
         hs: TileHead,
         ht: TileHead,
         beta: float,
     ) -> None:
         """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, m = β p_t + (1 − β) p_s
-        (see :func:`jsd_loss`)."""
+        (see :func:`jsd_loss`), with log p = (z − lse) − lse_lo from the rows' final ``stats`` (:func:`lse_lo`)."""
 
     def grad(
         self,
@@ -145,7 +144,7 @@ class Epilogue(Protocol):
     ) -> Tensor:
         """G [r, c] = row_weight · ∂D/∂(h·Wᵀ) for the tile (the head's chain rule included), into ``out`` when
         given, else in a tile the epilogue may take from ``zs``; ``stats`` holds the rows' final (loss, lse_s,
-        lse_t, center)."""
+        lse_t, center) and the lse residuals (:func:`lse_lo`)."""
 
     def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The empty entropy state of :meth:`topk` for ``rows`` rows."""
@@ -191,8 +190,30 @@ def new_state(rows: int, device: torch.device, dtype: torch.dtype = torch.float3
     return state
 
 
+def split_lse(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(lse, lse_lo) of rows with shift m and Σ e^{z − m} = s: lse = m + log s rounded, and its residual
+    lse_lo = (m − lse) + log s (m − lse is exact by Sterbenz's lemma whenever |m| ≥ log s), 0 where lse is not
+    finite. (z − lse) − lse_lo is then log p to ~ulp(log p); z − lse alone would carry ~ulp(lse)."""
+    log_s = s.log()
+    lse = m + log_s
+    return lse, torch.where(torch.isfinite(lse), (m - lse) + log_s, 0.0)
+
+
+def lse_lo(stats: DivergenceStats) -> tuple[Tensor, Tensor]:
+    """The rows' (student, teacher) lse residuals, zeros where ``stats`` has none (only an lse was given)."""
+    zeros = None
+    if stats.student_lse_lo is None or stats.teacher_lse_lo is None:
+        zeros = torch.zeros_like(stats.student_lse)
+    return (
+        zeros if stats.student_lse_lo is None else stats.student_lse_lo,
+        zeros if stats.teacher_lse_lo is None else stats.teacher_lse_lo,
+    )
+
+
 def finalize(state: Tensor, mode: str) -> DivergenceStats:
-    """Per-row statistics from the online state (m_s, s_s, m_t, s_t, acc), lse = m + log s:
+    """Per-row statistics from the online state (m_s, s_s, m_t, s_t, acc), lse = m + log s kept with its
+    residual (:func:`split_lse`); lse differences are taken as (lse_s − lse_t) + (lo_s − lo_t), the first
+    exact for close rows, so that the loss carries no ~ulp(lse):
 
     reverse KL: acc = Σ e^{z_s − m_s}(z_s − z_t)   →  D = acc / s_s − lse_s + lse_t,  center = D
     forward KL: acc = Σ e^{z_t − m_t}(z_t − z_s)   →  D = acc / s_t − lse_t + lse_s,  center = 0
@@ -200,18 +221,18 @@ def finalize(state: Tensor, mode: str) -> DivergenceStats:
     JSD, logsumexp: acc unused (JSD's loss and center come from :meth:`Epilogue.jsd_update`)
     """
     m_s, s_s, m_t, s_t, acc = state
-    lse_s = m_s + s_s.log()
+    lse_s, lo_s = split_lse(m_s, s_s)
+    zeros = torch.zeros_like(lse_s)
+    if mode not in ("reverse_kl", "forward_kl", "jsd"):
+        return DivergenceStats(acc, lse_s, lse_s, zeros, lo_s, lo_s)
+    lse_t, lo_t = split_lse(m_t, s_t)
     if mode == "reverse_kl":
-        lse_t = m_t + s_t.log()
-        loss = acc / s_s - lse_s + lse_t
-        return DivergenceStats(loss, lse_s, lse_t, loss)
+        loss = acc / s_s - ((lse_s - lse_t) + (lo_s - lo_t))
+        return DivergenceStats(loss, lse_s, lse_t, loss, lo_s, lo_t)
     if mode == "forward_kl":
-        lse_t = m_t + s_t.log()
-        return DivergenceStats(acc / s_t - lse_t + lse_s, lse_s, lse_t, torch.zeros_like(lse_s))
-    if mode == "jsd":
-        zeros = torch.zeros_like(lse_s)
-        return DivergenceStats(zeros, lse_s, m_t + s_t.log(), zeros)
-    return DivergenceStats(acc, lse_s, lse_s, torch.zeros_like(lse_s))
+        loss = acc / s_t - ((lse_t - lse_s) + (lo_t - lo_s))
+        return DivergenceStats(loss, lse_s, lse_t, zeros, lo_s, lo_t)
+    return DivergenceStats(zeros, lse_s, lse_t, zeros, lo_s, lo_t)
 
 
 def jsd_loss(terms: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -325,7 +346,7 @@ class _Accumulator:
 
 
 def _select(stats: DivergenceStats, rows: slice) -> DivergenceStats:
-    return DivergenceStats(*(t[rows] for t in stats))
+    return DivergenceStats(*(None if t is None else t[rows] for t in stats))
 
 
 OVERLAP_ENV = "OPD_FAST_OVERLAP"
@@ -421,9 +442,9 @@ class Sweep:
             return stats
         terms = torch.zeros((3, r), device=s.hidden.device, dtype=dtype)
         for cols, (zs, zt) in tiles():
-            epi.jsd_update(terms, zs, zt, stats.student_lse, stats.teacher_lse, s.tile(cols), t.tile(cols), beta)
+            epi.jsd_update(terms, zs, zt, stats, s.tile(cols), t.tile(cols), beta)
         loss, center = jsd_loss(terms, beta)
-        return DivergenceStats(loss, stats.student_lse, stats.teacher_lse, center)
+        return stats._replace(loss=loss, center=center)
 
     # -- the generic sweep ---------------------------------------------------------------------------------------
 
@@ -456,7 +477,9 @@ class Sweep:
         if jsd_lse is not None:
             out = torch.zeros((3, n_rows), device=device, dtype=acc_dtype)
         elif want_stats:
-            out = DivergenceStats(*(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in range(4)))
+            out = DivergenceStats(
+                *(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in DivergenceStats._fields)
+            )
         if n_rows == 0 or vocab == 0:
             return out, Grads() if acc is None else acc.result()
         bufs = self._workspace(plan, len(ops), device, acc_dtype)
@@ -476,8 +499,10 @@ class Sweep:
                 pending = None
             if jsd_lse is not None:
                 terms = torch.zeros((3, r), device=device, dtype=acc_dtype)
+                zeros = terms[0].clone()
+                row_lse = DivergenceStats(zeros, jsd_lse[0][rows], jsd_lse[1][rows], zeros)  # lse only: no residual
                 for cols, (zs, zt) in tiles():
-                    epi.jsd_update(terms, zs, zt, jsd_lse[0][rows], jsd_lse[1][rows], s.tile(cols), t.tile(cols), beta)
+                    epi.jsd_update(terms, zs, zt, row_lse, s.tile(cols), t.tile(cols), beta)
                 out[:, rows] = terms
                 continue
             with overlap.epilogue(logits_ready):
@@ -542,7 +567,8 @@ class Sweep:
     ) -> Grads:
         """Gradients of Σ_n w_n D_n from given (e.g. global) statistics; recomputes the logits."""
         ops = self._operands([s, t], spec.temperature)
-        given = DivergenceStats(*(x.to(torch.promote_types(ops[0].hidden.dtype, torch.float32)) for x in stats))
+        dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
+        given = DivergenceStats(*(None if x is None else x.to(dtype) for x in stats))
         return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, spec.filter_eps or 0.0)[1]
 
     def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import math
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear, jsd_loss
+from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear, jsd_loss, lse_lo
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.types import DivergenceStats, Grads, Need, Side
 
@@ -142,29 +142,34 @@ def _scale_rows(g: Tensor, scale: Tensor, out: Tensor | None) -> Tensor:
     return g.mul_(scale[:, None]) if out is None else torch.mul(g, scale[:, None], out=out)
 
 
-def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
-    """(log_softmax(z), lse(z)) per row; lse = max z − log p at the argmax, the latter near 0 (no digits lost).
-    Reading log p at z's argmax instead of taking its own max saves one pass over the row."""
+def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log_softmax(z), lse(z), lse_lo) per row: log_softmax keeps the max m and log Σ apart, its entry at z's
+    argmax being −log Σ, so lse = m − log p[argmax] and the residual lse_lo = (m − lse) − log p[argmax]
+    (sweep.split_lse). Reading log p at z's argmax instead of taking its own max saves one pass over the row."""
     log_probs = torch.log_softmax(z, dim=-1)
-    top, at = z.max(dim=-1)
-    return log_probs, top - log_probs.gather(1, at[:, None]).squeeze(1)
+    m, at = z.max(dim=-1)
+    top = log_probs.gather(1, at[:, None]).squeeze(1)
+    lse = m - top
+    return log_probs, lse, torch.where(torch.isfinite(lse), (m - lse) - top, 0.0)
 
 
-def _softmax_mean_of_difference(x: Tensor, y: Tensor) -> Tensor:
-    """Σ_v softmax(x)_v (x_v − y_v) per row, with two tile-sized temporaries (the product is made in place)."""
-    return torch.softmax(x, dim=-1).mul_(x - y).sum(dim=-1)
+def _tile_sums(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A tile's per-row (max m, Σ e^{x − m}, Σ e^{x − m}(x − y) or None), with two tile-sized temporaries."""
+    m = x.amax(dim=-1)
+    e = (x - torch.where(torch.isfinite(m), m, 0.0)[:, None]).exp_()
+    total = e.sum(dim=-1)
+    return m, total, None if y is None else e.mul_(x - y).sum(dim=-1)
 
 
-def _merge_online(m: Tensor, s: Tensor, acc: Tensor | None, tile_lse: Tensor, tile_acc: Tensor | None) -> None:
-    """Merge a tile given as (its lse, Σ over it of p_tile·x) into the running (m, s, acc), in place.
-
-    A tile enters as max = its lse, sum = 1 (so e^{lse_tile − m} is its share of the mass), and its
-    accumulator is a mean under the tile's softmax, weighted the same way.
-    """
-    m_new = torch.maximum(m, tile_lse)
+def _merge_online(m: Tensor, s: Tensor, acc: Tensor | None, tile: tuple[Tensor, Tensor, Tensor | None]) -> None:
+    """Merge a tile's (max, Σ e^{x − max}, accumulator) of :func:`_tile_sums` into the running (m, s, acc), in
+    place. The tile keeps its own max (not its rounded lse as the shift), so the row's (m, s) carry no
+    ~ulp(lse) rounding from any tile."""
+    tile_m, tile_s, tile_acc = tile
+    m_new = torch.maximum(m, tile_m)
     old = torch.where(m == -math.inf, 0.0, torch.exp(m - m_new))
-    new = torch.where(tile_lse == -math.inf, 0.0, torch.exp(tile_lse - m_new))
-    s.mul_(old).add_(new)
+    new = torch.where(tile_m == -math.inf, 0.0, torch.exp(tile_m - m_new))
+    s.mul_(old).add_(tile_s * new)
     if acc is not None:
         acc.mul_(old).add_(tile_acc * new)
     m.copy_(m_new)
@@ -182,25 +187,30 @@ class TorchEpilogue:
 
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
         a = final_logits(zs, hs)
-        lse_s = torch.logsumexp(a, dim=-1)
         m_s, s_s, m_t, s_t, acc = state
         if mode in ("reverse_kl", "forward_kl", "jsd"):
             b = final_logits(zt, ht)
-            lse_t = torch.logsumexp(b, dim=-1)
-            if mode == "reverse_kl":
-                _merge_online(m_s, s_s, acc, lse_s, _softmax_mean_of_difference(a, b))
-            else:
-                _merge_online(m_s, s_s, None, lse_s, None)
-            tile_acc = _softmax_mean_of_difference(b, a) if mode == "forward_kl" else None
-            _merge_online(m_t, s_t, acc if mode == "forward_kl" else None, lse_t, tile_acc)
+            _merge_online(
+                m_s, s_s, acc if mode == "reverse_kl" else None, _tile_sums(a, b if mode == "reverse_kl" else None)
+            )
+            _merge_online(
+                m_t, s_t, acc if mode == "forward_kl" else None, _tile_sums(b, a if mode == "forward_kl" else None)
+            )
             return
-        _merge_online(m_s, s_s, None, lse_s, None)
+        _merge_online(m_s, s_s, None, _tile_sums(a, None))
         if mode == "token_logprob":
             acc.add_(_token_logit(a, ids, v_lo))
 
-    def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
-        lp_s = final_logits(zs, hs) - lse_s[:, None]
-        lp_t = final_logits(zt, ht) - lse_t[:, None]
+    @staticmethod
+    def _log_probs(z: Tensor, lse: Tensor, lo: Tensor, in_place: bool = False) -> Tensor:
+        """log p = (z − lse) − lse_lo (sweep.split_lse), over ``z`` when ``in_place``, else as a new tensor."""
+        shifted = z.sub_(lse[:, None]) if in_place else z - lse[:, None]
+        return shifted.sub_(lo[:, None])
+
+    def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
+        lo_s, lo_t = lse_lo(stats)
+        lp_s = self._log_probs(final_logits(zs, hs), stats.student_lse, lo_s)
+        lp_t = self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t)
         p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
         terms[0] += fs.sum(dim=-1)
         terms[1] += ft.sum(dim=-1)
@@ -216,11 +226,11 @@ class TorchEpilogue:
         scale = None
         if row_weight is not None:
             scale = row_weight if isinstance(chain, Tensor) else row_weight * chain
-        lp_s, lse_s = _log_softmax_and_lse(a)
+        lp_s, lse_s, lo_s = _log_softmax_and_lse(a)
         zeros = torch.zeros_like(lse_s)
         g = None
         if mode in ("reverse_kl", "forward_kl", "jsd"):
-            lp_t, lse_t = _log_softmax_and_lse(final_logits(zt, ht))
+            lp_t, lse_t, lo_t = _log_softmax_and_lse(final_logits(zt, ht))
             if mode == "reverse_kl":
                 p_s = lp_s.exp()
                 diff = lp_s.sub_(lp_t)  # log p_s − log p_t
@@ -237,10 +247,10 @@ class TorchEpilogue:
                 loss, center = jsd_loss(torch.stack([fs.sum(dim=-1), ft.sum(dim=-1), _rowdot(p_s, log_s)]), beta)
                 if scale is not None:
                     g = _scale_rows(log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s), scale, out)
-            stats = DivergenceStats(loss, lse_s, lse_t, center)
+            stats = DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t)
         else:
             token = mode == "token_logprob"
-            stats = DivergenceStats(_token_logit(a, ids, 0) if token else zeros, lse_s, lse_s, zeros)
+            stats = DivergenceStats(_token_logit(a, ids, 0) if token else zeros, lse_s, lse_s, zeros, lo_s, lo_s)
             if scale is not None:
                 p = lp_s.exp_()
                 g = _scale_rows(_one_hot_minus(p, ids, 0) if token else p, scale, out)
@@ -263,15 +273,16 @@ class TorchEpilogue:
         so ``zt`` and the temporaries are overwritten in place: the workspace stays at a few tiles."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs)
-        lp_s = a - stats.student_lse[:, None]
+        lo_s, lo_t = lse_lo(stats)
+        lp_s = self._log_probs(a, stats.student_lse, lo_s)
         p_s = lp_s.exp()
         if mode == "reverse_kl":
-            lp_t = final_logits(zt, ht).sub_(stats.teacher_lse[:, None])
+            lp_t = self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t, in_place=True)
             g = lp_s.sub_(lp_t).sub_(stats.loss[:, None]).mul_(p_s)
         elif mode == "forward_kl":
-            g = p_s.sub_(final_logits(zt, ht).sub_(stats.teacher_lse[:, None]).exp_())
+            g = p_s.sub_(self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t, in_place=True).exp_())
         elif mode == "jsd":
-            _, log_s, _, _ = jsd_parts(lp_s, final_logits(zt, ht) - stats.teacher_lse[:, None], beta)
+            _, log_s, _, _ = jsd_parts(lp_s, self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t), beta)
             g = log_s.mul_(1.0 - beta).sub_(stats.center[:, None]).mul_(p_s)
         elif mode == "token_logprob":
             g = _one_hot_minus(p_s, ids, v_lo)
@@ -309,8 +320,8 @@ class TorchEpilogue:
 
     def topk_finalize(self, best, state):
         m, ell, mu = state
-        lse = m + ell
-        return best[1], best[0] - lse[:, None], lse, ell - mu
+        logprobs = (best[0] - m[:, None]).sub_(ell[:, None])  # shift and log Σ apart: ~ulp(log p), not ~ulp(lse)
+        return best[1], logprobs, m + ell, ell - mu
 
 
 def tile_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:

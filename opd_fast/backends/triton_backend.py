@@ -26,6 +26,7 @@ from opd_fast.backends.sweep import (
     jsd_loss,
     kernel_dtype,
     kernel_operand,
+    lse_lo,
     set_filter_stats,
     unit_stride,
 )
@@ -58,10 +59,13 @@ class TritonEpilogue(TorchEpilogue):
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
         chunk_epilogue.stats_update(state, zs, zt, ids, hs, ht, v_lo, mode)
 
-    def jsd_update(self, terms, zs, zt, lse_s, lse_t, hs, ht, beta) -> None:
-        chunk_epilogue.jsd_update(terms, zs, zt, lse_s, lse_t, hs, ht, beta)
+    def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
+        lse = (stats.student_lse, stats.teacher_lse, *lse_lo(stats))
+        chunk_epilogue.jsd_update(terms, zs, zt, lse, hs, ht, beta)
 
     def grad(self, zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
+        lo_s, lo_t = lse_lo(stats)
+        stats = stats._replace(student_lse_lo=lo_s, teacher_lse_lo=lo_t)
         return chunk_epilogue.logit_grad(zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out)
 
 
@@ -89,26 +93,35 @@ class TritonStreamingOps:
         self.plan = plan
 
     def _stats(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec) -> DivergenceStats:
-        lse_s, lse_t, mean = softmax_stats(
+        (lse_s, lo_s), (lse_t, lo_t), mean = softmax_stats(
             s.hidden, s.weight, t.hidden, t.weight, None, s.head, t.head, mode=spec.kind, precision=s.precision
         )
+        # lse_s − lse_t is exact for close rows; the residuals carry the rest (sweep.finalize)
         if spec.kind == "reverse_kl":
-            loss = mean - lse_s + lse_t
-            return DivergenceStats(loss, lse_s, lse_t, loss)
+            loss = mean - ((lse_s - lse_t) + (lo_s - lo_t))
+            return DivergenceStats(loss, lse_s, lse_t, loss, lo_s, lo_t)
         if spec.kind == "forward_kl":
-            return DivergenceStats(mean - lse_t + lse_s, lse_s, lse_t, torch.zeros_like(lse_s))
-        loss, center = jsd_loss(self._jsd(s, t, spec, lse_s, lse_t), spec.beta)
-        return DivergenceStats(loss, lse_s, lse_t, center)
+            loss = mean - ((lse_t - lse_s) + (lo_t - lo_s))
+            return DivergenceStats(loss, lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
+        stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
+        loss, center = jsd_loss(self._jsd(s, t, spec, stats), spec.beta)
+        return stats._replace(loss=loss, center=center)
 
     @staticmethod
-    def _jsd(s: _Prepared, t: _Prepared, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor):
-        lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
-        args = (s.hidden, s.weight, t.hidden, t.weight, lse_s, lse_t, s.head, t.head)
+    def _row_lse(stats: DivergenceStats) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Each model's (lse, residual) as fp32 [N] kernel operands (residual 0 where only the lse is known)."""
+        lo_s, lo_t = lse_lo(stats)
+        pairs = ((stats.student_lse, lo_s), (stats.teacher_lse, lo_t))
+        return tuple(tuple(x.float().contiguous() for x in pair) for pair in pairs)
+
+    def _jsd(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec, stats: DivergenceStats):
+        args = (s.hidden, s.weight, t.hidden, t.weight, *self._row_lse(stats), s.head, t.head)
         return linear_jsd_terms(*args, beta=spec.beta, precision=s.precision)
 
     def _grads(self, mode, s: _Prepared, t: _Prepared | None, ids, stats, row_weight, beta, need: Need, filter_eps):
         filter_stats = FilterStats()
-        loss, lse_s, lse_t, center = (x.float().contiguous() for x in stats)
+        loss, center = stats.loss.float().contiguous(), stats.center.float().contiguous()
+        lse_s, lse_t = self._row_lse(stats)
         dh, dw, db = logit_grad_backward(
             s.hidden,
             s.weight,
@@ -147,11 +160,12 @@ class TritonStreamingOps:
         return self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
 
     def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor):
-        return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.temperature), spec, lse_s, lse_t)
+        stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s))  # lse only
+        return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.temperature), spec, stats)
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float):
         p = _Prepared(side, temperature)
-        lse, _, picked = softmax_stats(
+        (lse, _), _, picked = softmax_stats(
             p.hidden, p.weight, None, None, ids, p.head, None, mode="token_logprob", precision=p.precision
         )
         return picked, lse
@@ -160,7 +174,7 @@ class TritonStreamingOps:
         p = _Prepared(side, temperature)
         return softmax_stats(
             p.hidden, p.weight, None, None, None, p.head, None, mode="logsumexp", precision=p.precision
-        )[0]
+        )[0][0]
 
     def logits_backward(self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None) -> Grads:
         p = _Prepared(side, temperature)
