@@ -55,6 +55,7 @@ from opd_fast.trainer.rollout import (
     make_batch,
     reference_completions,
 )
+from opd_fast.trainer.subspace_lock import SubspaceLock
 from opd_fast.trainer.tasks import (
     SelectedTask,
     Task,
@@ -144,8 +145,6 @@ class Trainer:
             self.task = self._select_prompts()
         self.lock = None
         if config.train.subspace_lock_step is not None:
-            from opd_fast.diagnostics import SubspaceLock
-
             self.lock = SubspaceLock(
                 self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
             )

@@ -1,4 +1,4 @@
-"""`opd-fast diagnose`: the command-line front end of :mod:`opd_fast.diagnostics` (docs/design.md §4).
+"""``opd-fast diagnose``: the command-line front end of :mod:`opd_fast.diagnostics` (docs/design.md §4).
 
 Bad input (arguments, paths, unreadable checkpoints) ends with exit code 2 and one line on stderr.
 """
@@ -9,7 +9,12 @@ import argparse
 import math
 import re
 
+import torch
+
+from opd_fast import diagnostics as d
 from opd_fast._argtypes import positive_int
+from opd_fast._plotting import require_matplotlib
+from opd_fast.cli._common import fail, output_path_problem
 
 
 def _hill_k(text: str) -> int:
@@ -49,8 +54,7 @@ def _regex(text: str) -> str:
 
 def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``diagnose CHECKPOINT CHECKPOINT [CHECKPOINT ...] [options]`` on ``subparsers``."""
-    from opd_fast import diagnostics as d
-
+    defaults = d.DEFAULT_SETTINGS
     p = subparsers.add_parser(
         "diagnose",
         help="geometry of the weight update between checkpoints (sparsity, angles, stable rank, ...)",
@@ -70,36 +74,36 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument(
         "--top-k",
         type=positive_int,
-        default=d.DEFAULT_TOP_K,
+        default=defaults.top_k,
         metavar="K",
-        help=f"singular subspace size for the principal angles, clipped to the matrix (default {d.DEFAULT_TOP_K})",
+        help=f"singular subspace size for the principal angles, clipped to the matrix (default {defaults.top_k})",
     )
     p.add_argument(
         "--eta",
         type=_eta,
-        default=d.DEFAULT_ETA,
-        help=f"relative tolerance of a bf16-unchanged entry (default {d.DEFAULT_ETA:g})",
+        default=defaults.eta,
+        help=f"relative tolerance of a bf16-unchanged entry (default {defaults.eta:g})",
     )
     p.add_argument(
         "--alpha",
         type=_fraction,
-        default=d.DEFAULT_ALPHA,
+        default=defaults.alpha,
         metavar="A",
-        help=f"fraction of entries in the principal and low-magnitude masks (default {d.DEFAULT_ALPHA})",
+        help=f"fraction of entries in the principal and low-magnitude masks (default {defaults.alpha})",
     )
     p.add_argument(
         "--rank",
         type=positive_int,
-        default=d.DEFAULT_RANK,
+        default=defaults.rank,
         metavar="R",
-        help=f"rank of the reconstruction of BEFORE behind the principal mask (default {d.DEFAULT_RANK})",
+        help=f"rank of the reconstruction of BEFORE behind the principal mask (default {defaults.rank})",
     )
     p.add_argument(
         "--sim-k",
         type=positive_int,
-        default=d.DEFAULT_SIM_K,
+        default=defaults.sim_k,
         metavar="K",
-        help=f"right singular vectors compared by Sim_K in a series (default {d.DEFAULT_SIM_K})",
+        help=f"right singular vectors compared by Sim_K in a series (default {defaults.sim_k})",
     )
     p.add_argument(
         "--hill-k",
@@ -121,15 +125,11 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         metavar="N",
         help="torch CPU threads (default: torch's choice; 1 can be faster on a machine shared with other jobs)",
     )
-    p.set_defaults(run=_run_diagnose)
+    p.set_defaults(run=run_diagnose)
     return p
 
 
-def _run_diagnose(args: argparse.Namespace) -> int:
-    import torch
-
-    from opd_fast import diagnostics as d
-    from opd_fast.cli import fail, output_path_problem  # here: opd_fast.cli imports this module
+def run_diagnose(args: argparse.Namespace) -> int:
 
     if len(args.checkpoints) < 2:
         return fail(
@@ -143,8 +143,6 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         if problem:
             return fail(f"{option} {path}: cannot write there: {problem}")
     if args.plot:
-        from opd_fast.bench import require_matplotlib
-
         try:
             require_matplotlib()
         except RuntimeError as exc:
@@ -152,17 +150,10 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        report = d.diagnose(
-            args.checkpoints,
-            eta=args.eta,
-            top_k=args.top_k,
-            alpha=args.alpha,
-            rank=args.rank,
-            sim_k=args.sim_k,
-            hill_k=args.hill_k,
-            include=args.include,
-            device=args.device,
+        settings = d.DiagnoseSettings(
+            eta=args.eta, top_k=args.top_k, alpha=args.alpha, rank=args.rank, sim_k=args.sim_k, hill_k=args.hill_k
         )
+        report = d.diagnose(args.checkpoints, settings, include=args.include, device=args.device)
     except d.DiagnosticsError as exc:
         return fail(exc)
     print(d.format_table(report))
