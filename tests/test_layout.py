@@ -69,3 +69,33 @@ def test_console_script_is_registered():
 def test_layout_directories_exist():
     for name in ("kernels", "csrc", "opd_fast", "benchmarks", "tests", "setup.py", "CMakeLists.txt", "pyproject.toml"):
         assert (REPO / name).exists(), name
+
+
+def test_trainer_does_not_load_the_benchmark():
+    # Training (and plotting its curves) needs neither the benchmark nor the peer baselines it times.
+    code = (
+        "import json, sys, opd_fast.trainer, opd_fast.trainer.plots; "
+        "print(json.dumps([m for m in ('opd_fast.bench', 'opd_fast.baselines') if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def _opd_fast_imports(path: Path) -> set[str]:
+    """Every opd_fast module ``path`` imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] == "opd_fast"}
+
+
+def test_diagnostics_never_imports_the_cli():
+    # The command line depends on the diagnostics, never the other way round.
+    package = REPO / "opd_fast" / "diagnostics"
+    assert any(name.startswith("opd_fast.diagnostics") for name in _opd_fast_imports(REPO / "opd_fast/cli/diagnose.py"))
+    for path in package.glob("*.py"):
+        cli = sorted(name for name in _opd_fast_imports(path) if name.startswith("opd_fast.cli"))
+        assert not cli, f"{path.relative_to(REPO)} imports {cli}"
