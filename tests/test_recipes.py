@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from conftest import TASK, grads, make_pair, rel_err, tiny_config
 
 from opd_fast import LMHead, linear_divergence
 from opd_fast.trainer import ConfigError, Trainer, run
-from opd_fast.trainer.losses import compute_loss, sparsify
+from opd_fast.trainer.config import LOSS_MODES, LossConfig
+from opd_fast.trainer.losses import LOSS_FUNCTIONS, compute_loss, sparsify
 from opd_fast.trainer.rollout import gather_positions
 from opd_fast.trainer.tasks import Example, deduplicate
 
@@ -117,6 +120,27 @@ def test_entry_clip_matches_autograd_on_clipped_terms(divergence, beta):
     weights = torch.randn(9, dtype=torch.float64)
     for a, b in zip(grads(ours, (hs, ws), weights), grads(ref, (hs, ws), weights)):
         assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["reverse_kl", "forward_kl", "jsd"])
+def test_divergence_loss_sparse_and_dense_paths_agree(mode):
+    """The one divergence call returns the mean (dense) or per-token values (sparse): keeping every token, the
+    two give the same loss and gradients."""
+    hs, ws, ht, wt = make_pair(lead=(2, 5), vocab=37)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    batch = SimpleNamespace(completion_mask=mask)
+    dense_cfg = LossConfig(mode=mode, beta=0.3)
+    sparse_cfg = dataclasses.replace(dense_cfg, token_keep=0.99)  # ⌈0.99·8⌉ = 8: every token kept
+    results = [compute_loss(cfg, batch, hs, ws, ht, wt.detach(), 37) for cfg in (dense_cfg, sparse_cfg)]
+    (dense, dense_metrics), (sparse, sparse_metrics) = results
+    assert "tokens/kept_fraction" not in dense_metrics and sparse_metrics["tokens/kept_fraction"] == 1.0
+    assert rel_err(sparse, dense) < 1e-12
+    for a, b in zip(grads(sparse, (hs, ws)), grads(dense, (hs, ws))):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_every_loss_mode_has_a_loss_function():
+    assert set(LOSS_FUNCTIONS) == set(LOSS_MODES)
 
 
 def test_entry_clip_is_torch_only():
