@@ -6,8 +6,10 @@ Bad input (arguments, paths, unreadable checkpoints) ends with exit code 2 and o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -52,9 +54,45 @@ def _regex(text: str) -> str:
     return text
 
 
+def _setting_options(defaults: d.DiagnoseSettings) -> tuple[tuple[str, Callable[[str], object], str | None, str], ...]:
+    """One option per :class:`DiagnoseSettings` field: (field, argparse type, metavar, help)."""
+    return (
+        (
+            "top_k",
+            positive_int,
+            "K",
+            f"singular subspace size for the principal angles, clipped to the matrix (default {defaults.top_k})",
+        ),
+        ("eta", _eta, None, f"relative tolerance of a bf16-unchanged entry (default {defaults.eta:g})"),
+        (
+            "alpha",
+            _fraction,
+            "A",
+            f"fraction of entries in the principal and low-magnitude masks (default {defaults.alpha})",
+        ),
+        (
+            "rank",
+            positive_int,
+            "R",
+            f"rank of the reconstruction of BEFORE behind the principal mask (default {defaults.rank})",
+        ),
+        (
+            "sim_k",
+            positive_int,
+            "K",
+            f"right singular vectors compared by Sim_K in a series (default {defaults.sim_k})",
+        ),
+        (
+            "hill_k",
+            _hill_k,
+            "K",
+            "top singular values in the Hill estimate (default ceil(sqrt(numerical rank of the update)))",
+        ),
+    )
+
+
 def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``diagnose CHECKPOINT CHECKPOINT [CHECKPOINT ...] [options]`` on ``subparsers``."""
-    defaults = d.DEFAULT_SETTINGS
     p = subparsers.add_parser(
         "diagnose",
         help="geometry of the weight update between checkpoints (sparsity, angles, stable rank, ...)",
@@ -71,47 +109,10 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=defaults.top_k,
-        metavar="K",
-        help=f"singular subspace size for the principal angles, clipped to the matrix (default {defaults.top_k})",
-    )
-    p.add_argument(
-        "--eta",
-        type=_eta,
-        default=defaults.eta,
-        help=f"relative tolerance of a bf16-unchanged entry (default {defaults.eta:g})",
-    )
-    p.add_argument(
-        "--alpha",
-        type=_fraction,
-        default=defaults.alpha,
-        metavar="A",
-        help=f"fraction of entries in the principal and low-magnitude masks (default {defaults.alpha})",
-    )
-    p.add_argument(
-        "--rank",
-        type=positive_int,
-        default=defaults.rank,
-        metavar="R",
-        help=f"rank of the reconstruction of BEFORE behind the principal mask (default {defaults.rank})",
-    )
-    p.add_argument(
-        "--sim-k",
-        type=positive_int,
-        default=defaults.sim_k,
-        metavar="K",
-        help=f"right singular vectors compared by Sim_K in a series (default {defaults.sim_k})",
-    )
-    p.add_argument(
-        "--hill-k",
-        type=_hill_k,
-        default=None,
-        metavar="K",
-        help="top singular values in the Hill estimate (default ceil(sqrt(numerical rank of the update)))",
-    )
+    defaults = d.DEFAULT_SETTINGS
+    for field, kind, metavar, text in _setting_options(defaults):
+        option = "--" + field.replace("_", "-")
+        p.add_argument(option, type=kind, default=getattr(defaults, field), metavar=metavar, help=text)
     p.add_argument("--include", type=_regex, metavar="REGEX", help="only matrices whose name matches REGEX")
     p.add_argument(
         "--device",
@@ -150,9 +151,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        settings = d.DiagnoseSettings(
-            eta=args.eta, top_k=args.top_k, alpha=args.alpha, rank=args.rank, sim_k=args.sim_k, hill_k=args.hill_k
-        )
+        settings = d.DiagnoseSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(d.DiagnoseSettings)})
         report = d.diagnose(args.checkpoints, settings, include=args.include, device=args.device)
     except d.DiagnosticsError as exc:
         return fail(exc)
