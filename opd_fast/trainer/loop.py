@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from opd_fast.heads import LMHead
 from opd_fast.trainer import checkpoint as ckpt
+from opd_fast.trainer.bookkeeping import MetricsLog, StopRequest
 from opd_fast.trainer.config import TrainConfig
 from opd_fast.trainer.losses import compute_loss, overlap_metrics, overlap_statistics
 from opd_fast.trainer.modeling import (
@@ -96,6 +97,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.metrics_path, enabled=self.is_main)
         torch.manual_seed(config.seed)
         self.task = task or build_task(
             config.data.task, config.data.train_path, config.data.eval_path, config.data.verifier
@@ -151,7 +153,6 @@ class Trainer:
                 self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
             )
         self._rollouts: list[Batch] = []
-        self._stop_signal: int | None = None
 
     # ----------------------------------------------------------------------------------------------- schedule
     def _lr_factor(self, step: int) -> float:
@@ -384,19 +385,6 @@ class Trainer:
         return correct / len(self.eval_examples)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
-    def _log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume: drop log lines past the checkpoint, so the file reads as one uninterrupted run."""
-        if self.is_main and self.metrics_path.is_file():
-            kept = [
-                line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-            ]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
-
     def _lock_subspace(self) -> dict[str, int]:
         """Capture the subspace of each locked matrix's update so far and project gradients from now on.
 
@@ -438,18 +426,6 @@ class Trainer:
             dist.barrier()
         return directory
 
-    def _handle_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second signal: stop right away
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-
-    def _stop_requested(self) -> int | None:
-        if self.world_size == 1:
-            return self._stop_signal
-        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
-
     # ---------------------------------------------------------------------------------------------------- run
     def train(self, resume: bool = False) -> dict:
         """Run to ``train.steps``; returns the final metrics. Raises TrainingInterrupted on SIGINT/SIGTERM."""
@@ -466,17 +442,16 @@ class Trainer:
             if self.lock is not None and bases:
                 self.lock.bases = bases
                 self.lock.attach(self.student)
-            self._truncate_metrics(start)
+            self.metrics.truncate_after(start)
         else:
+            self.metrics.clear()
             if self.is_main:
-                self.metrics_path.write_text("")
                 (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            self._log({"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection})
-        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.metrics.append({"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection})
         bar = tqdm(total=cfg.steps, initial=start, desc="opd-fast train", disable=not self.progress, dynamic_ncols=True)
         last: dict = {}
         started = time.perf_counter()
-        try:
+        with StopRequest(self.world_size) as stop, bar:
             for step in range(start, cfg.steps):
                 number = step + 1
                 diagnostics = number % cfg.log_every == 0 or number == cfg.steps
@@ -489,7 +464,7 @@ class Trainer:
                 if number % cfg.eval_every == 0 or number == cfg.steps:
                     record["eval/student_accuracy"] = self.evaluate()
                 if diagnostics or "eval/student_accuracy" in record or "subspace/locked_matrices" in record:
-                    self._log(record)
+                    self.metrics.append(record)
                 last = {**last, **record}
                 bar.update(1)
                 bar.set_postfix(
@@ -497,16 +472,12 @@ class Trainer:
                 )
                 scheduled = number % cfg.save_every == 0 or number == cfg.steps
                 path = self.save(number) if scheduled else None
-                signum = self._stop_requested()
+                signum = stop.requested()
                 if signum is not None and number < cfg.steps:
                     if not scheduled:  # a step is saved once: never over the latest checkpoint
                         path = self.save(number)
                     self.plot()
                     raise TrainingInterrupted(signum, number, path)
-        finally:
-            bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
         self.plot()
         return last
 
