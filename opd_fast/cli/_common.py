@@ -1,11 +1,17 @@
-"""Helpers shared by the ``opd-fast`` subcommands: one-line errors and output-path checks."""
+"""Helpers shared by the ``opd-fast`` subcommands: one-line errors, output-path checks and the checks
+before a command starts work."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+
+from opd_fast._plotting import require_matplotlib
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,4 +54,24 @@ def output_path_problem(path: str | os.PathLike, *, directory: bool = False) -> 
         return f"{ancestor} is a file, not a directory, so {target} cannot be created there; choose another path"
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"the directory {ancestor} is not writable, so {target} cannot be created; choose another path"
+    return None
+
+
+def preflight_problem(device: str | None, outputs: Sequence[tuple[str, str | None, bool]], plot: bool) -> str | None:
+    """Why a command cannot run, found before it starts any work; None when it can.
+
+    ``device``: the --device option; ``outputs``: (option, path or None, whether it is a directory) per
+    output option; ``plot``: whether plots were asked for (they need matplotlib).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but torch sees no CUDA GPU here; use --device cpu"
+    for option, path, directory in outputs:
+        problem = None if path is None else output_path_problem(path, directory=directory)
+        if problem:
+            return f"{option} {path}: cannot write there: {problem}"
+    if plot:
+        try:
+            require_matplotlib()
+        except RuntimeError as exc:
+            return f"--plot: {exc}"
     return None

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from opd_fast._argtypes import nonnegative_int, positive_float, positive_int, probability
-from opd_fast._plotting import require_matplotlib
-from opd_fast.cli._common import fail, output_path_problem
+from opd_fast.cli._common import fail, preflight_problem
 
 
 def _csv_choices(choices: Sequence[str], what: str):
@@ -98,18 +97,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from opd_fast import bench
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda but torch sees no CUDA GPU here; use --device cpu")
-    for option in ("json", "csv", "plot"):
-        path = getattr(args, option)
-        problem = None if path is None else output_path_problem(path)
-        if problem:
-            return fail(f"--{option} {path}: cannot write there: {problem}")
-    if args.plot:
-        try:
-            require_matplotlib()
-        except RuntimeError as exc:
-            return fail(f"--plot: {exc}")
+    outputs = [(f"--{option}", getattr(args, option), False) for option in ("json", "csv", "plot")]
+    problem = preflight_problem(args.device, outputs, plot=bool(args.plot))
+    if problem:
+        return fail(problem)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,8 +15,7 @@ import torch
 
 from opd_fast import diagnostics as d
 from opd_fast._argtypes import positive_int
-from opd_fast._plotting import require_matplotlib
-from opd_fast.cli._common import fail, output_path_problem
+from opd_fast.cli._common import fail, preflight_problem
 
 
 def _hill_k(text: str) -> int:
@@ -137,17 +136,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
             f"diagnose needs BEFORE and AFTER checkpoints, got only {args.checkpoints[0]}; "
             "pass two model directories or .safetensors files"
         )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda but torch sees no CUDA GPU here; use --device cpu")
-    for option, path, directory in (("--json", args.json, False), ("--plot", args.plot, True)):
-        problem = None if path is None else output_path_problem(path, directory=directory)
-        if problem:
-            return fail(f"{option} {path}: cannot write there: {problem}")
-    if args.plot:
-        try:
-            require_matplotlib()
-        except RuntimeError as exc:
-            return fail(f"--plot: {exc}")
+    outputs = [("--json", args.json, False), ("--plot", args.plot, True)]
+    problem = preflight_problem(args.device, outputs, plot=bool(args.plot))
+    if problem:
+        return fail(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
