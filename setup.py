@@ -39,6 +39,7 @@ PACKAGES = [
     "opd_fast.backends",
     "opd_fast.cli",
     "opd_fast.diagnostics",
+    "opd_fast.integrations",
     "opd_fast.kernels",
     "opd_fast.trainer",
 ]

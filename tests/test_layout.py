@@ -48,6 +48,9 @@ def test_built_wheel_puts_kernels_under_opd_fast(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "opd_fast/kernels/__init__.py" in names
     assert not any(name.startswith("kernels/") for name in names)
+    # Every subpackage ships: setup.py lists them by hand.
+    packages = {str(path.parent.relative_to(REPO)) for path in (REPO / "opd_fast").rglob("__init__.py")}
+    assert packages and all(f"{package}/__init__.py" in names for package in packages), sorted(packages)
 
 
 def test_setup_py_does_not_import_torch():
