@@ -34,7 +34,15 @@ LICENSE = (
     if int(setuptools.__version__.split(".")[0]) >= 77
     else {"license": "Apache-2.0"}
 )
-PACKAGES = ["opd_fast", "opd_fast.backends", "opd_fast.kernels", "opd_fast.trainer"]
+PACKAGES = [
+    "opd_fast",
+    "opd_fast.backends",
+    "opd_fast.cli",
+    "opd_fast.diagnostics",
+    "opd_fast.integrations",
+    "opd_fast.kernels",
+    "opd_fast.trainer",
+]
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "80;90a"

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true", help="also write the plots (DIR/plots)")
     args = parser.parse_args()
 
-    from opd_fast.diagnostics_cli import add_diagnose_parser
+    from opd_fast.cli.diagnose import add_diagnose_parser
 
     started = time.perf_counter()
     before, after = build_checkpoints(args.dir)

@@ -921,10 +921,10 @@ def stage_sweep(ctx: Context, record: StageFile) -> None:
 
 def write_plot(ctx: Context) -> None:
     """``<stem>.png``: the headline's medians as bars against the floor and the prediction; time vs N."""
-    from opd_fast import bench
+    from opd_fast._plotting import require_matplotlib
 
     try:
-        plt = bench.require_matplotlib()
+        plt = require_matplotlib()
     except RuntimeError as exc:
         ctx.say(f"no plot: {exc}")
         return

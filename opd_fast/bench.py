@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from opd_fast import backends, baselines, bench_inputs
+from opd_fast._plotting import require_matplotlib, save_figure
 from opd_fast.functional import linear_divergence
 from opd_fast.memory import peak_extra_bytes
 from opd_fast.reference import materialized_divergence, materialized_topk_overlap
@@ -481,18 +482,6 @@ def write_csv(path: str | os.PathLike, env: dict, rows: list[dict]) -> None:
             writer.writerow({**row, **env_columns})
 
 
-def require_matplotlib():
-    """pyplot on the Agg backend, or a clear error naming the extra to install."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'opd_fast[plot]'") from None
-    return plt
-
-
 def plot(path: str | os.PathLike, rows: list[dict], title: str) -> None:
     """Time and peak memory vs tokens per backend (and loss, mode, dtype where they vary), log scales, one PNG."""
     plt = require_matplotlib()
@@ -517,7 +506,4 @@ def plot(path: str | os.PathLike, rows: list[dict], title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

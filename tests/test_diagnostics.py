@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
+from opd_fast.cli.diagnose import add_diagnose_parser
 from opd_fast.diagnostics import (
+    DiagnoseSettings,
     DiagnosticsError,
-    SubspaceLock,
     bf16_unchanged_mask,
     compare_matrices,
     diagnose,
@@ -20,7 +21,7 @@ from opd_fast.diagnostics import (
     principal_angles,
     subspace_emergence,
 )
-from opd_fast.diagnostics_cli import add_diagnose_parser
+from opd_fast.trainer import SubspaceLock
 
 transformers = pytest.importorskip("transformers")
 save_file = pytest.importorskip("safetensors.torch").save_file
@@ -116,7 +117,7 @@ def test_dense_low_rank_update():
     m, n, r = 96, 64, 3
     w0 = bf16_grid(m, n, scale=0.1)
     delta = 0.2 * orthonormal(m, r) @ orthonormal(n, r).T  # r equal singular values: stable rank exactly r
-    out = compare_matrices(w0, w0 + delta, top_k=8)
+    out = compare_matrices(w0, w0 + delta, DiagnoseSettings(top_k=8))
     assert out["stable_rank"] == pytest.approx(r, abs=1e-3)
     assert out["frobenius_norm"] == pytest.approx(0.2 * math.sqrt(r), rel=1e-4)
     assert out["spectral_norm"] == pytest.approx(0.2, rel=1e-4)
@@ -126,7 +127,7 @@ def test_dense_low_rank_update():
     assert 0 < out["nss"] < 1
     assert out["update_sparsity"] < 0.15  # a dense change is bf16-visible in almost every entry
     # With k = min(m, n) the right subspace is all of R^n: no rotation is possible there.
-    assert compare_matrices(w0, w0 + delta, top_k=1000)["principal_angle_right_max_deg"] < 1e-6
+    assert compare_matrices(w0, w0 + delta, DiagnoseSettings(top_k=1000))["principal_angle_right_max_deg"] < 1e-6
 
 
 def test_sparse_update_and_mask_overlaps():
@@ -155,7 +156,8 @@ def test_sparse_update_and_mask_overlaps():
 
     u, s, vh = torch.linalg.svd(w0.double(), full_matrices=False)
     principal = ((u[:, :8] * s[:8]) @ vh[:8]).abs().flatten()
-    out = compare_matrices(w0, changed_at(principal.argsort(descending=True)[:count]), rank=8, alpha=0.4)
+    top = changed_at(principal.argsort(descending=True)[:count])
+    out = compare_matrices(w0, top, DiagnoseSettings(rank=8, alpha=0.4))
     assert out["principal_mask_overlap"] == pytest.approx(1.0)
     assert out["principal_mask_overlap_ratio"] == pytest.approx(2.5)
 
@@ -186,6 +188,26 @@ def test_subspace_emergence_planted_and_random():
     assert sims[-1] == pytest.approx(1.0)
     assert sum(sims[:-1]) / (steps - 1) == pytest.approx(k / n, abs=0.1)
     assert subspace_emergence([w0, w0, w0 + 1], k) == [None, pytest.approx(1.0)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "pattern"),
+    [
+        ({"eta": -1e-3}, "eta must be a finite number >= 0"),
+        ({"eta": math.inf}, "eta must be a finite number >= 0"),
+        ({"alpha": 0.0}, r"alpha must be in \(0, 1\)"),
+        ({"top_k": 0}, "top_k must be a positive integer"),
+        ({"rank": 2.5}, "rank must be a positive integer"),
+        ({"sim_k": -3}, "sim_k must be a positive integer"),
+        ({"hill_k": 1}, "hill_k must be an integer >= 2"),
+    ],
+)
+def test_settings_are_validated_once_when_built(bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        DiagnoseSettings(**bad)
+    settings = DiagnoseSettings(top_k=8, hill_k=3)
+    with pytest.raises(AttributeError):
+        settings.top_k = 0  # frozen: a validated object stays valid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +241,7 @@ def model_pair(tmp_path_factory):
 
 def test_diagnose_model_checkpoints(model_pair):
     before, after, planted = model_pair
-    report = diagnose([before, after], top_k=8, progress=False)
+    report = diagnose([before, after], DiagnoseSettings(top_k=8), progress=False)
     rows = {r["name"]: r for r in report["matrices"]}
     q = rows["model.layers.0.self_attn.q_proj.weight"]
     assert q["layer_type"] == "q_proj" and q["shape"] == [64, 64]
@@ -272,7 +294,7 @@ def test_diagnose_series_adds_sim_k(tmp_path):
             weights["random.weight"] = w0["random.weight"] + torch.randn(m, n)
         paths.append(tmp_path / f"step{t}.safetensors")
         save_file(weights, paths[-1])
-    report = diagnose(paths, sim_k=k, progress=False)
+    report = diagnose(paths, DiagnoseSettings(sim_k=k), progress=False)
     rows = {r["name"]: r for r in report["matrices"]}
     assert min(rows["planted.weight"]["sim_k"]) > 0.999
     assert sum(rows["random.weight"]["sim_k"][:-1]) / 3 == pytest.approx(k / n, abs=0.1)
@@ -309,7 +331,7 @@ def test_checkpoint_errors_name_the_file(tmp_path, model_pair):
     with pytest.raises(DiagnosticsError, match=r"shard-1\.safetensors"):
         diagnose([good, sharded], progress=False)
     with pytest.raises(ValueError, match="alpha"):
-        diagnose([good, good], alpha=1.0, progress=False)
+        DiagnoseSettings(alpha=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

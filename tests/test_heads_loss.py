@@ -219,7 +219,7 @@ def test_trainer_distills_a_gemma2_teacher_into_a_qwen2_student(tmp_path):
         "device=cpu",
     ]
     trainer = Trainer(load_config(None, overrides, out_dir=str(tmp_path / "run")), progress=False)
-    assert trainer.vocab_size == len(tokenizer) < LMHead.from_model(trainer.teacher).vocab_size
+    assert trainer.vocab_size == len(tokenizer) < LMHead.from_model(trainer.teacher.model).vocab_size
     torch.manual_seed(0)
     batch = trainer.make_rollouts(random.Random(0), "student")[0]
     vocab, mask = trainer.vocab_size, batch.completion_mask
@@ -228,7 +228,7 @@ def test_trainer_distills_a_gemma2_teacher_into_a_qwen2_student(tmp_path):
             gather_positions(model(input_ids=ids, attention_mask=am).logits, positions)[..., :vocab]
             for model, ids, am, positions in (
                 (trainer.student, batch.input_ids, batch.attention_mask, batch.student_positions),
-                (trainer.teacher, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_positions),
+                (trainer.teacher.model, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_positions),
             )
         ]
     lps, lpt = (torch.log_softmax(z / trainer.config.loss.temperature, dim=-1) for z in logits)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,9 +13,11 @@ from conftest import TASK, grads, make_pair, rel_err, tiny_config
 
 from opd_fast import LMHead, linear_divergence
 from opd_fast.trainer import ConfigError, Trainer, run
-from opd_fast.trainer.losses import compute_loss, sparsify
+from opd_fast.trainer.config import LOSS_MODES, DataConfig, LossConfig
+from opd_fast.trainer.losses import LOSS_FUNCTIONS, compute_loss, sparsify
+from opd_fast.trainer.prompts import deduplicate, select_prompts
 from opd_fast.trainer.rollout import gather_positions
-from opd_fast.trainer.tasks import Example, deduplicate
+from opd_fast.trainer.tasks import Example
 
 PRIVILEGED = "data.teacher_template={answer}={prompt}"
 
@@ -35,7 +40,7 @@ def test_self_distillation_teacher_is_the_frozen_initial_student(models, tmp_pat
     initial = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
     trainer.train()
     assert any(not torch.equal(initial[n], p) for n, p in trainer.student.named_parameters())
-    assert all(torch.equal(initial[n], p) for n, p in trainer.teacher.named_parameters())
+    assert all(torch.equal(initial[n], p) for n, p in trainer.teacher.model.named_parameters())
 
 
 def test_self_distillation_teacher_sees_the_privileged_prompt(models, tmp_path):
@@ -87,7 +92,7 @@ def test_self_distillation_with_lora_disables_the_adapters_for_the_teacher(model
         decoder = trainer.student.get_base_model().get_decoder()
         plain = decoder(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask)
     torch.testing.assert_close(
-        trainer._teacher_hidden(batch), gather_positions(plain.last_hidden_state, batch.teacher_positions)
+        trainer.teacher.hidden_states(batch), gather_positions(plain.last_hidden_state, batch.teacher_positions)
     )
     with torch.no_grad():
         adapted = decoder(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask)
@@ -117,6 +122,27 @@ def test_entry_clip_matches_autograd_on_clipped_terms(divergence, beta):
     weights = torch.randn(9, dtype=torch.float64)
     for a, b in zip(grads(ours, (hs, ws), weights), grads(ref, (hs, ws), weights)):
         assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["reverse_kl", "forward_kl", "jsd"])
+def test_divergence_loss_sparse_and_dense_paths_agree(mode):
+    """The one divergence call returns the mean (dense) or per-token values (sparse): keeping every token, the
+    two give the same loss and gradients."""
+    hs, ws, ht, wt = make_pair(lead=(2, 5), vocab=37)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    batch = SimpleNamespace(completion_mask=mask)
+    dense_cfg = LossConfig(mode=mode, beta=0.3)
+    sparse_cfg = dataclasses.replace(dense_cfg, token_keep=0.99)  # ⌈0.99·8⌉ = 8: every token kept
+    results = [compute_loss(cfg, batch, hs, ws, ht, wt.detach(), 37) for cfg in (dense_cfg, sparse_cfg)]
+    (dense, dense_metrics), (sparse, sparse_metrics) = results
+    assert "tokens/kept_fraction" not in dense_metrics and sparse_metrics["tokens/kept_fraction"] == 1.0
+    assert rel_err(sparse, dense) < 1e-12
+    for a, b in zip(grads(sparse, (hs, ws)), grads(dense, (hs, ws))):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_every_loss_mode_has_a_loss_function():
+    assert set(LOSS_FUNCTIONS) == set(LOSS_MODES)
 
 
 def test_entry_clip_is_torch_only():
@@ -183,6 +209,25 @@ def test_near_duplicate_prompts_are_removed():
     assert len(deduplicate(pool, 1.0)) == 3  # only exact duplicates
 
 
+def test_select_prompts_keeps_the_prompts_with_the_highest_mean_overlap_mass():
+    """The selection logic alone, with a probe whose per-token mass is known: each prompt's score is the mean
+    over its completion tokens, and the best select_keep fraction survives, in pool order."""
+
+    def probe(examples):
+        mask = torch.tensor([[True, True, False]] * len(examples))
+        mass = torch.tensor([[len(e.prompt) / 10, len(e.prompt) / 10, 5.0] for e in examples])  # 5.0: padding
+        return mass, mask
+
+    config = DataConfig(select_pool=12, select_keep=0.25)
+    selected, stats = select_prompts(TASK, config, pool_size=12, seed=0, probe=probe)
+    pool = TASK.sample(random.Random("0/selection"), 12)
+    longest = sorted(len(e.prompt) for e in pool)[-3:]
+    assert sorted(len(e.prompt) for e in selected.pool) == longest
+    assert stats["selection/kept"] == 3 and stats["selection/pool"] == stats["selection/after_dedup"] == 12
+    assert stats["selection/mass_kept"] == pytest.approx(sum(longest) / 30)
+    assert stats["selection/mass_all"] == pytest.approx(sum(len(e.prompt) for e in pool) / 120)
+
+
 # ---- token sparsification and reward mixing ----------------------------------------------------------------
 
 
@@ -208,7 +253,7 @@ def test_reward_mixing_advantage(models, tmp_path):
     trainer = Trainer(config, task=TASK, progress=False)
     (batch,) = trainer.make_rollouts(trainer._seed_step(0), "student")
     hs = gather_positions(trainer.forward(batch.input_ids, batch.attention_mask), batch.student_positions)
-    ht = trainer._teacher_hidden(batch)
+    ht = trainer.teacher.hidden_states(batch)
     rewards = torch.ones(batch.input_ids.shape[0])
     loss, metrics = compute_loss(
         config.loss,
@@ -216,7 +261,7 @@ def test_reward_mixing_advantage(models, tmp_path):
         hs,
         LMHead.from_model(trainer.student),
         ht,
-        LMHead.from_model(trainer.teacher).detach(),
+        trainer.teacher.head(),
         trainer.vocab_size,
         None,
         rewards,

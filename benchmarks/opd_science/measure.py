@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from opd_fast import LMHead, linear_reverse_kl, linear_topk_overlap
-from opd_fast.diagnostics import diagnose
+from opd_fast.diagnostics import DiagnoseSettings, diagnose
 from opd_fast.trainer.modeling import final_hidden_states
 from opd_fast.trainer.rollout import encode_prompts, gather_positions, generate, make_batch
 
@@ -125,10 +125,12 @@ def geometry(base: Path, checkpoints: list[Path], *, top_k: int, rank: int, sim_
     update, Sim_K per checkpoint) and, per checkpoint, the overall summary of base → that checkpoint (the
     trajectories of stable rank, ‖ΔW‖_F and sparsity). Only summaries are kept (per layer type and overall).
     """
-    settings = dict(top_k=top_k, rank=rank, sim_k=sim_k, progress=False)
+    settings = DiagnoseSettings(top_k=top_k, rank=rank, sim_k=sim_k)
     files = [base / "model.safetensors", *(c / "model.safetensors" for c in checkpoints)]
-    series = diagnose([str(f) for f in files], **settings)
-    trajectory = [diagnose([str(files[0]), str(f)], **settings)["summary"]["overall"] for f in files[1:-1]]
+    series = diagnose([str(f) for f in files], settings, progress=False)
+    trajectory = [
+        diagnose([str(files[0]), str(f)], settings, progress=False)["summary"]["overall"] for f in files[1:-1]
+    ]
     trajectory.append({k: v for k, v in series["summary"]["overall"].items() if k != "sim_k"})
     summary = series["summary"]
     return {

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from opd_fast.bench import require_matplotlib
+from opd_fast._plotting import require_matplotlib
 
 from .corpus import SKILLS
 from .runs import RUNS

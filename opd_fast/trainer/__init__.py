@@ -8,8 +8,9 @@ from pathlib import Path
 from opd_fast.trainer.config import ConfigError, TrainConfig, load_config
 from opd_fast.trainer.loop import Trainer, TrainingInterrupted
 from opd_fast.trainer.plots import read_metrics
+from opd_fast.trainer.subspace_lock import SubspaceLock
 
-__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainingInterrupted", "load_config", "run"]
+__all__ = ["ConfigError", "SubspaceLock", "TrainConfig", "Trainer", "TrainingInterrupted", "load_config", "run"]
 
 
 def run(config: TrainConfig, *, resume: bool = False, log=print) -> dict:

@@ -149,7 +149,7 @@ class LoopConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     overlap_k: int = 16
-    # Subspace-locked training (opd_fast.diagnostics.SubspaceLock): after this many steps, project every
+    # Subspace-locked training (opd_fast.trainer.SubspaceLock): after this many steps, project every
     # later gradient of the selected matrices onto the top right singular vectors of their update so far.
     subspace_lock_step: int | None = None
     subspace_lock_rank: int = 16

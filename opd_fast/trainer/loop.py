@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from opd_fast.heads import LMHead
 from opd_fast.trainer import checkpoint as ckpt
+from opd_fast.trainer.bookkeeping import MetricsLog, StopRequest
 from opd_fast.trainer.config import TrainConfig
 from opd_fast.trainer.losses import compute_loss, overlap_metrics, overlap_statistics
 from opd_fast.trainer.modeling import (
@@ -47,6 +48,7 @@ from opd_fast.trainer.modeling import (
     shared_vocab_size,
 )
 from opd_fast.trainer.plots import plot_training_curves
+from opd_fast.trainer.prompts import select_prompts
 from opd_fast.trainer.rollout import (
     Batch,
     encode_prompts,
@@ -55,14 +57,9 @@ from opd_fast.trainer.rollout import (
     make_batch,
     reference_completions,
 )
-from opd_fast.trainer.tasks import (
-    SelectedTask,
-    Task,
-    build_task,
-    deduplicate,
-    resolve_format_filter,
-    resolve_reward,
-)
+from opd_fast.trainer.subspace_lock import SubspaceLock
+from opd_fast.trainer.tasks import Task, build_task, resolve_format_filter, resolve_reward
+from opd_fast.trainer.teacher import Teacher
 
 
 class TrainingInterrupted(RuntimeError):
@@ -100,6 +97,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.metrics_path, enabled=self.is_main)
         torch.manual_seed(config.seed)
         self.task = task or build_task(
             config.data.task, config.data.train_path, config.data.eval_path, config.data.verifier
@@ -112,19 +110,23 @@ class Trainer:
         )
         student = load_causal_lm(config.student, "student.path", self.device)
         self.student = apply_lora(student, config.lora) if config.lora.enabled else student
-        self.teacher = None
+        self.teacher: Teacher | None = None
         if config.teacher.self_distill:
             # Frozen at the initial weights: the LoRA student with its adapters disabled, or a frozen copy.
-            self.teacher = self.student if config.lora.enabled else copy.deepcopy(student).eval().requires_grad_(False)
+            if config.lora.enabled:
+                self.teacher = Teacher(self.student, adapters_disabled=True)
+            else:
+                self.teacher = Teacher(copy.deepcopy(student).eval().requires_grad_(False))
         elif self.needs_teacher:
             if config.teacher.path is None:
                 raise ValueError(
                     f"teacher.path is required for loss.mode={config.loss.mode}, rollout.source={config.rollout.source}"
                 )
             check_same_tokenizer(self.tokenizer, load_tokenizer(config.teacher, "teacher.path"))
-            self.teacher = load_causal_lm(config.teacher, "teacher.path", self.device)
-            self.teacher.eval().requires_grad_(False)
-        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
+            teacher = load_causal_lm(config.teacher, "teacher.path", self.device)
+            self.teacher = Teacher(teacher.eval().requires_grad_(False))
+        teacher_model = None if self.teacher is None else self.teacher.model
+        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
         hidden = HiddenStates(self.student)
         self.forward = torch.nn.parallel.DistributedDataParallel(hidden) if self.world_size > 1 else hidden
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -141,16 +143,16 @@ class Trainer:
         self.cold_start_loss = dataclasses.replace(config.loss, mode="sft", token_keep=1.0, reward_mix=1.0)
         self.selection: dict[str, float] = {}
         if config.data.select_pool is not None or config.data.dedup_threshold is not None:
-            self.task = self._select_prompts()
+            pool_size = config.data.select_pool or 4 * config.rollout.batch_size
+            self.task, self.selection = select_prompts(
+                self.task, config.data, pool_size, config.seed, self._probe_overlap_mass
+            )
         self.lock = None
         if config.train.subspace_lock_step is not None:
-            from opd_fast.diagnostics import SubspaceLock
-
             self.lock = SubspaceLock(
                 self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
             )
         self._rollouts: list[Batch] = []
-        self._stop_signal: int | None = None
 
     # ----------------------------------------------------------------------------------------------- schedule
     def _lr_factor(self, step: int) -> float:
@@ -170,12 +172,6 @@ class Trainer:
         return random.Random(f"{self.config.seed}/{self.rank}/{step}")
 
     # ------------------------------------------------------------------------------------------------ rollout
-    def _teacher_context(self):
-        """Self-distillation with LoRA: the teacher is the student with its adapters disabled."""
-        if self.config.teacher.self_distill and self.config.lora.enabled:
-            return self.student.disable_adapter()
-        return nullcontext()
-
     def _teacher_prompts(self, examples) -> list[list[int]] | None:
         """The teacher's prompts from data.teacher_template (None when it sees the student's prompts)."""
         template = self.config.data.teacher_template
@@ -194,19 +190,17 @@ class Trainer:
         prompts, teacher_prompts = encode_prompts(self.tokenizer, examples), self._teacher_prompts(examples)
         if source == "reference":
             return examples, prompts, teacher_prompts, reference_completions(self.tokenizer, examples)
-        sampler = self.teacher if source == "teacher" else self.student
-        context = self._teacher_context() if source == "teacher" else nullcontext()
-        with context:
-            completions = generate(
-                sampler,
-                self.tokenizer,
-                teacher_prompts if source == "teacher" and teacher_prompts else prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                greedy=False,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                vocab_size=self.vocab_size,
-            )
+        options = dict(
+            max_new_tokens=cfg.max_new_tokens,
+            greedy=False,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            vocab_size=self.vocab_size,
+        )
+        if source == "teacher":
+            completions = self.teacher.generate(self.tokenizer, teacher_prompts or prompts, **options)
+        else:
+            completions = generate(self.student, self.tokenizer, prompts, **options)
         if source == "teacher" and self.format_filter is not None:
             keep = [
                 i
@@ -244,33 +238,32 @@ class Trainer:
         return batches
 
     @torch.no_grad()
+    def _student_hidden(self, batch: Batch) -> torch.Tensor:
+        """The student's final hidden states at the completion positions, without gradients."""
+        hidden = final_hidden_states(self.student, batch.input_ids, batch.attention_mask)
+        return gather_positions(hidden, batch.student_positions)
+
+    @torch.no_grad()
     def _behaviour_logprobs(self, batch: Batch) -> torch.Tensor:
         """log p(y) of the sampled tokens under the student that sampled them (for the importance ratio)."""
         from opd_fast import linear_token_logprobs
 
-        hidden = gather_positions(
-            final_hidden_states(self.student, batch.input_ids, batch.attention_mask), batch.student_positions
-        )
         head = LMHead.from_model(self.student).vocab_slice(0, self.vocab_size)
         return linear_token_logprobs(
-            hidden, head, batch.targets, temperature=self.config.loss.temperature, backend=self.config.loss.backend
+            self._student_hidden(batch),
+            head,
+            batch.targets,
+            temperature=self.config.loss.temperature,
+            backend=self.config.loss.backend,
         )
-
-    @torch.no_grad()
-    def _teacher_hidden(self, batch: Batch) -> torch.Tensor:
-        with self._teacher_context():
-            hidden = final_hidden_states(self.teacher, batch.teacher_input_ids, batch.teacher_attention_mask)
-        return gather_positions(hidden, batch.teacher_positions)
 
     def _overlap(self, batch: Batch, student_hidden, teacher_hidden):
         cfg = self.config
-        with self._teacher_context():
-            teacher_head = LMHead.from_model(self.teacher).detach()
         return overlap_statistics(
             student_hidden,
             LMHead.from_model(self.student).detach(),
             teacher_hidden,
-            teacher_head,
+            self.teacher.head(),
             batch.completion_mask,
             k=cfg.train.overlap_k,
             temperature=cfg.loss.temperature,
@@ -278,60 +271,34 @@ class Trainer:
             vocab_size=self.vocab_size,
         )
 
-    # ---------------------------------------------------------------------------------------- prompt selection
     @torch.no_grad()
-    def _select_prompts(self) -> SelectedTask:
-        """A candidate pool, near-duplicates removed, then (teacher-aligned selection) the prompts on which the
-        student's probe rollout has the highest teacher–student top-k overlap mass."""
-        cfg = self.config.data
-        pool_size = cfg.select_pool or 4 * self.config.rollout.batch_size
-        pool = self.task.sample(random.Random(f"{self.config.seed}/selection"), pool_size)
-        unique = deduplicate(pool, cfg.dedup_threshold) if cfg.dedup_threshold is not None else pool
-        self.selection = {"selection/pool": len(pool), "selection/after_dedup": len(unique)}
-        if cfg.select_pool is None:
-            return SelectedTask(self.task, unique)
-        scores = []
-        for start in range(0, len(unique), 128):
-            examples = unique[start : start + 128]
-            prompts = encode_prompts(self.tokenizer, examples)
-            completions = generate(
-                self.student,
-                self.tokenizer,
-                prompts,
-                max_new_tokens=cfg.select_probe_tokens,
-                greedy=False,
-                temperature=self.config.rollout.temperature,
-                top_p=self.config.rollout.top_p,
-                vocab_size=self.vocab_size,
-            )
-            batch = make_batch(
-                self.tokenizer, examples, prompts, completions, self.task, self.device, self._teacher_prompts(examples)
-            )
-            student_hidden = gather_positions(
-                final_hidden_states(self.student, batch.input_ids, batch.attention_mask), batch.student_positions
-            )
-            mass = self._overlap(batch, student_hidden, self._teacher_hidden(batch)).overlap_mass_student
-            mask = batch.completion_mask
-            scores += (torch.where(mask, mass, 0.0).sum(1) / mask.sum(1).clamp_min(1)).tolist()
-        order = sorted(range(len(unique)), key=lambda i: -scores[i])
-        kept = order[: max(1, round(cfg.select_keep * len(unique)))]
-        self.selection.update(
-            {
-                "selection/kept": len(kept),
-                "selection/mass_all": sum(scores) / len(scores),
-                "selection/mass_kept": sum(scores[i] for i in kept) / len(kept),
-            }
+    def _probe_overlap_mass(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
+        """For prompt selection: the student samples data.select_probe_tokens tokens per prompt; returns the
+        per-token teacher–student top-k overlap mass of that rollout and its completion mask."""
+        cfg = self.config
+        prompts = encode_prompts(self.tokenizer, examples)
+        completions = generate(
+            self.student,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=cfg.data.select_probe_tokens,
+            greedy=False,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            vocab_size=self.vocab_size,
         )
-        return SelectedTask(self.task, [unique[i] for i in sorted(kept)])
+        batch = make_batch(
+            self.tokenizer, examples, prompts, completions, self.task, self.device, self._teacher_prompts(examples)
+        )
+        stats = self._overlap(batch, self._student_hidden(batch), self.teacher.hidden_states(batch))
+        return stats.overlap_mass_student, batch.completion_mask
 
     # ---------------------------------------------------------------------------------------------- training
     def _micro_step(self, batch: Batch, diagnostics: bool, loss_config) -> dict[str, float]:
         student_hidden = gather_positions(self.forward(batch.input_ids, batch.attention_mask), batch.student_positions)
         teacher_hidden = teacher_head = None
         if self.teacher is not None and (loss_config.mode != "sft" or diagnostics):
-            teacher_hidden = self._teacher_hidden(batch)
-            with self._teacher_context():
-                teacher_head = LMHead.from_model(self.teacher).detach()
+            teacher_hidden, teacher_head = self.teacher.hidden_states(batch), self.teacher.head()
         rewards = None
         if loss_config.reward_mix < 1.0:
             rewards = torch.tensor(
@@ -396,25 +363,19 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, model=None) -> float:
-        """Greedy held-out accuracy of ``model`` (default: the student), sharded over ranks. The teacher is
-        evaluated on its own prompts (data.teacher_template), with its self-distillation context."""
-        as_teacher = model is not None and model is self.teacher
-        model = model or self.student
+    def evaluate(self, teacher: Teacher | None = None) -> float:
+        """Greedy held-out accuracy of the student, or of ``teacher`` on its own prompts (data.teacher_template),
+        sharded over ranks."""
         mine = self.eval_examples[self.rank :: self.world_size]
         correct = 0
+        options = dict(max_new_tokens=self.config.rollout.max_new_tokens, greedy=True, vocab_size=self.vocab_size)
         for start in range(0, len(mine), 128):
             chunk = mine[start : start + 128]
-            prompts = (as_teacher and self._teacher_prompts(chunk)) or encode_prompts(self.tokenizer, chunk)
-            with self._teacher_context() if as_teacher else nullcontext():
-                completions = generate(
-                    model,
-                    self.tokenizer,
-                    prompts,
-                    max_new_tokens=self.config.rollout.max_new_tokens,
-                    greedy=True,
-                    vocab_size=self.vocab_size,
-                )
+            prompts = encode_prompts(self.tokenizer, chunk)
+            if teacher is not None:
+                completions = teacher.generate(self.tokenizer, self._teacher_prompts(chunk) or prompts, **options)
+            else:
+                completions = generate(self.student, self.tokenizer, prompts, **options)
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             correct += sum(self.task.verify(e, t) for e, t in zip(chunk, texts))
         if self.world_size > 1:
@@ -424,19 +385,6 @@ class Trainer:
         return correct / len(self.eval_examples)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
-    def _log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume: drop log lines past the checkpoint, so the file reads as one uninterrupted run."""
-        if self.is_main and self.metrics_path.is_file():
-            kept = [
-                line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-            ]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
-
     def _lock_subspace(self) -> dict[str, int]:
         """Capture the subspace of each locked matrix's update so far and project gradients from now on.
 
@@ -478,18 +426,6 @@ class Trainer:
             dist.barrier()
         return directory
 
-    def _handle_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second signal: stop right away
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-
-    def _stop_requested(self) -> int | None:
-        if self.world_size == 1:
-            return self._stop_signal
-        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
-
     # ---------------------------------------------------------------------------------------------------- run
     def train(self, resume: bool = False) -> dict:
         """Run to ``train.steps``; returns the final metrics. Raises TrainingInterrupted on SIGINT/SIGTERM."""
@@ -506,17 +442,16 @@ class Trainer:
             if self.lock is not None and bases:
                 self.lock.bases = bases
                 self.lock.attach(self.student)
-            self._truncate_metrics(start)
+            self.metrics.truncate_after(start)
         else:
+            self.metrics.clear()
             if self.is_main:
-                self.metrics_path.write_text("")
                 (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            self._log({"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection})
-        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.metrics.append({"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection})
         bar = tqdm(total=cfg.steps, initial=start, desc="opd-fast train", disable=not self.progress, dynamic_ncols=True)
         last: dict = {}
         started = time.perf_counter()
-        try:
+        with StopRequest(self.world_size) as stop, bar:
             for step in range(start, cfg.steps):
                 number = step + 1
                 diagnostics = number % cfg.log_every == 0 or number == cfg.steps
@@ -529,7 +464,7 @@ class Trainer:
                 if number % cfg.eval_every == 0 or number == cfg.steps:
                     record["eval/student_accuracy"] = self.evaluate()
                 if diagnostics or "eval/student_accuracy" in record or "subspace/locked_matrices" in record:
-                    self._log(record)
+                    self.metrics.append(record)
                 last = {**last, **record}
                 bar.update(1)
                 bar.set_postfix(
@@ -537,16 +472,12 @@ class Trainer:
                 )
                 scheduled = number % cfg.save_every == 0 or number == cfg.steps
                 path = self.save(number) if scheduled else None
-                signum = self._stop_requested()
+                signum = stop.requested()
                 if signum is not None and number < cfg.steps:
                     if not scheduled:  # a step is saved once: never over the latest checkpoint
                         path = self.save(number)
                     self.plot()
                     raise TrainingInterrupted(signum, number, path)
-        finally:
-            bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
         self.plot()
         return last
 

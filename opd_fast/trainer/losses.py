@@ -24,6 +24,9 @@ averages the loss over them, i.e. rescales the kept terms by T / Σmask.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +72,118 @@ def sparsify(mask: torch.Tensor, scores: torch.Tensor, keep: float, select: str,
     return chosen.view_as(mask)
 
 
+@dataclass
+class LossInputs:
+    """One micro-batch's inputs to a loss: hidden states ``[B, L, H]`` at the completion positions, the heads as
+    ``LMHead.from_model`` reads them (the teacher's detached; None when the mode needs no teacher), padded rows
+    included (``vocab_size`` cuts them), and for sampled_token the behaviour log-probs and rewards."""
+
+    batch: Any
+    student_hidden: torch.Tensor
+    student_head: LMHead
+    teacher_hidden: torch.Tensor | None
+    teacher_head: LMHead | None
+    vocab_size: int
+    behaviour_logprobs: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch.completion_mask
+
+
+# A loss mode maps (config, inputs) to (loss, the tokens it averaged over, extra metrics).
+LossResult = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
+
+
+def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
+    """reverse_kl / forward_kl / jsd over the full vocabulary. Without token sparsification the op returns the
+    mean itself (its gradients then come out of the forward sweep); with it, the per-token values to rank."""
+    sparse = cfg.token_keep < 1.0
+    divergence = linear_divergence(
+        x.student_hidden,
+        x.student_head,
+        x.teacher_hidden,
+        x.teacher_head,
+        divergence=cfg.mode,
+        beta=cfg.beta,
+        vocab_size=x.vocab_size,
+        mask=x.mask,
+        reduction="none" if sparse else "mean",
+        entry_clip=cfg.entry_clip,
+        temperature=cfg.temperature,
+        backend=cfg.backend,
+    )
+    if not sparse:
+        return divergence, x.mask, {}
+    kept = sparsify(x.mask, divergence, cfg.token_keep, cfg.token_select)
+    return _masked_mean(divergence, kept), kept, {}
+
+
+def topk_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
+    """The divergence on a top-k support per token (linear_topk_divergence)."""
+    per_token = linear_topk_divergence(
+        x.student_hidden,
+        x.student_head,
+        x.teacher_hidden,
+        x.teacher_head,
+        k=cfg.top_k,
+        support=cfg.support,
+        divergence=cfg.topk_divergence,
+        renormalize=cfg.renormalize,
+        vocab_size=x.vocab_size,
+        mask=x.mask,
+        reduction="none",
+        temperature=cfg.temperature,
+        backend=cfg.backend,
+    )
+    kept = sparsify(x.mask, per_token, cfg.token_keep, cfg.token_select)
+    return _masked_mean(per_token, kept), kept, {}
+
+
+def _token_logprobs(cfg: LossConfig, hidden: torch.Tensor, head: LMHead, x: LossInputs) -> torch.Tensor:
+    head = head.vocab_slice(0, x.vocab_size)
+    return linear_token_logprobs(hidden, head, x.batch.targets, temperature=cfg.temperature, backend=cfg.backend)
+
+
+def sft_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
+    """Cross-entropy on the completion tokens."""
+    logprobs = _token_logprobs(cfg, x.student_hidden, x.student_head, x)
+    kept = sparsify(x.mask, -logprobs, cfg.token_keep, cfg.token_select)
+    return -_masked_mean(logprobs, kept), kept, {}
+
+
+def sampled_token_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
+    """OPD as reinforcement learning with the teacher as the reward (see the module docstring)."""
+    mask, metrics = x.mask, {}
+    logprobs = _token_logprobs(cfg, x.student_hidden, x.student_head, x)
+    with torch.no_grad():
+        teacher_logprobs = _token_logprobs(cfg, x.teacher_hidden, x.teacher_head, x)
+    old = logprobs.detach() if x.behaviour_logprobs is None else x.behaviour_logprobs
+    estimate = old - teacher_logprobs  # one-sample reverse KL at the sampled token
+    advantage = discounted_advantage(-estimate, mask, cfg.discount)
+    if cfg.reward_mix < 1.0:
+        advantage = cfg.reward_mix * advantage + (1.0 - cfg.reward_mix) * x.rewards[:, None].to(advantage)
+        metrics["reward/mean"] = x.rewards.float().mean().item()
+    ratio = torch.exp(logprobs - old)
+    if cfg.ratio_clip is not None:
+        ratio = ratio.clamp(max=cfg.ratio_clip)
+    kept = sparsify(mask, estimate.abs(), cfg.token_keep, cfg.token_select)
+    metrics["sampled/reverse_kl"] = _masked_mean(estimate, mask).item()
+    metrics["sampled/ratio_mean"] = _masked_mean(ratio.detach(), mask).item()
+    return -_masked_mean(ratio * advantage, kept), kept, metrics
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[LossConfig, LossInputs], LossResult]] = {
+    "reverse_kl": divergence_loss,
+    "forward_kl": divergence_loss,
+    "jsd": divergence_loss,
+    "topk": topk_loss,
+    "sft": sft_loss,
+    "sampled_token": sampled_token_loss,
+}
+
+
 def compute_loss(
     cfg: LossConfig,
     batch,
@@ -80,85 +195,13 @@ def compute_loss(
     behaviour_logprobs: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(loss, metrics) for one micro-batch; hidden states ``[B, L, H]`` at the completion positions, heads as
-    ``LMHead.from_model`` reads them (the teacher's detached), padded rows included: ``vocab_size`` cuts them."""
-    hs, ht, mask = student_hidden, teacher_hidden, batch.completion_mask
-    common = dict(temperature=cfg.temperature, backend=cfg.backend)
-    metrics: dict[str, float] = {}
-    sparse = cfg.token_keep < 1.0
-    if cfg.mode in ("reverse_kl", "forward_kl", "jsd", "topk"):
-        if cfg.mode == "topk":
-            per_token = linear_topk_divergence(
-                hs,
-                student_head,
-                ht,
-                teacher_head,
-                k=cfg.top_k,
-                support=cfg.support,
-                divergence=cfg.topk_divergence,
-                renormalize=cfg.renormalize,
-                vocab_size=vocab_size,
-                mask=mask,
-                reduction="none",
-                **common,
-            )
-        elif sparse:
-            per_token = linear_divergence(
-                hs,
-                student_head,
-                ht,
-                teacher_head,
-                divergence=cfg.mode,
-                beta=cfg.beta,
-                vocab_size=vocab_size,
-                mask=mask,
-                reduction="none",
-                entry_clip=cfg.entry_clip,
-                **common,
-            )
-        else:  # the mean straight from the fused op: its gradients come out of the forward sweep
-            loss = linear_divergence(
-                hs,
-                student_head,
-                ht,
-                teacher_head,
-                divergence=cfg.mode,
-                beta=cfg.beta,
-                vocab_size=vocab_size,
-                mask=mask,
-                reduction="mean",
-                entry_clip=cfg.entry_clip,
-                **common,
-            )
-            metrics["loss"] = loss.item()
-            return loss, metrics
-        kept = sparsify(mask, per_token, cfg.token_keep, cfg.token_select)
-        loss = _masked_mean(per_token, kept)
-    else:
-        logprobs = linear_token_logprobs(hs, student_head.vocab_slice(0, vocab_size), batch.targets, **common)
-        if cfg.mode == "sft":
-            kept = sparsify(mask, -logprobs, cfg.token_keep, cfg.token_select)
-            loss = -_masked_mean(logprobs, kept)
-        else:
-            with torch.no_grad():
-                teacher_logprobs = linear_token_logprobs(
-                    ht, teacher_head.vocab_slice(0, vocab_size), batch.targets, **common
-                )
-            old = logprobs.detach() if behaviour_logprobs is None else behaviour_logprobs
-            estimate = old - teacher_logprobs  # one-sample reverse KL at the sampled token
-            advantage = discounted_advantage(-estimate, mask, cfg.discount)
-            if cfg.reward_mix < 1.0:
-                advantage = cfg.reward_mix * advantage + (1.0 - cfg.reward_mix) * rewards[:, None].to(advantage)
-                metrics["reward/mean"] = rewards.float().mean().item()
-            ratio = torch.exp(logprobs - old)
-            if cfg.ratio_clip is not None:
-                ratio = ratio.clamp(max=cfg.ratio_clip)
-            kept = sparsify(mask, estimate.abs(), cfg.token_keep, cfg.token_select)
-            loss = -_masked_mean(ratio * advantage, kept)
-            metrics["sampled/reverse_kl"] = _masked_mean(estimate, mask).item()
-            metrics["sampled/ratio_mean"] = _masked_mean(ratio.detach(), mask).item()
-    if sparse:
-        metrics["tokens/kept_fraction"] = (kept.sum() / mask.sum().clamp_min(1)).item()
+    """(loss, metrics) for one micro-batch with the loss of ``cfg.mode``; arguments as in :class:`LossInputs`."""
+    inputs = LossInputs(
+        batch, student_hidden, student_head, teacher_hidden, teacher_head, vocab_size, behaviour_logprobs, rewards
+    )
+    loss, kept, metrics = LOSS_FUNCTIONS[cfg.mode](cfg, inputs)
+    if cfg.token_keep < 1.0:
+        metrics["tokens/kept_fraction"] = (kept.sum() / inputs.mask.sum().clamp_min(1)).item()
     metrics["loss"] = loss.item()
     return loss, metrics
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opd_fast.bench import require_matplotlib
+from opd_fast._plotting import require_matplotlib, save_figure
 
 PANELS = (
     ("loss", ["loss"], "training loss"),
@@ -49,11 +49,7 @@ def plot_training_curves(metrics_path: Path, out_path: Path, title: str = "") ->
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=110)
 
 
 def plot_accuracy_comparison(
@@ -85,8 +81,4 @@ def plot_accuracy_comparison(
     else:
         ax.legend(loc="center right")
     ax.set_title(title)
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=110)

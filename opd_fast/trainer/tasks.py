@@ -47,25 +47,6 @@ class Task:
         return bool(completion.strip())
 
 
-class SelectedTask(Task):
-    """A task restricted to a fixed pool of training prompts (after deduplication or prompt selection)."""
-
-    def __init__(self, base: Task, pool: list[Example]):
-        super().__init__(base.verify)
-        if not pool:
-            raise ValueError("prompt selection kept no prompt; raise data.select_keep or data.select_pool")
-        self.base, self.pool, self.name = base, pool, f"{base.name}(selected)"
-
-    def sample(self, rng: random.Random, n: int) -> list[Example]:
-        return [rng.choice(self.pool) for _ in range(n)]
-
-    def eval_set(self, n: int) -> list[Example]:
-        return self.base.eval_set(n)
-
-    def format_ok(self, example: Example, completion: str) -> bool:
-        return self.base.format_ok(example, completion)
-
-
 class ReverseTask(Task):
     """Reverse a random string: ``"cabd="`` → ``"dbac"``. Small transformers learn it; how fast depends on size."""
 
@@ -213,25 +194,6 @@ def resolve_reward(spec: str | None, task: Task) -> Callable[[Example, str], flo
     if spec is None:
         return lambda example, completion: float(task.verify(example, completion))
     return import_function(spec, "loss.reward")
-
-
-def _trigrams(text: str) -> set[str]:
-    return {text[i : i + 3] for i in range(max(1, len(text) - 2))}
-
-
-def deduplicate(examples: list[Example], threshold: float) -> list[Example]:
-    """Drop prompts whose character-trigram Jaccard similarity to an earlier kept prompt is ≥ threshold.
-
-    A lexical stand-in for embedding similarity that needs no model download; O(n²) in the pool size.
-    """
-    kept: list[Example] = []
-    kept_grams: list[set[str]] = []
-    for example in examples:
-        grams = _trigrams(example.prompt)
-        if all(len(grams & other) / len(grams | other) < threshold for other in kept_grams):
-            kept.append(example)
-            kept_grams.append(grams)
-    return kept
 
 
 BUILTIN_TASKS = {"reverse": ReverseTask, "addition": AdditionTask}

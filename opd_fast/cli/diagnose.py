@@ -1,4 +1,4 @@
-"""`opd-fast diagnose`: the command-line front end of :mod:`opd_fast.diagnostics` (docs/design.md §4).
+"""``opd-fast diagnose``: the command-line front end of :mod:`opd_fast.diagnostics` (docs/design.md §4).
 
 Bad input (arguments, paths, unreadable checkpoints) ends with exit code 2 and one line on stderr.
 """
@@ -6,10 +6,16 @@ Bad input (arguments, paths, unreadable checkpoints) ends with exit code 2 and o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
+from collections.abc import Callable
 
+import torch
+
+from opd_fast import diagnostics as d
 from opd_fast._argtypes import positive_int
+from opd_fast.cli._common import fail, preflight_problem
 
 
 def _hill_k(text: str) -> int:
@@ -47,10 +53,45 @@ def _regex(text: str) -> str:
     return text
 
 
+def _setting_options(defaults: d.DiagnoseSettings) -> tuple[tuple[str, Callable[[str], object], str | None, str], ...]:
+    """One option per :class:`DiagnoseSettings` field: (field, argparse type, metavar, help)."""
+    return (
+        (
+            "top_k",
+            positive_int,
+            "K",
+            f"singular subspace size for the principal angles, clipped to the matrix (default {defaults.top_k})",
+        ),
+        ("eta", _eta, None, f"relative tolerance of a bf16-unchanged entry (default {defaults.eta:g})"),
+        (
+            "alpha",
+            _fraction,
+            "A",
+            f"fraction of entries in the principal and low-magnitude masks (default {defaults.alpha})",
+        ),
+        (
+            "rank",
+            positive_int,
+            "R",
+            f"rank of the reconstruction of BEFORE behind the principal mask (default {defaults.rank})",
+        ),
+        (
+            "sim_k",
+            positive_int,
+            "K",
+            f"right singular vectors compared by Sim_K in a series (default {defaults.sim_k})",
+        ),
+        (
+            "hill_k",
+            _hill_k,
+            "K",
+            "top singular values in the Hill estimate (default ceil(sqrt(numerical rank of the update)))",
+        ),
+    )
+
+
 def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``diagnose CHECKPOINT CHECKPOINT [CHECKPOINT ...] [options]`` on ``subparsers``."""
-    from opd_fast import diagnostics as d
-
     p = subparsers.add_parser(
         "diagnose",
         help="geometry of the weight update between checkpoints (sparsity, angles, stable rank, ...)",
@@ -67,47 +108,10 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=d.DEFAULT_TOP_K,
-        metavar="K",
-        help=f"singular subspace size for the principal angles, clipped to the matrix (default {d.DEFAULT_TOP_K})",
-    )
-    p.add_argument(
-        "--eta",
-        type=_eta,
-        default=d.DEFAULT_ETA,
-        help=f"relative tolerance of a bf16-unchanged entry (default {d.DEFAULT_ETA:g})",
-    )
-    p.add_argument(
-        "--alpha",
-        type=_fraction,
-        default=d.DEFAULT_ALPHA,
-        metavar="A",
-        help=f"fraction of entries in the principal and low-magnitude masks (default {d.DEFAULT_ALPHA})",
-    )
-    p.add_argument(
-        "--rank",
-        type=positive_int,
-        default=d.DEFAULT_RANK,
-        metavar="R",
-        help=f"rank of the reconstruction of BEFORE behind the principal mask (default {d.DEFAULT_RANK})",
-    )
-    p.add_argument(
-        "--sim-k",
-        type=positive_int,
-        default=d.DEFAULT_SIM_K,
-        metavar="K",
-        help=f"right singular vectors compared by Sim_K in a series (default {d.DEFAULT_SIM_K})",
-    )
-    p.add_argument(
-        "--hill-k",
-        type=_hill_k,
-        default=None,
-        metavar="K",
-        help="top singular values in the Hill estimate (default ceil(sqrt(numerical rank of the update)))",
-    )
+    defaults = d.DEFAULT_SETTINGS
+    for field, kind, metavar, text in _setting_options(defaults):
+        option = "--" + field.replace("_", "-")
+        p.add_argument(option, type=kind, default=getattr(defaults, field), metavar=metavar, help=text)
     p.add_argument("--include", type=_regex, metavar="REGEX", help="only matrices whose name matches REGEX")
     p.add_argument(
         "--device",
@@ -121,48 +125,26 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         metavar="N",
         help="torch CPU threads (default: torch's choice; 1 can be faster on a machine shared with other jobs)",
     )
-    p.set_defaults(run=_run_diagnose)
+    p.set_defaults(run=run_diagnose)
     return p
 
 
-def _run_diagnose(args: argparse.Namespace) -> int:
-    import torch
-
-    from opd_fast import diagnostics as d
-    from opd_fast.cli import fail, output_path_problem  # here: opd_fast.cli imports this module
+def run_diagnose(args: argparse.Namespace) -> int:
 
     if len(args.checkpoints) < 2:
         return fail(
             f"diagnose needs BEFORE and AFTER checkpoints, got only {args.checkpoints[0]}; "
             "pass two model directories or .safetensors files"
         )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda but torch sees no CUDA GPU here; use --device cpu")
-    for option, path, directory in (("--json", args.json, False), ("--plot", args.plot, True)):
-        problem = None if path is None else output_path_problem(path, directory=directory)
-        if problem:
-            return fail(f"{option} {path}: cannot write there: {problem}")
-    if args.plot:
-        from opd_fast.bench import require_matplotlib
-
-        try:
-            require_matplotlib()
-        except RuntimeError as exc:
-            return fail(f"--plot: {exc}")
+    outputs = [("--json", args.json, False), ("--plot", args.plot, True)]
+    problem = preflight_problem(args.device, outputs, plot=bool(args.plot))
+    if problem:
+        return fail(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        report = d.diagnose(
-            args.checkpoints,
-            eta=args.eta,
-            top_k=args.top_k,
-            alpha=args.alpha,
-            rank=args.rank,
-            sim_k=args.sim_k,
-            hill_k=args.hill_k,
-            include=args.include,
-            device=args.device,
-        )
+        settings = d.DiagnoseSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(d.DiagnoseSettings)})
+        report = d.diagnose(args.checkpoints, settings, include=args.include, device=args.device)
     except d.DiagnosticsError as exc:
         return fail(exc)
     print(d.format_table(report))

@@ -1,0 +1,25 @@
+"""The ``opd-fast`` command line (docs/design.md §4): ``bench``, ``train`` and ``diagnose``, one module each."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from opd_fast.cli._common import Parser
+from opd_fast.cli.bench import add_bench_parser
+from opd_fast.cli.diagnose import add_diagnose_parser
+from opd_fast.cli.train import add_train_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="opd-fast", description="Fused on-policy distillation losses: benchmarks and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(sub)
+    add_train_parser(sub)
+    add_diagnose_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

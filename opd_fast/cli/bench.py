@@ -1,0 +1,151 @@
+"""``opd-fast bench``: time and peak memory of the OPD losses per backend (docs/design.md §4)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from opd_fast._argtypes import nonnegative_int, positive_float, positive_int, probability
+from opd_fast.cli._common import fail, preflight_problem
+
+
+def _csv_choices(choices: Sequence[str], what: str):
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; choose from {','.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from opd_fast import bench, bench_inputs
+
+    p = sub.add_parser(
+        "bench",
+        help="time forward+backward of the reverse-KL loss (and the other OPD losses) per backend",
+        description="Time and peak memory of the reverse-KL loss (or --losses) per backend, side by side in one "
+        "run. With no shape options it runs the 'cpu-small' preset.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--backends",
+        type=_csv_choices(bench.BACKENDS, "backend"),
+        default=None,
+        help=f"comma-separated subset of {','.join(bench.BACKENDS)} (default: all; unavailable ones are reported "
+        "as skipped with the reason)",
+    )
+    p.add_argument("--tokens", type=positive_int, nargs="+", help="token counts N to sweep")
+    p.add_argument("--hidden", type=positive_int, help="student hidden size Hs")
+    p.add_argument("--teacher-hidden", type=positive_int, help="teacher hidden size Ht (default: Hs)")
+    p.add_argument("--vocab", type=positive_int, help="vocabulary size V")
+    p.add_argument("--preset", choices=sorted(bench.PRESETS), help="shapes of a real student/teacher pair")
+    p.add_argument("--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes")
+    p.add_argument(
+        "--modes", type=_csv_choices(bench.MODES, "mode"), default=["fwd+bwd"], help="fwd, bwd and/or fwd+bwd"
+    )
+    p.add_argument(
+        "--losses",
+        type=_csv_choices(bench.LOSSES, "loss"),
+        default=["reverse_kl"],
+        help=f"comma-separated subset of {','.join(bench.LOSSES)} (jsd: beta 0.5; topk_overlap: k 16, mode fwd)",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=bench_inputs.INPUT_PRESETS,
+        default="random",
+        help="random: logits ~ N(0, 16), unrelated models; peaked: LM-like distributions with --entropy and "
+        "--shared-mass (default: random)",
+    )
+    p.add_argument(
+        "--entropy",
+        type=positive_float,
+        default=bench_inputs.PEAKED_ENTROPY,
+        help=f"peaked inputs: mean next-token entropy in nats (default {bench_inputs.PEAKED_ENTROPY})",
+    )
+    p.add_argument(
+        "--shared-mass",
+        type=probability,
+        default=bench_inputs.PEAKED_SHARED_MASS,
+        help="peaked inputs: the student's mean probability mass on the tokens in both models' top-16 "
+        f"(default {bench_inputs.PEAKED_SHARED_MASS})",
+    )
+    p.add_argument(
+        "--filter-eps",
+        type=positive_float,
+        help="turn on our backends' gradient filtering with this threshold (default: exact); rows report the "
+        "share of tiles skipped",
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per case (at least)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls per case first")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the results as CSV (environment in env_* columns)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory vs tokens")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from opd_fast import bench
+
+    outputs = [(f"--{option}", getattr(args, option), False) for option in ("json", "csv", "plot")]
+    problem = preflight_problem(args.device, outputs, plot=bool(args.plot))
+    if problem:
+        return fail(problem)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(bench.PRESETS[args.preset or "cpu-small"])
+    for key in ("tokens", "hidden", "teacher_hidden", "vocab"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if args.teacher_hidden is None and args.hidden is not None and args.preset is None:
+        shape["teacher_hidden"] = args.hidden
+    names = args.backends or list(bench.BACKENDS)
+    inputs = dict(
+        inputs=args.inputs,
+        filter_eps=args.filter_eps,
+        target_entropy=args.entropy,
+        target_shared_mass=args.shared_mass,
+    )
+    cases = [
+        bench.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, mode, loss, **inputs)
+        for loss in args.losses
+        for dtype in args.dtype
+        for mode in (["fwd"] if loss == "topk_overlap" else args.modes)
+        for n in shape["tokens"]
+        for name in names
+    ]
+    matmul_tflops = bench.measure_matmul_tflops(device) if device.type == "cuda" else None
+    env = bench.environment(device, matmul_tflops)
+    rows = []
+    for case in tqdm(cases, desc="opd-fast bench", unit="case", file=sys.stderr):
+        rows.append(bench.run_case(case, device, warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops))
+    print(f"device: {env['gpu'] or env['cpu']} ({device}), torch {env['torch']}, threads {env['threads']}")
+    print(bench.format_table(rows))
+    try:
+        if args.json:
+            bench.write_json(args.json, env, rows)
+            print(f"wrote {args.json}")
+        if args.csv:
+            bench.write_csv(args.csv, env, rows)
+            print(f"wrote {args.csv}")
+        if args.plot:
+            title = (
+                f"{'/'.join(args.losses)}, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
+                f"{'/'.join(args.dtype)}, {args.inputs} inputs, {env['gpu'] or 'CPU'}"
+            )
+            bench.plot(args.plot, rows, title)
+            print(f"wrote {args.plot}")
+    except OSError as exc:
+        return fail(f"cannot write the output: {exc}")
+    return 0
