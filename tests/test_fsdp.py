@@ -32,3 +32,20 @@ def test_fsdp_student_matches_one_process(ranks, tied, head, divergence):
         for param, grad in expected["grads"].items():
             assert rel_err(got["grads"][param], grad) < 1e-5, (name, rank, param, rel_err(got["grads"][param], grad))
         assert rel_err(got["after_step"], expected["after_step"][rank]) < 1e-5, (name, rank)
+
+
+def test_bad_arguments_are_refused():
+    from opd_fast.integrations.fsdp import final_hidden_states, fsdp_linear_divergence, fully_shard_causal_lm
+
+    student, _ = fsdp_worker.build_models(tied=False)
+    hidden = torch.zeros(2, fsdp_worker.HIDDEN)
+    with pytest.raises(ValueError, match="head must be one of"):
+        fsdp_linear_divergence(hidden, student, hidden, hidden, head="sharded")
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        fsdp_linear_divergence(hidden, student, hidden, hidden, reduction="none")
+    with pytest.raises(ValueError, match="process_group is not an option"):
+        fsdp_linear_divergence(hidden, student, hidden, hidden, process_group=None)
+    with pytest.raises(ValueError, match="takes a model sharded by fully_shard_causal_lm"):
+        final_hidden_states(student, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="init_process_group"):
+        fully_shard_causal_lm(student)

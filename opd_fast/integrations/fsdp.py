@@ -19,10 +19,13 @@ The head, two ways (``head=`` of :func:`fsdp_linear_divergence`):
   gradient lands on the local shard directly. Each rank still gets its own batch's loss, and every gradient is
   the one data parallelism gives (the average over ranks of each rank's loss gradient).
 
-Which is cheaper depends on the shapes: the gathered head moves 2·V·H numbers per step (gather, then
-reduce-scatter) and holds the full weight and its gradient; the vocabulary-parallel head moves about
-R·N·(Hs + Ht) + R·N·Hs (the token gather, then the hidden-state gradient's all-reduce) and holds the gathered
-tokens. README "FSDP2" has the measurement (``benchmarks/fsdp_head.py``).
+Costs: the gathered head moves 2·V·H numbers per step (gather, then reduce-scatter) and holds the full weight
+and its gradient; the vocabulary-parallel head moves about R·N·(Hs + Ht) + R·N·Hs (the token gather, then the
+hidden-state gradient's all-reduce) and holds the gathered tokens, but it recomputes both models' logits in
+the backward (vocabulary parallelism has the global statistics only after the forward sweep), where the
+gathered head makes the gradient in the forward sweep: 1.5× the GEMM FLOPs. Measured
+(``benchmarks/fsdp_head.py``, README "FSDP2"): the gathered head is the faster on the CPU, the
+vocabulary-parallel one needs less memory; hence ``head="gathered"`` by default.
 
 Gradients assume FSDP's default averaging over the mesh (no ``set_gradient_divide_factor``), and every rank
 must backpropagate the loss it got times the same factor (e.g. 1 / gradient accumulation steps).
@@ -231,7 +234,7 @@ def fsdp_linear_divergence(
     teacher_hidden: torch.Tensor,
     teacher_head: torch.Tensor | LMHead,
     *,
-    head: Literal["gathered", "vocab_parallel"] = "vocab_parallel",
+    head: Literal["gathered", "vocab_parallel"] = "gathered",
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     **loss_options,
@@ -244,9 +247,9 @@ def fsdp_linear_divergence(
         student_model: the sharded student; its head is read as :meth:`opd_fast.LMHead.from_model` reads it.
         teacher_hidden: [..., Ht] the teacher's final hidden states of the same tokens (no gradient).
         teacher_head: the teacher's whole head (an :class:`opd_fast.LMHead` or a [V, Ht] weight), on every rank.
-        head: ``"vocab_parallel"`` (the default: cheaper in the measurement of README "FSDP2") or
-            ``"gathered"`` (module docstring). A head FSDP already holds gathered (tied embeddings, after the
-            root's forward) is used whole either way.
+        head: ``"gathered"`` (the default: faster in the measurement of README "FSDP2") or
+            ``"vocab_parallel"`` (less memory; module docstring). A head FSDP already holds gathered (tied
+            embeddings, after the root's forward) is used whole either way.
         mask: bool [...], True where a token counts.
         reduction: ``"mean"`` over this rank's counted tokens (0 when none count) or ``"sum"``.
         loss_options: ``divergence``, ``beta``, ``temperature``, ``backend``, ``vocab_size``, ``plan``, ... as
