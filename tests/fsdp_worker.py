@@ -14,16 +14,17 @@ import torch.distributed as dist
 
 from opd_fast import LMHead, linear_divergence
 
-VOCAB, HIDDEN, TEACHER_HIDDEN, WORLD = 101, 32, 24, 2
+# Both lm_heads have padded rows beyond the shared vocabulary (the losses use vocab_size=VOCAB).
+VOCAB, STUDENT_ROWS, TEACHER_ROWS, HIDDEN, TEACHER_HIDDEN, WORLD = 101, 104, 107, 32, 24, 2
 
 
 def build_models(tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def llama(hidden: int, seed: int, tie: bool):
+    def llama(rows: int, hidden: int, seed: int, tie: bool):
         torch.manual_seed(seed)
         config = LlamaConfig(
-            vocab_size=VOCAB,
+            vocab_size=rows,
             hidden_size=hidden,
             intermediate_size=48,
             num_hidden_layers=2,
@@ -39,7 +40,8 @@ def build_models(tied: bool):
             model.get_output_embeddings().weight.normal_(0.0, 0.6)
         return model
 
-    return llama(HIDDEN, 0, tied), llama(TEACHER_HIDDEN, 1, False).eval().requires_grad_(False)
+    student = llama(STUDENT_ROWS, HIDDEN, 0, tied)
+    return student, llama(TEACHER_ROWS, TEACHER_HIDDEN, 1, False).eval().requires_grad_(False)
 
 
 def batch():
@@ -61,7 +63,7 @@ def cases():
     return [(head, divergence) for head in ("gathered", "vocab_parallel") for divergence in ("reverse_kl", "jsd")]
 
 
-LOSS = dict(beta=0.3, temperature=1.3, backend="torch")
+LOSS = dict(beta=0.3, temperature=1.3, backend="torch", vocab_size=VOCAB)
 
 
 def teacher_hidden(teacher, input_ids, attention_mask):

@@ -197,7 +197,9 @@ def _shard_head(model) -> LMHead:
     return _read_head(LMHead, model, local)
 
 
-def _vocab_parallel_divergence(student_hidden, head, group, teacher_hidden, teacher_head, mask, reduction, **kw):
+def _vocab_parallel_divergence(
+    student_hidden, head, group, teacher_hidden, teacher_head, mask, reduction, vocab_size=None, **kw
+):
     """Each rank's ``reduction`` of its own tokens' divergence, computed vocabulary-parallel over all ranks'
     tokens (module docstring). Every rank evaluates S = Σ_r loss_r identically, and returns its own loss_r
     carrying S's gradient: the hidden-state gradient of rank r's tokens is then ∂loss_r/∂h_r (its decoder's
@@ -205,23 +207,48 @@ def _vocab_parallel_divergence(student_hidden, head, group, teacher_hidden, teac
     in :func:`_shard_head`, is the average over ranks of their loss gradients."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     hidden_size = student_hidden.shape[-1]
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but student_hidden has "
+            f"{tuple(student_hidden.shape[:-1])}; pass both models' hidden states of the same tokens"
+        )
     if mask is None:
         mask = torch.ones(student_hidden.shape[:-1], dtype=torch.bool, device=student_hidden.device)
+    if mask.dtype != torch.bool or mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(student_hidden.shape[:-1])} (the hidden states' leading "
+            f"shape), got {mask.dtype} {tuple(mask.shape)}"
+        )
+    teacher = teacher_head if isinstance(teacher_head, LMHead) else LMHead(teacher_head)
     counted = mask.reshape(-1).nonzero().squeeze(1)
     student_tokens = student_hidden.reshape(-1, hidden_size).index_select(0, counted)
     teacher_tokens = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).index_select(0, counted)
     counts = _gather_padded(counted.new_tensor([counted.numel()]), 1, group, rank)  # [R]
-    rows = max(1, int(counts.max()))
-    all_student = _gather_padded(student_tokens, rows, group, rank)
-    all_teacher = _gather_padded(teacher_tokens.detach(), rows, group, rank)
-    all_mask = (torch.arange(rows, device=counts.device)[None, :] < counts[:, None]).reshape(-1)
+    slots = max(1, int(counts.max()))  # token rows per rank in the gathered batch
+    all_student = _gather_padded(student_tokens, slots, group, rank)
+    all_teacher = _gather_padded(teacher_tokens.detach(), slots, group, rank)
+    all_mask = (torch.arange(slots, device=counts.device)[None, :] < counts[:, None]).reshape(-1)
+    # This rank's rows of the shared vocabulary [0, vocab): the student's shard (FSDP's split) cut at vocab, and
+    # the teacher's same rows.
     shard = vocab_shard(group, head.vocab_size, all_student.device)
-    teacher_rows = teacher_head if isinstance(teacher_head, LMHead) else LMHead(teacher_head)
-    teacher_rows = teacher_rows.vocab_slice(shard.offset, shard.offset + shard.rows)
+    vocab = shard.vocab if vocab_size is None else vocab_size
+    if not 1 <= vocab <= min(shard.vocab, teacher.vocab_size) or (vocab_size is None and teacher.vocab_size != vocab):
+        raise ValueError(
+            f"the student's head has {shard.vocab} rows and the teacher's {teacher.vocab_size}; vocab_size "
+            f"({vocab_size}) must be given, in [1, {min(shard.vocab, teacher.vocab_size)}], when they differ"
+        )
+    rows = max(0, min(shard.rows, vocab - shard.offset))
     per_token = linear_divergence(
-        all_student, head, all_teacher, teacher_rows, mask=all_mask, reduction="none", process_group=group, **kw
+        all_student,
+        head.vocab_slice(0, rows),
+        all_teacher,
+        teacher.vocab_slice(shard.offset, shard.offset + rows),
+        mask=all_mask,
+        reduction="none",
+        process_group=group,
+        **kw,
     )
-    per_rank = per_token.view(world, rows).sum(dim=1)
+    per_rank = per_token.view(world, slots).sum(dim=1)
     if reduction == "mean":
         per_rank = per_rank / counts.clamp_min(1).to(per_rank.dtype)
     total = per_rank.sum()
