@@ -132,8 +132,11 @@ class LMHead:
         ``logits_soft_cap`` (RecurrentGemma), the lm_head bias (Phi ...) and tied embeddings (GPT-2 ...).
         What a class's forward does not apply is not read: Gemma3ForConditionalGeneration ignores
         ``text_config.final_logit_softcapping`` (transformers 5.x), so its head has no softcap.
-        FSDP2/tensor-parallel DTensor heads are gathered with ``full_tensor()`` (a collective: call it on
-        every rank; gradients flow back through it); torch.distributed's own hooks on the head (they move
+        Tensor-parallel DTensor heads are gathered with ``full_tensor()`` (a collective: call it on every
+        rank; gradients flow back through it, as the same on every rank); an FSDP2 model's head is taken as
+        FSDP holds it: gathered during and after the root's forward, and a shard (DTensor) is refused, since
+        its data-parallel gradient must be averaged over the ranks (use
+        :func:`opd_fast.integrations.fsdp.gathered_head`). torch.distributed's own hooks on the head (they move
         values, never change them) are allowed, any other forward hook is refused. A peft
         ``modules_to_save`` copy of the head is read where the wrapper's forward would route.
 
@@ -144,44 +147,49 @@ class LMHead:
         invalid scales, and model classes whose forward has not been verified. For those, read the model's
         forward and build ``LMHead(weight, bias, scale, softcap)`` yourself.
         """
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        name, (read_head, module_path) = _family(lm)
-        module = _resolve_peft(_attribute(lm, module_path))
-        if _is_peft_adapter(module):
+        return _read_head(cls, model, _gathered if not _fsdp_sharded(model) else _refuse_fsdp_shard)
+
+
+def _read_head(cls, model, gather: Callable[[torch.Tensor], torch.Tensor]) -> LMHead:
+    """:meth:`LMHead.from_model` with ``gather`` turning the module's weight and bias (DTensor shards under
+    FSDP2 or tensor parallelism) into the plain tensors the head holds; :mod:`opd_fast.integrations.fsdp`
+    passes its own, whose gradients are averaged over the data-parallel ranks."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name, (read_head, module_path) = _family(lm)
+    module = _resolve_peft(_attribute(lm, module_path))
+    if _is_peft_adapter(module):
+        raise ValueError(
+            f"{name}.{module_path} carries a peft adapter ({type(module).__module__}.{type(module).__qualname__}): "
+            "its output is h·Wᵀ + b plus the adapter's own term (LoRA: s·B·A·dropout(h)), not one projection "
+            "opd_fast can stream; leave the lm_head out of target_modules, or merge the adapter first "
+            "(merge_and_unload())"
+        )
+    if _module_class(module) is not torch.nn.Linear:
+        raise ValueError(
+            f"{name}.{module_path} is a {type(module).__module__}.{type(module).__qualname__}, not a "
+            "torch.nn.Linear: its output is not h·Wᵀ + b for one weight W, so opd_fast cannot compute it "
+            "exactly (if it does compute h·Wᵀ + b, build LMHead(weight, bias, scale, softcap) yourself)"
+        )
+    hooks = [h for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()) if not _moves_only(h)]
+    if hooks or "forward" in vars(module) or hasattr(module, "_hf_hook"):
+        what = ", ".join(repr(h) for h in hooks) or "a replaced forward (e.g. accelerate's device hooks)"
+        raise ValueError(
+            f"{name}.{module_path} has forward hooks ({what}) that may change its output; opd_fast reads only "
+            "the weight and bias: remove the hooks (or, with accelerate, load the model without device_map "
+            "offloading) before LMHead.from_model"
+        )
+    weight, bias = gather(module.weight), None if module.bias is None else gather(module.bias)
+    for tensor, what in ((weight, "weight"), (bias, "bias")):
+        if tensor is not None and tensor.device.type == "meta":
             raise ValueError(
-                f"{name}.{module_path} carries a peft adapter ({type(module).__module__}.{type(module).__qualname__}): "
-                "its output is h·Wᵀ + b plus the adapter's own term (LoRA: s·B·A·dropout(h)), not one projection "
-                "opd_fast can stream; leave the lm_head out of target_modules, or merge the adapter first "
-                "(merge_and_unload())"
+                f"{name}.{module_path}.{what} is on the meta device (offloaded or not loaded); load the model "
+                "with its weights in memory (no device_map offloading) before LMHead.from_model"
             )
-        if type(module) is not torch.nn.Linear:
-            raise ValueError(
-                f"{name}.{module_path} is a {type(module).__module__}.{type(module).__qualname__}, not a "
-                "torch.nn.Linear: its output is not h·Wᵀ + b for one weight W, so opd_fast cannot compute it "
-                "exactly (if it does compute h·Wᵀ + b, build LMHead(weight, bias, scale, softcap) yourself)"
-            )
-        hooks = [
-            h for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()) if not _moves_only(h)
-        ]
-        if hooks or "forward" in vars(module) or hasattr(module, "_hf_hook"):
-            what = ", ".join(repr(h) for h in hooks) or "a replaced forward (e.g. accelerate's device hooks)"
-            raise ValueError(
-                f"{name}.{module_path} has forward hooks ({what}) that may change its output; opd_fast reads only "
-                "the weight and bias: remove the hooks (or, with accelerate, load the model without device_map "
-                "offloading) before LMHead.from_model"
-            )
-        weight, bias = _gathered(module.weight), None if module.bias is None else _gathered(module.bias)
-        for tensor, what in ((weight, "weight"), (bias, "bias")):
-            if tensor is not None and tensor.device.type == "meta":
-                raise ValueError(
-                    f"{name}.{module_path}.{what} is on the meta device (offloaded or not loaded); load the model "
-                    "with its weights in memory (no device_map offloading) before LMHead.from_model"
-                )
-        scale, softcap = read_head(lm, name, bias)
-        try:
-            return cls(weight, bias, scale, softcap)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name}.{module_path}: {exc}") from None
+    scale, softcap = read_head(lm, name, bias)
+    try:
+        return cls(weight, bias, scale, softcap)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}.{module_path}: {exc}") from None
 
 
 def supported_model_classes() -> tuple[str, ...]:
@@ -467,6 +475,42 @@ def _moves_only(hook) -> bool:
     function = getattr(hook, "func", hook)  # functools.partial
     function = getattr(function, "__func__", function)  # bound method
     return (getattr(function, "__module__", None) or "").startswith("torch.distributed.")
+
+
+def _module_class(module: torch.nn.Module) -> type:
+    """The module's class; for a module FSDP2 sharded on its own (``fully_shard`` makes its class a subclass
+    ``FSDP<Class>`` of FSDPModule and the original, with the same forward), the original class."""
+    cls = type(module)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(module, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+            return cls.__bases__[1]
+    return cls
+
+
+def _fsdp_sharded(model) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages any of the model's modules."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _refuse_fsdp_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 model's head: plain where FSDP holds it gathered (inside or after the root's forward); a shard
+    is refused, since :func:`_gathered` treats its gradient as the same on every rank (tensor parallelism)
+    while under FSDP every rank's differs and must be summed."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        raise ValueError(
+            "the lm_head is an FSDP2 shard (a DTensor): LMHead.from_model's gather would give each rank only its "
+            "own batch's gradient of its rows, not the average over ranks; use "
+            "opd_fast.integrations.fsdp.gathered_head(model) (or fsdp_linear_divergence) instead"
+        )
+    return tensor
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:

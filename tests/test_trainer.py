@@ -163,6 +163,8 @@ def test_gradient_checkpointing_gives_the_same_losses(models, tmp_path):
         (["lora.target_modules=q_proj"], r"lora.target_modules must be a list of str"),
         (["student=3"], r"student must be a mapping"),
         (["noequals"], r"must look like section.key=value"),
+        (["train.fsdp=true", "lora.enabled=true"], r"train.fsdp shards the student's full weights"),
+        (["train.fsdp=true", "train.subspace_lock_step=1"], r"train.subspace_lock_step .* not with train.fsdp"),
     ],
 )
 def test_bad_configs_are_refused_with_the_key(models, tmp_path, overrides, pattern):
@@ -245,3 +247,50 @@ def test_ddp_two_processes_on_cpu(models, tmp_path):
     assert checksums[0]["weights"] != checksums[0]["initial"]  # and they trained
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len([json.loads(line) for line in lines if "loss" in json.loads(line)]) == 2  # rank 0 logs, once
+
+
+def _torchrun(script: str, *args) -> subprocess.CompletedProcess:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        str(Path(__file__).with_name(script)),
+        *map(str, args),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_two_processes_match_ddp_and_resume(models, tmp_path):
+    """train.fsdp=true under torchrun: the losses and the saved (full) weights of two steps equal the DDP run's,
+    the exported model loads as a plain one, and a resume from the step-1 checkpoint reproduces step 2."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    student, teacher = models
+    result = _torchrun("fsdp_train_worker.py", student, teacher, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp, resumed = (_losses(tmp_path / run) for run in ("ddp", "fsdp", "resume"))
+    assert len(ddp) == 2 and torch.allclose(torch.tensor(fsdp), torch.tensor(ddp), rtol=1e-5, atol=0)
+    assert resumed == fsdp  # exact: the same sharded state, re-read from the full checkpoint
+    weights = {
+        run: load_file(tmp_path / run / "checkpoints" / "step-00000002" / "model.safetensors")
+        for run in ("ddp", "fsdp", "resume")
+    }
+    assert weights["fsdp"].keys() == weights["ddp"].keys()
+    for name, tensor in weights["ddp"].items():
+        assert torch.allclose(weights["fsdp"][name], tensor, rtol=1e-4, atol=1e-6), name
+        assert torch.equal(weights["resume"][name], weights["fsdp"][name]), name
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "student_final")
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, weights["fsdp"][name]), name
+
+
+def test_fsdp_needs_torchrun(models, tmp_path):
+    with pytest.raises(ConfigError, match="torchrun"):
+        Trainer(tiny_config(models, tmp_path, "train.fsdp=true"), progress=False)

@@ -5,4 +5,6 @@ Each submodule imports its framework when it is itself imported, never before: `
 
 * :mod:`opd_fast.integrations.trl`: TRL's ``DistillationTrainer`` and ``experimental.gkd.GKDTrainer`` with
   their loss computed by :func:`opd_fast.linear_divergence` from final hidden states and lm_heads.
+* :mod:`opd_fast.integrations.fsdp`: students sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): the
+  sharding, the hidden states through the root's forward, and the head gathered or vocabulary-parallel.
 """

@@ -67,7 +67,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
         state = get_peft_model_state_dict(model)
     else:
         state = model.state_dict()
-    # safetensors refuses tensors that share storage (tied embeddings): store each storage once.
+    return _unique_storages(state)
+
+
+def _unique_storages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied embeddings): store each storage once."""
     seen: dict[tuple[int, int], str] = {}
     unique = {}
     for name, tensor in state.items():
@@ -77,6 +81,35 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
         seen[key] = name
         unique[name] = tensor.detach().cpu().contiguous()
     return unique
+
+
+def fsdp_full_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model, optimizer) state dicts of an FSDP2 student, unsharded, on the CPU of rank 0 (empty elsewhere).
+    A collective: every rank calls it. The model's keys are the plain model's, so its checkpoint reads as any
+    other; the optimizer's state is keyed by parameter name (torch.distributed.checkpoint's full format)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def fsdp_full_model_state(model) -> dict[str, torch.Tensor]:
+    """:func:`fsdp_full_state` of the model alone (e.g. to export it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_fsdp_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Every rank shards the full state dicts it read into its FSDP2 student and optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
@@ -163,9 +196,21 @@ def _remove_leftovers(directory: Path, step: int) -> None:
 
 
 def save_checkpoint(
-    directory: Path, step: int, model, optimizer, scheduler, config: dict, keep: int, rollouts=(), subspace=None
+    directory: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    config: dict,
+    keep: int,
+    rollouts=(),
+    subspace=None,
+    full_state: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``directory``; keep the newest ``keep`` ones.
+
+    ``full_state``: the (model, optimizer) state dicts to write instead of ``model``'s and ``optimizer``'s
+    (an FSDP2 student's, gathered on every rank first by :func:`fsdp_full_state`).
 
     Crash safety: every file goes into a staging directory, is fsync'ed, the directory is renamed into place
     and only then is ``latest`` replaced (atomically, via a fsync'ed temporary file). A kill at any moment
@@ -180,8 +225,12 @@ def save_checkpoint(
     _remove_leftovers(directory, step)
     staging = directory / f"{name}.tmp-{os.getpid()}"
     staging.mkdir()
-    save_file(trainable_state(model), staging / MODEL_FILE)
-    torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+    if full_state is None:
+        save_file(trainable_state(model), staging / MODEL_FILE)
+        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+    else:
+        save_file(_unique_storages(full_state[0]), staging / MODEL_FILE)
+        torch.save(full_state[1], staging / OPTIMIZER_FILE)
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -232,8 +281,11 @@ def _read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[st
         raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {exc}") from None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> tuple[int, list, dict[str, torch.Tensor]]:
-    """Restore model, optimizer, scheduler and RNG states from ``path``.
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, device, fsdp: bool = False
+) -> tuple[int, list, dict[str, torch.Tensor]]:
+    """Restore model, optimizer, scheduler and RNG states from ``path`` (``fsdp``: into an FSDP2 student, from
+    the full state dicts :func:`fsdp_full_state` saved).
 
     Returns (step, the reused rollout, the subspace-lock bases {} if none were captured)."""
     for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, ROLLOUT_FILE, SUBSPACE_FILE, STATE_FILE):
@@ -252,8 +304,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> tuple[in
         rollouts = _restore_rollouts(rollout_tensors, state["rollout"], device)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot read {path / STATE_FILE} (truncated or corrupt?): {exc!r}") from None
-    _restore(path / MODEL_FILE, "this model", lambda: load_trainable_state(model, weights))
-    _restore(path / OPTIMIZER_FILE, "this optimizer", lambda: optimizer.load_state_dict(optimizer_state))
+    if fsdp:
+        _restore(path, "this FSDP student", lambda: _load_fsdp_state(model, optimizer, weights, optimizer_state))
+    else:
+        _restore(path / MODEL_FILE, "this model", lambda: load_trainable_state(model, weights))
+        _restore(path / OPTIMIZER_FILE, "this optimizer", lambda: optimizer.load_state_dict(optimizer_state))
     _restore(path / STATE_FILE, "this scheduler", lambda: scheduler.load_state_dict(state["scheduler"]))
     _restore(path / RNG_FILE, "torch's generator", lambda: torch.set_rng_state(rng["torch_cpu"]))
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]

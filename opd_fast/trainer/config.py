@@ -154,6 +154,9 @@ class LoopConfig:
     subspace_lock_step: int | None = None
     subspace_lock_rank: int = 16
     subspace_lock_include: str | None = None
+    # FSDP2 (torch.distributed.fsdp.fully_shard, opd_fast.integrations.fsdp) instead of DistributedDataParallel:
+    # the student's parameters, gradients and optimizer state sharded over the ranks. Needs torchrun (> 1 rank).
+    fsdp: bool = False
 
 
 @dataclass
@@ -238,6 +241,13 @@ class TrainConfig:
             )
         if self.lora.enabled and self.student.path is None:
             raise ConfigError("lora.enabled needs student.path (the built-in demo trains full weights)")
+        if self.train.fsdp and self.lora.enabled:
+            raise ConfigError(
+                "train.fsdp shards the student's full weights; LoRA trains small adapters, for which data "
+                "parallelism (train.fsdp=false under torchrun) is the right tool"
+            )
+        if self.train.fsdp and self.train.subspace_lock_step is not None:
+            raise ConfigError("train.subspace_lock_step projects whole gradient matrices: not with train.fsdp")
         if self.teacher.self_distill and self.teacher.path is not None:
             raise ConfigError(
                 "teacher.self_distill uses the student as its own (frozen) teacher: leave teacher.path unset"

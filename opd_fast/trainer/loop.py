@@ -13,7 +13,10 @@ continues the same trajectory and its losses match the uninterrupted run's exact
 
 Data parallelism: under ``torchrun`` each rank samples its own prompts; the student's hidden-state
 module is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU), so gradients — including the
-lm_head's, which is applied inside the loss — are averaged across ranks.
+lm_head's, which is applied inside the loss — are averaged across ranks. With ``train.fsdp`` the student is
+sharded with FSDP2 instead (opd_fast.integrations.fsdp: the lm_head gathered once per micro-step, its
+gradient averaged like every other), generation runs in lockstep over the ranks, and checkpoints hold the
+full, unsharded state.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from tqdm import tqdm
 from opd_fast.heads import LMHead
 from opd_fast.trainer import checkpoint as ckpt
 from opd_fast.trainer.bookkeeping import MetricsLog, StopRequest
-from opd_fast.trainer.config import TrainConfig
+from opd_fast.trainer.config import ConfigError, TrainConfig
 from opd_fast.trainer.losses import compute_loss, overlap_metrics, overlap_statistics
 from opd_fast.trainer.modeling import (
     HiddenStates,
@@ -128,7 +131,11 @@ class Trainer:
         teacher_model = None if self.teacher is None else self.teacher.model
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
         hidden = HiddenStates(self.student)
-        self.forward = torch.nn.parallel.DistributedDataParallel(hidden) if self.world_size > 1 else hidden
+        if config.train.fsdp:
+            self._shard_student()
+            self.forward = hidden
+        else:
+            self.forward = torch.nn.parallel.DistributedDataParallel(hidden) if self.world_size > 1 else hidden
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -153,6 +160,32 @@ class Trainer:
                 self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
             )
         self._rollouts: list[Batch] = []
+
+    def _shard_student(self) -> None:
+        """FSDP2 over all ranks (train.fsdp): decoder layers, an untied lm_head, then the model."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from opd_fast.integrations.fsdp import fully_shard_causal_lm
+
+        if self.world_size < 2:
+            raise ConfigError(
+                "train.fsdp=true shards the student over the ranks: launch with torchrun --nproc_per_node=N (N >= 2), "
+                "or set train.fsdp=false for one process"
+            )
+        if self.config.data.eval_size < self.world_size:
+            raise ConfigError(
+                f"data.eval_size ({self.config.data.eval_size}) must be at least the number of ranks "
+                f"({self.world_size}) with train.fsdp: every rank evaluates in lockstep"
+            )
+        fully_shard_causal_lm(self.student, init_device_mesh(self.device.type, (self.world_size,)))
+
+    def _student_head(self) -> LMHead:
+        """The student's output head; under FSDP2 all-gathered, its gradient averaged over the ranks."""
+        if self.config.train.fsdp:
+            from opd_fast.integrations.fsdp import gathered_head
+
+            return gathered_head(self.student)
+        return LMHead.from_model(self.student)
 
     # ----------------------------------------------------------------------------------------------- schedule
     def _lr_factor(self, step: int) -> float:
@@ -248,7 +281,7 @@ class Trainer:
         """log p(y) of the sampled tokens under the student that sampled them (for the importance ratio)."""
         from opd_fast import linear_token_logprobs
 
-        head = LMHead.from_model(self.student).vocab_slice(0, self.vocab_size)
+        head = self._student_head().vocab_slice(0, self.vocab_size)
         return linear_token_logprobs(
             self._student_hidden(batch),
             head,
@@ -257,11 +290,11 @@ class Trainer:
             backend=self.config.loss.backend,
         )
 
-    def _overlap(self, batch: Batch, student_hidden, teacher_hidden):
+    def _overlap(self, batch: Batch, student_hidden, teacher_hidden, student_head: LMHead):
         cfg = self.config
         return overlap_statistics(
             student_hidden,
-            LMHead.from_model(self.student).detach(),
+            student_head.detach(),
             teacher_hidden,
             self.teacher.head(),
             batch.completion_mask,
@@ -290,7 +323,9 @@ class Trainer:
         batch = make_batch(
             self.tokenizer, examples, prompts, completions, self.task, self.device, self._teacher_prompts(examples)
         )
-        stats = self._overlap(batch, self._student_hidden(batch), self.teacher.hidden_states(batch))
+        stats = self._overlap(
+            batch, self._student_hidden(batch), self.teacher.hidden_states(batch), self._student_head()
+        )
         return stats.overlap_mass_student, batch.completion_mask
 
     # ---------------------------------------------------------------------------------------------- training
@@ -304,11 +339,12 @@ class Trainer:
             rewards = torch.tensor(
                 [self.reward_fn(e, c) for e, c in zip(batch.examples, batch.completions)], device=self.device
             )
+        student_head = self._student_head()
         loss, metrics = compute_loss(
             loss_config,
             batch,
             student_hidden,
-            LMHead.from_model(self.student),
+            student_head,
             teacher_hidden,
             teacher_head,
             self.vocab_size,
@@ -318,7 +354,9 @@ class Trainer:
         (loss / self.config.optim.grad_accum).backward()
         if diagnostics and teacher_hidden is not None:
             metrics.update(
-                overlap_metrics(self._overlap(batch, student_hidden.detach(), teacher_hidden), batch.completion_mask)
+                overlap_metrics(
+                    self._overlap(batch, student_hidden.detach(), teacher_hidden, student_head), batch.completion_mask
+                )
             )
         metrics["rollout/accuracy"] = sum(batch.correct) / len(batch.correct)
         metrics["rollout/completion_tokens"] = batch.completion_tokens / len(batch.correct)
@@ -335,7 +373,8 @@ class Trainer:
         records = []
         for index, batch in enumerate(self._rollouts):
             last = index == len(self._rollouts) - 1
-            sync = nullcontext() if last or self.world_size == 1 else self.forward.no_sync()
+            ddp = isinstance(self.forward, torch.nn.parallel.DistributedDataParallel)
+            sync = self.forward.no_sync() if ddp and not last else nullcontext()
             with sync:
                 records.append(self._micro_step(batch, diagnostics and index == 0, loss_config))
         if cold:
@@ -349,7 +388,7 @@ class Trainer:
             key: sum(r[key] for r in records if key in r) / sum(key in r for r in records)
             for key in dict.fromkeys(k for r in records for k in r)
         }
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return self._all_reduce_mean(metrics)
 
@@ -367,10 +406,12 @@ class Trainer:
         """Greedy held-out accuracy of the student, or of ``teacher`` on its own prompts (data.teacher_template),
         sharded over ranks."""
         mine = self.eval_examples[self.rank :: self.world_size]
+        # Chunks of at most 128 prompts, as many on every rank (an FSDP2 student generates in lockstep).
+        chunks = math.ceil(math.ceil(len(self.eval_examples) / self.world_size) / 128)
         correct = 0
         options = dict(max_new_tokens=self.config.rollout.max_new_tokens, greedy=True, vocab_size=self.vocab_size)
-        for start in range(0, len(mine), 128):
-            chunk = mine[start : start + 128]
+        for index in range(chunks):
+            chunk = mine[index * len(mine) // chunks : (index + 1) * len(mine) // chunks]
             prompts = encode_prompts(self.tokenizer, chunk)
             if teacher is not None:
                 completions = teacher.generate(self.tokenizer, self._teacher_prompts(chunk) or prompts, **options)
@@ -398,6 +439,7 @@ class Trainer:
 
     def save(self, step: int) -> Path | None:
         path = None
+        full_state = ckpt.fsdp_full_state(self.student, self.optimizer) if self.config.train.fsdp else None
         if self.is_main:
             path = ckpt.save_checkpoint(
                 self.checkpoint_dir,
@@ -409,6 +451,7 @@ class Trainer:
                 self.config.train.keep_checkpoints,
                 self._rollouts,
                 self.lock.bases if self.lock is not None else None,
+                full_state,
             )
         if self.world_size > 1:
             dist.barrier()
@@ -416,11 +459,13 @@ class Trainer:
 
     def export(self, directory: Path) -> Path:
         """The trained student as a transformers model directory (plus tokenizer), loadable as a model path;
-        LoRA adapters are merged into a copy of the base weights first."""
+        LoRA adapters are merged into a copy of the base weights first; an FSDP2 student's full weights are
+        gathered (on every rank) first."""
+        full_state = ckpt.fsdp_full_model_state(self.student) if self.config.train.fsdp else None
         if self.is_main:
             directory.mkdir(parents=True, exist_ok=True)
             merged = copy.deepcopy(self.student).merge_and_unload() if self.config.lora.enabled else self.student
-            merged.save_pretrained(directory)
+            merged.save_pretrained(directory, state_dict=full_state)
             self.tokenizer.save_pretrained(directory)
         if self.world_size > 1:
             dist.barrier()
@@ -437,7 +482,7 @@ class Trainer:
             if path is None:
                 raise ckpt.CheckpointError(f"--resume: no checkpoint in {self.checkpoint_dir}")
             start, self._rollouts, bases = ckpt.load_checkpoint(
-                path, self.student, self.optimizer, self.scheduler, self.device
+                path, self.student, self.optimizer, self.scheduler, self.device, fsdp=self.config.train.fsdp
             )
             if self.lock is not None and bases:
                 self.lock.bases = bases

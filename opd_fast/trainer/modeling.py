@@ -98,9 +98,22 @@ def causal_lm(model):
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] after the final norm; the lm_head is not applied (the fused losses apply it)."""
+    """[B, T, H] after the final norm; the lm_head is not applied (the fused losses apply it). An FSDP2 student
+    runs through its root's forward (opd_fast.integrations.fsdp), which gathers the embeddings."""
+    if is_fsdp_sharded(model):
+        from opd_fast.integrations import fsdp
+
+        return fsdp.final_hidden_states(model, input_ids, attention_mask)
     decoder = causal_lm(model).get_decoder()
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def is_fsdp_sharded(model) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 class HiddenStates(torch.nn.Module):

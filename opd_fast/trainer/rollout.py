@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_fast.heads import LMHead
-from opd_fast.trainer.modeling import causal_lm
+from opd_fast.trainer.modeling import causal_lm, is_fsdp_sharded
 from opd_fast.trainer.tasks import Example
 
 
@@ -100,9 +99,11 @@ def generate(
         kwargs.update(do_sample=False)
     else:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    head_rows = LMHead.from_model(lm).vocab_size
+    head_rows = lm.get_output_embeddings().weight.shape[0]  # a DTensor shard (FSDP2) has the global shape
     if vocab_size is not None and head_rows > vocab_size:
         kwargs["suppress_tokens"] = list(range(vocab_size, head_rows))
+    # An FSDP2 student's forward all-gathers over the ranks: every rank runs it until all ranks are done.
+    kwargs["synced_gpus"] = is_fsdp_sharded(lm)
     out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     if was_training:
         lm.train()
