@@ -15,6 +15,9 @@ from opd_fast.types import IDENTITY_HEAD, HeadTransform
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Teacher log-probs from a server are rounded: allow this much above 0, and this much total mass above 1.
+LOGPROB_TOLERANCE = 1e-3
+MASS_TOLERANCE = 1e-2
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -206,6 +209,58 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
                 "check the tokenizer matches this lm_head and that padding ids are masked out or replaced"
             )
     return token_ids
+
+
+def check_teacher_topk(ids: object, logprobs: object, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's top-K ids and log-probs (e.g. from a vLLM server): types and shapes ``[..., K]``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(
+            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {type(ids).__name__}"
+        )
+    if ids.layout != torch.strided:
+        raise TypeError(f"teacher_topk_ids must be a dense (strided) tensor, got layout {ids.layout}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(
+            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {ids.dtype}; pass .long()"
+        )
+    logprobs = check_tensor("teacher_topk_logprobs", logprobs)
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead or ids.shape[-1] < 1:
+        raise ValueError(
+            f"teacher_topk_ids must have shape [..., K] with the hidden states' leading shape {tuple(lead)}, "
+            f"got {tuple(ids.shape)}"
+        )
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"teacher_topk_logprobs must have the shape of teacher_topk_ids {tuple(ids.shape)}, "
+            f"got {tuple(logprobs.shape)}"
+        )
+    return ids, logprobs
+
+
+def check_teacher_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
+    """Value checks on the counted rows (padding rows may hold anything)."""
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"teacher_topk_ids must lie in [0, {vocab}) (the student's vocabulary), found [{low}, {high}]")
+    sorted_ids = ids.sort(dim=-1).values
+    duplicated = (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(dim=-1)
+    if bool(duplicated.any()):
+        row = int(duplicated.nonzero()[0])
+        raise ValueError(f"teacher_topk_ids repeat a token id within a position (first at counted row {row})")
+    if bool(torch.isnan(logprobs).any()):
+        raise ValueError("teacher_topk_logprobs contain NaN")
+    top = float(logprobs.max())
+    if top > LOGPROB_TOLERANCE:
+        raise ValueError(f"teacher_topk_logprobs must be log-probabilities (≤ 0), found {top:.4g}")
+    mass = logprobs.double().exp().sum(dim=-1)
+    if float(mass.max()) > 1.0 + MASS_TOLERANCE:
+        row = int(mass.argmax())
+        raise ValueError(
+            f"teacher_topk_logprobs sum to a probability mass of {float(mass.max()):.4f} > 1 at counted row {row}; "
+            f"pass the teacher's normalized log-probs (log_softmax), not logits"
+        )
 
 
 def check_process_group(process_group: object) -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from opd_fast._rows import scatter_rows, select_rows
+from opd_fast._rows import scatter_add_rows, scatter_rows, select_rows
 from opd_fast._validation import DivergenceSpec
+from opd_fast.chunking import get_chunk_budget
 from opd_fast.types import Grads, HeadTransform, Need, Side
 
 _SECOND_BACKWARD = (
@@ -178,3 +179,61 @@ class LinearLogSumExp(torch.autograd.Function):
         weight = grad_out.contiguous()
         grads = ctx.ops.logits_backward(side, None, lse, weight, ctx.temperature, ctx.need, ctx.filter_eps)
         return *_cast(grads, h, w, b), *([None] * 5)
+
+
+class LinearGatheredLogits(torch.autograd.Function):
+    """z[n, m] = h_n · W[ids[n, m]] / τ for a few ids per token; ids < 0 are padding (z = 0, no gradient).
+
+    Token chunks keep the gathered weight rows [rows, M, H] within the chunk budget, and the backward
+    gathers them again instead of saving them, so memory stays O(N · M) beyond the budget.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, ids, temperature: float, grad_on: bool):
+        dtype = torch.promote_types(torch.promote_types(h.dtype, w.dtype), torch.float32)
+        valid = ids >= 0
+        safe_ids = ids.clamp(min=0)
+        z = h.new_zeros(ids.shape, dtype=dtype)
+        for rows in _row_chunks(ids.shape[0] if w.shape[0] else 0, ids.shape[1] * h.shape[1]):
+            gathered = w[safe_ids[rows]].to(dtype)  # [rows, M, H]
+            z[rows] = torch.bmm(gathered, h[rows].to(dtype).unsqueeze(2)).squeeze(2) / temperature
+        z = torch.where(valid, z, 0.0)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        ctx.need_dh = grad_on and ctx.needs_input_grad[0]
+        ctx.need_dw = grad_on and ctx.needs_input_grad[1]
+        if ctx.need_dh or ctx.need_dw:
+            ctx.save_for_backward(h, w, ids)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, w, ids = ctx.saved_tensors
+        dtype, tau = ctx.dtype, ctx.temperature
+        valid = ids >= 0
+        grad = torch.where(valid, grad_out.to(dtype), 0.0) / tau
+        safe_ids = ids.clamp(min=0)
+        dh = torch.zeros(h.shape, device=h.device, dtype=dtype) if ctx.need_dh else None
+        dw = torch.zeros(w.shape, device=w.device, dtype=dtype) if ctx.need_dw else None
+        n_ids = ids.shape[1]
+        for rows in _row_chunks(ids.shape[0] if w.shape[0] else 0, n_ids * h.shape[1]):
+            if dh is not None:
+                gathered = w[safe_ids[rows]].to(dtype)
+                dh[rows] = torch.bmm(grad[rows].unsqueeze(1), gathered).squeeze(1)
+            if dw is not None:
+                keep = valid[rows].reshape(-1)
+                values = (grad[rows].unsqueeze(2) * h[rows].to(dtype).unsqueeze(1)).reshape(-1, h.shape[1])
+                scatter_add_rows(dw, safe_ids[rows].reshape(-1)[keep], values[keep])
+        return (
+            None if dh is None else dh.to(h.dtype),
+            None if dw is None else dw.to(w.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _row_chunks(n_rows: int, elements_per_row: int):
+    step = max(1, get_chunk_budget() // max(1, elements_per_row))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
