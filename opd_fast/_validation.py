@@ -9,7 +9,6 @@ from typing import NamedTuple
 
 import torch
 
-from opd_fast._rows import counted_rows
 from opd_fast.types import IDENTITY_HEAD, HeadTransform
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
@@ -190,7 +189,8 @@ def check_k(k: object, vocab: int) -> int:
     return k
 
 
-def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> torch.Tensor:
+def check_token_ids(token_ids: object, lead_shape: torch.Size) -> torch.Tensor:
+    """Type and shape of ``token_ids``; their values are checked by :func:`check_token_range`."""
     if not isinstance(token_ids, torch.Tensor):
         raise TypeError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
     if token_ids.layout != torch.strided:
@@ -201,6 +201,11 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
         raise ValueError(
             f"token_ids must have the leading shape of hidden {tuple(lead_shape)}, got {tuple(token_ids.shape)}"
         )
+    return token_ids
+
+
+def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
+    """Every id in [0, vocab)."""
     if token_ids.numel():
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= vocab:
@@ -208,7 +213,6 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
                 f"token_ids must lie in [0, {vocab}) (rows of weight), found values in [{low}, {high}]; "
                 "check the tokenizer matches this lm_head and that padding ids are masked out or replaced"
             )
-    return token_ids
 
 
 def check_teacher_topk(ids: object, logprobs: object, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +327,7 @@ def flatten(hidden: torch.Tensor) -> torch.Tensor:
 
 class CheckedPair(NamedTuple):
     """A validated student/teacher pair: 2-D hidden states, each head's weight, bias and transform, the
-    leading shape of the tokens and the counted rows (None = all)."""
+    leading shape of the tokens and the flattened mask (None = all count)."""
 
     hs: torch.Tensor
     ws: torch.Tensor
@@ -333,7 +337,7 @@ class CheckedPair(NamedTuple):
     bt: torch.Tensor | None
     heads: tuple[HeadTransform, HeadTransform]
     lead: torch.Size
-    rows: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
 def check_pair(
@@ -387,5 +391,5 @@ def check_pair(
         None if bt is None else bt.detach(),
         (head_s, head_t),
         hs.shape[:-1],
-        counted_rows(mask),
+        None if mask is None else mask.reshape(-1),
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from opd_fast import _validation as check
+from opd_fast import autograd
 from opd_fast._dispatch import Placement, checked_pair
-from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
 from opd_fast.heads import LMHead
 
 
@@ -91,23 +91,10 @@ def linear_divergence(
             )
         backend = "torch"
     where = Placement.make(backend, plan, process_group)
-    pair, ops = checked_pair(
+    pair, route = checked_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
-    loss = LinearDivergence.apply(
-        pair.hs,
-        pair.ws,
-        pair.bs,
-        pair.ht,
-        pair.wt,
-        pair.bt,
-        pair.rows,
-        ops,
-        spec,
-        pair.heads,
-        reduction,
-        torch.is_grad_enabled(),
-    )
+    loss = autograd.linear_divergence(pair, route, spec, reduction)
     return loss.view(pair.lead) if reduction == "none" else loss
 
 
@@ -177,17 +164,15 @@ def linear_token_logprobs(
     where = Placement.make(backend, plan, process_group)
     w, b, head = check.check_head("weight", weight, shard=process_group is not None)
     h = check.check_hidden("hidden", hidden, w, "weight")
-    if isinstance(token_ids, torch.Tensor):  # before the range check, which reads the ids' values
+    if isinstance(token_ids, torch.Tensor):  # the ids are on the same device before any op reads them
         check.check_same_device(hidden=h, weight=w, bias=b, token_ids=token_ids)
     else:
         check.check_same_device(hidden=h, weight=w, bias=b)
     shard = where.shard(w.shape[0], h.device)
-    ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0] if shard is None else shard.vocab)
+    ids = check.check_token_ids(token_ids, h.shape[:-1])
     if check_finite:
         check.check_finite(hidden=h, weight=w, **({} if b is None else {"bias": b}))
-    ops = where.ops(h.device, shard)
-    flat_ids = ids.reshape(-1).long()
-    out = LinearTokenLogprobs.apply(
-        check.flatten(h), w, b, flat_ids, ops, head, temperature, filter_eps, torch.is_grad_enabled()
-    )
+    route = where.route(h.device, shard)
+    flat = check.flatten(h)
+    out = autograd.linear_token_logprobs(flat, w, b, ids.reshape(-1).long(), route, head, temperature, filter_eps)
     return out.view(h.shape[:-1])
