@@ -31,6 +31,7 @@ the backward scales them there and casts them to the inputs' dtypes.
 from __future__ import annotations
 
 import torch
+from torch.utils import flop_counter
 
 from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
 from opd_fast._validation import DivergenceSpec, check_token_range
@@ -47,6 +48,29 @@ _SECOND_BACKWARD = (
 
 # Vocabulary shards by key: a shard holds its process group, which an op's schema cannot carry.
 _SHARDS: dict[str, object] = {}
+
+
+# FlopCounterMode counts the aten ops it sees; a custom op's body runs below the mode, so without this rule the
+# GEMMs inside opd_fast's ops would count 0 (tests/test_plans.py measures the plans' GEMM FLOPs this way).
+_FLOP_COUNTER_MODE = getattr(flop_counter, "_FlopCounterMode", None)
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op("opd_fast::name")`` (no input is mutated), whose body runs with an active
+    FLOP counter still counting."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"opd_fast::{name}", mutates_args=())(fn)
+        if _FLOP_COUNTER_MODE is not None:
+
+            def count_inside(mode, func, types, args, kwargs):
+                with mode:
+                    return fn(*args, **kwargs)
+
+            op.register_torch_dispatch(_FLOP_COUNTER_MODE, count_inside)
+        return op
+
+    return register
 
 
 def shard_key(shard) -> str:
@@ -115,7 +139,7 @@ def _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t) -> tuple[Side, Side]:
     return Side(select_rows(hs, rows), ws, bs, _head(head_s)), Side(select_rows(ht, rows), wt, bt, _head(head_t))
 
 
-@torch.library.custom_op("opd_fast::divergence", mutates_args=())
+@_custom_op("divergence")
 def divergence(
     hs: Tensor,
     ws: Tensor,
@@ -179,7 +203,7 @@ def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, 
     return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *_fake_grads(need, hs, ws, bs, out_dtype)
 
 
-@torch.library.custom_op("opd_fast::divergence_backward", mutates_args=())
+@_custom_op("divergence_backward")
 def divergence_backward(
     hs: Tensor,
     ws: Tensor,
@@ -280,7 +304,7 @@ divergence.register_autograd(_divergence_backward, setup_context=_divergence_con
 # ---- token log-probs, log-sum-exp -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("opd_fast::token_logprobs", mutates_args=())
+@_custom_op("token_logprobs")
 def token_logprobs(
     h: Tensor,
     w: Tensor,
@@ -310,7 +334,7 @@ def _(h, w, b, ids, backend, plan, shard, head, temperature, filter_eps):
     return h.new_empty(h.shape[0], dtype=dtype), h.new_empty(h.shape[0], dtype=dtype)
 
 
-@torch.library.custom_op("opd_fast::logsumexp", mutates_args=())
+@_custom_op("logsumexp")
 def logsumexp(
     h: Tensor,
     w: Tensor,
@@ -332,7 +356,7 @@ def _(h, w, b, backend, plan, shard, head, temperature, filter_eps):
     return h.new_empty(h.shape[0], dtype=acc_dtype(h, w))
 
 
-@torch.library.custom_op("opd_fast::logits_backward", mutates_args=())
+@_custom_op("logits_backward")
 def logits_backward(
     h: Tensor,
     w: Tensor,
@@ -398,7 +422,7 @@ logsumexp.register_autograd(_logsumexp_backward, setup_context=_logsumexp_contex
 # ---- top-k ------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("opd_fast::topk", mutates_args=())
+@_custom_op("topk")
 def topk(
     h: Tensor, w: Tensor, b: Tensor | None, k: int, backend: str, plan: str, shard: str, head: list[float],
     temperature: float,
@@ -433,7 +457,7 @@ def _row_chunks(n_rows: int, elements_per_row: int):
         yield slice(start, min(start + step, n_rows))
 
 
-@torch.library.custom_op("opd_fast::gathered_logits", mutates_args=())
+@_custom_op("gathered_logits")
 def gathered_logits(h: Tensor, w: Tensor, ids: Tensor, temperature: float) -> Tensor:
     """z[n, m] = h_n · W[ids[n, m]] / τ, ``[N, M]`` in the accumulation dtype; ids < 0 are padding (z = 0)."""
     dtype = acc_dtype(h, w)
@@ -451,7 +475,7 @@ def _(h, w, ids, temperature):
     return h.new_empty(ids.shape, dtype=acc_dtype(h, w))
 
 
-@torch.library.custom_op("opd_fast::gathered_logits_backward", mutates_args=())
+@_custom_op("gathered_logits_backward")
 def gathered_logits_backward(
     h: Tensor, w: Tensor, ids: Tensor, grad_out: Tensor, temperature: float, need: list[bool]
 ) -> tuple[Tensor, Tensor]:
