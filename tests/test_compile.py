@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE
+from test_cuda_backend import cuda_on_cpu, host_kernels  # noqa: F401  (fixtures)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import opd_fast
@@ -196,6 +197,17 @@ def test_ids_out_of_range_are_refused_inside_the_compiled_graph():
     )
     with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 37\)"):
         compiled(hidden, weight, bad)
+
+
+# ---- the cuda backend on the CPU: its host build (tests/test_cuda_backend.py's fixtures) --------------------
+
+
+@pytest.mark.slow  # builds csrc/ for the CPU once (~25 s, then cached)
+@pytest.mark.usefixtures("cuda_on_cpu")
+def test_cuda_host_build_compiles_without_graph_breaks_and_passes_opcheck():
+    _compare_compiled("cuda", "aot_eager", torch.device("cpu"))
+    for op, args in _op_cases("cuda", torch.device("cpu")):
+        torch.library.opcheck(op, args)
 
 
 # ---- GPU tier: the cuda backend -----------------------------------------------------------------------------
