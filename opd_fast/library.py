@@ -250,28 +250,28 @@ def _(hs, ws, bs, ht, wt, bt, mask, stats, grad_out, backend, plan, shard, head_
 
 
 def _divergence_context(ctx, inputs, output) -> None:
-    hs, ws, bs, ht, wt, bt, mask, *options = inputs
-    ctx.reduction, ctx.options = options[10], options
+    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need = inputs
+    # options: backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps, entry_clip
+    ctx.options, ctx.reduction, ctx.need = options, reduction, need
     ctx.in_dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
-    if ctx.reduction == "none":
+    if reduction == "none":
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask, output[1])
     else:
-        ctx.save_for_backward(*output[2:])
+        ctx.save_for_backward(*output[2:])  # dH, dW, db made in the forward
     ctx.spent = False
 
 
 def _divergence_backward(ctx, grad_loss, *unused):
-    backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps, entry_clip, _, need = ctx.options
     if ctx.reduction == "none":
         hs, ws, bs, ht, wt, bt, mask, stats = ctx.saved_tensors
-        args = (backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps, entry_clip, need)
-        grads = divergence_backward(hs, ws, bs, ht, wt, bt, mask, stats, grad_loss.contiguous(), *args)
+        grad_loss = grad_loss.contiguous()
+        grads = divergence_backward(hs, ws, bs, ht, wt, bt, mask, stats, grad_loss, *ctx.options, ctx.need)
     else:
         if ctx.spent:
             raise RuntimeError(_SECOND_BACKWARD)
         ctx.spent = True
-        grads = _scaled(ctx.saved_tensors, need, grad_loss, ctx.in_dtypes)
-    return _input_grads(grads, need) + (None,) * 16
+        grads = _scaled(ctx.saved_tensors, ctx.need, grad_loss, ctx.in_dtypes)
+    return *_input_grads(grads, ctx.need), *([None] * 16)
 
 
 def _scaled(grads, need: list[bool], scale: Tensor, dtypes) -> tuple:
