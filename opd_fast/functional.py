@@ -1,7 +1,7 @@
 """Public functional API (docs/design.md §3): OPD quantities straight from hidden states and lm_head weights.
 
 Every function here validates its inputs, flattens the leading dimensions, picks a backend and calls the
-autograd Function of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
+differentiable op of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
 """
 
 from __future__ import annotations
