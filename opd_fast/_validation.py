@@ -9,12 +9,14 @@ from typing import NamedTuple
 
 import torch
 
-from opd_fast._rows import counted_rows
 from opd_fast.types import IDENTITY_HEAD, HeadTransform
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Teacher log-probs from a server are rounded: allow this much above 0, and this much total mass above 1.
+LOGPROB_TOLERANCE = 1e-3
+MASS_TOLERANCE = 1e-2
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -187,7 +189,8 @@ def check_k(k: object, vocab: int) -> int:
     return k
 
 
-def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> torch.Tensor:
+def check_token_ids(token_ids: object, lead_shape: torch.Size) -> torch.Tensor:
+    """Type and shape of ``token_ids``; their values are checked by :func:`check_token_range`."""
     if not isinstance(token_ids, torch.Tensor):
         raise TypeError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
     if token_ids.layout != torch.strided:
@@ -198,6 +201,11 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
         raise ValueError(
             f"token_ids must have the leading shape of hidden {tuple(lead_shape)}, got {tuple(token_ids.shape)}"
         )
+    return token_ids
+
+
+def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
+    """Every id in [0, vocab)."""
     if token_ids.numel():
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= vocab:
@@ -205,7 +213,58 @@ def check_token_ids(token_ids: object, lead_shape: torch.Size, vocab: int) -> to
                 f"token_ids must lie in [0, {vocab}) (rows of weight), found values in [{low}, {high}]; "
                 "check the tokenizer matches this lm_head and that padding ids are masked out or replaced"
             )
-    return token_ids
+
+
+def check_teacher_topk(ids: object, logprobs: object, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's top-K ids and log-probs (e.g. from a vLLM server): types and shapes ``[..., K]``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(
+            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {type(ids).__name__}"
+        )
+    if ids.layout != torch.strided:
+        raise TypeError(f"teacher_topk_ids must be a dense (strided) tensor, got layout {ids.layout}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(
+            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {ids.dtype}; pass .long()"
+        )
+    logprobs = check_tensor("teacher_topk_logprobs", logprobs)
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead or ids.shape[-1] < 1:
+        raise ValueError(
+            f"teacher_topk_ids must have shape [..., K] with the hidden states' leading shape {tuple(lead)}, "
+            f"got {tuple(ids.shape)}"
+        )
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"teacher_topk_logprobs must have the shape of teacher_topk_ids {tuple(ids.shape)}, "
+            f"got {tuple(logprobs.shape)}"
+        )
+    return ids, logprobs
+
+
+def check_teacher_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
+    """Value checks on the counted rows (padding rows may hold anything)."""
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"teacher_topk_ids must lie in [0, {vocab}) (the student's vocabulary), found [{low}, {high}]")
+    sorted_ids = ids.sort(dim=-1).values
+    duplicated = (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(dim=-1)
+    if bool(duplicated.any()):
+        row = int(duplicated.nonzero()[0])
+        raise ValueError(f"teacher_topk_ids repeat a token id within a position (first at counted row {row})")
+    if bool(torch.isnan(logprobs).any()):
+        raise ValueError("teacher_topk_logprobs contain NaN")
+    top = float(logprobs.max())
+    if top > LOGPROB_TOLERANCE:
+        raise ValueError(f"teacher_topk_logprobs must be log-probabilities (≤ 0), found {top:.4g}")
+    mass = logprobs.double().exp().sum(dim=-1)
+    if float(mass.max()) > 1.0 + MASS_TOLERANCE:
+        row = int(mass.argmax())
+        raise ValueError(
+            f"teacher_topk_logprobs sum to a probability mass of {float(mass.max()):.4f} > 1 at counted row {row}; "
+            f"pass the teacher's normalized log-probs (log_softmax), not logits"
+        )
 
 
 def check_process_group(process_group: object) -> None:
@@ -268,7 +327,7 @@ def flatten(hidden: torch.Tensor) -> torch.Tensor:
 
 class CheckedPair(NamedTuple):
     """A validated student/teacher pair: 2-D hidden states, each head's weight, bias and transform, the
-    leading shape of the tokens and the counted rows (None = all)."""
+    leading shape of the tokens and the flattened mask (None = all count)."""
 
     hs: torch.Tensor
     ws: torch.Tensor
@@ -278,7 +337,7 @@ class CheckedPair(NamedTuple):
     bt: torch.Tensor | None
     heads: tuple[HeadTransform, HeadTransform]
     lead: torch.Size
-    rows: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
 def check_pair(
@@ -332,5 +391,5 @@ def check_pair(
         None if bt is None else bt.detach(),
         (head_s, head_t),
         hs.shape[:-1],
-        counted_rows(mask),
+        None if mask is None else mask.reshape(-1),
     )

@@ -1,180 +1,67 @@
-"""One autograd.Function per op; each calls the ops object chosen by :func:`opd_fast.backends.get_backend`.
+"""The differentiable ops the public functions call, on the custom ops of :mod:`opd_fast.library`.
 
-Inputs here are already validated and flattened to 2-D ``[N, H]`` hidden states. ``rows`` holds the
-indices of the tokens that count (``None`` = all), so the ops only ever see the counted rows. Each model's
-output head is its weight, its bias (or None) and a :class:`opd_fast.types.HeadTransform`; gradients flow
-to the student's hidden states, weight and bias (the teacher never gets any).
+Inputs here are already validated and flattened to 2-D ``[N, H]`` hidden states; ``mask`` is the flattened
+bool mask (None = every token counts), applied inside the ops. Each model's output head is its weight, its
+bias (or None) and a :class:`opd_fast.types.HeadTransform`; gradients flow to the student's hidden states,
+weight and bias (the teacher never gets any). ``route`` says which backend computes
+(:class:`opd_fast._dispatch.Route`).
 
 Gradient timing. For "mean" and "sum" the per-token gradient weights are known in the forward, so the
 student gradients are made in the same sweep over the logits (the floor's FLOPs: no recompute) and the
 backward only scales them by the incoming scalar; a second backward through the same graph is refused
 because the buffers are scaled in place. For "none" the forward keeps O(N) statistics and the backward
 sweeps the logits once more with the per-token incoming gradient. Nothing gradient-related runs when grad
-mode is off or no student tensor requires grad.
+mode is off or no student tensor requires grad. The same code runs eagerly and under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from opd_fast._rows import scatter_rows, select_rows
-from opd_fast._validation import DivergenceSpec
-from opd_fast.types import Grads, HeadTransform, Need, Side
+from opd_fast import library
+from opd_fast._validation import CheckedPair, DivergenceSpec
+from opd_fast.library import head_args
+from opd_fast.types import HeadTransform
 
-_SECOND_BACKWARD = (
-    "opd_fast computed this loss's gradients in the forward and has already handed them out; a second "
-    "backward through the same graph (retain_graph=True) is not supported — recompute the loss instead"
-)
+Tensor = torch.Tensor
 
 
-def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs, fp64 when any input is fp64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _wants_grad(*tensors: Tensor | None) -> list[bool]:
+    """Which of the student's tensors the graph will ask gradients of."""
+    grad_on = torch.is_grad_enabled()
+    return [grad_on and t is not None and t.requires_grad for t in tensors]
 
 
-def _need(ctx, grad_on: bool, hidden: int, weight: int, bias: int) -> Need:
-    """Which student gradients the graph asks for (``hidden``/``weight``/``bias``: input positions)."""
-    if not grad_on:
-        return Need()
-    wants = ctx.needs_input_grad
-    return Need(wants[hidden], wants[weight], wants[bias])
+def linear_divergence(pair: CheckedPair, route, spec: DivergenceSpec, reduction: str) -> Tensor:
+    """The divergence of a checked pair, reduced: a scalar, or ``[N]`` for ``reduction="none"``."""
+    return library.divergence(
+        pair.hs, pair.ws, pair.bs, pair.ht, pair.wt, pair.bt, pair.mask, *route.args,
+        head_args(pair.heads[0]), head_args(pair.heads[1]),
+        spec.kind, spec.beta, spec.temperature, spec.filter_eps, spec.entry_clip,
+        reduction, _wants_grad(pair.hs, pair.ws, pair.bs),
+    )[0]  # fmt: skip
 
 
-def _cast(grads: Grads, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale=None) -> tuple:
-    """Gradients in their inputs' dtypes, optionally multiplied (in place) by the incoming scalar."""
-    out = []
-    for grad, like in zip(grads, (h, w, b)):
-        if grad is None:
-            out.append(None)
-            continue
-        if scale is not None:
-            grad = grad.mul_(scale.to(grad.dtype))
-        out.append(grad.to(like.dtype))
-    return tuple(out)
+def linear_token_logprobs(
+    h: Tensor, w: Tensor, b: Tensor | None, ids: Tensor, route, head: HeadTransform, temperature: float, filter_eps
+) -> Tensor:
+    """log softmax(z)[y] per token ``[N]``, z = the head's logits / τ; differentiable w.r.t. h, W and the bias."""
+    return library.token_logprobs(h, w, b, ids, *route.args, head_args(head), temperature, filter_eps)[0]
 
 
-class LinearDivergence(torch.autograd.Function):
-    """Per-token divergence between the student's and the teacher's next-token distributions, reduced."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        hs,
-        ws,
-        bs,
-        ht,
-        wt,
-        bt,
-        rows,
-        ops,
-        spec: DivergenceSpec,
-        heads: tuple[HeadTransform, HeadTransform],
-        reduction: str,
-        grad_on: bool,
-    ):
-        n_rows = hs.shape[0]
-        s = Side(select_rows(hs, rows), ws, bs, heads[0])
-        t = Side(select_rows(ht, rows), wt, bt, heads[1])
-        count = s.hidden.shape[0]
-        need = _need(ctx, grad_on, 0, 1, 2)
-        out_dtype = _result_dtype(hs, ws, ht, wt)
-        ctx.reduction, ctx.ops, ctx.spec, ctx.need, ctx.heads = reduction, ops, spec, need, heads
-        if reduction == "none":
-            stats = ops.divergence(s, t, spec, None, Need())[0] if count else None
-            if need.any:
-                ctx.save_for_backward(hs, ws, bs, ht, wt, bt, rows)
-                ctx.stats = stats
-            if stats is None:
-                return hs.new_zeros(n_rows, dtype=out_dtype)
-            return scatter_rows(stats.loss.to(out_dtype), rows, n_rows)
-
-        weight = 1.0 / count if reduction == "mean" and count else 1.0
-        ctx.like = (hs, ws, bs)
-        if not count:
-            zeros = Grads(
-                torch.zeros_like(hs) if need.hidden else None,
-                torch.zeros_like(ws) if need.weight else None,
-                torch.zeros_like(bs) if need.bias else None,
-            )
-            ctx.grads = zeros
-            return hs.new_zeros((), dtype=out_dtype)
-        row_weight = s.hidden.new_full((count,), weight, dtype=out_dtype) if need.any else None
-        stats, grads = ops.divergence(s, t, spec, row_weight, need)
-        if grads.hidden is not None:
-            grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, n_rows))
-        ctx.grads = grads
-        return stats.loss.to(out_dtype).sum() * weight
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            hs, ws, bs, ht, wt, bt, rows = ctx.saved_tensors
-            if ctx.stats is None:
-                grads = Grads(
-                    torch.zeros_like(hs) if ctx.need.hidden else None,
-                    torch.zeros_like(ws) if ctx.need.weight else None,
-                    torch.zeros_like(bs) if ctx.need.bias else None,
-                )
-            else:
-                s = Side(select_rows(hs, rows), ws, bs, ctx.heads[0])
-                t = Side(select_rows(ht, rows), wt, bt, ctx.heads[1])
-                row_weight = select_rows(grad_out, rows).contiguous()
-                grads = ctx.ops.divergence_backward(s, t, ctx.spec, ctx.stats, row_weight, ctx.need)
-                if grads.hidden is not None:
-                    grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, hs.shape[0]))
-            return *_cast(grads, hs, ws, bs), *([None] * 9)
-
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError(_SECOND_BACKWARD)
-        return *_cast(grads, *ctx.like, scale=grad_out), *([None] * 9)
+def linear_logsumexp(
+    h: Tensor, w: Tensor, b: Tensor | None, route, head: HeadTransform, temperature: float, filter_eps=None
+) -> Tensor:
+    """log Σ_v exp(z_v) per token ``[N]``; differentiable w.r.t. h, W and the bias."""
+    return library.logsumexp(h, w, b, *route.args, head_args(head), temperature, filter_eps)
 
 
-class LinearTokenLogprobs(torch.autograd.Function):
-    """log softmax(z)[y] per token, z = the head's logits / τ; differentiable w.r.t. h, W and the bias."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, ids, ops, head: HeadTransform, temperature: float, filter_eps, grad_on: bool):
-        side = Side(h, w, b, head)
-        picked, lse = ops.token_logits(side, ids, temperature)
-        ctx.ops, ctx.head, ctx.temperature, ctx.filter_eps = ops, head, temperature, filter_eps
-        ctx.need = _need(ctx, grad_on, 0, 1, 2)
-        if ctx.need.any:
-            ctx.save_for_backward(h, w, b, ids, lse)
-        return (picked - lse).to(_result_dtype(h, w))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        h, w, b, ids, lse = ctx.saved_tensors
-        side = Side(h, w, b, ctx.head)
-        weight = grad_out.contiguous()
-        grads = ctx.ops.logits_backward(side, ids, lse, weight, ctx.temperature, ctx.need, ctx.filter_eps)
-        return *_cast(grads, h, w, b), *([None] * 6)
+def linear_topk(h: Tensor, w: Tensor, b: Tensor | None, k: int, route, head: HeadTransform, temperature: float):
+    """(ids int64 [N, k], log-probs [N, k], lse [N], entropy [N]) of the top k per token; not differentiable."""
+    return library.topk(h, w, b, k, *route.args, head_args(head), temperature)
 
 
-class LinearLogSumExp(torch.autograd.Function):
-    """log Σ_v exp(z_v) per token, z = the head's logits / τ; differentiable w.r.t. h, W and the bias."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, ops, head: HeadTransform, temperature: float, filter_eps, grad_on: bool):
-        lse = ops.logsumexp(Side(h, w, b, head), temperature)
-        ctx.ops, ctx.head, ctx.temperature, ctx.filter_eps = ops, head, temperature, filter_eps
-        ctx.need = _need(ctx, grad_on, 0, 1, 2)
-        if ctx.need.any:
-            ctx.save_for_backward(h, w, b, lse)
-        return lse.to(_result_dtype(h, w))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        h, w, b, lse = ctx.saved_tensors
-        side = Side(h, w, b, ctx.head)
-        weight = grad_out.contiguous()
-        grads = ctx.ops.logits_backward(side, None, lse, weight, ctx.temperature, ctx.need, ctx.filter_eps)
-        return *_cast(grads, h, w, b), *([None] * 5)
+def linear_gathered_logits(h: Tensor, w: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    """z[n, m] = h_n · W[ids[n, m]] / τ ``[N, M]`` for a few ids per token (ids < 0: padding, z = 0 there, no
+    gradient); differentiable w.r.t. h and W."""
+    return library.gathered_logits(h, w, ids, temperature)

@@ -1,7 +1,7 @@
 """Public functional API (docs/design.md §3): OPD quantities straight from hidden states and lm_head weights.
 
 Every function here validates its inputs, flattens the leading dimensions, picks a backend and calls the
-autograd Function of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
+differentiable op of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
 """
 
 from __future__ import annotations
@@ -9,31 +9,9 @@ from __future__ import annotations
 import torch
 
 from opd_fast import _validation as check
-from opd_fast import distributed as vp
-from opd_fast.autograd import LinearDivergence, LinearTokenLogprobs
-from opd_fast.backends import get_backend
-from opd_fast.chunking import check_plan
+from opd_fast import autograd
+from opd_fast._dispatch import Placement, checked_pair
 from opd_fast.heads import LMHead
-
-
-def checked_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, process_group, plan, backend):
-    """Validate a student/teacher pair (:func:`opd_fast._validation.check_pair`), find this rank's vocabulary
-    shard and pick the ops; returns (:class:`opd_fast._validation.CheckedPair` cut to this rank's rows, ops)."""
-    check.check_process_group(process_group)
-    check_plan(plan)
-    sharded = process_group is not None
-    pair = check.check_pair(hs, ws, ht, wt, mask, vocab_size, check_finite, sharded=sharded)
-    if not sharded:
-        return pair, get_backend(backend, pair.hs.device, plan=plan)
-    shard = vp.restrict_vocab(vp.vocab_shard(process_group, pair.ws.shape[0], pair.hs.device), vocab_size)
-    cut = slice(0, shard.rows)
-    pair = pair._replace(
-        ws=pair.ws[cut],
-        wt=pair.wt[cut],
-        bs=None if pair.bs is None else pair.bs[cut],
-        bt=None if pair.bt is None else pair.bt[cut],
-    )
-    return pair, get_backend(backend, pair.hs.device, shard, plan)
 
 
 def linear_divergence(
@@ -112,32 +90,11 @@ def linear_divergence(
                 f"entry_clip is computed by the torch backend only; pass backend='torch' (got {backend!r})"
             )
         backend = "torch"
-    pair, ops = checked_pair(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        mask,
-        vocab_size,
-        check_finite,
-        process_group,
-        plan,
-        backend,
+    where = Placement.make(backend, plan, process_group)
+    pair, route = checked_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
-    loss = LinearDivergence.apply(
-        pair.hs,
-        pair.ws,
-        pair.bs,
-        pair.ht,
-        pair.wt,
-        pair.bt,
-        pair.rows,
-        ops,
-        spec,
-        pair.heads,
-        reduction,
-        torch.is_grad_enabled(),
-    )
+    loss = autograd.linear_divergence(pair, route, spec, reduction)
     return loss.view(pair.lead) if reduction == "none" else loss
 
 
@@ -204,21 +161,18 @@ def linear_token_logprobs(
     temperature = check.check_temperature(temperature)
     filter_eps = check.check_filter_eps(filter_eps)
     check_finite = check.check_flag("check_finite", check_finite)
-    check.check_process_group(process_group)
-    check_plan(plan)
+    where = Placement.make(backend, plan, process_group)
     w, b, head = check.check_head("weight", weight, shard=process_group is not None)
     h = check.check_hidden("hidden", hidden, w, "weight")
-    if isinstance(token_ids, torch.Tensor):  # before the range check, which reads the ids' values
+    if isinstance(token_ids, torch.Tensor):  # the ids are on the same device before any op reads them
         check.check_same_device(hidden=h, weight=w, bias=b, token_ids=token_ids)
     else:
         check.check_same_device(hidden=h, weight=w, bias=b)
-    shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
-    ids = check.check_token_ids(token_ids, h.shape[:-1], w.shape[0] if shard is None else shard.vocab)
+    shard = where.shard(w.shape[0], h.device)
+    ids = check.check_token_ids(token_ids, h.shape[:-1])
     if check_finite:
         check.check_finite(hidden=h, weight=w, **({} if b is None else {"bias": b}))
-    ops = get_backend(backend, h.device, shard, plan)
-    flat_ids = ids.reshape(-1).long()
-    out = LinearTokenLogprobs.apply(
-        check.flatten(h), w, b, flat_ids, ops, head, temperature, filter_eps, torch.is_grad_enabled()
-    )
+    route = where.route(h.device, shard)
+    flat = check.flatten(h)
+    out = autograd.linear_token_logprobs(flat, w, b, ids.reshape(-1).long(), route, head, temperature, filter_eps)
     return out.view(h.shape[:-1])

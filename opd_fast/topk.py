@@ -1,9 +1,10 @@
 """Top-k shared mass: overlap diagnostics and top-k distillation losses (docs/design.md §2).
 
 Everything full-vocabulary here is streamed by the backends — the top-k selection with its log-sum-exp
-and entropy (``ops.topk``) and, when needed, a differentiable log-sum-exp — so no [N, V] tensor exists.
+and entropy (``opd_fast::topk``) and, when needed, a differentiable log-sum-exp — so no [N, V] tensor exists.
 What remains is O(N · k): the logits at the selected ids, gathered with a chunked, recomputing
-autograd Function, and the divergence on the support, in plain PyTorch.
+custom op (``opd_fast::gathered_logits``), and the divergence on the support, in
+plain PyTorch. Input checks live in :mod:`opd_fast._validation`, the choice of backend in :mod:`opd_fast._dispatch`.
 """
 
 from __future__ import annotations
@@ -12,23 +13,17 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from opd_fast import _validation as check
+from opd_fast import autograd
 from opd_fast import distributed as vp
-from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
+from opd_fast._dispatch import Placement, Route, checked_pair
+from opd_fast._rows import counted_rows, scatter_rows, select_rows
 from opd_fast._validation import CheckedPair
-from opd_fast.autograd import LinearLogSumExp
-from opd_fast.backends import get_backend
-from opd_fast.chunking import check_plan, get_chunk_budget
-from opd_fast.functional import checked_pair
 from opd_fast.types import Side, TopKOverlap
 
 SUPPORTS = ("student", "teacher", "union", "intersection")
 TOPK_DIVERGENCES = ("reverse_kl", "forward_kl")
-# Teacher log-probs from a server are rounded: allow this much above 0, and this much total mass above 1.
-LOGPROB_TOLERANCE = 1e-3
-MASS_TOLERANCE = 1e-2
 # Floor of the leftover ("tail") masses inside logarithms: below it fp32 cannot resolve 1 − Σp anyway.
 TAIL_FLOOR = 1e-12
 
@@ -50,72 +45,20 @@ def overlap_statistics(s_ids, s_logprobs, t_ids, t_logprobs):
     return ratio, mass_s.float(), mass_t.float()
 
 
-class LinearGatheredLogits(torch.autograd.Function):
-    """z[n, m] = h_n · W[ids[n, m]] / τ for a few ids per token; ids < 0 are padding (z = 0, no gradient).
-
-    Token chunks keep the gathered weight rows [rows, M, H] within the chunk budget, and the backward
-    gathers them again instead of saving them, so memory stays O(N · M) beyond the budget.
-    """
-
-    @staticmethod
-    def forward(ctx, h, w, ids, temperature: float, grad_on: bool):
-        dtype = torch.promote_types(torch.promote_types(h.dtype, w.dtype), torch.float32)
-        valid = ids >= 0
-        safe_ids = ids.clamp(min=0)
-        z = h.new_zeros(ids.shape, dtype=dtype)
-        for rows in _row_chunks(ids.shape[0] if w.shape[0] else 0, ids.shape[1] * h.shape[1]):
-            gathered = w[safe_ids[rows]].to(dtype)  # [rows, M, H]
-            z[rows] = torch.bmm(gathered, h[rows].to(dtype).unsqueeze(2)).squeeze(2) / temperature
-        z = torch.where(valid, z, 0.0)
-        ctx.temperature, ctx.dtype = temperature, dtype
-        ctx.need_dh = grad_on and ctx.needs_input_grad[0]
-        ctx.need_dw = grad_on and ctx.needs_input_grad[1]
-        if ctx.need_dh or ctx.need_dw:
-            ctx.save_for_backward(h, w, ids)
-        return z
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        h, w, ids = ctx.saved_tensors
-        dtype, tau = ctx.dtype, ctx.temperature
-        valid = ids >= 0
-        grad = torch.where(valid, grad_out.to(dtype), 0.0) / tau
-        safe_ids = ids.clamp(min=0)
-        dh = torch.zeros(h.shape, device=h.device, dtype=dtype) if ctx.need_dh else None
-        dw = torch.zeros(w.shape, device=w.device, dtype=dtype) if ctx.need_dw else None
-        n_ids = ids.shape[1]
-        for rows in _row_chunks(ids.shape[0] if w.shape[0] else 0, n_ids * h.shape[1]):
-            if dh is not None:
-                gathered = w[safe_ids[rows]].to(dtype)
-                dh[rows] = torch.bmm(grad[rows].unsqueeze(1), gathered).squeeze(1)
-            if dw is not None:
-                keep = valid[rows].reshape(-1)
-                values = (grad[rows].unsqueeze(2) * h[rows].to(dtype).unsqueeze(1)).reshape(-1, h.shape[1])
-                scatter_add_rows(dw, safe_ids[rows].reshape(-1)[keep], values[keep])
-        return (
-            None if dh is None else dh.to(h.dtype),
-            None if dw is None else dw.to(w.dtype),
-            None,
-            None,
-            None,
-        )
-
-
-def _gathered_logits(ops, side: Side, ids: torch.Tensor, temperature: float, grad_on: bool) -> torch.Tensor:
+def _gathered_logits(route: Route, side: Side, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Final logits softcap(scale·(h·W[ids]ᵀ + b[ids])) / τ at global ``ids`` [N, M] (-1 = padding, 0 there).
 
-    The matmul part goes through :class:`LinearGatheredLogits` (under vocabulary parallelism each shard
-    contributes the ids it owns); the O(N·M) head transform is plain differentiable torch.
+    The matmul part goes through :func:`opd_fast.autograd.linear_gathered_logits` (under vocabulary parallelism
+    each shard contributes the ids it owns); the O(N·M) head transform is plain differentiable torch.
     """
     h, w, bias, head = side
-    shard = getattr(ops, "shard", None)
+    shard = route.shard
     if shard is None:
-        raw = LinearGatheredLogits.apply(h, w, ids, 1.0, grad_on)
+        raw = autograd.linear_gathered_logits(h, w, ids, 1.0)
         local_ids = ids
     else:
         local_ids = torch.where(shard.owned(ids), ids - shard.offset, -1)
-        local = LinearGatheredLogits.apply(vp.CopyToShards.apply(h, shard), w, local_ids, 1.0, grad_on)
+        local = autograd.linear_gathered_logits(vp.CopyToShards.apply(h, shard), w, local_ids, 1.0)
         raw = vp.ReduceFromShards.apply(local, shard)
     valid = ids >= 0
     if bias is not None:
@@ -130,23 +73,21 @@ def _gathered_logits(ops, side: Side, ids: torch.Tensor, temperature: float, gra
     return torch.where(valid, z / temperature, 0.0)
 
 
-def _side(pair: CheckedPair, model: int) -> Side:
-    """The counted rows of the student (``model`` 0) or the teacher (1) of a checked pair."""
+def _side(pair: CheckedPair, rows: torch.Tensor | None, model: int) -> Side:
+    """The counted ``rows`` of the student (``model`` 0) or the teacher (1) of a checked pair."""
     if model == 0:
-        return Side(select_rows(pair.hs, pair.rows), pair.ws, pair.bs, pair.heads[0])
-    return Side(select_rows(pair.ht, pair.rows), pair.wt, pair.bt, pair.heads[1])
+        return Side(select_rows(pair.hs, rows), pair.ws, pair.bs, pair.heads[0])
+    return Side(select_rows(pair.ht, rows), pair.wt, pair.bt, pair.heads[1])
 
 
-def _vocab(ops, weight: torch.Tensor) -> int:
+def _topk(route: Route, side: Side, k: int, temperature: float):
+    """(ids, log-probs, lse, entropy) of ``side``'s top k (:func:`opd_fast.autograd.linear_topk`)."""
+    return autograd.linear_topk(side.hidden, side.weight, side.bias, k, route, side.head, temperature)
+
+
+def _vocab(route: Route, weight: torch.Tensor) -> int:
     """The global vocabulary: the shards' total under vocabulary parallelism."""
-    shard = getattr(ops, "shard", None)
-    return weight.shape[0] if shard is None else shard.vocab
-
-
-def _row_chunks(n_rows: int, elements_per_row: int):
-    step = max(1, get_chunk_budget() // max(1, elements_per_row))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+    return weight.shape[0] if route.shard is None else route.shard.vocab
 
 
 def _restricted_log_softmax(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -209,23 +150,15 @@ def linear_topk_overlap(
     diagnostic). Arguments as in :func:`opd_fast.linear_divergence`, plus ``k`` in [1, V].
     """
     temperature = check.check_temperature(temperature)
-    pair, ops = checked_pair(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        mask,
-        vocab_size,
-        check_finite,
-        process_group,
-        plan,
-        backend,
+    where = Placement.make(backend, plan, process_group)
+    pair, route = checked_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
-    k = check.check_k(k, _vocab(ops, pair.ws))
-    rows, n_rows = pair.rows, pair.hs.shape[0]
+    k = check.check_k(k, _vocab(route, pair.ws))
+    rows, n_rows = counted_rows(pair.mask), pair.hs.shape[0]
     with torch.no_grad():
-        s_ids, s_lp, _, s_ent = ops.topk(_side(pair, 0), k, temperature)
-        t_ids, t_lp, _, t_ent = ops.topk(_side(pair, 1), k, temperature)
+        s_ids, s_lp, _, s_ent = _topk(route, _side(pair, rows, 0), k, temperature)
+        t_ids, t_lp, _, t_ent = _topk(route, _side(pair, rows, 1), k, temperature)
         stats = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
         fields = (s_ids, s_lp.float(), t_ids, t_lp.float(), *stats, s_ent.float(), t_ent.float())
     fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -332,94 +265,36 @@ def linear_topk_divergence(
     temperature = check.check_temperature(temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
-    pair, ops = checked_pair(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        mask,
-        vocab_size,
-        check_finite,
-        process_group,
-        plan,
-        backend,
+    where = Placement.make(backend, plan, process_group)
+    pair, route = checked_pair(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
-    k = check.check_k(k, _vocab(ops, pair.ws))
-    grad_on = torch.is_grad_enabled()
-    rows, lead, n_rows = pair.rows, pair.lead, pair.hs.shape[0]
-    student, teacher = Side(select_rows(pair.hs, rows), pair.ws, pair.bs, pair.heads[0]), _side(pair, 1)
+    k = check.check_k(k, _vocab(route, pair.ws))
+    rows, lead, n_rows = counted_rows(pair.mask), pair.lead, pair.hs.shape[0]
+    student, teacher = _side(pair, rows, 0), _side(pair, rows, 1)
     if student.hidden.shape[0] == 0:
         return _reduce(_no_tokens(student.hidden, pair.ws), rows, n_rows, lead, reduction)
     with torch.no_grad():
         frozen = student._replace(weight=pair.ws.detach(), bias=None if pair.bs is None else pair.bs.detach())
-        s_ids = ops.topk(frozen, k, temperature)[0] if support != "teacher" else None
-        t_ids = ops.topk(teacher, k, temperature)[0] if support != "student" else None
+        s_ids = _topk(route, frozen, k, temperature)[0] if support != "teacher" else None
+        t_ids = _topk(route, teacher, k, temperature)[0] if support != "student" else None
     ids = _support_ids(support, s_ids, t_ids)
     valid = ids >= 0
-    zs = _gathered_logits(ops, student, ids, temperature, grad_on)
-    zt = _gathered_logits(ops, teacher, ids, temperature, False)
+    zs = _gathered_logits(route, student, ids, temperature)
+    zt = _gathered_logits(route, teacher, ids, temperature)
     if renormalize:
         lps, lpt = _restricted_log_softmax(zs, valid), _restricted_log_softmax(zt, valid)
     else:
-        lse_s = LinearLogSumExp.apply(
-            student.hidden, student.weight, student.bias, ops, student.head, temperature, filter_eps, grad_on
+        lse_s = autograd.linear_logsumexp(
+            student.hidden, student.weight, student.bias, route, student.head, temperature, filter_eps
         )
         with torch.no_grad():
-            lse_t = ops.logsumexp(teacher, temperature)
+            lse_t = autograd.linear_logsumexp(
+                teacher.hidden, teacher.weight, teacher.bias, route, teacher.head, temperature
+            )
         lps = torch.where(valid, zs - lse_s.unsqueeze(1), 0.0)
         lpt = torch.where(valid, zt - lse_t.to(zt.dtype).unsqueeze(1), 0.0)
     return _reduce(_support_divergence(lps, lpt, valid, divergence), rows, n_rows, lead, reduction)
-
-
-def _check_teacher_topk(ids: object, logprobs: object, lead: torch.Size):
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(
-            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {type(ids).__name__}"
-        )
-    if ids.layout != torch.strided:
-        raise TypeError(f"teacher_topk_ids must be a dense (strided) tensor, got layout {ids.layout}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(
-            f"teacher_topk_ids must be an integer torch.Tensor [..., K] of token ids, got {ids.dtype}; pass .long()"
-        )
-    logprobs = check.check_tensor("teacher_topk_logprobs", logprobs)
-    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead or ids.shape[-1] < 1:
-        raise ValueError(
-            f"teacher_topk_ids must have shape [..., K] with the hidden states' leading shape {tuple(lead)}, "
-            f"got {tuple(ids.shape)}"
-        )
-    if logprobs.shape != ids.shape:
-        raise ValueError(
-            f"teacher_topk_logprobs must have the shape of teacher_topk_ids {tuple(ids.shape)}, "
-            f"got {tuple(logprobs.shape)}"
-        )
-    return ids, logprobs
-
-
-def _check_teacher_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
-    """Value checks on the counted rows (padding rows may hold anything)."""
-    if not ids.numel():
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"teacher_topk_ids must lie in [0, {vocab}) (the student's vocabulary), found [{low}, {high}]")
-    sorted_ids = ids.sort(dim=-1).values
-    duplicated = (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(dim=-1)
-    if bool(duplicated.any()):
-        row = int(duplicated.nonzero()[0])
-        raise ValueError(f"teacher_topk_ids repeat a token id within a position (first at counted row {row})")
-    if bool(torch.isnan(logprobs).any()):
-        raise ValueError("teacher_topk_logprobs contain NaN")
-    top = float(logprobs.max())
-    if top > LOGPROB_TOLERANCE:
-        raise ValueError(f"teacher_topk_logprobs must be log-probabilities (≤ 0), found {top:.4g}")
-    mass = logprobs.double().exp().sum(dim=-1)
-    if float(mass.max()) > 1.0 + MASS_TOLERANCE:
-        row = int(mass.argmax())
-        raise ValueError(
-            f"teacher_topk_logprobs sum to a probability mass of {float(mass.max()):.4f} > 1 at counted row {row}; "
-            f"pass the teacher's normalized log-probs (log_softmax), not logits"
-        )
 
 
 def linear_topk_target_divergence(
@@ -461,32 +336,30 @@ def linear_topk_target_divergence(
     temperature = check.check_temperature(temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
-    check.check_process_group(process_group)
-    check_plan(plan)
+    where = Placement.make(backend, plan, process_group)
     w, b, head = check.check_head("student_weight", student_weight, shard=process_group is not None)
     h = check.check_hidden("student_hidden", student_hidden, w, "student_weight")
     lead = h.shape[:-1]
-    ids, lpt = _check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
+    ids, lpt = check.check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
     mask = check.check_mask(mask, lead)
     check.check_same_device(
         student_hidden=h, student_weight=w, student_bias=b, teacher_topk_ids=ids, teacher_topk_logprobs=lpt, mask=mask
     )
     if check.check_flag("check_finite", check_finite):
         check.check_finite(student_hidden=h, student_weight=w, **({} if b is None else {"student_bias": b}))
-    shard = None if process_group is None else vp.vocab_shard(process_group, w.shape[0], h.device)
+    shard = where.shard(w.shape[0], h.device)
     rows = counted_rows(mask)
     h_c = select_rows(check.flatten(h), rows)
     ids_c = select_rows(ids.reshape(-1, ids.shape[-1]), rows).long()
     lpt_c = select_rows(lpt.reshape(-1, lpt.shape[-1]), rows).detach()
-    _check_teacher_values(ids_c, lpt_c, w.shape[0] if shard is None else shard.vocab)
+    check.check_teacher_values(ids_c, lpt_c, w.shape[0] if shard is None else shard.vocab)
     n_rows = check.flatten(h).shape[0]
     if h_c.shape[0] == 0:
         return _reduce(_no_tokens(h_c, w), rows, n_rows, lead, reduction)
-    ops = get_backend(backend, h.device, shard, plan)
-    grad_on = torch.is_grad_enabled()
+    route = where.route(h.device, shard)
     student = Side(h_c, w, b, head)
-    zs = _gathered_logits(ops, student, ids_c, temperature, grad_on)
-    lse_s = LinearLogSumExp.apply(h_c, w, b, ops, head, temperature, filter_eps, grad_on)
+    zs = _gathered_logits(route, student, ids_c, temperature)
+    lse_s = autograd.linear_logsumexp(h_c, w, b, route, head, temperature, filter_eps)
     lps = zs - lse_s.unsqueeze(1)
     lpt_c = lpt_c.to(lps.dtype)
     if divergence == "forward_kl":
