@@ -36,6 +36,7 @@ from torch.utils import flop_counter
 from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
 from opd_fast._validation import DivergenceSpec, check_token_range
 from opd_fast.backends import get_backend
+from opd_fast.backends.sweep import lse_lo
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.types import DivergenceStats, Grads, HeadTransform, Need, Side
 
@@ -164,7 +165,8 @@ def divergence(
     """(loss, statistics, dH, dW, db) of the divergence ``kind`` between student (s) and teacher (t).
 
     loss: a scalar for "mean" (over the rows ``mask`` counts; 0 when none) and "sum", fp32 ``[N]`` for "none"
-    (0 at rows left out). statistics: for "none", ``[4, N]`` (loss, lse_s, lse_t, center) for the backward,
+    (0 at rows left out). statistics: for "none", ``[6, N]`` (loss, lse_s, lse_t, center, lse_lo_s, lse_lo_t) for
+    the backward,
     else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs, ws, bs where ``need`` says,
     else empty.
     """
@@ -176,10 +178,11 @@ def divergence(
     out_dtype = acc_dtype(hs, ws, ht, wt)
     none = _empty(hs, out_dtype)
     if reduction == "none":
-        stats = hs.new_zeros((4, n_rows), dtype=out_dtype)
+        stats = hs.new_zeros((len(DivergenceStats._fields), n_rows), dtype=out_dtype)
         if count:
             per_token = ops.divergence(s, t, spec, None, Need())[0]
-            stats = scatter_rows(torch.stack(per_token).to(out_dtype).T, rows, n_rows).T.contiguous()
+            rows_stats = torch.stack((*per_token[:4], *lse_lo(per_token))).to(out_dtype)
+            stats = scatter_rows(rows_stats.T, rows, n_rows).T.contiguous()
         return stats[0].clone(), stats, none, none.clone(), none.clone()
     wanted = Need(*need)
     if not count:
@@ -198,7 +201,7 @@ def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, 
       entry_clip, reduction, need):  # fmt: skip
     out_dtype = acc_dtype(hs, ws, ht, wt)
     if reduction == "none":
-        stats = hs.new_empty((4, hs.shape[0]), dtype=out_dtype)
+        stats = hs.new_empty((len(DivergenceStats._fields), hs.shape[0]), dtype=out_dtype)
         return stats[0].clone(), stats, *(_empty(hs, out_dtype) for _ in range(3))
     return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *_fake_grads(need, hs, ws, bs, out_dtype)
 
@@ -227,7 +230,7 @@ def divergence_backward(
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dH, dW, db) of Σ_n grad_out_n D_n, in the inputs' dtypes (empty where ``need`` is False), from the
-    statistics ``[4, N]`` of :func:`divergence` with reduction "none"."""
+    statistics ``[6, N]`` of :func:`divergence` with reduction "none"."""
     wanted = Need(*need)
     rows = counted_rows(mask)
     s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t)
