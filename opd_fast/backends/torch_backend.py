@@ -371,6 +371,25 @@ def _entry_terms(lps: Tensor, lpt: Tensor, spec: DivergenceSpec) -> Tensor:
     return spec.beta * lpt.exp() * (lpt - log_m) + (1.0 - spec.beta) * lps.exp() * (lps - log_m)
 
 
+def _clipped_terms_grad(lps: Tensor, lpt: Tensor, terms: Tensor, spec: DivergenceSpec) -> Tensor:
+    """∂/∂z_s of Σ_v min(ℓ_v, clip), in closed form (the ops run below autograd, inside torch.library ops).
+
+    Each term ℓ_v depends on the student only through p_s,v, with a_v = ∂ℓ_v/∂p_s,v; with the softmax Jacobian
+    ∂p_v/∂z_j = p_v (δ_vj − p_j) and k_v = [ℓ_v ≤ clip] (the clamp's gradient), g = k ⊙ p a − p Σ_v k_v p_v a_v.
+    p a is p_s (lp_s − lp_t + 1) for reverse KL, −p_t for forward KL, and (1 − β) p_s log(p_s / m) for JSD
+    (the terms in p_t and in m's dependence on p_s cancel to that)."""
+    p = lps.exp()
+    if spec.kind == "reverse_kl":
+        pa = p * (lps - lpt + 1.0)
+    elif spec.kind == "forward_kl":
+        pa = lpt.exp().neg_()
+    else:
+        log_m = torch.logaddexp(lps + math.log1p(-spec.beta), lpt + math.log(spec.beta))
+        pa = (1.0 - spec.beta) * p * (lps - log_m)
+    kept = torch.where(terms <= spec.entry_clip, pa, 0.0)
+    return kept.sub_(p * kept.sum(dim=-1, keepdim=True))
+
+
 class TorchOps(Sweep):
     """The torch backend's ops; ``entry_clip`` (per-entry clipping of the divergence) is computed here only."""
 
@@ -388,8 +407,8 @@ class TorchOps(Sweep):
         return self._clipped(s, t, spec, row_weight, need)[1]
 
     def _clipped(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
-        """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped) by autograd on each
-        token chunk's logits; a whole vocabulary row per chunk (the clip breaks the closed-form gradient)."""
+        """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped, :func:`_clipped_terms_grad`)
+        from each token chunk's logits; a whole vocabulary row per chunk (the clip needs every term of a row)."""
         epi = self.epilogue
         op_s, op_t = epi.prepare(s, spec.temperature), epi.prepare(t, spec.temperature)
         head_s, head_t = op_s.tile(slice(None)), op_t.tile(slice(None))
@@ -402,17 +421,17 @@ class TorchOps(Sweep):
         db = op_s.hidden.new_zeros(vocab) if want_grad and need.bias else None
         for start in range(0, n_tokens, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, n_tokens))
-            with torch.enable_grad():
-                x = (op_s.hidden[rows] @ op_s.weight.T).detach().requires_grad_(want_grad)
-                zs = final_logits(x, head_s)
-                zt = final_logits(op_t.hidden[rows] @ op_t.weight.T, head_t)
-                lps, lpt = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
-                loss = _entry_terms(lps, lpt, spec).clamp(max=spec.entry_clip).sum(dim=-1)
-                if want_grad:
-                    (g,) = torch.autograd.grad(loss, x, grad_outputs=row_weight[rows].to(loss.dtype))
-            out.loss[rows] = loss.detach()
-            out.student_lse[rows] = torch.logsumexp(zs.detach(), dim=-1)
-            out.teacher_lse[rows] = torch.logsumexp(zt.detach(), dim=-1)
+            zs = final_logits(op_s.hidden[rows] @ op_s.weight.T, head_s)
+            zt = final_logits(op_t.hidden[rows] @ op_t.weight.T, head_t)
+            lps, lpt = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
+            terms = _entry_terms(lps, lpt, spec)
+            loss = terms.clamp(max=spec.entry_clip).sum(dim=-1)
+            if want_grad:
+                g = _clipped_terms_grad(lps, lpt, terms, spec).mul_(head_chain(zs, head_s))
+                g.mul_(row_weight[rows].to(g.dtype)[:, None])
+            out.loss[rows] = loss
+            out.student_lse[rows] = torch.logsumexp(zs, dim=-1)
+            out.teacher_lse[rows] = torch.logsumexp(zt, dim=-1)
             if want_grad:
                 if dh is not None:
                     dh[rows] = g @ op_s.weight
