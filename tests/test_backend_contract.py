@@ -136,6 +136,12 @@ def _mask(lead, device):
     return mask.to(device)
 
 
+def _skip_budgetless_topk(backend: Backend, plan: str, budget: int) -> None:
+    """The Triton streaming top-k kernel takes no chunk budget: a tiled case would repeat the whole-rows one."""
+    if backend.name == "triton" and plan == "streaming" and budget != WHOLE_ROWS:
+        pytest.skip("the Triton streaming top-k kernel ignores the chunk budget: the whole-rows case covers it")
+
+
 # ---- divergences -----------------------------------------------------------------------------------------------
 
 
@@ -223,7 +229,7 @@ def test_backward_is_bitwise_deterministic(backend, divergence, beta):
     with chunk_budget(2000):
         runs = [
             grads(linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend=backend.name), (hs, ws))
-            for _ in range(3)
+            for _ in range(2)
         ]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
@@ -288,7 +294,8 @@ def test_heads_with_bias_scale_and_softcap(backend, plan):
 @pytest.mark.parametrize(("lead", "temperature"), [((23,), 0.8), ((2, 3, 4), 1.0)], ids=["2d-tau0.8", "4d-tau1"])
 def test_token_logprobs_match_reference(backend, lead, temperature, plan):
     """Budget 2: single-column vocabulary tiles (V = 133) and, for the streaming backward, many chunks."""
-    budget = 2
+    # Triton's interpreter runs the hundreds of single-column tiles once (2-D); the 4-D case gets 25-column ones.
+    budget = 400 if backend.on_cpu and backend.name == "triton" and plan == "chunked" and len(lead) > 2 else 2
     for dtype, tol in backend.exact.items():
         h = torch.randn(*lead, 20, dtype=torch.float64).to(backend.device, dtype).requires_grad_()
         w = (torch.randn(133, 20, dtype=torch.float64) * 0.7).to(backend.device, dtype).requires_grad_()
@@ -329,6 +336,10 @@ def _assert_topk_matches(ours: TopKOverlap, ref: TopKOverlap, mask=None, tol=1e-
 def test_topk_overlap_matches_reference(backend, lead, vocab, budget, plan):
     """k ∈ {1, 5, 16}: ids exactly (the reference ranks the same fp32 inputs in float64), the statistics to fp32
     accuracy over up to 70001 columns. Tiled: a few columns per tile (30), or two tiles at V = 70001."""
+    if backend.on_cpu and backend.name == "triton" and vocab > 1000:
+        pytest.skip("V = 70001 is too slow for Triton's interpreter; the GPU runs it")
+    if lead == (9,):
+        _skip_budgetless_topk(backend, plan, budget)
     hs, ws, ht, wt = (t.detach() for t in backend.inputs(lead, 16, 24, vocab, torch.float32))
     mask = _mask(lead, backend.device) if len(lead) == 2 else None
     for k in (1, 5, 16):
@@ -343,6 +354,7 @@ def test_topk_overlap_matches_reference(backend, lead, vocab, budget, plan):
 def test_topk_ties_are_broken_by_the_smaller_id(backend, budget, plan):
     """Zero weight rows give exactly tied logits; the order among them is by token id, here with k = V so that
     every tie is visible, and with k = 3."""
+    _skip_budgetless_topk(backend, plan, budget)
     hs, ws, ht, wt = (t.detach() for t in backend.inputs((5,), 16, 16, 20, torch.float32))
     ws[[2, 7, 11, 19]] = 0.0
     wt[[0, 3, 7, 8, 15]] = 0.0
@@ -368,14 +380,19 @@ def _integer_pair(n_rows: int, vocab: int, device, dtype, hidden: int = 6):
 # bf16 on a GPU only, where its kernels differ: on the CPU the backends compute bf16 inputs in fp32, as fp32 ones.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32], ids=str)
 def test_topk_exact_ties_everywhere(backend, dtype, plan, budget):
-    """Integer logits: hundreds of exact ties per row, across tile boundaries, at τ = 0.7; k ∈ {1, 16, 100}."""
+    """Integer logits: hundreds of exact ties per row, across tile boundaries, at τ = 0.7; k ∈ {1, 16, 100}
+    (k = 16 alone with single-column tiles, a thousand of them)."""
     if backend.on_cpu and backend.name == "triton" and budget == 7:
         pytest.skip("a thousand tiles are too slow for Triton's interpreter; the 300 budget tiles it")
+    _skip_budgetless_topk(backend, plan, budget)
     # τ = 1 on torch: its known gap under a temperature (test_torch_breaks_exact_ties_under_a_temperature).
     temperature = 1.0 if backend.name == "torch" else 0.7
-    n_rows, vocab = (9, 1003) if backend.device.type == "cpu" else (70, 5003)
+    if backend.device.type == "cuda":
+        n_rows, vocab = 70, 5003
+    else:  # Triton's interpreter: a shorter vocabulary, still several of the kernel's tiles
+        n_rows, vocab = (9, 301) if backend.on_cpu and backend.name == "triton" else (9, 1003)
     hs, ws, ht, wt = _integer_pair(n_rows, vocab, backend.device, dtype)
-    for k in (1, 16, 100):
+    for k in (16,) if budget == 7 else (1, 16, 100):
         with chunk_budget(budget):
             ours = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=temperature, backend=backend.name, plan=plan)
         ref = materialized_topk_overlap(*_exact(hs, ws, ht, wt), k=k, temperature=temperature)
