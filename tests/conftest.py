@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +57,36 @@ def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor | None = None)
     if grad_output is None:
         grad_output = torch.ones_like(output)
     return torch.autograd.grad(output, inputs, grad_output)
+
+
+# ---- the CUDA backend's host build (tests/test_cuda_backend.py, tests/test_backend_contract.py) ---------------
+
+
+@pytest.fixture(scope="session")
+def host_kernels():
+    """csrc/bindings.cpp + csrc/host/launchers_host.cpp built for CPU tensors (~25 s once, then cached)."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler}) to build the host kernels")
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="opd_fast_host_kernels",
+        sources=[str(CSRC / "bindings.cpp"), str(CSRC / "host" / "launchers_host.cpp")],
+        extra_cflags=["-O2", "-std=c++20", "-pthread", "-DOPD_FAST_HOST_BUILD"],  # C++20: std::barrier
+        extra_ldflags=["-pthread"],
+    )
+
+
+@pytest.fixture
+def cuda_on_cpu(monkeypatch, host_kernels):
+    """backend="cuda" runs on CPU tensors, with the host build in place of opd_fast._C."""
+    from opd_fast import backends
+    from opd_fast.backends import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_ops_module", lambda: host_kernels)
+    monkeypatch.setitem(backends._TABLE, "cuda", ("opd_fast.backends.cuda_backend:CudaOps", lambda device: None))
+    return host_kernels
 
 
 # ---- the trainer's tiny models (tests/test_trainer.py, tests/test_recipes.py) -------------------------------

@@ -1,59 +1,54 @@
-"""The CUDA C++ backend (backend="cuda", opd_fast._C), in three tiers.
+"""What is specific to the CUDA C++ backend (backend="cuda", opd_fast._C), in three tiers. The contract every
+backend meets (values and gradients against the float64 reference, plans, dtypes, shapes, top-k) is
+tests/test_backend_contract.py, which runs backend="cuda" on the GPU or through the host build.
 
 1. Everywhere: without the extension (or without a GPU) backend="cuda" is refused with the reason, and
    importing opd_fast never needs the extension. With nvcc present, csrc/compile_check.sh compiles every
    .cu file for sm_80 and sm_90a.
-2. Everywhere with a C++ compiler: the *host build* — csrc/bindings.cpp and csrc/host/launchers_host.cpp
-   compiled for CPU tensors with the same csrc/epilogue.h — stands in for opd_fast._C. The whole path
-   of backend="cuda" then runs on the CPU: public API → autograd → cuda_backend's chunked GEMMs →
-   torch.library custom ops → bindings (argument checks) → the epilogue math (online softmax merges,
-   divergence terms, logit gradients, streaming top-k with its tie order), each row run by 2 threads
-   that synchronize like a thread block. Only the CUDA primitives (BlockGroup in csrc/block.cuh), the
-   launches and cuBLAS are left to the GPU tier.
-3. GPU with the extension built: the real kernels against the float64 reference, the torch backend and
-   the Triton backend, on the cases of test_triton.py plus realistic shapes (N=4096, H=4096, V=151936,
-   bf16, within 2× the error of plain PyTorch).
+2. Everywhere with a C++ compiler: the *host build* (conftest's ``host_kernels``, ``cuda_on_cpu``) —
+   csrc/bindings.cpp and csrc/host/launchers_host.cpp compiled for CPU tensors with the same
+   csrc/epilogue.h — stands in for opd_fast._C: the public API → autograd → cuda_backend's chunked GEMMs →
+   torch.library custom ops → bindings (argument checks) → the epilogue math, each row run by 2 threads that
+   synchronize like a thread block. Here: the ops the public API does not reach alone (a shard's JSD terms),
+   the top-k kernel's candidate buffer and tie keys, the bindings' argument errors, the custom ops'
+   registration (opcheck) and the driver under torch.compile. Only the CUDA primitives (BlockGroup in
+   csrc/block.cuh), the launches and cuBLAS are left to the GPU tier.
+3. GPU with the extension built: agreement with the Triton backend, and realistic shapes (N=4096, H=4096,
+   V=151936, bf16, within 2× the error of plain PyTorch).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, grads, rel_err
+from conftest import CSRC, grads, rel_err
 
 from opd_fast import (
     BackendUnavailableError,
-    TopKOverlap,
     chunk_budget,
     linear_divergence,
     linear_reverse_kl,
     linear_token_logprobs,
-    linear_topk_divergence,
     linear_topk_overlap,
 )
-from opd_fast import backends as backends_module
 from opd_fast._validation import DivergenceSpec
 from opd_fast.backends import cuda_backend, unavailable_reason
 from opd_fast.backends.cuda_backend import CudaOps
 from opd_fast.backends.torch_backend import TorchOps
-from opd_fast.reference import materialized_divergence, materialized_token_logprobs, materialized_topk_overlap
+from opd_fast.reference import materialized_divergence, materialized_token_logprobs
 from opd_fast.types import Need, Side
 
-REPO = Path(__file__).resolve().parents[1]
-CSRC = REPO / "csrc"
 HAS_EXTENSION = cuda_backend.extension_error() is None
 GPU_READY = torch.cuda.is_available() and HAS_EXTENSION
 DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]
 
 
-def _pair(lead, hs_dim, ht_dim, vocab, dtype, scale=3.0, device=DEVICE):
+def _pair(lead, hs_dim, ht_dim, vocab, dtype, scale=3.0, device="cpu"):
     g = torch.Generator().manual_seed(hash((lead, hs_dim, ht_dim, vocab)) % 2**31)
     hs = torch.randn(*lead, hs_dim, generator=g)
     ws = torch.randn(vocab, hs_dim, generator=g) * scale / hs_dim**0.5
@@ -61,36 +56,6 @@ def _pair(lead, hs_dim, ht_dim, vocab, dtype, scale=3.0, device=DEVICE):
     wt = torch.randn(vocab, ht_dim, generator=g) * scale / ht_dim**0.5
     hs, ws, ht, wt = (t.to(device=device, dtype=dtype) for t in (hs, ws, ht, wt))
     return hs.requires_grad_(), ws.requires_grad_(), ht, wt
-
-
-def _exact(*tensors):
-    return [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
-
-
-def _check_divergence(hs, ws, ht, wt, tol, **kw):
-    ours = linear_divergence(hs, ws, ht, wt, backend="cuda", **kw)
-    exact = _exact(hs, ws, ht, wt)
-    ref = materialized_divergence(*exact, **kw)
-    grad_output = torch.randn_like(ref) if ref.dim() else torch.tensor(0.7, dtype=ref.dtype, device=ref.device)
-    assert rel_err(ours, ref) < tol
-    for a, b in zip(grads(ours, (hs, ws), grad_output.to(ours.dtype)), grads(ref, exact[:2], grad_output)):
-        assert rel_err(a, b) < tol
-
-
-def _integer_pair(n_rows: int, vocab: int, hidden: int = 6):
-    """Inputs in {-2, …, 2}: every logit is a small integer, exact in fp32/bf16 whatever the summation order
-    (so backends must agree bit for bit), and most logits are tied with many others."""
-    g = torch.Generator().manual_seed(n_rows * vocab)
-    return [torch.randint(-2, 3, shape, generator=g).float() for shape in ((n_rows, hidden), (vocab, hidden)) * 2]
-
-
-def _assert_topk_equal(ours: TopKOverlap, ref: TopKOverlap, tol=1e-5):
-    for name, a, b in zip(TopKOverlap._fields, ours, ref):
-        assert a.shape == b.shape, name
-        if a.dtype == torch.int64:
-            assert torch.equal(a, b), name
-        else:
-            torch.testing.assert_close(a, b.to(a.dtype), rtol=tol, atol=tol, msg=name)
 
 
 # ---- 1. no extension, import, compile check ----------------------------------------------------------------
@@ -149,56 +114,9 @@ def test_compile_check_fails_on_a_broken_kernel(tmp_path):
 # ---- 2. the host build: backend="cuda" end to end on CPU tensors --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def host_kernels():
-    """csrc/bindings.cpp + csrc/host/launchers_host.cpp built for CPU tensors (~25 s once, then cached)."""
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C++ compiler ({compiler}) to build the host kernels")
-    from torch.utils.cpp_extension import load
-
-    return load(
-        name="opd_fast_host_kernels",
-        sources=[str(CSRC / "bindings.cpp"), str(CSRC / "host" / "launchers_host.cpp")],
-        extra_cflags=["-O2", "-std=c++20", "-pthread", "-DOPD_FAST_HOST_BUILD"],  # C++20: std::barrier
-        extra_ldflags=["-pthread"],
-    )
-
-
-@pytest.fixture
-def cuda_on_cpu(monkeypatch, host_kernels):
-    """backend="cuda" runs on CPU tensors, with the host build in place of opd_fast._C."""
-    monkeypatch.setattr(cuda_backend, "_ops_module", lambda: host_kernels)
-    monkeypatch.setitem(backends_module._TABLE, "cuda", ("opd_fast.backends.cuda_backend:CudaOps", lambda device: None))
-    return host_kernels
-
-
-def _cpu_pair(*args, **kw):
-    return _pair(*args, device="cpu", **kw)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_host_divergence_matches_reference(cuda_on_cpu, divergence, beta, reduction):
-    hs, ws, ht, wt = _cpu_pair((2, 19), 24, 40, 301, torch.float32)
-    mask = torch.rand(2, 19, generator=torch.Generator().manual_seed(3)) > 0.25
-    mask[1, :7] = False
-    kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=1.3, reduction=reduction)
-    _check_divergence(hs, ws, ht, wt, 2e-5, **kw)
-
-
-@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-@pytest.mark.parametrize("budget", [2, 40])
-def test_host_many_chunks_and_odd_shapes(cuda_on_cpu, divergence, beta, budget):
-    """Budget 2 → one vocabulary column per chunk; 40 → chunks of 4 columns with a ragged last one."""
-    hs, ws, ht, wt = _cpu_pair((37,), 20, 17, 97, torch.float32)
-    with chunk_budget(budget):
-        _check_divergence(hs, ws, ht, wt, 2e-5, divergence=divergence, beta=beta, reduction="none")
-
-
 def test_host_jsd_terms_on_a_shard_with_global_lse(cuda_on_cpu):
     """The op vocabulary parallelism uses: a shard's JSD terms given the full vocabulary's log-sum-exps."""
-    hs, ws, ht, wt = (t.detach() for t in _cpu_pair((9,), 12, 20, 90, torch.float32))
+    hs, ws, ht, wt = (t.detach() for t in _pair((9,), 12, 20, 90, torch.float32))
     spec = DivergenceSpec.make("jsd", 0.3, 1.2)
     full = TorchOps().divergence(Side(hs, ws), Side(ht, wt), spec, None, Need())[0]
     shard = (Side(hs, ws[40:]), Side(ht, wt[40:]), spec, full.student_lse, full.teacher_lse)
@@ -206,110 +124,6 @@ def test_host_jsd_terms_on_a_shard_with_global_lse(cuda_on_cpu):
     ref = TorchOps().jsd_terms(*shard)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_host_single_token_and_temperature(cuda_on_cpu):
-    hs, ws, ht, wt = _cpu_pair((1,), 16, 16, 130, torch.float32)
-    _check_divergence(hs, ws, ht, wt, 2e-5, temperature=0.45)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_host_low_precision_within_twice_plain_pytorch(cuda_on_cpu, dtype, divergence, beta):
-    hs, ws, ht, wt = _cpu_pair((48,), 32, 48, 200, dtype)
-    kw = dict(divergence=divergence, beta=beta)
-    exact = _exact(hs, ws, ht, wt)
-    ref = materialized_divergence(*exact, **kw)
-    ref_g = grads(ref, exact[:2])
-    plain = materialized_divergence(hs, ws, ht, wt, **kw)  # logits and softmax in the low-precision dtype
-    ours = linear_divergence(hs, ws, ht, wt, backend="cuda", **kw)
-    assert ours.dtype == torch.float32
-    assert rel_err(ours, ref) <= 2 * rel_err(plain, ref) + 1e-6
-    ours_g = grads(ours, (hs, ws))
-    assert all(g.dtype == dtype for g in ours_g)
-    resolution = torch.finfo(dtype).eps
-    for a, r in zip(ours_g, ref_g):  # gradients: rounded once to the dtype, from fp32 logit gradients
-        assert rel_err(a, r) < resolution
-
-
-@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_host_backward_is_bitwise_deterministic(cuda_on_cpu, divergence, beta):
-    hs, ws, ht, wt = _cpu_pair((40,), 16, 24, 150, torch.float32)
-    with chunk_budget(64):
-        first = grads(linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend="cuda"), (hs, ws))
-        again = grads(linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend="cuda"), (hs, ws))
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-
-
-@pytest.mark.parametrize("temperature", [0.8, 1.0])
-@pytest.mark.parametrize("lead", [(23,), (2, 3, 4)])
-def test_host_token_logprobs(cuda_on_cpu, lead, temperature):
-    g = torch.Generator().manual_seed(7)
-    h = torch.randn(*lead, 20, generator=g).requires_grad_()
-    w = (torch.randn(133, 20, generator=g) * 0.7).requires_grad_()
-    ids = torch.randint(0, 133, lead, generator=g)
-    with chunk_budget(2):
-        ours = linear_token_logprobs(h, w, ids, temperature=temperature, backend="cuda")
-        grad_output = torch.randn_like(ours)
-        ours_g = grads(ours, (h, w), grad_output)
-    exact = _exact(h, w)
-    ref = materialized_token_logprobs(*exact, ids, temperature=temperature)
-    assert ours.shape == torch.Size(lead) and rel_err(ours, ref) < 2e-5
-    for a, b in zip(ours_g, grads(ref, exact, grad_output.double())):
-        assert rel_err(a, b) < 2e-5
-
-
-def test_host_logsumexp_matches_torch_backend(cuda_on_cpu):
-    h, w, _, _ = _cpu_pair((29,), 12, 12, 77, torch.float32)
-    h, w = h.detach(), w.detach()
-    grad = torch.randn(29)
-    need = Need(hidden=True, weight=True)
-    with chunk_budget(30):
-        lse = CudaOps().logsumexp(Side(h, w), 0.7)
-        dh, dw, _ = CudaOps().logits_backward(Side(h, w), None, lse, grad, 0.7, need)
-    ref_lse = TorchOps().logsumexp(Side(h, w), 0.7)
-    ref_dh, ref_dw, _ = TorchOps().logits_backward(Side(h, w), None, ref_lse, grad, 0.7, need)
-    assert rel_err(lse, ref_lse) < 1e-6 and rel_err(dh, ref_dh) < 1e-5 and rel_err(dw, ref_dw) < 1e-5
-
-
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
-@pytest.mark.parametrize("k", [1, 5, 16])
-@pytest.mark.parametrize(("lead", "vocab"), [((9,), 97), ((2, 4), 64), ((), 23), ((3,), 70001)])
-def test_host_topk_overlap_matches_reference(cuda_on_cpu, lead, vocab, k, chunked):
-    # chunked: a few columns per chunk for the small vocabularies, two chunks for V = 70001
-    budget = (30 if vocab < 1000 else 30000) if chunked else 1 << 22
-    hs, ws, ht, wt = (t.detach().double() for t in _cpu_pair(lead, 16, 24, vocab, torch.float32))
-    hs, ws, ht, wt = (t.float() for t in (hs, ws, ht, wt))
-    with chunk_budget(budget):
-        ours = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=0.9, backend="cuda")
-        same_backend_math = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=0.9, backend="torch")
-    _assert_topk_equal(ours, same_backend_math, tol=1e-4)  # fp32 sums over up to 70001 columns, other order
-    ref = materialized_topk_overlap(*(t.double() for t in (hs, ws, ht, wt)), k=k, temperature=0.9)
-    assert all(torch.equal(getattr(ours, f), getattr(ref, f)) for f in ("student_topk_ids", "teacher_topk_ids"))
-
-
-@pytest.mark.parametrize("budget", [1 << 22, 12])
-def test_host_topk_ties_are_broken_by_smaller_id(cuda_on_cpu, budget):
-    """Zero weight rows give exactly tied logits; the order among them is by token id, here with k = V so
-    that every tie is visible."""
-    hs, ws, ht, wt = (t.detach() for t in _cpu_pair((5,), 16, 16, 20, torch.float32))
-    ws[[2, 7, 11, 19]] = 0.0
-    wt[[0, 3, 7, 8, 15]] = 0.0
-    with chunk_budget(budget):
-        ours = linear_topk_overlap(hs, ws, ht, wt, k=20, backend="cuda")
-    _assert_topk_equal(ours, materialized_topk_overlap(hs, ws, ht, wt, k=20))
-    tied = ours.student_topk_ids[0][torch.isin(ours.student_topk_ids[0], torch.tensor([2, 7, 11, 19]))]
-    assert tied.tolist() == [2, 7, 11, 19]
-
-
-@pytest.mark.parametrize("budget", [1 << 22, 300, 7])
-@pytest.mark.parametrize("k", [1, 16, 100])
-def test_host_topk_exact_ties_everywhere(cuda_on_cpu, k, budget):
-    """Integer logits: hundreds of exact ties per row, across chunk boundaries; order by the smaller id."""
-    hs, ws, ht, wt = _integer_pair(9, 1003)
-    with chunk_budget(budget):
-        ours = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=0.7, backend="cuda")
-    _assert_topk_equal(ours, materialized_topk_overlap(*(t.double() for t in (hs, ws, ht, wt)), k=k, temperature=0.7))
 
 
 def test_host_topk_negative_zero_ties_with_positive_zero(cuda_on_cpu):
@@ -340,31 +154,11 @@ def test_host_topk_streams_candidates_through_many_sorts(cuda_on_cpu):
 
 
 def test_host_topk_longer_than_the_kernel_buffer_uses_the_torch_stream(cuda_on_cpu):
-    h, w, _, _ = _cpu_pair((4,), 8, 8, 1500, torch.float32)
+    h, w, _, _ = _pair((4,), 8, 8, 1500, torch.float32)
     h, w = h.detach(), w.detach()
     ours = CudaOps().topk(Side(h, w), cuda_backend.MAX_K + 1, 1.0)
     ref = TorchOps().topk(Side(h, w), cuda_backend.MAX_K + 1, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
-
-
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_host_topk_divergence_matches_torch_backend(cuda_on_cpu, renormalize):
-    """renormalize=False also runs the differentiable log-sum-exp (logsumexp_forward/backward)."""
-    hs, ws, ht, wt = _cpu_pair((2, 9), 16, 24, 120, torch.float32)
-    kw = dict(k=8, support="union", renormalize=renormalize, temperature=1.1)
-    with chunk_budget(50):
-        ours = linear_topk_divergence(hs, ws, ht, wt, backend="cuda", **kw)
-        ours_g = grads(ours, (hs, ws))
-    ref = linear_topk_divergence(hs, ws, ht, wt, backend="torch", **kw)
-    assert rel_err(ours, ref) < 1e-5
-    for a, b in zip(ours_g, grads(ref, (hs, ws))):
-        assert rel_err(a, b) < 1e-5
-
-
-def test_host_fp64_is_refused_with_a_pointer_to_torch(cuda_on_cpu):
-    hs, ws, ht, wt = (t.detach().double() for t in _cpu_pair((3,), 16, 16, 40, torch.float32))
-    with pytest.raises(TypeError, match=r"backend='torch' for torch\.float64"):
-        linear_divergence(hs, ws, ht, wt, backend="cuda")
 
 
 def test_bindings_name_the_bad_argument(host_kernels):
@@ -444,7 +238,7 @@ def test_host_custom_ops_pass_opcheck(cuda_on_cpu):
 
 
 def test_host_driver_traces_under_torch_compile(cuda_on_cpu):
-    hs, ws, ht, wt = (t.detach() for t in _cpu_pair((6,), 8, 8, 50, torch.float32))
+    hs, ws, ht, wt = (t.detach() for t in _pair((6,), 8, 8, 50, torch.float32))
     spec = DivergenceSpec.make("jsd", 0.4, 1.2)
     weight = torch.full((6,), 1 / 6)
 
@@ -462,59 +256,6 @@ def test_host_driver_traces_under_torch_compile(cuda_on_cpu):
 # ---- 3. GPU tier: the real kernels ---------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not GPU_READY, reason="needs a CUDA GPU and the built extension opd_fast._C")
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_gpu_matches_reference_fp32(divergence, beta, reduction):
-    hs, ws, ht, wt = _pair((2, 19), 24, 40, 301, torch.float32, device="cuda")
-    mask = (torch.rand(2, 19, generator=torch.Generator().manual_seed(3)) > 0.25).cuda()
-    mask[1, :7] = False
-    kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=1.3, reduction=reduction)
-    _check_divergence(hs, ws, ht, wt, 2e-5, **kw)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
-def test_gpu_many_chunks_and_odd_shapes(divergence, beta):
-    hs, ws, ht, wt = _pair((37,), 20, 17, 97, torch.float32, device="cuda")
-    with chunk_budget(2):
-        _check_divergence(hs, ws, ht, wt, 2e-5, divergence=divergence, beta=beta, reduction="none")
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("lead", [(23,), (2, 3, 4)])
-def test_gpu_token_logprobs(lead):
-    g = torch.Generator().manual_seed(7)
-    h = torch.randn(*lead, 20, generator=g).cuda().requires_grad_()
-    w = (torch.randn(133, 20, generator=g) * 0.7).cuda().requires_grad_()
-    ids = torch.randint(0, 133, lead, generator=g).cuda()
-    with chunk_budget(2):
-        ours = linear_token_logprobs(h, w, ids, temperature=0.8, backend="cuda")
-        grad_output = torch.randn_like(ours)
-        ours_g = grads(ours, (h, w), grad_output)
-    exact = _exact(h, w)
-    ref = materialized_token_logprobs(*exact, ids, temperature=0.8)
-    assert rel_err(ours, ref) < 2e-5
-    for a, b in zip(ours_g, grads(ref, exact, grad_output.double())):
-        assert rel_err(a, b) < 2e-5
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [1, 16, 100])
-@pytest.mark.parametrize("budget", [1 << 22, 300])
-def test_gpu_topk_exact_ties_match_reference(dtype, k, budget):
-    hs, ws, ht, wt = (t.to(device="cuda", dtype=dtype) for t in _integer_pair(70, 5003))
-    with chunk_budget(budget):
-        ours = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=0.7, backend="cuda")
-    ref = materialized_topk_overlap(*(t.double() for t in (hs, ws, ht, wt)), k=k, temperature=0.7)
-    _assert_topk_equal(ours, ref, tol=1e-4)
 
 
 @gpu
