@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE
-from test_cuda_backend import cuda_on_cpu, host_kernels  # noqa: F401  (fixtures)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import opd_fast
@@ -199,7 +198,7 @@ def test_ids_out_of_range_are_refused_inside_the_compiled_graph():
         compiled(hidden, weight, bad)
 
 
-# ---- the cuda backend on the CPU: its host build (tests/test_cuda_backend.py's fixtures) --------------------
+# ---- the cuda backend on the CPU: its host build (tests/conftest.py's fixtures) --------------------
 
 
 @pytest.mark.slow  # builds csrc/ for the CPU once (~25 s, then cached)
