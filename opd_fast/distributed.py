@@ -233,16 +233,18 @@ class VocabParallelOps:
         return global_lse(local, self.shard)[0]
 
     def token_logits(self, side: Side, ids: torch.Tensor, temperature: float):
-        """(z_y, global lse): z_y from the shard that owns y (0 elsewhere), all-reduced."""
+        """(z_y, global lse, 0): z_y from the shard that owns y (0 elsewhere), all-reduced; the lse crossed the
+        ranks as one number, so its residual is 0."""
         dtype = _stat_dtype(side.hidden, side.weight)
         n_rows = side.hidden.shape[0]
         if self.shard.rows:
-            picked, local_lse = self.inner.token_logits(side, self._local_ids(ids), temperature)
+            picked, local_lse, _ = self.inner.token_logits(side, self._local_ids(ids), temperature)
             picked, local_lse = picked.to(dtype), local_lse.to(dtype)
         else:
             picked = side.hidden.new_zeros(n_rows, dtype=dtype)
             local_lse = side.hidden.new_full((n_rows,), -torch.inf, dtype=dtype)
-        return _all_reduce(picked.contiguous(), self.shard), global_lse(local_lse, self.shard)[0]
+        lse = global_lse(local_lse, self.shard)[0]
+        return _all_reduce(picked.contiguous(), self.shard), lse, torch.zeros_like(lse)
 
     def logits_backward(self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None) -> Grads:
         """∂lse/∂z_v = p_v on this shard's columns, plus [v = y] where this shard owns y; dh summed over

@@ -326,9 +326,9 @@ def token_logprobs(
     The ids' range is checked here, on real values: a compiled graph cannot read them."""
     check_token_range(ids, _SHARDS[shard].vocab if shard else w.shape[0])
     ops = _ops(backend, plan, shard, h.device)
-    picked, lse = ops.token_logits(Side(h, w, b, _head(head)), ids, temperature)
+    picked, lse, lse_lo = ops.token_logits(Side(h, w, b, _head(head)), ids, temperature)
     dtype = acc_dtype(h, w)
-    return (picked - lse).to(dtype), lse.to(dtype)
+    return ((picked - lse) - lse_lo).to(dtype), lse.to(dtype)
 
 
 @token_logprobs.register_fake

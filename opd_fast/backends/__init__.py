@@ -52,7 +52,8 @@ class Ops(Protocol):
         """Gradients of Σ w_n D_n from the statistics of an earlier forward."""
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """(z_y [N], lse [N]); log p(y) = z_y − lse."""
+        """(z_y [N], lse [N], lse_lo [N]); log p(y) = (z_y − lse) − lse_lo, the residual keeping log p(y) accurate
+        to ~ulp(log p) rather than ~ulp(lse) (docs/design.md §7)."""
 
     def logsumexp(self, side: Side, temperature: float) -> Tensor:
         """lse [N] of the final logits."""

@@ -580,11 +580,11 @@ class Sweep:
         return self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)[0]
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """(z_y [N], lse [N]): the logit of each row's token (0 where ``ids`` is outside these rows, e.g. −1)
-        and the row's log-sum-exp."""
+        """(z_y [N], lse [N], lse_lo [N]): the logit of each row's token (0 where ``ids`` is outside these rows,
+        e.g. −1), the row's log-sum-exp and its residual."""
         ops = self._operands([side], temperature)
         stats, _ = self._sweep("token_logprob", ops, ids, 0.0, None, None, Need(), 0.0)
-        return stats.loss, stats.student_lse
+        return stats.loss, stats.student_lse, lse_lo(stats)[0]
 
     def logsumexp(self, side: Side, temperature: float) -> Tensor:
         ops = self._operands([side], temperature)

@@ -165,10 +165,10 @@ class TritonStreamingOps:
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float):
         p = _Prepared(side, temperature)
-        (lse, _), _, picked = softmax_stats(
+        (lse, lse_lo), _, picked = softmax_stats(
             p.hidden, p.weight, None, None, ids, p.head, None, mode="token_logprob", precision=p.precision
         )
-        return picked, lse
+        return picked, lse, lse_lo
 
     def logsumexp(self, side: Side, temperature: float) -> Tensor:
         p = _Prepared(side, temperature)
