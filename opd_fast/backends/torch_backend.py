@@ -129,26 +129,12 @@ def _one_hot_minus(p: Tensor, ids: Tensor, v_lo: int) -> Tensor:
     return g
 
 
-def _minus_times(x: Tensor, offset: Tensor, scale: Tensor, p: Tensor, out: Tensor | None) -> Tensor:
-    """(x − offset) · scale · p per row in two passes (one addcmul, one multiply), in place of ``x`` or into
-    ``out``: the reverse-KL logit gradient p_s ⊙ (lp_s − lp_t − D) with the row weights folded in. (JSD keeps
-    its own order: its log-ratio sits close to the center, where this form loses a digit.)"""
-    shift = (offset * scale).neg_()[:, None]
-    return torch.addcmul(shift, x, scale[:, None], out=x if out is None else out).mul_(p)
-
-
-def _scale_rows(g: Tensor, scale: Tensor, out: Tensor | None) -> Tensor:
-    """g · scale per row, in place or into ``out``."""
-    return g.mul_(scale[:, None]) if out is None else torch.mul(g, scale[:, None], out=out)
-
-
 def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(log_softmax(z), lse(z), lse_lo) per row: log_softmax keeps the max m and log Σ apart, its entry at z's
-    argmax being −log Σ, so lse = m − log p[argmax] and the residual lse_lo = (m − lse) − log p[argmax]
-    (sweep.split_lse). Reading log p at z's argmax instead of taking its own max saves one pass over the row."""
+    """(log_softmax(z), lse(z), lse_lo) per row: log_softmax keeps the max m and log Σ apart, its largest entry
+    being −log Σ, so lse = m − max log p and the residual lse_lo = (m − lse) − max log p (sweep.split_lse).
+    (Two amax passes cost far less than one index-tracking max: amax is a vectorized reduction.)"""
     log_probs = torch.log_softmax(z, dim=-1)
-    m, at = z.max(dim=-1)
-    top = log_probs.gather(1, at[:, None]).squeeze(1)
+    m, top = z.amax(dim=-1), log_probs.amax(dim=-1)
     lse = m - top
     return log_probs, lse, torch.where(torch.isfinite(lse), (m - lse) - top, 0.0)
 
@@ -219,13 +205,9 @@ class TorchEpilogue:
     def full_rows(self, zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> tuple[DivergenceStats, Tensor | None]:
         """Statistics and logit gradient of whole vocabulary rows from log_softmax, which keeps each row's max
         and log Σ apart (log p accurate to ~ulp(log p), not ~ulp(lse)), in one fused pass per model: fewer passes
-        over the tile than the online merge + grad path, which the tiled plan needs. The row weights (and a
-        constant chain factor) ride in the gradient's last passes instead of a pass of their own."""
+        over the tile than the online merge + grad path, which the tiled plan needs."""
         a = final_logits(zs, hs)
         chain = head_chain(a, hs) if row_weight is not None else None
-        scale = None
-        if row_weight is not None:
-            scale = row_weight if isinstance(chain, Tensor) else row_weight * chain
         lp_s, lse_s, lo_s = _log_softmax_and_lse(a)
         zeros = torch.zeros_like(lse_s)
         g = None
@@ -235,28 +217,27 @@ class TorchEpilogue:
                 p_s = lp_s.exp()
                 diff = lp_s.sub_(lp_t)  # log p_s − log p_t
                 loss = center = _rowdot(p_s, diff)
-                if scale is not None:
-                    g = _minus_times(diff, loss, scale, p_s, out)
+                if row_weight is not None:
+                    g = diff.sub_(loss[:, None]).mul_(p_s)
             elif mode == "forward_kl":
                 p_t = lp_t.exp()
                 loss, center = _rowdot(p_t, lp_t - lp_s), zeros
-                if scale is not None:
-                    g = _scale_rows(lp_s.exp_().sub_(p_t), scale, out)
+                if row_weight is not None:
+                    g = lp_s.exp_().sub_(p_t)
             else:
                 p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
                 loss, center = jsd_loss(torch.stack([fs.sum(dim=-1), ft.sum(dim=-1), _rowdot(p_s, log_s)]), beta)
-                if scale is not None:
-                    g = _scale_rows(log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s), scale, out)
+                if row_weight is not None:
+                    g = log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s)
             stats = DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t)
         else:
             token = mode == "token_logprob"
             stats = DivergenceStats(_token_logit(a, ids, 0) if token else zeros, lse_s, lse_s, zeros, lo_s, lo_s)
-            if scale is not None:
-                p = lp_s.exp_()
-                g = _scale_rows(_one_hot_minus(p, ids, 0) if token else p, scale, out)
+            if row_weight is not None:
+                g = _one_hot_minus(lp_s.exp_(), ids, 0) if token else lp_s.exp_()
         if g is None:
             return stats, None
-        return stats, g.mul_(chain) if isinstance(chain, Tensor) else g
+        return stats, self._finish_grad(g, chain, row_weight, out)
 
     @staticmethod
     def _finish_grad(g: Tensor, chain: Tensor | float, row_weight: Tensor, out: Tensor | None) -> Tensor:
