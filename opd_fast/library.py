@@ -38,6 +38,7 @@ from opd_fast._validation import DivergenceSpec, check_token_range
 from opd_fast.backends import get_backend
 from opd_fast.backends.sweep import lse_lo
 from opd_fast.chunking import get_chunk_budget
+from opd_fast.memory import TensorMemoryTracker
 from opd_fast.types import DivergenceStats, Grads, HeadTransform, Need, Side
 
 Tensor = torch.Tensor
@@ -53,22 +54,23 @@ _SHARDS: dict[str, object] = {}
 
 # FlopCounterMode counts the aten ops it sees; a custom op's body runs below the mode, so without this rule the
 # GEMMs inside opd_fast's ops would count 0 (tests/test_plans.py measures the plans' GEMM FLOPs this way).
-_FLOP_COUNTER_MODE = getattr(flop_counter, "_FlopCounterMode", None)
+# The same holds for opd_fast.memory.TensorMemoryTracker, which measures the CPU peak memory of the plans.
+_COUNTING_MODES = [mode for mode in (getattr(flop_counter, "_FlopCounterMode", None), TensorMemoryTracker) if mode]
 
 
 def _custom_op(name: str):
     """``torch.library.custom_op("opd_fast::name")`` (no input is mutated), whose body runs with an active
-    FLOP counter still counting."""
+    FLOP counter or memory tracker still counting."""
 
     def register(fn):
         op = torch.library.custom_op(f"opd_fast::{name}", mutates_args=())(fn)
-        if _FLOP_COUNTER_MODE is not None:
 
-            def count_inside(mode, func, types, args, kwargs):
-                with mode:
-                    return fn(*args, **kwargs)
+        def count_inside(mode, func, types, args, kwargs):
+            with mode:
+                return fn(*args, **kwargs)
 
-            op.register_torch_dispatch(_FLOP_COUNTER_MODE, count_inside)
+        for mode in _COUNTING_MODES:
+            op.register_torch_dispatch(mode, count_inside)
         return op
 
     return register

@@ -44,6 +44,18 @@ def test_token_logprobs_and_topk_never_allocate_n_by_v(pair):
     _assert_bounded(tracker)
 
 
+def test_tracker_sees_inside_the_custom_ops(pair):
+    """The fused functions are torch.library ops whose bodies run below the dispatch mode; the tracker is registered
+    to follow them inside, so it sees each chunk's logits tile (64 rows here, larger than any [N or V, H] tensor)
+    and the bounds above are not vacuous."""
+    hs, ws, ht, wt = pair
+    rows = 64
+    with chunk_budget(rows * V), TensorMemoryTracker() as tracker:
+        linear_divergence(hs, ws, ht, wt, backend="torch").backward()
+    assert tracker.largest_numel == rows * V
+    assert tracker.peak_bytes >= 2 * rows * V * 4  # both models' chunk logits
+
+
 def test_tracker_sees_the_materialized_baseline(pair):
     """The guard would catch an N×V allocation: the naive loss trips it."""
     hs, ws, ht, wt = pair
