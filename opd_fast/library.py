@@ -168,9 +168,8 @@ def divergence(
 
     loss: a scalar for "mean" (over the rows ``mask`` counts; 0 when none) and "sum", fp32 ``[N]`` for "none"
     (0 at rows left out). statistics: for "none", ``[6, N]`` (loss, lse_s, lse_t, center, lse_lo_s, lse_lo_t) for
-    the backward,
-    else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs, ws, bs where ``need`` says,
-    else empty.
+    the backward, else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs, ws, bs where
+    ``need`` says, else empty.
     """
     ops = _ops(backend, plan, shard, hs.device)
     spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip)

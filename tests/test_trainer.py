@@ -223,32 +223,6 @@ def test_cli_train_with_yaml_and_overrides(models, tmp_path):
     assert bad.returncode == 2 and "optim.lr must be in" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_ddp_two_processes_on_cpu(models, tmp_path):
-    student, teacher = models
-    out = tmp_path / "ddp"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        str(Path(__file__).with_name("ddp_worker.py")),
-        str(student),
-        str(teacher),
-        str(out),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    checksums = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert checksums[0]["weights"] == checksums[1]["weights"]  # DDP kept the replicas identical
-    assert checksums[0]["weights"] != checksums[0]["initial"]  # and they trained
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len([json.loads(line) for line in lines if "loss" in json.loads(line)]) == 2  # rank 0 logs, once
-
-
 def _torchrun(script: str, *args) -> subprocess.CompletedProcess:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -263,6 +237,18 @@ def _torchrun(script: str, *args) -> subprocess.CompletedProcess:
         *map(str, args),
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_two_processes_on_cpu(models, tmp_path):
+    student, teacher = models
+    out = tmp_path / "ddp"
+    result = _torchrun("ddp_worker.py", student, teacher, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert checksums[0]["weights"] == checksums[1]["weights"]  # DDP kept the replicas identical
+    assert checksums[0]["weights"] != checksums[0]["initial"]  # and they trained
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len([json.loads(line) for line in lines if "loss" in json.loads(line)]) == 2  # rank 0 logs, once
 
 
 def test_fsdp_two_processes_match_ddp_and_resume(models, tmp_path):
