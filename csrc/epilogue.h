@@ -42,6 +42,7 @@ enum GradDtype : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
 constexpr int64_t kMaxTopK = 1024;
 
 OPD_HD constexpr bool two_models(int mode) { return mode == kReverseKL || mode == kForwardKL || mode == kJSD; }
+OPD_HD constexpr bool is_kl(int mode) { return mode == kReverseKL || mode == kForwardKL; }
 
 // A model's output head on one chunk: z = post · c·tanh(pre · (x + b_j) / c), with no tanh when c = 0 (no
 // softcap) and no bias when `bias` is null (else it points at the chunk's first column). post is 1/τ, so
@@ -67,28 +68,23 @@ struct Head {
   }
 };
 
-// Online softmax with one extra accumulator: m = max z, s = Σ e^{z−m}, a = Σ e^{z−m}·x. When the max
-// grows from m to z both sums are rescaled by e^{m−z}, so (m, s, a) always describe the same values
-// relative to the current max. s = 0 marks an empty state (a non-empty one holds e^0 = 1 for its max).
+// Online softmax: m = max z, s = Σ e^{z−m}. When the max grows from m to z, s is rescaled by e^{m−z}, so
+// (m, s) always describe the same values relative to the current max. s = 0 marks an empty state (a
+// non-empty one holds e^0 = 1 for its max).
 struct OnlineAcc {
-  float m, s, a;
+  float m, s;
 
-  OPD_HD static OnlineAcc empty() { return {-INFINITY, 0.f, 0.f}; }
+  OPD_HD static OnlineAcc empty() { return {-INFINITY, 0.f}; }
 
-  OPD_HD void add(float z, float x) {
+  OPD_HD void add(float z) {
     if (s == 0.f) {
       m = z;
       s = 1.f;
-      a = x;
     } else if (z > m) {
-      const float f = expf(m - z);
-      s = s * f + 1.f;
-      a = a * f + x;
+      s = s * expf(m - z) + 1.f;
       m = z;
     } else {
-      const float e = expf(z - m);
-      s += e;
-      a += e * x;
+      s += expf(z - m);
     }
   }
 };
@@ -98,17 +94,59 @@ OPD_HD OnlineAcc merge(const OnlineAcc& p, const OnlineAcc& q) {
   if (q.s == 0.f) return p;
   if (p.s == 0.f) return q;
   const float m = p.m > q.m ? p.m : q.m;
-  const float fp = expf(p.m - m), fq = expf(q.m - m);
-  return {m, p.s * fp + q.s * fq, p.a * fp + q.a * fq};
+  return {m, p.s * expf(p.m - m) + q.s * expf(q.m - m)};
 }
 
-// The student's and the teacher's online states of one row.
+// The online states of one row's two models. `lead` is the model whose probabilities weigh the KL (the
+// student for reverse KL, the teacher for forward KL; the student in the other modes), `other` the other
+// one (unused with one model), and, in the KL modes,
+//     kl = Σ e^{x − m}((x − m) − (y − m_o)),    x the lead's logits, y the other's,
+// relative to both maxes: when either max grows, every earlier term moves by the change. The divergence is
+// then kl / s − log s + log s_o, a sum of small numbers, where Σ e^{x − m}(x − y) / s − (lse_x − lse_y)
+// would cancel to ~ulp(|z|) when the two heads' logits sit far apart.
 struct PairAcc {
-  OnlineAcc s, t;
+  OnlineAcc lead, other;
+  float kl;
+
+  OPD_HD void add_kl(float x, float y) {
+    if (lead.s == 0.f) {
+      lead = {x, 1.f};
+      other = {y, 1.f};
+      kl = 0.f;
+      return;
+    }
+    float moved = 0.f;  // how far the earlier terms' (x − m) − (y − m_o) move with the new maxes
+    if (x > lead.m) {
+      const float f = expf(lead.m - x);
+      moved += lead.m - x;
+      lead.s *= f;
+      kl *= f;
+      lead.m = x;
+    }
+    if (y > other.m) {
+      moved -= other.m - y;
+      other.s *= expf(other.m - y);
+      other.m = y;
+    }
+    const float e = expf(x - lead.m);
+    kl += lead.s * moved + e * ((x - lead.m) - (y - other.m));
+    lead.s += e;
+    other.s += expf(y - other.m);
+  }
 };
 
+// p's KL accumulator moved to the maxes (m, m_o) ≥ p's (0 for an empty state).
+OPD_HD float kl_moved(const PairAcc& p, float m, float m_o) {
+  if (p.lead.s == 0.f) return 0.f;
+  return expf(p.lead.m - m) * (p.kl + p.lead.s * ((p.lead.m - m) - (p.other.m - m_o)));
+}
+
+template <bool kKl>
 struct MergePairAcc {
-  OPD_HD PairAcc operator()(const PairAcc& p, const PairAcc& q) const { return {merge(p.s, q.s), merge(p.t, q.t)}; }
+  OPD_HD PairAcc operator()(const PairAcc& p, const PairAcc& q) const {
+    const OnlineAcc lead = merge(p.lead, q.lead), other = merge(p.other, q.other);
+    return {lead, other, kKl ? kl_moved(p, lead.m, other.m) + kl_moved(q, lead.m, other.m) : 0.f};
+  }
 };
 
 // Online softmax statistics for the entropy: m, s = Σ e^{z−m} and t = Σ e^{z−m}(z − m), so that at the
@@ -183,47 +221,42 @@ OPD_HD int64_t token_column(const int64_t* ids, int64_t n, int64_t v_lo, int64_t
 // ---------------------------------------------------------------------------------------------------
 // Forward statistics. The running state of a row lives in `state` at stride `stride` (= N) as
 //     [m_s, s_s, m_t, s_t, acc]
-// with, per mode (D from the final values, lse = m + log s):
-//     reverse KL:  acc = Σ e^{z_s − m_s}(z_s − z_t)   (rescaled with the student)  D = acc/s_s − lse_s + lse_t
-//     forward KL:  acc = Σ e^{z_t − m_t}(z_t − z_s)   (rescaled with the teacher)  D = acc/s_t − lse_t + lse_s
+// with, per mode (opd_fast.backends.sweep.finalize; lse = m + log s):
+//     reverse KL:  acc = Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t))   D = acc/s_s − log s_s + log s_t
+//     forward KL:  acc = Σ e^{z_t − m_t}((z_t − m_t) − (z_s − m_s))   D = acc/s_t − log s_t + log s_s
 //     token:       acc = z_y, the logit of the row's token (from the one chunk that holds it)
 //     JSD, logsumexp: acc unused (JSD's terms need the final lse: row_jsd_terms, a second pass)
 // Each chunk's row state is reduced over the group, then merged into the running state by rank 0.
 template <int kMode, class Group>
 OPD_HD void row_softmax_stats(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
                               const Head& hs, const Head& ht, float* state, int64_t stride, PairAcc* scratch) {
-  PairAcc local = {OnlineAcc::empty(), OnlineAcc::empty()};
+  PairAcc local = {OnlineAcc::empty(), OnlineAcc::empty(), 0.f};
   for (int64_t j = g.rank(); j < width; j += g.size()) {
     const float a = hs.apply(zs[j], j);
     if (kMode == kReverseKL) {
-      const float b = ht.apply(zt[j], j);
-      local.s.add(a, a - b);
-      local.t.add(b, 0.f);
+      local.add_kl(a, ht.apply(zt[j], j));
     } else if (kMode == kForwardKL) {
-      const float b = ht.apply(zt[j], j);
-      local.s.add(a, 0.f);
-      local.t.add(b, b - a);
-    } else if (kMode == kJSD) {
-      local.s.add(a, 0.f);
-      local.t.add(ht.apply(zt[j], j), 0.f);
+      local.add_kl(ht.apply(zt[j], j), a);
     } else {
-      local.s.add(a, 0.f);
+      local.lead.add(a);
+      if (kMode == kJSD) local.other.add(ht.apply(zt[j], j));
     }
   }
-  const PairAcc row = all_reduce(g, local, MergePairAcc(), scratch);
+  const MergePairAcc<is_kl(kMode)> merge_rows;
+  const PairAcc row = all_reduce(g, local, merge_rows, scratch);
   if (g.rank() != 0) return;
-  const bool acc_student = kMode == kReverseKL, acc_teacher = kMode == kForwardKL;
-  const OnlineAcc s = merge(OnlineAcc{state[0], state[stride], acc_student ? state[4 * stride] : 0.f}, row.s);
-  state[0] = s.m;
-  state[stride] = s.s;
-  if (acc_student) state[4 * stride] = s.a;
+  float* lead = kMode == kForwardKL ? state + 2 * stride : state;  // (m, s) of the lead model, then the other's
+  float* other = kMode == kForwardKL ? state : state + 2 * stride;
+  const PairAcc old = {OnlineAcc{lead[0], lead[stride]}, OnlineAcc{other[0], other[stride]},
+                       is_kl(kMode) ? state[4 * stride] : 0.f};
+  const PairAcc merged = merge_rows(old, row);
+  lead[0] = merged.lead.m;
+  lead[stride] = merged.lead.s;
   if (two_models(kMode)) {
-    const float acc = acc_teacher ? state[4 * stride] : 0.f;
-    const OnlineAcc t = merge(OnlineAcc{state[2 * stride], state[3 * stride], acc}, row.t);
-    state[2 * stride] = t.m;
-    state[3 * stride] = t.s;
-    if (acc_teacher) state[4 * stride] = t.a;
+    other[0] = merged.other.m;
+    other[stride] = merged.other.s;
   }
+  if (is_kl(kMode)) state[4 * stride] = merged.kl;
   if (kMode == kTokenLogprob && y_col >= 0) state[4 * stride] += hs.apply(zs[y_col], y_col);
 }
 

@@ -2,7 +2,7 @@
 //
 // The chunk's fp32 logits come from cuBLAS (torch.mm in opd_fast/backends/cuda_backend.py); these
 // kernels are the epilogue. Grid: one block of kThreads per token row. Each thread folds its strided
-// columns into an online-softmax state (epilogue.h: OnlineAcc), the block reduces the states, and
+// columns into an online-softmax state (epilogue.h: PairAcc), the block reduces the states, and
 // thread 0 merges the result into the row's running state from earlier chunks. Only O(N) numbers
 // persist between chunks; the JSD terms need the final log-sum-exps and take a second sweep.
 #include "block.cuh"

@@ -6,10 +6,11 @@ The Triton twin of csrc/softmax_stats.cu and csrc/logit_grad.cu, for the shared 
 and 1/τ turn them into final logits z on the fly (:func:`opd_fast.kernels._common.apply_head`).
 
 * ``stats_update`` (grid: one program per row) walks the row in blocks of BV columns keeping per-lane
-  online-softmax state — m = max z, s = Σ e^{z − m}, and one accumulator (reverse KL: Σ e^{z_s − m_s}(z_s − z_t);
-  forward KL: Σ e^{z_t − m_t}(z_t − z_s); token: z_y) — then combines the lanes (a tree, so fp32 error does
-  not grow with the row length) and merges the result into the row's running state [5, r] from earlier
-  tiles. Same layout and meaning as csrc/epilogue.h.
+  online-softmax state — m = max z, s = Σ e^{z − m}, and one accumulator (reverse KL:
+  Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t)), relative to both maxes so that nothing of size |z| cancels;
+  forward KL: the same with the models' roles swapped; token: z_y) — then combines the lanes (a tree, so fp32
+  error does not grow with the row length) and merges the result into the row's running state [5, r] from
+  earlier tiles. Same layout and meaning as csrc/epilogue.h and opd_fast.backends.sweep.finalize.
 * ``jsd_update`` (one program per row) adds Σ p_s (x − log1p x) and Σ p_t (y − log1p y) — KL(p_s‖m) and
   KL(p_t‖m) in a cancellation-free form (:func:`opd_fast.kernels._common.jsd_parts`) — given the final lse.
 * ``logit_grad`` (grid: rows × column blocks, purely elementwise) writes G = w · ∂D/∂x: the per-token
@@ -47,10 +48,67 @@ def _block(width: int) -> int:
 
 
 @triton.jit
-def _lane_merge(m, s, a, m_new_tile, e_sum, a_sum):
-    """Per lane: add a block with max m_new_tile (already ≥ m), Σ e^{z − m_new} and Σ e^{z − m_new}·x."""
-    alpha = tl.where(m == -float("inf"), 0.0, tl.exp(m - m_new_tile))
-    return m_new_tile, s * alpha + e_sum, a * alpha + a_sum
+def _rescaled(m, s, m_new):
+    """Σ e^{z − m} = s brought to the larger max m_new (0 for an empty state, m = −inf; NaN stays NaN)."""
+    return tl.where(m == -float("inf"), 0.0, tl.exp(m - m_new) * s)
+
+
+@triton.jit
+def _kl_shift(m, s, m_other, acc, m_new, m_other_new):
+    """A KL accumulator Σ e^{x − m}((x − m) − (y − m_other)) with weights s moved to larger maxes
+    (opd_fast.backends.sweep.kl_shift); 0 for an empty state."""
+    return _rescaled(m, acc + s * ((m - m_new) - (m_other - m_other_new)), m_new)
+
+
+@triton.jit
+def _kl_lane_update(m, s, m_o, s_o, acc, x, y, valid):
+    """Per lane: add one block of the lead model's logits x and the other's y (masked lanes: valid = False) to the
+    KL state (m, s) of the lead, (m_o, s_o) of the other and acc relative to both maxes."""
+    x = tl.where(valid, x, -float("inf"))
+    y = tl.where(valid, y, -float("inf"))
+    m_new = tl.maximum(m, x)
+    mo_new = tl.maximum(m_o, y)
+    e = tl.where(valid, tl.exp(x - m_new), 0.0)
+    e_o = tl.where(valid, tl.exp(y - mo_new), 0.0)
+    term = e * tl.where(valid, (x - m_new) - (y - mo_new), 0.0)
+    acc = _kl_shift(m, s, m_o, acc, m_new, mo_new) + term
+    s = _rescaled(m, s, m_new) + e
+    s_o = _rescaled(m_o, s_o, mo_new) + e_o
+    return m_new, s, mo_new, s_o, acc
+
+
+@triton.jit
+def _kl_row_merge(state_lead, state_other, acc_ptr, n_state, m, s, m_o, s_o, acc):
+    """Lanes → row (a tree), then merged into the row's running KL state at ``state_lead`` (m, s at stride
+    n_state), ``state_other`` and ``acc_ptr``."""
+    row_m = tl.max(m, 0)
+    row_mo = tl.max(m_o, 0)
+    row_acc = tl.sum(_kl_shift(m, s, m_o, acc, row_m, row_mo), 0)
+    row_s = tl.sum(_rescaled(m, s, row_m), 0)
+    row_so = tl.sum(_rescaled(m_o, s_o, row_mo), 0)
+    old_m = tl.load(state_lead)
+    old_s = tl.load(state_lead + n_state)
+    old_mo = tl.load(state_other)
+    old_so = tl.load(state_other + n_state)
+    new_m = tl.maximum(old_m, row_m)
+    new_mo = tl.maximum(old_mo, row_mo)
+    acc_sum = _kl_shift(old_m, old_s, old_mo, tl.load(acc_ptr), new_m, new_mo)
+    tl.store(acc_ptr, acc_sum + _kl_shift(row_m, row_s, row_mo, row_acc, new_m, new_mo))
+    tl.store(state_lead, new_m)
+    tl.store(state_lead + n_state, _rescaled(old_m, old_s, new_m) + _rescaled(row_m, row_s, new_m))
+    tl.store(state_other, new_mo)
+    tl.store(state_other + n_state, _rescaled(old_mo, old_so, new_mo) + _rescaled(row_mo, row_so, new_mo))
+
+
+@triton.jit
+def _row_merge(state, n_state, m, s):
+    """Lanes' (max, Σ e^{z − max}) → the row's, merged into its running (m, s) at ``state`` (stride n_state)."""
+    row_m = tl.max(m, 0)
+    row_s = tl.sum(_rescaled(m, s, row_m), 0)
+    old_m = tl.load(state)
+    new_m = tl.maximum(old_m, row_m)
+    tl.store(state, new_m)
+    tl.store(state + n_state, _rescaled(old_m, tl.load(state + n_state), new_m) + _rescaled(row_m, row_s, new_m))
 
 
 @triton.jit
@@ -92,60 +150,39 @@ def _stats_update_kernel(
         m_c = o_c < width
         x = tl.load(p_zs + o_c, mask=m_c, other=0.0)
         a = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
-        a = tl.where(m_c, a, -float("inf"))
-        ms_new = tl.maximum(b_ms, a)
-        e_s = tl.where(m_c, tl.exp(a - ms_new), 0.0)
         if MODE <= JSD:  # two models
             y = tl.load(p_zt + o_c, mask=m_c, other=0.0)
             b = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-            b = tl.where(m_c, b, -float("inf"))
-            mt_new = tl.maximum(b_mt, b)
-            e_t = tl.where(m_c, tl.exp(b - mt_new), 0.0)
-            diff = tl.where(m_c, a - b, 0.0)
-            if MODE == REVERSE_KL:
-                b_ms, b_ss, b_acc = _lane_merge(b_ms, b_ss, b_acc, ms_new, e_s, e_s * diff)
-                b_mt, b_st, _unused = _lane_merge(b_mt, b_st, b_st, mt_new, e_t, e_t)
-            elif MODE == FORWARD_KL:
-                b_ms, b_ss, _unused = _lane_merge(b_ms, b_ss, b_ss, ms_new, e_s, e_s)
-                b_mt, b_st, b_acc = _lane_merge(b_mt, b_st, b_acc, mt_new, e_t, -e_t * diff)
-            else:
-                b_ms, b_ss, _unused = _lane_merge(b_ms, b_ss, b_ss, ms_new, e_s, e_s)
-                b_mt, b_st, _unused = _lane_merge(b_mt, b_st, b_st, mt_new, e_t, e_t)
+        if MODE == REVERSE_KL:
+            b_ms, b_ss, b_mt, b_st, b_acc = _kl_lane_update(b_ms, b_ss, b_mt, b_st, b_acc, a, b, m_c)
+        elif MODE == FORWARD_KL:
+            b_mt, b_st, b_ms, b_ss, b_acc = _kl_lane_update(b_mt, b_st, b_ms, b_ss, b_acc, b, a, m_c)
         else:
-            b_ms, b_ss, _unused = _lane_merge(b_ms, b_ss, b_ss, ms_new, e_s, e_s)
+            a = tl.where(m_c, a, -float("inf"))
+            ms_new = tl.maximum(b_ms, a)
+            b_ss = _rescaled(b_ms, b_ss, ms_new) + tl.where(m_c, tl.exp(a - ms_new), 0.0)
+            b_ms = ms_new
+            if MODE == JSD:
+                b = tl.where(m_c, b, -float("inf"))
+                mt_new = tl.maximum(b_mt, b)
+                b_st = _rescaled(b_mt, b_st, mt_new) + tl.where(m_c, tl.exp(b - mt_new), 0.0)
+                b_mt = mt_new
             if MODE == TOKEN_LOGPROB:
                 col = tl.load(ids_ptr + i_n) - v_lo
                 b_acc += tl.where(o_c == col, tl.where(m_c, a, 0.0), 0.0)
 
     # Lanes → row (a tree reduction), then merge into the running state of earlier tiles.
     p_state = state_ptr + i_n
-    ms = tl.max(b_ms, 0)
-    scale_s = tl.where(b_ms == -float("inf"), 0.0, tl.exp(b_ms - ms))
-    ss = tl.sum(b_ss * scale_s, 0)
-    m_old = tl.load(p_state)
-    m_row = tl.maximum(m_old, ms)
-    f_old = tl.where(m_old == -float("inf"), 0.0, tl.exp(m_old - m_row))
-    f_new = tl.exp(ms - m_row)
-    tl.store(p_state, m_row)
-    tl.store(p_state + n_state, tl.load(p_state + n_state) * f_old + ss * f_new)
     if MODE == REVERSE_KL:
-        acc = tl.sum(b_acc * scale_s, 0)
-        tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) * f_old + acc * f_new)
-    if MODE <= JSD:
-        mt = tl.max(b_mt, 0)
-        scale_t = tl.where(b_mt == -float("inf"), 0.0, tl.exp(b_mt - mt))
-        st = tl.sum(b_st * scale_t, 0)
-        mt_old = tl.load(p_state + 2 * n_state)
-        mt_row = tl.maximum(mt_old, mt)
-        ft_old = tl.where(mt_old == -float("inf"), 0.0, tl.exp(mt_old - mt_row))
-        ft_new = tl.exp(mt - mt_row)
-        tl.store(p_state + 2 * n_state, mt_row)
-        tl.store(p_state + 3 * n_state, tl.load(p_state + 3 * n_state) * ft_old + st * ft_new)
-        if MODE == FORWARD_KL:
-            acc = tl.sum(b_acc * scale_t, 0)
-            tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) * ft_old + acc * ft_new)
-    if MODE == TOKEN_LOGPROB:
-        tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) + tl.sum(b_acc, 0))
+        _kl_row_merge(p_state, p_state + 2 * n_state, p_state + 4 * n_state, n_state, b_ms, b_ss, b_mt, b_st, b_acc)
+    elif MODE == FORWARD_KL:
+        _kl_row_merge(p_state + 2 * n_state, p_state, p_state + 4 * n_state, n_state, b_mt, b_st, b_ms, b_ss, b_acc)
+    else:
+        _row_merge(p_state, n_state, b_ms, b_ss)
+        if MODE == JSD:
+            _row_merge(p_state + 2 * n_state, n_state, b_mt, b_st)
+        if MODE == TOKEN_LOGPROB:
+            tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) + tl.sum(b_acc, 0))
 
 
 def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> None:

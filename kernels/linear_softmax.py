@@ -9,15 +9,18 @@ vocabulary in tiles of BV, builds the logits tiles with tl.dot and keeps per row
 
 for the student (and the teacher), plus one accumulator that depends on MODE:
 
-    reverse KL:  A = Σ e^{z_s − m_s} (z_s − z_t)   →  D = A / S_s − lse_s + lse_t
-    forward KL:  B = Σ e^{z_t − m_t} (z_t − z_s)   →  D = B / S_t − lse_t + lse_s
+    reverse KL:  A = Σ e^{z_s − m_s} ((z_s − m_s) − (z_t − m_t))   →  D = A / S_s − log S_s + log S_t
+    forward KL:  B = Σ e^{z_t − m_t} ((z_t − m_t) − (z_s − m_s))   →  D = B / S_t − log S_t + log S_s
     token:       z_y, the logit of the row's token  →  log p(y) = z_y − lse
     logsumexp:   nothing (one model, lse only)
     JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``, in the
                  cancellation-free form of ``_common.jsd_parts``)
 
-Partial results per split land in a [5, splits, N] buffer and are merged on the host side with the same
-rescaling (O(N · splits) work). Each lse comes with its fp32 rounding residual lse_lo = (m − lse) + log S, so
+The KL accumulators are kept relative to both running maxes (when a max grows, every earlier term moves by the
+change: opd_fast.backends.sweep.kl_shift), so the divergence is a sum of small numbers and never the difference of
+E_p[z_s − z_t] and lse_s − lse_t, which cancel to ~ulp(|z|) when the two heads' logits sit far apart. Partial
+results per split land in a [5, splits, N] buffer and are merged on the host side with the same rescaling
+(O(N · splits) work). Each lse comes with its fp32 rounding residual lse_lo = (m − lse) + log S, so
 that later passes take log p = (z − lse) − lse_lo: the row's shift and log S kept apart, accurate to
 ~ulp(log p), where z − lse would carry ~ulp(lse). Memory: O(N) per output; no [N, V] tensor exists.
 """
@@ -120,8 +123,8 @@ def _softmax_stats_fwd_kernel(
         ms_new = tl.maximum(b_ms, tl.max(zm_s, 1))
         alpha_s = tl.exp(b_ms - ms_new)
         e_s = tl.exp(zm_s - ms_new[:, None])
+        b_ss_old = b_ss
         b_ss = b_ss * alpha_s + tl.sum(e_s, 1)
-        b_ms = ms_new
         if MODE <= JSD:  # two models
             z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
@@ -129,12 +132,18 @@ def _softmax_stats_fwd_kernel(
             mt_new = tl.maximum(b_mt, tl.max(zm_t, 1))
             alpha_t = tl.exp(b_mt - mt_new)
             e_t = tl.exp(zm_t - mt_new[:, None])
+            b_st_old = b_st
             b_st = b_st * alpha_t + tl.sum(e_t, 1)
-            b_mt = mt_new
+            # Each term relative to both maxes: earlier terms move by the change of the maxes (0 on the first tile,
+            # whose acc and weights are 0: the guard keeps −inf − (−inf) out of it).
+            d_max = tl.where(b_ms == -float("inf"), 0.0, (b_ms - ms_new) - (b_mt - mt_new))
+            rel = tl.where(m_v[None, :], (z_s - ms_new[:, None]) - (z_t - mt_new[:, None]), 0.0)
             if MODE == REVERSE_KL:
-                b_acc = b_acc * alpha_s + tl.sum(e_s * (z_s - z_t), 1)
+                b_acc = (b_acc + b_ss_old * d_max) * alpha_s + tl.sum(e_s * rel, 1)
             if MODE == FORWARD_KL:
-                b_acc = b_acc * alpha_t + tl.sum(e_t * (z_t - z_s), 1)
+                b_acc = (b_acc - b_st_old * d_max) * alpha_t - tl.sum(e_t * rel, 1)
+            b_mt = mt_new
+        b_ms = ms_new
         if MODE == TOKEN_LOGPROB:
             b_acc += tl.sum(tl.where(o_v[None, :] == b_y[:, None], z_s, 0.0), 1)
 
@@ -160,12 +169,12 @@ def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | 
 
 
 def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: str, n_splits: int | None = None):
-    """Per-row ((lse_s, lse_lo_s), (lse_t, lse_lo_t), acc) of the module docstring; ``ht``/``wt``/``head_t`` are
+    """Per-row ((lse_s, lse_lo_s), (lse_t, lse_lo_t), value) of the module docstring; ``ht``/``wt``/``head_t`` are
     None in one-model modes.
 
     Heads are (bias | None, pre, softcap | None, post = 1/τ) of the whole vocabulary. Returns fp32 [N]
-    tensors: each model's lse and its residual (one model: the teacher's pair is None), and the merged
-    accumulator (A / S_s for reverse KL, B / S_t for forward KL, z_y for tokens, zeros otherwise).
+    tensors: each model's lse and its residual (one model: the teacher's pair is None), and the value: the
+    divergence D for the two KLs, z_y for tokens, zeros otherwise.
     """
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
@@ -208,28 +217,35 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
             HAS_SOFTCAP_T=has_cap_t,
         )
     m_s, s_s, m_t, s_t, acc = part
-    lse_s, lo_s, scale_s = _merge(m_s, s_s)
+    (lse_s, lo_s), m_all_s, log_s_s = _merge(m_s, s_s)
     if mode in ("token_logprob", "logsumexp"):
         return (lse_s, lo_s), None, acc.sum(0)
-    lse_t, lo_t, scale_t = _merge(m_t, s_t)
+    (lse_t, lo_t), m_all_t, log_s_t = _merge(m_t, s_t)
     if mode == "reverse_kl":
-        merged = (acc * scale_s).sum(0) / (s_s * scale_s).sum(0)
+        value = _merged_kl(m_s, s_s, m_t, acc, m_all_s, m_all_t) - (log_s_s - log_s_t)
     elif mode == "forward_kl":
-        merged = (acc * scale_t).sum(0) / (s_t * scale_t).sum(0)
+        value = _merged_kl(m_t, s_t, m_s, acc, m_all_t, m_all_s) - (log_s_t - log_s_s)
     else:
-        merged = torch.zeros_like(lse_s)
-    return (lse_s, lo_s), (lse_t, lo_t), merged
+        value = torch.zeros_like(lse_s)
+    return (lse_s, lo_s), (lse_t, lo_t), value
 
 
 def _merge(m: torch.Tensor, s: torch.Tensor):
-    """(lse, lse_lo, per-split rescaling factors) over splits from per-split (max, Σ e^{z − max}): lse rounded
-    to fp32 and its residual lse_lo = (m − lse) + log S, m the row max (m − lse is exact by Sterbenz's lemma
-    whenever |m| ≥ log S; 0 where lse is not finite), as opd_fast.backends.sweep.split_lse."""
+    """((lse, lse_lo), row max, log S) over splits from per-split (max, Σ e^{z − max}): lse rounded to fp32 and
+    its residual lse_lo = (m − lse) + log S, m the row max (m − lse is exact by Sterbenz's lemma whenever
+    |m| ≥ log S; 0 where lse is not finite), as opd_fast.backends.sweep.split_lse."""
     m_all = m.amax(0)
-    scale = torch.exp(m - m_all)
-    log_sum = torch.log((s * scale).sum(0))
+    log_sum = torch.log(torch.where(m == -torch.inf, 0.0, torch.exp(m - m_all) * s).sum(0))
     lse = m_all + log_sum
-    return lse, torch.where(torch.isfinite(lse), (m_all - lse) + log_sum, 0.0), scale
+    return (lse, torch.where(torch.isfinite(lse), (m_all - lse) + log_sum, 0.0)), m_all, log_sum
+
+
+def _merged_kl(m, s, m_other, acc, m_all, m_other_all):
+    """Σ over splits of the KL accumulators moved to the rows' maxes, divided by the lead model's S (the
+    rescaling of opd_fast.backends.sweep.kl_shift, split by split)."""
+    scale = torch.where(m == -torch.inf, 0.0, torch.exp(m - m_all))
+    moved = acc + s * ((m - m_all) - (m_other - m_other_all))
+    return (scale * moved).sum(0) / (scale * s).sum(0)
 
 
 def _jsd_configs():

@@ -212,11 +212,12 @@ def lse_lo(stats: DivergenceStats) -> tuple[Tensor, Tensor]:
 
 def finalize(state: Tensor, mode: str) -> DivergenceStats:
     """Per-row statistics from the online state (m_s, s_s, m_t, s_t, acc), lse = m + log s kept with its
-    residual (:func:`split_lse`); lse differences are taken as (lse_s − lse_t) + (lo_s − lo_t), the first
-    exact for close rows, so that the loss carries no ~ulp(lse):
+    residual (:func:`split_lse`). The KL accumulators are taken relative to both rows' maxes (:func:`kl_shift`),
+    so that the loss is a difference of small numbers, log p_s − log p_t ≈ (z_s − m_s) − (z_t − m_t), and never
+    of the lse's ~ulp(lse) (z_s − z_t and lse_s − lse_t cancel when the heads' logits sit far apart):
 
-    reverse KL: acc = Σ e^{z_s − m_s}(z_s − z_t)   →  D = acc / s_s − lse_s + lse_t,  center = D
-    forward KL: acc = Σ e^{z_t − m_t}(z_t − z_s)   →  D = acc / s_t − lse_t + lse_s,  center = 0
+    reverse KL: acc = Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t))  →  D = acc / s_s − log s_s + log s_t,  center = D
+    forward KL: acc = Σ e^{z_t − m_t}((z_t − m_t) − (z_s − m_s))  →  D = acc / s_t − log s_t + log s_s,  center = 0
     token:      acc = z_y (0 where y is outside)  →  loss = z_y, the caller takes z_y − lse
     JSD, logsumexp: acc unused (JSD's loss and center come from :meth:`Epilogue.jsd_update`)
     """
@@ -227,12 +228,20 @@ def finalize(state: Tensor, mode: str) -> DivergenceStats:
         return DivergenceStats(acc, lse_s, lse_s, zeros, lo_s, lo_s)
     lse_t, lo_t = split_lse(m_t, s_t)
     if mode == "reverse_kl":
-        loss = acc / s_s - ((lse_s - lse_t) + (lo_s - lo_t))
+        loss = acc / s_s - (s_s.log() - s_t.log())
         return DivergenceStats(loss, lse_s, lse_t, loss, lo_s, lo_t)
     if mode == "forward_kl":
-        loss = acc / s_t - ((lse_t - lse_s) + (lo_t - lo_s))
+        loss = acc / s_t - (s_t.log() - s_s.log())
         return DivergenceStats(loss, lse_s, lse_t, zeros, lo_s, lo_t)
     return DivergenceStats(zeros, lse_s, lse_t, zeros, lo_s, lo_t)
+
+
+def kl_shift(m: Tensor, s: Tensor, m_other: Tensor, acc: Tensor, m_new: Tensor, m_other_new: Tensor) -> Tensor:
+    """A KL accumulator acc = Σ e^{x − m}((x − m) − (y − m_other)) with weights s = Σ e^{x − m} moved to the
+    larger maxes (m_new ≥ m, m_other_new ≥ m_other): every term's (x − m) − (y − m_other) moves by
+    (m − m_new) − (m_other − m_other_new) and its weight by e^{m − m_new}. 0 for an empty state (m = −inf)."""
+    moved = acc + s * ((m - m_new) - (m_other - m_other_new))
+    return torch.where(m == -math.inf, 0.0, torch.exp(m - m_new) * moved)
 
 
 def jsd_loss(terms: Tensor, beta: float) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,7 @@ import math
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear, jsd_loss, lse_lo
+from opd_fast.backends.sweep import Operand, Sweep, TileHead, fold_linear, jsd_loss, kl_shift, lse_lo
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.types import DivergenceStats, Grads, Need, Side
 
@@ -139,26 +139,36 @@ def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return log_probs, lse, torch.where(torch.isfinite(lse), (m - lse) - top, 0.0)
 
 
-def _tile_sums(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A tile's per-row (max m, Σ e^{x − m}, Σ e^{x − m}(x − y) or None), with two tile-sized temporaries."""
+def _tile_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A tile's per-row (max m, Σ e^{x − m}) and the weights e^{x − m} (a tile-sized temporary)."""
     m = x.amax(dim=-1)
     e = (x - torch.where(torch.isfinite(m), m, 0.0)[:, None]).exp_()
-    total = e.sum(dim=-1)
-    return m, total, None if y is None else e.mul_(x - y).sum(dim=-1)
+    return m, e.sum(dim=-1), e
 
 
-def _merge_online(m: Tensor, s: Tensor, acc: Tensor | None, tile: tuple[Tensor, Tensor, Tensor | None]) -> None:
-    """Merge a tile's (max, Σ e^{x − max}, accumulator) of :func:`_tile_sums` into the running (m, s, acc), in
-    place. The tile keeps its own max (not its rounded lse as the shift), so the row's (m, s) carry no
-    ~ulp(lse) rounding from any tile."""
-    tile_m, tile_s, tile_acc = tile
+def _merge_online(m: Tensor, s: Tensor, tile_m: Tensor, tile_s: Tensor) -> None:
+    """Merge a tile's (max, Σ e^{x − max}) of :func:`_tile_sums` into the running (m, s), in place. The tile keeps
+    its own max (not its rounded lse as the shift), so the row's (m, s) carry no ~ulp(lse) rounding from any tile."""
     m_new = torch.maximum(m, tile_m)
     old = torch.where(m == -math.inf, 0.0, torch.exp(m - m_new))
     new = torch.where(tile_m == -math.inf, 0.0, torch.exp(tile_m - m_new))
     s.mul_(old).add_(tile_s * new)
-    if acc is not None:
-        acc.mul_(old).add_(tile_acc * new)
     m.copy_(m_new)
+
+
+def _merge_kl(lead: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], acc: Tensor, x: Tensor, y: Tensor) -> None:
+    """Merge a tile into a KL state in place: the lead model's (m, s) (the KL's weights, logits x), the other's
+    (logits y) and acc = Σ e^{x − m}((x − m) − (y − m_other)), relative to both maxes (sweep.finalize)."""
+    (m, s), (m_o, s_o) = lead, other
+    tile_m, tile_s, e = _tile_sums(x)
+    tile_mo, tile_so, _ = _tile_sums(y)
+    shift = torch.where(torch.isfinite(tile_m), tile_m, 0.0)[:, None]
+    shift_o = torch.where(torch.isfinite(tile_mo), tile_mo, 0.0)[:, None]
+    tile_acc = _rowdot(e, (x - shift).sub_(y - shift_o))
+    m_new, mo_new = torch.maximum(m, tile_m), torch.maximum(m_o, tile_mo)
+    acc.copy_(kl_shift(m, s, m_o, acc, m_new, mo_new) + kl_shift(tile_m, tile_s, tile_mo, tile_acc, m_new, mo_new))
+    _merge_online(m, s, tile_m, tile_s)
+    _merge_online(m_o, s_o, tile_mo, tile_so)
 
 
 class TorchEpilogue:
@@ -174,16 +184,16 @@ class TorchEpilogue:
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
         a = final_logits(zs, hs)
         m_s, s_s, m_t, s_t, acc = state
-        if mode in ("reverse_kl", "forward_kl", "jsd"):
-            b = final_logits(zt, ht)
-            _merge_online(
-                m_s, s_s, acc if mode == "reverse_kl" else None, _tile_sums(a, b if mode == "reverse_kl" else None)
-            )
-            _merge_online(
-                m_t, s_t, acc if mode == "forward_kl" else None, _tile_sums(b, a if mode == "forward_kl" else None)
-            )
+        if mode == "reverse_kl":
+            _merge_kl((m_s, s_s), (m_t, s_t), acc, a, final_logits(zt, ht))
             return
-        _merge_online(m_s, s_s, None, _tile_sums(a, None))
+        if mode == "forward_kl":
+            _merge_kl((m_t, s_t), (m_s, s_s), acc, final_logits(zt, ht), a)
+            return
+        _merge_online(m_s, s_s, *_tile_sums(a)[:2])
+        if mode == "jsd":
+            _merge_online(m_t, s_t, *_tile_sums(final_logits(zt, ht))[:2])
+            return
         if mode == "token_logprob":
             acc.add_(_token_logit(a, ids, v_lo))
 

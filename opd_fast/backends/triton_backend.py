@@ -93,15 +93,12 @@ class TritonStreamingOps:
         self.plan = plan
 
     def _stats(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec) -> DivergenceStats:
-        (lse_s, lo_s), (lse_t, lo_t), mean = softmax_stats(
+        (lse_s, lo_s), (lse_t, lo_t), loss = softmax_stats(
             s.hidden, s.weight, t.hidden, t.weight, None, s.head, t.head, mode=spec.kind, precision=s.precision
         )
-        # lse_s − lse_t is exact for close rows; the residuals carry the rest (sweep.finalize)
         if spec.kind == "reverse_kl":
-            loss = mean - ((lse_s - lse_t) + (lo_s - lo_t))
             return DivergenceStats(loss, lse_s, lse_t, loss, lo_s, lo_t)
         if spec.kind == "forward_kl":
-            loss = mean - ((lse_t - lse_s) + (lo_t - lo_s))
             return DivergenceStats(loss, lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
         stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
         loss, center = jsd_loss(self._jsd(s, t, spec, stats), spec.beta)
