@@ -218,8 +218,8 @@ def _row_lse(stats: DivergenceStats) -> tuple[Tensor, Tensor]:
 class CudaEpilogue:
     """The per-tile math as the csrc kernels (one block per token row)."""
 
-    def prepare(self, side: Side, temperature: float) -> Operand:
-        return kernel_operand(side, temperature, "cuda")
+    def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
+        return kernel_operand(side, temperature, "cuda")  # never folds: the epilogue applies the head
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype

@@ -92,8 +92,10 @@ class Epilogue(Protocol):
     ``mode`` is a key of ``MODES``; one-model modes get ``zt = None``. Per-row vectors are fp32 [r].
     """
 
-    def prepare(self, side: Side, temperature: float) -> Operand:
-        """The GEMM inputs of a model (dtype, strides, folding) and its head transform."""
+    def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
+        """The GEMM inputs of a model (dtype, strides, folding) and its head transform; ``fold=False`` keeps every
+        factor of the head out of the GEMM inputs (the ranking ops: a factor folded into the hidden states rounds
+        logits that tie in h·Wᵀ apart, and they would rank by that rounding instead of by id)."""
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         """dtype of the logit gradient G handed to the gradient GEMMs."""
@@ -559,8 +561,8 @@ class Sweep:
 
     # -- the ops -------------------------------------------------------------------------------------------------
 
-    def _operands(self, sides: list[Side], temperature: float) -> list[Operand]:
-        return [self.epilogue.prepare(side, temperature) for side in sides]
+    def _operands(self, sides: list[Side], temperature: float, fold: bool = True) -> list[Operand]:
+        return [self.epilogue.prepare(side, temperature, fold) for side in sides]
 
     def divergence(
         self, s: Side, t: Side, spec: DivergenceSpec, row_weight: Tensor | None, need: Need
@@ -621,7 +623,7 @@ class Sweep:
 
     def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(ids int64 [N, k], log-probs [N, k] descending with ties by the smaller id, lse [N], entropy [N])."""
-        (op,) = self._operands([side], temperature)
+        (op,) = self._operands([side], temperature, fold=False)
         n_rows, vocab, device = op.hidden.shape[0], op.weight.shape[0], op.hidden.device
         plan = self._plan(n_rows, vocab, device)
         dtype = torch.promote_types(op.hidden.dtype, torch.float32)

@@ -174,9 +174,13 @@ def _merge_kl(lead: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], acc: Te
 class TorchEpilogue:
     """The per-tile math in torch ops (see the module docstring)."""
 
-    def prepare(self, side: Side, temperature: float) -> Operand:
+    def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
         dtype = compute_dtype(side.hidden, side.weight)
-        return fold_linear(side, temperature, dtype, lambda t: t)
+        if fold:
+            return fold_linear(side, temperature, dtype, lambda t: t)
+        bias = None if side.bias is None else side.bias.to(dtype)
+        head = side.head
+        return Operand(side.hidden.to(dtype), side.weight.to(dtype), bias, head.scale, head.softcap, 1.0 / temperature)
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.hidden.dtype

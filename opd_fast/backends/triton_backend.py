@@ -50,8 +50,8 @@ class TritonEpilogue(TorchEpilogue):
 
     full_rows = None  # statistics and gradient come from the Triton kernels, not the torch one-pass path
 
-    def prepare(self, side: Side, temperature: float) -> Operand:
-        return kernel_operand(side, temperature, "triton")
+    def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
+        return kernel_operand(side, temperature, "triton")  # never folds: the epilogue applies the head
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype
