@@ -6,6 +6,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from worker_exit import exit_without_finalizing
 
 from opd_fast.trainer import Trainer, load_config
 
@@ -34,7 +35,9 @@ def main(student: str, teacher: str, out: str) -> None:
     record = {"initial": initial, "weights": checksum(trainer.student), "world_size": dist.get_world_size()}
     with open(f"{out}/rank{dist.get_rank()}.json", "w") as handle:
         json.dump(record, handle)
-    dist.destroy_process_group()
+    trainer.close()  # the trainer made the process group (torchrun): it destroys it
+    assert not dist.is_initialized()
+    exit_without_finalizing()
 
 
 if __name__ == "__main__":

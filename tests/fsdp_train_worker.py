@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from worker_exit import exit_without_finalizing
 
 from opd_fast.trainer import Trainer, load_config
 
@@ -46,6 +47,7 @@ def main(student: str, teacher: str, out: str) -> None:
     dist.barrier()
     trainer(student, teacher, out / "resume", "train.fsdp=true").train(resume=True)
     dist.destroy_process_group()
+    exit_without_finalizing()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from worker_exit import exit_without_finalizing
 
 from opd_fast import LMHead
 from opd_fast.trainer.modeling import final_hidden_states
@@ -43,3 +44,4 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_without_finalizing()

@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from worker_exit import exit_without_finalizing
 
 from opd_fast import (
     linear_divergence,
@@ -112,3 +113,4 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, sizes: list[int]
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_without_finalizing()

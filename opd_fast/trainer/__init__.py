@@ -21,6 +21,13 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
         return run_demo(config, resume=resume, log=log)
     trainer = Trainer(config)
+    try:
+        return _train_and_summarize(trainer, config, resume, log)
+    finally:
+        trainer.close()
+
+
+def _train_and_summarize(trainer: Trainer, config: TrainConfig, resume: bool, log) -> dict:
     out_dir = Path(config.out_dir)
     resuming = resume and (out_dir / "checkpoints" / "latest").is_file()
     if resume and not resuming:

@@ -93,7 +93,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-        if self.world_size > 1 and not dist.is_initialized():
+        self.owns_process_group = self.world_size > 1 and not dist.is_initialized()
+        if self.owns_process_group:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
@@ -470,6 +471,13 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         return directory
+
+    def close(self) -> None:
+        """Destroy the process group this trainer created under torchrun (none otherwise), as torch.distributed
+        asks of every process before it exits; the trainer makes no collective calls afterwards."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_process_group = False
 
     # ---------------------------------------------------------------------------------------------------- run
     def train(self, resume: bool = False) -> dict:
