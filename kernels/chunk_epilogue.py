@@ -78,26 +78,11 @@ def _kl_lane_update(m, s, m_o, s_o, acc, x, y, valid):
 
 
 @triton.jit
-def _kl_row_merge(state_lead, state_other, acc_ptr, n_state, m, s, m_o, s_o, acc):
-    """Lanes → row (a tree), then merged into the row's running KL state at ``state_lead`` (m, s at stride
-    n_state), ``state_other`` and ``acc_ptr``."""
-    row_m = tl.max(m, 0)
-    row_mo = tl.max(m_o, 0)
-    row_acc = tl.sum(_kl_shift(m, s, m_o, acc, row_m, row_mo), 0)
-    row_s = tl.sum(_rescaled(m, s, row_m), 0)
-    row_so = tl.sum(_rescaled(m_o, s_o, row_mo), 0)
-    old_m = tl.load(state_lead)
-    old_s = tl.load(state_lead + n_state)
-    old_mo = tl.load(state_other)
-    old_so = tl.load(state_other + n_state)
-    new_m = tl.maximum(old_m, row_m)
-    new_mo = tl.maximum(old_mo, row_mo)
-    acc_sum = _kl_shift(old_m, old_s, old_mo, tl.load(acc_ptr), new_m, new_mo)
-    tl.store(acc_ptr, acc_sum + _kl_shift(row_m, row_s, row_mo, row_acc, new_m, new_mo))
-    tl.store(state_lead, new_m)
-    tl.store(state_lead + n_state, _rescaled(old_m, old_s, new_m) + _rescaled(row_m, row_s, new_m))
-    tl.store(state_other, new_mo)
-    tl.store(state_other + n_state, _rescaled(old_mo, old_so, new_mo) + _rescaled(row_mo, row_so, new_mo))
+def _lane_add(m, s, x, valid):
+    """Per lane: add one block of logits x (masked lanes: valid = False) to the online state (m, s)."""
+    x = tl.where(valid, x, -float("inf"))
+    m_new = tl.maximum(m, x)
+    return m_new, _rescaled(m, s, m_new) + tl.where(valid, tl.exp(x - m_new), 0.0)
 
 
 @triton.jit
@@ -109,6 +94,25 @@ def _row_merge(state, n_state, m, s):
     new_m = tl.maximum(old_m, row_m)
     tl.store(state, new_m)
     tl.store(state + n_state, _rescaled(old_m, tl.load(state + n_state), new_m) + _rescaled(row_m, row_s, new_m))
+
+
+@triton.jit
+def _kl_row_merge(state_lead, state_other, acc_ptr, n_state, m, s, m_o, s_o, acc):
+    """Lanes → row (a tree), then merged into the row's running KL state: the lead model's (m, s) at
+    ``state_lead`` (stride n_state), the other's at ``state_other`` and the accumulator at ``acc_ptr``, moved to
+    the rows' new maxes before :func:`_row_merge` stores them."""
+    row_m = tl.max(m, 0)
+    row_mo = tl.max(m_o, 0)
+    row_acc = tl.sum(_kl_shift(m, s, m_o, acc, row_m, row_mo), 0)
+    row_s = tl.sum(_rescaled(m, s, row_m), 0)
+    old_m = tl.load(state_lead)
+    old_mo = tl.load(state_other)
+    new_m = tl.maximum(old_m, row_m)
+    new_mo = tl.maximum(old_mo, row_mo)
+    acc_sum = _kl_shift(old_m, tl.load(state_lead + n_state), old_mo, tl.load(acc_ptr), new_m, new_mo)
+    tl.store(acc_ptr, acc_sum + _kl_shift(row_m, row_s, row_mo, row_acc, new_m, new_mo))
+    _row_merge(state_lead, n_state, m, s)
+    _row_merge(state_other, n_state, m_o, s_o)
 
 
 @triton.jit
@@ -158,15 +162,9 @@ def _stats_update_kernel(
         elif MODE == FORWARD_KL:
             b_mt, b_st, b_ms, b_ss, b_acc = _kl_lane_update(b_mt, b_st, b_ms, b_ss, b_acc, b, a, m_c)
         else:
-            a = tl.where(m_c, a, -float("inf"))
-            ms_new = tl.maximum(b_ms, a)
-            b_ss = _rescaled(b_ms, b_ss, ms_new) + tl.where(m_c, tl.exp(a - ms_new), 0.0)
-            b_ms = ms_new
+            b_ms, b_ss = _lane_add(b_ms, b_ss, a, m_c)
             if MODE == JSD:
-                b = tl.where(m_c, b, -float("inf"))
-                mt_new = tl.maximum(b_mt, b)
-                b_st = _rescaled(b_mt, b_st, mt_new) + tl.where(m_c, tl.exp(b - mt_new), 0.0)
-                b_mt = mt_new
+                b_mt, b_st = _lane_add(b_mt, b_st, b, m_c)
             if MODE == TOKEN_LOGPROB:
                 col = tl.load(ids_ptr + i_n) - v_lo
                 b_acc += tl.where(o_c == col, tl.where(m_c, a, 0.0), 0.0)

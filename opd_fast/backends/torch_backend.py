@@ -139,11 +139,16 @@ def _log_softmax_and_lse(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return log_probs, lse, torch.where(torch.isfinite(lse), (m - lse) - top, 0.0)
 
 
-def _tile_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A tile's per-row (max m, Σ e^{x − m}) and the weights e^{x − m} (a tile-sized temporary)."""
+def _shifted(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A tile's per-row max m and x − m (a tile-sized temporary; rows of −inf are shifted by 0)."""
     m = x.amax(dim=-1)
-    e = (x - torch.where(torch.isfinite(m), m, 0.0)[:, None]).exp_()
-    return m, e.sum(dim=-1), e
+    return m, x - torch.where(torch.isfinite(m), m, 0.0)[:, None]
+
+
+def _tile_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A tile's per-row (max m, Σ e^{x − m})."""
+    m, shifted = _shifted(x)
+    return m, shifted.exp_().sum(dim=-1)
 
 
 def _merge_online(m: Tensor, s: Tensor, tile_m: Tensor, tile_s: Tensor) -> None:
@@ -160,11 +165,11 @@ def _merge_kl(lead: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], acc: Te
     """Merge a tile into a KL state in place: the lead model's (m, s) (the KL's weights, logits x), the other's
     (logits y) and acc = Σ e^{x − m}((x − m) − (y − m_other)), relative to both maxes (sweep.finalize)."""
     (m, s), (m_o, s_o) = lead, other
-    tile_m, tile_s, e = _tile_sums(x)
-    tile_mo, tile_so, _ = _tile_sums(y)
-    shift = torch.where(torch.isfinite(tile_m), tile_m, 0.0)[:, None]
-    shift_o = torch.where(torch.isfinite(tile_mo), tile_mo, 0.0)[:, None]
-    tile_acc = _rowdot(e, (x - shift).sub_(y - shift_o))
+    tile_m, dx = _shifted(x)
+    tile_mo, dy = _shifted(y)
+    e = dx.exp()
+    tile_s, tile_so = e.sum(dim=-1), dy.exp().sum(dim=-1)
+    tile_acc = _rowdot(e, dx.sub_(dy))
     m_new, mo_new = torch.maximum(m, tile_m), torch.maximum(m_o, tile_mo)
     acc.copy_(kl_shift(m, s, m_o, acc, m_new, mo_new) + kl_shift(tile_m, tile_s, tile_mo, tile_acc, m_new, mo_new))
     _merge_online(m, s, tile_m, tile_s)
@@ -194,9 +199,9 @@ class TorchEpilogue:
         if mode == "forward_kl":
             _merge_kl((m_t, s_t), (m_s, s_s), acc, final_logits(zt, ht), a)
             return
-        _merge_online(m_s, s_s, *_tile_sums(a)[:2])
+        _merge_online(m_s, s_s, *_tile_sums(a))
         if mode == "jsd":
-            _merge_online(m_t, s_t, *_tile_sums(final_logits(zt, ht))[:2])
+            _merge_online(m_t, s_t, *_tile_sums(final_logits(zt, ht)))
             return
         if mode == "token_logprob":
             acc.add_(_token_logit(a, ids, v_lo))
