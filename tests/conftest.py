@@ -59,7 +59,7 @@ def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor | None = None)
     return torch.autograd.grad(output, inputs, grad_output)
 
 
-# ---- the CUDA backend's host build (tests/test_cuda_backend.py, tests/test_backend_contract.py) ---------------
+# ---- the CUDA backend's host build (tests/test_cuda_backend.py, test_backend_contract.py, test_numerics.py) ----
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +87,17 @@ def cuda_on_cpu(monkeypatch, host_kernels):
     monkeypatch.setattr(cuda_backend, "_ops_module", lambda: host_kernels)
     monkeypatch.setitem(backends._TABLE, "cuda", ("opd_fast.backends.cuda_backend:CudaOps", lambda device: None))
     return host_kernels
+
+
+def use_cuda_backend(request) -> None:
+    """Make backend="cuda" run in a test: the built extension on a GPU (the test is skipped when it is not
+    built), else the host build (the ``cuda_on_cpu`` fixture)."""
+    from opd_fast.backends import cuda_backend
+
+    if DEVICE.type != "cuda":
+        request.getfixturevalue("cuda_on_cpu")
+    elif cuda_backend.extension_error() is not None:
+        pytest.skip(f"the CUDA extension is not built: {cuda_backend.extension_error()}")
 
 
 # ---- the trainer's tiny models (tests/test_trainer.py, tests/test_recipes.py) -------------------------------

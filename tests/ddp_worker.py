@@ -3,12 +3,12 @@ and writes a checksum of its weights, before and after, to <out>/rank<r>.json.""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fsdp_train_worker import tiny_trainer
 from worker_exit import exit_without_finalizing
-
-from opd_fast.trainer import Trainer, load_config
 
 
 def checksum(model) -> str:
@@ -16,20 +16,7 @@ def checksum(model) -> str:
 
 
 def main(student: str, teacher: str, out: str) -> None:
-    overrides = [
-        f"student.path={student}",
-        f"teacher.path={teacher}",
-        "device=cpu",
-        "rollout.batch_size=4",
-        "rollout.max_new_tokens=10",
-        "train.steps=2",
-        "train.log_every=1",
-        "train.eval_every=2",
-        "train.save_every=2",
-        "data.eval_size=8",
-        "optim.lr=0.01",
-    ]
-    trainer = Trainer(load_config(None, overrides, out_dir=out), progress=False)
+    trainer = tiny_trainer(student, teacher, Path(out), "train.save_every=2")
     initial = checksum(trainer.student)
     trainer.train()
     record = {"initial": initial, "weights": checksum(trainer.student), "world_size": dist.get_world_size()}

@@ -15,7 +15,8 @@ from worker_exit import exit_without_finalizing
 from opd_fast.trainer import Trainer, load_config
 
 
-def trainer(student: str, teacher: str, out: Path, *overrides: str) -> Trainer:
+def tiny_trainer(student: str, teacher: str, out: Path, *overrides: str) -> Trainer:
+    """Two CPU steps of the tiny models, a checkpoint after each (tests/ddp_worker.py uses it too)."""
     options = [
         f"student.path={student}",
         f"teacher.path={teacher}",
@@ -35,8 +36,8 @@ def trainer(student: str, teacher: str, out: Path, *overrides: str) -> Trainer:
 
 def main(student: str, teacher: str, out: str) -> None:
     out = Path(out)
-    trainer(student, teacher, out / "ddp").train()
-    sharded = trainer(student, teacher, out / "fsdp", "train.fsdp=true")
+    tiny_trainer(student, teacher, out / "ddp").train()
+    sharded = tiny_trainer(student, teacher, out / "fsdp", "train.fsdp=true")
     sharded.train()
     sharded.export(out / "fsdp" / "student_final")
     if dist.get_rank() == 0:  # the FSDP run as if it had stopped after step 1
@@ -45,7 +46,7 @@ def main(student: str, teacher: str, out: str) -> None:
         (out / "resume/checkpoints/latest").write_text("step-00000001")
         shutil.copy(out / "fsdp/metrics.jsonl", out / "resume/metrics.jsonl")
     dist.barrier()
-    trainer(student, teacher, out / "resume", "train.fsdp=true").train(resume=True)
+    tiny_trainer(student, teacher, out / "resume", "train.fsdp=true").train(resume=True)
     dist.destroy_process_group()
     exit_without_finalizing()
 

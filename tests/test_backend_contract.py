@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import grads, rel_err
+from conftest import grads, rel_err, use_cuda_backend
 
 from opd_fast import (
     LMHead,
@@ -35,7 +35,7 @@ from opd_fast import (
     linear_topk_overlap,
     linear_topk_target_divergence,
 )
-from opd_fast.backends import cuda_backend, triton_backend
+from opd_fast.backends import triton_backend
 from opd_fast.reference import (
     materialized_divergence,
     materialized_token_logprobs,
@@ -92,10 +92,7 @@ def backend(request) -> Backend:
     if name == "triton" and triton_backend is None:
         pytest.skip("Triton is not installed")
     if name == "cuda":
-        if not ON_GPU:
-            request.getfixturevalue("cuda_on_cpu")
-        elif cuda_backend.extension_error() is not None:
-            pytest.skip(f"the CUDA extension is not built: {cuda_backend.extension_error()}")
+        use_cuda_backend(request)
     exact = {torch.float64: 1e-10, torch.float32: 2e-5} if name == "torch" else {torch.float32: 2e-5}
     return Backend(name, device, exact, on_cpu=not ON_GPU and name != "torch")
 

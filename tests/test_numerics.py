@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, use_cuda_backend
 
 from opd_fast import (
     chunk_budget,
@@ -24,7 +24,7 @@ from opd_fast import (
     linear_topk_overlap,
     linear_topk_target_divergence,
 )
-from opd_fast.backends import cuda_backend, triton_backend
+from opd_fast.backends import triton_backend
 from opd_fast.reference import materialized_divergence, materialized_token_logprobs
 
 # NaN/Inf inputs make Triton's interpreter (NumPy) warn; the values are what the tests check.
@@ -91,16 +91,6 @@ BACKEND_PLANS = [("torch", "chunked")] + [
 DIVERGENCES = [("reverse_kl", 1.0), ("forward_kl", 0.25), ("jsd", 2.0)]
 
 
-def _runs_here(backend: str, request) -> None:
-    """The CUDA backend on this machine: the extension on a GPU (skipped when it is not built), else the host build."""
-    if backend != "cuda":
-        return
-    if DEVICE.type != "cuda":
-        request.getfixturevalue("cuda_on_cpu")
-    elif cuda_backend.extension_error() is not None:
-        pytest.skip(f"the CUDA extension is not built: {cuda_backend.extension_error()}")
-
-
 def _divergence_cases() -> list:
     cases = []
     for divergence, temperature in DIVERGENCES:
@@ -122,7 +112,8 @@ def test_extreme_logits_are_as_accurate_as_log_softmax(
     One-hot against all-equal rows sets the two heads' logits 5e3 apart: the online KL statistics stay relative
     to both rows' maxes there, or E_p[z_s − z_t] and lse_s − lse_t would cancel to ~ulp(5e3). A budget of 64
     elements splits the 37 columns into tiles, so the rows' maxes move from tile to tile."""
-    _runs_here(backend, request)
+    if backend == "cuda":
+        use_cuda_backend(request)
     pair = _as_pair(_rows(student, seed=1), _rows(teacher, seed=2))
     kw = dict(divergence=divergence, beta=0.5, temperature=temperature, reduction="none")
     extra = {} if backend == "torch" else {"filter_eps": 0.0}
@@ -154,7 +145,8 @@ def test_extreme_logits_are_as_accurate_as_log_softmax(
     ["huge", "shifted", "all-equal", "one-hot"],
 )
 def test_extreme_logits_token_logprobs(backend, plan, kind, request):
-    _runs_here(backend, request)
+    if backend == "cuda":
+        use_cuda_backend(request)
     hs, ws, _, _ = _as_pair(_rows(kind), _rows(kind))
     ids = torch.arange(6, device=DEVICE) * 5 % V
     extra = {} if backend == "torch" else {"filter_eps": 0.0}
