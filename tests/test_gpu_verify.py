@@ -58,7 +58,7 @@ def test_rehearsal_exits_0_in_time_with_eight_files_and_a_summary(rehearsal):
     names = {f"{stem}.log", f"{stem}.png"} | {f"{stem}.{s.number}-{s.name}.json" for s in gpu_verify.STAGES}
     assert {p.name for p in out.iterdir()} == names  # 8: the most files a device call brings back
     assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "=== summary" in done.stdout and "issue-11 targets" in done.stdout
+    assert "=== summary" in done.stdout and "issue-17 targets" in done.stdout
     assert "=== summary" in log.read_text()  # the log has everything the output had
 
 
@@ -160,37 +160,56 @@ def test_a_lost_cuda_context_ends_the_stage_process_and_a_resumed_one_skips_the_
 
 
 def test_targets_on_the_committed_cpu_results():
-    results = json.loads((REPO / "benchmarks" / "results" / "cpu-2core-2026-11-22.json").read_text())["results"]
+    results = json.loads((REPO / "benchmarks" / "results" / "cpu-2core-2026-12-01.json").read_text())["results"]
     verdicts = {v["tokens"]: v for v in gpu_verify.check_targets(results)}
     assert sorted(verdicts) == [1024, 2048, 4096]
     rows = {(r["backend"], r["tokens"]): r for r in results}
     at_4096 = verdicts[4096]
     assert at_4096["backend"] == "torch"  # triton/cuda are skipped rows on CPU and must not count
     assert at_4096["speedup_vs_naive"] == pytest.approx(rows["naive", 4096]["median_ms"] / at_4096["median_ms"])
-    assert at_4096["rival"] == "liger_chunked"  # liger (fused) is skipped on CPU: the chunked path is the rival
-    assert at_4096["meets_naive"] and at_4096["meets_memory"]
-    assert not verdicts[1024]["meets_naive"]  # 2.5× at N=1024: below the 3× target
+    fastest_rival = min(("liger_chunked", "trl", "compile"), key=lambda name: rows[name, 4096]["median_ms"])
+    assert at_4096["rival"] == fastest_rival  # liger (fused) is a skipped row on CPU: it is no rival
+    assert at_4096["ratio_to_floor"] is None and at_4096["meets_floor"] is None  # fp32 rows have no floor time
+    assert at_4096["meets_naive"] and at_4096["met"]
+    assert not verdicts[1024]["met"]  # 0.87× the fastest rival at N=1024
 
 
-def test_targets_fall_back_to_compile_ignore_filtered_rows_and_flag_missing_ones():
-    row = {"tokens": 8, "peak_mem_mb": 1.0, "loss": "reverse_kl"}
+def test_targets_judge_floor_rivals_and_filtered_rows_and_flag_missing_ones():
+    row = {"tokens": 8, "peak_mem_mb": 1.0, "loss": "reverse_kl", "inputs": "peaked", "floor_ms": 1.6}
     results = [
         {**row, "backend": "naive", "median_ms": 10.0, "peak_mem_mb": 100.0},
-        {**row, "backend": "triton", "median_ms": 2.0},
-        {**row, "backend": "cuda", "median_ms": 1.0, "filter_eps": 2**-12},  # approximate: not a target row
-        {**row, "backend": "cuda-streaming", "median_ms": 3.0},
-        {**row, "backend": "cuda", "median_ms": 0.5, "loss": "forward_kl"},
-        {**row, "backend": "compile", "median_ms": 2.2},
+        {**row, "backend": "triton", "median_ms": 2.0, "ratio_to_floor": 1.25},
+        {**row, "backend": "cuda", "median_ms": 1.0, "filter_eps": 2**-12, "filter_skipped_fraction": 0.5},
+        {**row, "backend": "triton", "median_ms": 1.2, "filter_eps": 2**-12},  # slower of the two filtered rows
+        {**row, "backend": "liger", "median_ms": 0.1, "filter_eps": 2**-12},  # not ours: never a filtered row
+        {**row, "backend": "cuda-streaming", "median_ms": 3.0, "ratio_to_floor": 1.875},
+        {**row, "backend": "cuda", "median_ms": 0.5, "loss": "forward_kl"},  # another loss: ignored
+        {**row, "backend": "compile", "median_ms": 2.5},
+        {**row, "backend": "trl", "median_ms": 2.2},  # the fastest rival
         {**row, "backend": "liger", "error": "skipped: no Liger-Kernel"},
         {**row, "tokens": 16, "backend": "torch", "median_ms": 1.0},
+        {**row, "tokens": 32, "backend": "naive", "median_ms": 4.0},
+        {**row, "tokens": 32, "backend": "cuda", "median_ms": 2.0, "ratio_to_floor": 1.3},
+        {**row, "tokens": 32, "backend": "liger_chunked", "median_ms": 3.0},
+        {**row, "tokens": 32, "backend": "triton", "median_ms": 2.0, "filter_eps": 1e-3, "floor_ms": None},
     ]
-    eight, sixteen = gpu_verify.check_targets(results)
-    assert eight["backend"] == "triton" and eight["rival"] == "compile"
-    assert eight["speedup_vs_rival"] == pytest.approx(1.1) and not eight["meets_rival"]
-    assert eight["meets_naive"] and eight["meets_memory"]
+    eight, sixteen, thirty_two = gpu_verify.check_targets(results)
+    assert eight["backend"] == "triton" and eight["rival"] == "trl"
+    assert eight["speedup_vs_rival"] == pytest.approx(1.1) and not eight["meets_rival"] and not eight["met"]
+    assert eight["meets_floor"] and eight["meets_naive"] and eight["memory_fraction_of_naive"] == 0.01
+    assert eight["filtered"] == {
+        "backend": "cuda",
+        "filter_eps": 2**-12,
+        "median_ms": 1.0,
+        "skipped_fraction": 0.5,
+        "below_floor": True,
+    }
     assert "error" in sixteen
-    table = gpu_verify.format_targets([eight, sixteen])
+    assert thirty_two["meets_naive"] and thirty_two["meets_rival"] and not thirty_two["meets_floor"]
+    assert not thirty_two["met"] and thirty_two["filtered"]["below_floor"] is None
+    table = gpu_verify.format_targets([eight, sixteen, thirty_two])
     assert "NO" in table and "needs a row of ours and a naive row" in table
+    assert "cuda 1.00 ms, 50.0% skipped, yes" in table and "no floor" in table
 
 
 def test_parse_ncu_csv_groups_metrics_by_launch():
