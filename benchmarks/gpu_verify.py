@@ -139,7 +139,7 @@ class Sizes:
     warmup: int
     repeats: int
     row_seconds: float  # bound on a row's timed calls (at least one runs)
-    call_limit_ms: float  # a row whose first call is slower is skipped
+    call_limit_ms: float  # a row whose second (warm) call is slower is skipped
     interpreter: bool = False
     notes: list[str] = field(default_factory=list)
 

@@ -3,11 +3,15 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
+from opd_fast import bench
 from opd_fast.bench import Case, run_case
 from opd_fast.cli import main
+from opd_fast.memory import peak_extra_bytes
 
 ROW_KEYS = {
     "backend",
@@ -131,6 +135,56 @@ def test_any_exception_of_a_case_becomes_an_error_row():
     """Not only RuntimeError: here the peaked preset's ValueError (it needs hidden sizes of at least 2)."""
     row = run_case(Case("torch", 8, 1, 1, 32, "fp32", "fwd", inputs="peaked"), "cpu")
     assert row["error"].startswith("ValueError: the peaked preset needs hidden sizes of at least 2")
+
+
+def test_call_limit_judges_a_warm_call_not_the_compiling_first_one(monkeypatch):
+    """The first call pays for compilation: a row whose first call is slow but whose warm calls are fast runs;
+    a row whose warm calls are over the limit is skipped with the warm call's time."""
+    calls = []
+    compute = bench.timed_call
+
+    def first_call_slow(case, inputs):
+        fn, setup = compute(case, inputs)
+
+        def slow_once():
+            if not calls:
+                time.sleep(0.5)
+            calls.append(1)
+            return fn()
+
+        return slow_once, setup
+
+    monkeypatch.setattr(bench, "timed_call", first_call_slow)
+    case = Case("torch", 8, 4, 4, 32, "fp32", "fwd+bwd")
+    row = run_case(case, "cpu", warmup=2, repeats=3, call_limit_ms=300.0)
+    assert "error" not in row and row["repeats"] == 3, row
+    assert len(calls) == 2 + 3 + 1  # two judged warm-ups (no more warm-up), the timed calls, the memory run
+    skipped = run_case(case, "cpu", call_limit_ms=1e-6)
+    assert skipped["error"].startswith("skipped: a warm call took"), skipped
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_peak_memory_counts_the_gradients_the_call_makes(device):
+    """The timing loop leaves gradients on the inputs; they are freed before the memory run, so the fwd+bwd row's
+    peak is what one call on fresh inputs needs, gradients included, on CUDA's allocator counter as on the CPU
+    tracker (before, CUDA rows came out short by the gradients' size: here [N, H] and [V, H] fp32)."""
+    n, hidden, vocab = 64, 16, 512
+    case = Case("torch", n, hidden, hidden, vocab, "fp32", "fwd+bwd")
+    row = run_case(case, device)
+    fresh_call, _ = bench.timed_call(case, bench.make_inputs(case, torch.device(device), 0))
+    fresh = peak_extra_bytes(fresh_call, torch.device(device))
+    gradients = 4 * (n * hidden + vocab * hidden)
+    assert fresh >= gradients
+    assert abs(row["peak_mem_mb"] * 2**20 - fresh) < gradients / 4, (row["peak_mem_mb"] * 2**20, fresh)
 
 
 def test_peaked_inputs_hit_their_targets():
