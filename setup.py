@@ -71,10 +71,29 @@ def _gencode_flags(archs: str) -> list[str]:
     return flags
 
 
+def _set_cuda_home() -> None:
+    """Unless CUDA_HOME or CUDA_PATH is set, point CUDA_HOME at the toolkit that holds libcudart.so.
+
+    torch.utils.cpp_extension takes the folder above nvcc's folder, which is wrong when nvcc on PATH is a wrapper
+    script or a link outside the toolkit (/usr/local/bin/nvcc gives /usr/local): every object compiles and the
+    link step then fails on -lcudart. Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME
+    once, at import.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    for home in [*candidates, Path("/usr/local/cuda")]:
+        if any((home / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
 def cuda_extension() -> dict:
     """setup() keywords that build opd_fast._C, or {} (pure Python) with the reason printed."""
     if os.environ.get("OPD_FAST_SKIP_CUDA_BUILD", "0") == "1":
         return _pure_python("OPD_FAST_SKIP_CUDA_BUILD=1")
+    _set_cuda_home()
     try:
         torch = importlib.import_module("torch")
         cpp_extension = importlib.import_module("torch.utils.cpp_extension")
