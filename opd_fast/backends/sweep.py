@@ -27,6 +27,7 @@ share skipped.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -171,13 +172,28 @@ def mm_out(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # CPU (host-build tests): through fp32 copies
 
 
+@functools.cache
+def _cuda_addmm_takes_a_wider_accumulator(device: torch.device) -> bool:
+    """Whether ``torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32)`` runs here. torch 2.8 and 2.9 refuse it
+    (their ``_addmm_dtype_out_cuda`` wants acc in the operands' dtype); later versions take it."""
+    operand = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+    acc = torch.zeros(16, 16, device=device)
+    try:
+        torch.addmm(acc, operand, operand, out_dtype=acc.dtype, out=acc)
+    except RuntimeError:
+        return False
+    return True
+
+
 def addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b in acc's dtype, without rounding the product to a's dtype first (the out= form rather than
     Tensor.addmm_, which torch.utils.flop_counter does not count)."""
     if a.dtype == acc.dtype:
         torch.addmm(acc, a, b, out=acc)
-    elif a.is_cuda:
+    elif a.is_cuda and _cuda_addmm_takes_a_wider_accumulator(a.device):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif a.is_cuda:  # one product in fp32, then added: a temporary of acc's size
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:
         torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), out=acc)
 
