@@ -8,13 +8,15 @@ stage that fails, crashes (a lost CUDA context restarts it after the failing row
 recorded and the next one starts. Nothing is fatal: the exit status is 0.
 
   build  (``--build``) ``pip install --no-build-isolation --no-deps -e .``: the CUDA extension for this GPU
-         (``OPD_FAST_CUDA_ARCHS``, default from nvidia-smi: ``90a`` on an H200).
+         (``OPD_FAST_CUDA_ARCHS``, default from nvidia-smi: ``90a`` on an H200); if pip fails, the extension is
+         built in place and the stages import the package from the repository.
   0 env  versions, the GPU, which backends and baselines can run and why not, and the device's measured
          ceilings: bf16 GEMM TFLOP/s (8192³, random data) and device copy GB/s.
   1 correctness  every backend × plan (torch, triton, cuda × chunked, streaming) against a float64
          reference and the torch backend on peaked bf16 inputs (N=1024, Hs=4096, Ht=5120, V=151936): value
-         and both gradients of each divergence (and with gradient filtering on), token log-probs, top-k
-         (k=16, 64). A check passes within 2× the error of plain PyTorch in the same dtype.
+         and both gradients of each divergence (and with gradient filtering on, and over 4 row chunks with
+         the side-stream overlap on and off), token log-probs, top-k (k=16, 64). A check passes within 2× the
+         error of plain PyTorch in the same dtype.
   2 headline  reverse KL forward+backward, N=8192, Hs=4096, Ht=5120, V=151936, bf16, peaked inputs: naive,
          cuda, triton, liger, trl, the streaming plans, compile, liger_chunked, our chunked plans with
          gradient filtering (ε = 2⁻¹²), then torch if one call is within 3× naive. CUDA-event medians, peak
@@ -115,7 +117,7 @@ class Stage:
 
 STAGES = (
     Stage(0, "env", 30, 15, 10),
-    Stage(1, "correctness", 90, 25, 30),
+    Stage(1, "correctness", 120, 25, 30),  # Triton compiles most kernels for the first time here
     Stage(2, "headline", 170, 25, 40),
     Stage(3, "sweep", 150, 30, 30),
     Stage(4, "tests", 120, 15, 30),
@@ -133,6 +135,7 @@ class Sizes:
     sweep_tokens: tuple[int, ...]
     loss_tokens: int  # the sweep's forward KL, JSD and top-k rows
     topk_ks: tuple[int, ...]
+    chunk_rows: int  # rows per chunk of the correctness stage's several-chunk check
     profile_tokens: int
     gemm_size: int
     copy_mib: int
@@ -151,6 +154,7 @@ GPU_SIZES = Sizes(
     sweep_tokens=(4096, 16384),
     loss_tokens=8192,
     topk_ks=(16, 64),
+    chunk_rows=256,  # 4 chunks of the 1024 rows, which the default budget (1536-row chunks) takes in one
     profile_tokens=4096,
     gemm_size=8192,
     copy_mib=2048,
@@ -161,11 +165,12 @@ GPU_SIZES = Sizes(
 )
 TINY = dict(hidden=16, teacher_hidden=24, dtype="fp32")  # the interpreter runs fp32 (no bf16 tl.dot)
 REHEARSAL_SIZES = Sizes(
-    correctness=dict(tokens=16, vocab=160, **TINY),
+    correctness=dict(tokens=48, vocab=160, **TINY),  # 3 chunks of chunk_rows in the several-chunk check
     headline=dict(tokens=32, vocab=128, **TINY),
     sweep_tokens=(16,),
     loss_tokens=16,
     topk_ks=(2,),  # the top-k kernel is slow in the interpreter: ~1 s a call at k=2, N=32, V=128
+    chunk_rows=16,  # chunking.MIN_ROWS: fewer rows would tile the vocabulary instead
     profile_tokens=16,
     gemm_size=256,
     copy_mib=32,
@@ -312,7 +317,7 @@ class Runner:
         if self.args.rehearse:
             self.record["build"] = {"status": "skipped: a rehearsal builds nothing (the CUDA extension needs a GPU)"}
             return
-        env = dict(self.env)
+        env = dict(self.env, PIP_BREAK_SYSTEM_PACKAGES="1")  # an externally managed python3 (PEP 668)
         env.setdefault("OPD_FAST_CUDA_ARCHS", cuda_archs() or "80;90a")
         command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(REPO)]
         self.log.write(f"\n=== build (OPD_FAST_CUDA_ARCHS={env['OPD_FAST_CUDA_ARCHS']}): {' '.join(command)}")
@@ -320,6 +325,24 @@ class Runner:
         outcome = "ok" if status == 0 else "timeout" if status is None else f"failed (exit {status})"
         self.record["build"] = {"status": outcome, "seconds": round(seconds, 1), "archs": env["OPD_FAST_CUDA_ARCHS"]}
         self.log.write(f"=== build: {outcome} in {seconds:.0f} s")
+        if status not in (0, None):
+            self.record["build"]["in_place"] = self.build_in_place(env, BUILD_SECONDS - seconds)
+
+    def build_in_place(self, env: dict, seconds: float) -> str:
+        """When pip could not install (a read-only environment, an old pip): the extension built into opd_fast/
+        by ``setup.py build_ext --inplace``, and the stages import the package from the repository, with
+        ``opd_fast/kernels`` linked to ``kernels/`` as setup.py's package_dir maps it. If that build fails too,
+        the package still imports (pure Python): torch, Triton and the baselines run, cuda says why not."""
+        link = REPO / "opd_fast" / "kernels"
+        if not link.exists():
+            link.symlink_to(Path("..") / "kernels", target_is_directory=True)
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
+        command = [sys.executable, "setup.py", "build_ext", "--inplace"]
+        self.log.write(f"\n=== build in place: {' '.join(command)}; the stages import opd_fast from {REPO}")
+        status, taken = run_streamed(command, self.log, min(seconds, self.left() - MARGIN_SECONDS), env)
+        outcome = "ok" if status == 0 else "timeout" if status is None else f"failed (exit {status})"
+        self.log.write(f"=== build in place: {outcome} in {taken:.0f} s")
+        return outcome
 
     def run_stage(self, stage: Stage) -> None:
         path = stage.path(self.out, self.stem)
@@ -633,7 +656,9 @@ def _package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 def stage_env(ctx: Context, record: StageFile) -> None:
     import torch
 
+    import opd_fast
     from opd_fast import bench
+    from opd_fast.backends import sweep
 
     env = bench.environment(ctx.device)
     env["packages"] = _package_versions(
@@ -642,7 +667,9 @@ def stage_env(ctx: Context, record: StageFile) -> None:
     )  # fmt: skip
     variables = ("OPD_FAST_TRITON_FIXED_CONFIG", "OPD_FAST_CUDA_ARCHS", "TRITON_INTERPRET", "TORCH_COMPILE_DISABLE")
     env["variables"] = {name: os.environ.get(name) for name in variables}
+    env["opd_fast_from"] = str(Path(opd_fast.__file__).parent)  # the repository (editable or in place) or a copy
     if ctx.device.type == "cuda":
+        env["addmm_takes_fp32_accumulator"] = sweep._cuda_addmm_takes_a_wider_accumulator(ctx.device)
         props = torch.cuda.get_device_properties(ctx.device)
         env["gpu_properties"] = {
             "name": props.name,
@@ -765,6 +792,7 @@ def stage_correctness(ctx: Context, record: StageFile) -> None:
                 fn = functools.partial(opd_fast.linear_divergence, backend=backend, filter_eps=FILTER_EPS)
                 check_id = f"reverse_kl-filter{FILTER_EPS:.3g}"
                 compare(check_id, backend, bench.PLANS[0], fn, inputs, expected, plain, None)
+            check_chunks(ctx, record, compare, inputs, expected, plain)
         del expected, plain
 
     def token_logprobs(hidden, weight, **options):
@@ -783,6 +811,62 @@ def stage_correctness(ctx: Context, record: StageFile) -> None:
     del expected, plain, exact
     for k in ctx.sizes.topk_ks:
         check_topk(ctx, record, inputs, k)
+
+
+def check_chunks(ctx: Context, record: StageFile, compare: Callable, inputs: list, expected: list, plain: list):
+    """Reverse KL over several row chunks of the chunked plan (the headline's N=8192 is six; the correctness
+    shape is one at the default budget): the side stream's overlap of chunk i's epilogue with the gradient
+    GEMMs of chunk i−1, the two G buffers and the fp32 dW accumulation across chunks. Each backend against
+    float64 as above, then the same call with the overlap off (``OPD_FAST_OVERLAP=0``): everything runs on one
+    stream in order, so both must agree to fp32 rounding (bit-identical unless a kernel uses atomics)."""
+    import torch
+
+    import opd_fast
+    from opd_fast import bench, chunking
+    from opd_fast.backends.sweep import OVERLAP_ENV
+
+    n_tokens, vocab = inputs[0].shape[0], inputs[1].shape[0]
+    chunks = -(-n_tokens // ctx.sizes.chunk_rows)
+    check_id = f"reverse_kl-chunks{chunks}"
+    with opd_fast.chunk_budget(ctx.sizes.chunk_rows * vocab):
+        plan = chunking.plan_tiles(n_tokens, vocab, device=ctx.device)
+        if plan.cols < vocab or plan.rows != ctx.sizes.chunk_rows:
+            record.add({"id": check_id, "error": f"the plan is not {chunks} whole-row chunks: {plan}"})
+            return
+        for backend in bench.OURS:
+            fn = functools.partial(opd_fast.linear_divergence, backend=backend, plan="chunked")
+            got = compare(check_id, backend, "chunked", fn, inputs, expected, plain, None)
+            if got is None:
+                continue
+            row_id = f"{check_id}-overlap-off/{backend}-chunked"
+            previous = os.environ.get(OVERLAP_ENV)
+            os.environ[OVERLAP_ENV] = "0"  # read on every call
+            try:
+                serial = _value_and_grads(fn, inputs)
+            finally:
+                if previous is None:
+                    del os.environ[OVERLAP_ENV]
+                else:
+                    os.environ[OVERLAP_ENV] = previous
+            names = ("value", "d_hidden", "d_weight")
+            differences = {n: _rel_err(a, b) for n, a, b in zip(names, got, serial)}
+            identical = all(torch.equal(a, b) for a, b in zip(got, serial))
+            passed = max(differences.values()) <= 1e-6
+            record.add(
+                {
+                    "id": row_id,
+                    "check": f"{check_id}-overlap-off",
+                    "backend": backend,
+                    "plan": "chunked",
+                    "differences": differences,
+                    "identical": identical,
+                    "passed": passed,
+                }
+            )
+            ctx.say(
+                f"[1 correctness] {row_id}: {'ok' if passed else 'NOT PASSED'} "
+                f"({'bit-identical' if identical else f'max rel. difference {max(differences.values()):.2e}'})"
+            )
 
 
 def _error_line(exc: BaseException) -> str:

@@ -82,11 +82,7 @@ def test_env_stage_measures_ceilings_and_says_which_backends_run(rehearsal):
     assert data["env"]["variables"]["TRITON_INTERPRET"] == "1"
     assert data["env"]["variables"]["OPD_FAST_TRITON_FIXED_CONFIG"] == "1"
     assert data["env"]["packages"]["torch"]
-
-
-def _plan_error(row: dict) -> bool:
-    """The streaming plan before issue 17 lands: the public functions do not take ``plan`` yet."""
-    return "unexpected keyword argument 'plan'" in row.get("error", "")
+    assert Path(data["env"]["opd_fast_from"]).is_dir()
 
 
 def test_correctness_stage_checks_every_backend_and_plan(rehearsal):
@@ -98,12 +94,15 @@ def test_correctness_stage_checks_every_backend_and_plan(rehearsal):
     for check in checks:
         for backend in ("torch", "triton"):
             assert rows[f"{check}/{backend}-chunked"]["passed"], rows[f"{check}/{backend}-chunked"]
-            streaming = rows[f"{check}/{backend}-streaming"]
-            assert streaming.get("passed") or _plan_error(streaming), streaming
+            assert rows[f"{check}/{backend}-streaming"]["passed"], rows[f"{check}/{backend}-streaming"]
         for plan in ("chunked", "streaming"):
             assert rows[f"{check}/cuda-{plan}"]["error"].startswith("skipped:")
     filtered = rows[f"reverse_kl-filter{gpu_verify.FILTER_EPS:.3g}/triton-chunked"]
     assert filtered["passed"]
+    for backend in ("torch", "triton"):  # 48 rows in 3 chunks of 16, with the overlap on and off (CPU: in order)
+        assert rows[f"reverse_kl-chunks3/{backend}-chunked"]["passed"]
+        assert rows[f"reverse_kl-chunks3-overlap-off/{backend}-chunked"]["passed"]
+    assert rows["reverse_kl-chunks3/cuda-chunked"]["error"].startswith("skipped:")
     assert data["inputs"]["entropy_student"] == pytest.approx(1.5, rel=0.25)
 
 
@@ -114,8 +113,8 @@ def test_benchmark_stages_time_each_row_and_describe_its_inputs(rehearsal):
     assert ids[:3] == ["reverse_kl/N32/naive", "reverse_kl/N32/cuda", "reverse_kl/N32/triton"]
     assert ids[-1] == "reverse_kl/N32/torch"  # last: it runs only when one call is within 3× naive's median
     for row in headline + sweep:
-        if "error" in row:  # a skip says why; a failure is only the streaming plan before issue 17
-            assert row["error"].startswith("skipped:") or _plan_error(row), row
+        if "error" in row:  # a skip says why; nothing fails
+            assert row["error"].startswith("skipped:"), row
             continue
         assert row["median_ms"] > 0 and row["peak_mem_mb"] >= 0 and row["seconds"] >= 0, row
         assert row["entropy_student"] == pytest.approx(1.5, rel=0.25), row
