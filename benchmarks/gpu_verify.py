@@ -18,8 +18,8 @@ recorded and the next one starts. Nothing is fatal: the exit status is 0.
          the side-stream overlap on and off), token log-probs, top-k (k=16, 64). A check passes within 2× the
          error of plain PyTorch in the same dtype.
   2 headline  reverse KL forward+backward, N=8192, Hs=4096, Ht=5120, V=151936, bf16, peaked inputs: naive,
-         cuda, triton, liger, trl, the streaming plans, compile, liger_chunked, our chunked plans with
-         gradient filtering (ε = 2⁻¹²), then torch if one call is within 3× naive. CUDA-event medians, peak
+         cuda, triton, liger, trl, our chunked plans with gradient filtering (ε = 2⁻¹²), compile,
+         liger_chunked, the streaming plans, then torch if one call is within 3× naive. CUDA-event medians, peak
          memory, the floor 2·N·V·(Hs+Ht) + 4·N·V·Hs at the measured GEMM rate and each row's ratio to it, the
          issue-16 prediction, the inputs' entropy and shared top-16 mass, the share of tiles filtering skipped.
   3 sweep  the same at N=4096 and 16384, then forward KL, JSD and the top-k overlap statistics at N=8192.
@@ -929,30 +929,22 @@ def check_topk(ctx: Context, record: StageFile, inputs: list, k: int) -> None:
 
 
 def headline_cases(shape: dict, loss: str, filtering: bool, topk_k: int | None = None) -> list:
-    """The rows of one comparison, most valuable first; torch last (it runs only within 3× naive). ``topk_k``: the
-    k of a ``topk_overlap`` comparison."""
+    """The rows of one comparison, most valuable first: naive, our chunked plans and the peers that compile
+    little, then our plans with gradient filtering (issue 17's second target), then the two peers that first
+    compile for tens of seconds (torch.compile, Liger's chunked loss), then the streaming plans; torch last (it
+    runs only within 3× naive). ``topk_k``: the k of a ``topk_overlap`` comparison."""
     from opd_fast import bench
 
-    names = [
-        "naive",
-        "cuda",
-        "triton",
-        "liger",
-        "trl",
-        "cuda-streaming",
-        "triton-streaming",
-        "compile",
-        "liger_chunked",
-    ]
-    if loss == "topk_overlap":
-        names = ["naive", "cuda", "triton", "cuda-streaming", "triton-streaming"]
     common = dict(shape, mode="fwd" if loss == "topk_overlap" else "fwd+bwd", loss=loss, inputs="peaked")
     if loss == "topk_overlap":
         common["topk_k"] = topk_k
-    cases = [bench.Case(name, **common) for name in names]
+        names = ["naive", "cuda", "triton", "cuda-streaming", "triton-streaming", "torch"]
+        return [bench.Case(name, **common) for name in names]
+    cases = [bench.Case(name, **common) for name in ("naive", "cuda", "triton", "liger", "trl")]
     if filtering:
         cases += [bench.Case(name, **common, filter_eps=FILTER_EPS) for name in ("cuda", "triton")]
-    return [*cases, bench.Case("torch", **common)]
+    names = ("compile", "liger_chunked", "cuda-streaming", "triton-streaming", "torch")
+    return [*cases, *(bench.Case(name, **common) for name in names)]
 
 
 def case_id(case) -> str:

@@ -112,6 +112,8 @@ def test_benchmark_stages_time_each_row_and_describe_its_inputs(rehearsal):
     ids = [row["id"] for row in headline]
     assert ids[:3] == ["reverse_kl/N32/naive", "reverse_kl/N32/cuda", "reverse_kl/N32/triton"]
     assert ids[-1] == "reverse_kl/N32/torch"  # last: it runs only when one call is within 3× naive's median
+    filtered = f"reverse_kl/N32/triton-filter{gpu_verify.FILTER_EPS:.3g}"
+    assert ids.index(filtered) < ids.index("reverse_kl/N32/compile")  # before the rows that compile for long
     for row in headline + sweep:
         if "error" in row:  # a skip says why; nothing fails
             assert row["error"].startswith("skipped:"), row
