@@ -169,8 +169,8 @@ def x_minus_log1p(x):
 @triton.jit
 def logaddexp(a, b):
     """log(e^a + e^b) for a, b not both −inf."""
-    high = tl.maximum(a, b)
-    return high + log1p(tl.exp(tl.minimum(a, b) - high))
+    high = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    return high + log1p(tl.exp(tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL) - high))
 
 
 @triton.jit
@@ -179,7 +179,7 @@ def log_ratio_to_mixture(d, beta):
     accurate (x ≥ −1/2, d ≤ 30), else the log-add-exp of log(1 − β) and log β + d (exact where 1 + x would
     cancel, and for large d, where expm1 would overflow). The JSD gradient needs only this for the student,
     (d, β); the teacher's is (−d, 1 − β)."""
-    x = beta * expm1(tl.minimum(d, 30.0))
+    x = beta * expm1(tl.minimum(d, 30.0, propagate_nan=tl.PropagateNan.ALL))
     direct = (x >= -0.5) & (d <= 30.0)
     return tl.where(direct, -log1p(x), -logaddexp(tl.log(1.0 - beta), tl.log(beta) + d))
 
@@ -193,8 +193,8 @@ def jsd_parts(lp_s, lp_t, beta):
     p_s = tl.exp(lp_s)
     p_t = tl.exp(lp_t)
     d = lp_t - lp_s
-    x = beta * expm1(tl.minimum(d, 30.0))
-    y = (1.0 - beta) * expm1(tl.minimum(-d, 30.0))
+    x = beta * expm1(tl.minimum(d, 30.0, propagate_nan=tl.PropagateNan.ALL))
+    y = (1.0 - beta) * expm1(tl.minimum(-d, 30.0, propagate_nan=tl.PropagateNan.ALL))
     # log(p_s / m) = −log1p(x) for d ≤ 30, except where 1 + x = (1 − β) + β e^d is small (x < −1/2): there
     # 1 + x would cancel and the log-add-exp of log(1 − β) and log β + d is exact (log_ratio_to_mixture's
     # branches; shared here with the teacher's side, which keeps this kernel's registers in bounds).

@@ -66,8 +66,8 @@ def _kl_lane_update(m, s, m_o, s_o, acc, x, y, valid):
     KL state (m, s) of the lead, (m_o, s_o) of the other and acc relative to both maxes."""
     x = tl.where(valid, x, -float("inf"))
     y = tl.where(valid, y, -float("inf"))
-    m_new = tl.maximum(m, x)
-    mo_new = tl.maximum(m_o, y)
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+    mo_new = tl.maximum(m_o, y, propagate_nan=tl.PropagateNan.ALL)
     e = tl.where(valid, tl.exp(x - m_new), 0.0)
     e_o = tl.where(valid, tl.exp(y - mo_new), 0.0)
     term = e * tl.where(valid, (x - m_new) - (y - mo_new), 0.0)
@@ -81,7 +81,7 @@ def _kl_lane_update(m, s, m_o, s_o, acc, x, y, valid):
 def _lane_add(m, s, x, valid):
     """Per lane: add one block of logits x (masked lanes: valid = False) to the online state (m, s)."""
     x = tl.where(valid, x, -float("inf"))
-    m_new = tl.maximum(m, x)
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     return m_new, _rescaled(m, s, m_new) + tl.where(valid, tl.exp(x - m_new), 0.0)
 
 
@@ -91,7 +91,7 @@ def _row_merge(state, n_state, m, s):
     row_m = tl.max(m, 0)
     row_s = tl.sum(_rescaled(m, s, row_m), 0)
     old_m = tl.load(state)
-    new_m = tl.maximum(old_m, row_m)
+    new_m = tl.maximum(old_m, row_m, propagate_nan=tl.PropagateNan.ALL)
     tl.store(state, new_m)
     tl.store(state + n_state, _rescaled(old_m, tl.load(state + n_state), new_m) + _rescaled(row_m, row_s, new_m))
 
@@ -107,8 +107,8 @@ def _kl_row_merge(state_lead, state_other, acc_ptr, n_state, m, s, m_o, s_o, acc
     row_s = tl.sum(_rescaled(m, s, row_m), 0)
     old_m = tl.load(state_lead)
     old_mo = tl.load(state_other)
-    new_m = tl.maximum(old_m, row_m)
-    new_mo = tl.maximum(old_mo, row_mo)
+    new_m = tl.maximum(old_m, row_m, propagate_nan=tl.PropagateNan.ALL)
+    new_mo = tl.maximum(old_mo, row_mo, propagate_nan=tl.PropagateNan.ALL)
     acc_sum = _kl_shift(old_m, tl.load(state_lead + n_state), old_mo, tl.load(acc_ptr), new_m, new_mo)
     tl.store(acc_ptr, acc_sum + _kl_shift(row_m, row_s, row_mo, row_acc, new_m, new_mo))
     _row_merge(state_lead, n_state, m, s)

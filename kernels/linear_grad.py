@@ -69,6 +69,13 @@ def tile_shape(mode: str | None = None) -> tuple[int, int]:
     return (64, 64) if mode == "jsd" else (64, 128)
 
 
+@triton.jit
+def _tile_peak(p):
+    """The tile's largest probability, a NaN counting as +inf: a NaN gradient must reach dH and dW, never be
+    skipped as small (tl.max ignores NaN on the GPU, and a NaN never compares ≥ ε)."""
+    return tl.max(tl.max(tl.where(p == p, p, float("inf")), 1), 0)
+
+
 @triton.autotune(
     # 4 warps spill in token mode (240-430 B per thread, tests/test_triton_aot.py); JSD needs its smaller tile.
     configs=configs({"BH": [64, 32]}, warps=[8], stages=[3], interpreter={"BH": 16}),
@@ -135,14 +142,14 @@ def _logit_grad_kernel(
     lp_s = row_log_probs(z_s, lse_s_ptr, lo_s_ptr, o_n, m_n)
     p_s = tl.where(m_nv, tl.exp(lp_s), 0.0)
     b_w = tl.load(row_w_ptr + o_n, mask=m_n, other=0.0)
-    peak = tl.max(tl.max(p_s, 1), 0)
+    peak = _tile_peak(p_s)
 
     if MODE == FORWARD_KL:  # G = p_s − p_t is small only where both are: the teacher tile is always needed
         x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
         z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
         lp_t = row_log_probs(z_t, lse_t_ptr, lo_t_ptr, o_n, m_n)
         p_t = tl.where(m_nv, tl.exp(lp_t), 0.0)
-        peak = tl.maximum(peak, tl.max(tl.max(p_t, 1), 0))
+        peak = tl.maximum(peak, _tile_peak(p_t))
     if MODE == TOKEN_LOGPROB:
         b_y = tl.load(ids_ptr + o_n, mask=m_n, other=-1)
         hit = o_v[None, :] == b_y[:, None]

@@ -120,7 +120,7 @@ def _softmax_stats_fwd_kernel(
         # Online softmax: rescale what was summed against the old max before adding this tile.
         # Masked columns get z = −inf, so e^{z − m} = 0 there.
         zm_s = tl.where(m_v[None, :], z_s, -float("inf"))
-        ms_new = tl.maximum(b_ms, tl.max(zm_s, 1))
+        ms_new = tl.maximum(b_ms, tl.max(zm_s, 1), propagate_nan=tl.PropagateNan.ALL)
         alpha_s = tl.exp(b_ms - ms_new)
         e_s = tl.exp(zm_s - ms_new[:, None])
         b_ss_old = b_ss
@@ -129,7 +129,7 @@ def _softmax_stats_fwd_kernel(
             z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
             zm_t = tl.where(m_v[None, :], z_t, -float("inf"))
-            mt_new = tl.maximum(b_mt, tl.max(zm_t, 1))
+            mt_new = tl.maximum(b_mt, tl.max(zm_t, 1), propagate_nan=tl.PropagateNan.ALL)
             alpha_t = tl.exp(b_mt - mt_new)
             e_t = tl.exp(zm_t - mt_new[:, None])
             b_st_old = b_st

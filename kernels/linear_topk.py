@@ -97,7 +97,7 @@ def _topk_stats_kernel(
         z = logits_tile(h_ptr, w_ptr, stride_h, stride_w, o_n, o_v, m_n, m_v, H, BN, BV, BH, PRECISION)
         z = apply_head(z, bias_ptr, o_v, m_v, pre, softcap, post, HAS_BIAS, HAS_SOFTCAP)
         z = z + 0.0  # turns −0.0 into +0.0, so equal logits pack to equal values
-        m_new = tl.maximum(b_m, tl.max(tl.where(m_v[None, :], z, -float("inf")), 1))
+        m_new = tl.maximum(b_m, tl.max(tl.where(m_v[None, :], z, -float("inf")), 1), propagate_nan=tl.PropagateNan.ALL)
         alpha = tl.exp(b_m - m_new)
         shift = z - m_new[:, None]
         e = tl.where(m_v[None, :], tl.exp(shift), 0.0)

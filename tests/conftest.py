@@ -13,6 +13,10 @@ import torch
 # kernel module is imported (triton.jit reads it at decoration time), hence here, at collection start.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_fidelity import match_compiled_nan_semantics
+
+    match_compiled_nan_semantics()  # NaN in tl.maximum/tl.minimum as on the GPU
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

@@ -201,6 +201,24 @@ def _poison(tensor: torch.Tensor, value: float, row: int = 2) -> torch.Tensor:
     return poisoned.requires_grad_(tensor.requires_grad)
 
 
+@pytest.mark.parametrize("divergence", [d for d, _ in DIVERGENCES])
+@pytest.mark.parametrize("filter_eps", [0.0, 2.0**-12], ids=["exact", "filtered"])
+@pytest.mark.parametrize(("backend", "plan"), BACKEND_PLANS)
+def test_nan_logits_reach_both_gradients_with_or_without_filtering(backend, plan, filter_eps, divergence, request):
+    """A NaN logit column makes every row's log-sum-exp, loss and logit gradient NaN, so dH and dW must be NaN
+    throughout. With gradient filtering a NaN |G| is not "below ε": skipping those columns or tiles would hand
+    back finite, wrong (zero) gradients. The streaming Triton kernel did so even with filtering off."""
+    if backend == "cuda":
+        use_cuda_backend(request)
+    hs, ws, ht, wt = _as_pair(_rows("random", seed=3), _rows("random", seed=4))
+    ws = _poison(ws, math.nan)
+    kw = dict(divergence=divergence, beta=0.5, filter_eps=filter_eps)
+    loss = linear_divergence(hs, ws, ht, wt, backend=backend, plan=plan, **kw)
+    d_hidden, d_weight = torch.autograd.grad(loss, (hs, ws))
+    assert torch.isnan(loss)
+    assert torch.isnan(d_hidden).all() and torch.isnan(d_weight).all(), (d_hidden, d_weight)
+
+
 def _calls(hs, ws, ht, wt):
     """Every public op on one pair: name → callable(check_finite, backend)."""
     ids = torch.arange(hs.shape[0], device=DEVICE) % V
@@ -239,6 +257,8 @@ def test_non_finite_inputs_raise_when_checked_and_propagate_otherwise(backend, o
         return  # statistics of a NaN row: ids are undefined; the checked path is the contract here
     poisoned_rows = slice(None) if where == "student_weight" else slice(2, 3)  # one weight row feeds every token
     assert not torch.isfinite(out[poisoned_rows]).all(), out  # the poison reaches the result...
+    if where == "student_weight" and math.isnan(bad):  # a NaN logit column enters every row's log-sum-exp
+        assert not torch.isfinite(out).any(), out
     if where == "student_hidden":
         clean = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
         clean[2] = False

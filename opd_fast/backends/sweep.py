@@ -310,10 +310,11 @@ def set_filter_stats(stats: FilterStats) -> None:
 
 
 def live_columns(g: Tensor, row_weight: Tensor, filter_eps: float) -> Tensor:
-    """Indices of the tile's columns where some row's unweighted |G| reaches ``filter_eps``."""
+    """Indices of the tile's columns where some row's unweighted |G| reaches ``filter_eps`` or is NaN (a NaN
+    gradient must reach dH and dW, never be skipped as small; amax propagates it)."""
     scale = row_weight.abs().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
     peak = (g.abs().to(torch.float32) / scale[:, None]).amax(dim=0)
-    return (peak >= filter_eps).nonzero().view(-1)
+    return (~(peak < filter_eps)).nonzero().view(-1)
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------------------
