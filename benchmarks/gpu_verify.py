@@ -23,7 +23,8 @@ recorded and the next one starts. Nothing is fatal: the exit status is 0.
          memory, the floor 2·N·V·(Hs+Ht) + 4·N·V·Hs at the measured GEMM rate and each row's ratio to it, the
          issue-16 prediction, the inputs' entropy and shared top-16 mass, the share of tiles filtering skipped.
   3 sweep  the same at N=4096 and 16384, then forward KL, JSD and the top-k overlap statistics at N=8192.
-  4 tests  the GPU test tier, ``pytest -m gpu`` on the files that hold such tests (top-k k ≤ 64).
+  4 tests  the GPU test tier and the NaN-semantics tests, ``pytest -m "gpu or device_semantics"`` on the
+         files that hold such tests (top-k k ≤ 64).
   5 ncu  one profiled forward+backward step per backend (N=4096) with Nsight Compute, if time is left.
 
 Files (8, the most a device call returns): ``<stem>.log`` (everything streamed), ``<stem>.0-env.json`` …
@@ -120,7 +121,7 @@ STAGES = (
     Stage(1, "correctness", 120, 25, 30),  # Triton compiles most kernels for the first time here
     Stage(2, "headline", 170, 25, 40),
     Stage(3, "sweep", 150, 30, 30),
-    Stage(4, "tests", 120, 15, 30),
+    Stage(4, "tests", 120, 25, 30),
     Stage(5, "ncu", 90, 10, 45),
 )
 BUILD_SECONDS = 240
@@ -1075,12 +1076,15 @@ def write_plot(ctx: Context) -> None:
 
 
 def stage_tests(ctx: Context, record: StageFile) -> None:
-    """``pytest -m gpu`` with a JUnit report, read back into per-test outcomes (failures with their message)."""
+    """``pytest -m "gpu or device_semantics"`` (the GPU tier, and the CPU tests of what compiled kernels can get
+    wrong that the interpreter does not: NaN handling) with a JUnit report, read back into per-test outcomes
+    (failures with their message)."""
     import importlib.util
     import xml.etree.ElementTree as ElementTree
 
     junit = Path(tempfile.mkdtemp(prefix="gpu_verify-")) / "junit.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "--durations=10"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu or device_semantics", "-v", "-p", "no:cacheprovider"]
+    command += ["--durations=10"]
     command += ["--junitxml", str(junit), *gpu_test_files()]
     if importlib.util.find_spec("pytest_timeout") is not None:
         command += ["--timeout", "60"]  # one hung test must not take the whole box
@@ -1118,9 +1122,11 @@ def stage_tests(ctx: Context, record: StageFile) -> None:
 
 
 def gpu_test_files() -> list[str]:
-    """The test files that hold GPU-tier tests (``pytest.mark.gpu``): collecting only these saves the ~10 s of
-    collecting the whole suite."""
-    return [str(path) for path in sorted((REPO / "tests").glob("test_*.py")) if "mark.gpu" in path.read_text()]
+    """The test files that hold tests of stage 4 (``pytest.mark.gpu``, ``pytest.mark.device_semantics``):
+    collecting only these saves the ~10 s of collecting the whole suite."""
+    marks = ("mark.gpu", "mark.device_semantics")
+    paths = sorted((REPO / "tests").glob("test_*.py"))
+    return [str(path) for path in paths if any(mark in path.read_text() for mark in marks)]
 
 
 NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy")

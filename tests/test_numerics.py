@@ -201,6 +201,7 @@ def _poison(tensor: torch.Tensor, value: float, row: int = 2) -> torch.Tensor:
     return poisoned.requires_grad_(tensor.requires_grad)
 
 
+@pytest.mark.device_semantics
 @pytest.mark.parametrize("divergence", [d for d, _ in DIVERGENCES])
 @pytest.mark.parametrize("filter_eps", [0.0, 2.0**-12], ids=["exact", "filtered"])
 @pytest.mark.parametrize(("backend", "plan"), BACKEND_PLANS)
@@ -240,6 +241,7 @@ def _calls(hs, ws, ht, wt):
 OPS = ["divergence", "token_logprobs", "topk_overlap", "topk_divergence", "topk_target"]
 
 
+@pytest.mark.device_semantics
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
