@@ -174,8 +174,9 @@ def mm_out(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 
 @functools.cache
 def _cuda_addmm_takes_a_wider_accumulator(device: torch.device) -> bool:
-    """Whether ``torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32)`` runs here. torch 2.8 and 2.9 refuse it
-    (their ``_addmm_dtype_out_cuda`` wants acc in the operands' dtype); later versions take it."""
+    """Whether ``torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32)`` runs here. Releases from before the check in
+    ``_addmm_dtype_out_cuda`` was relaxed (late 2025: torch 2.8 and 2.9 by their dates) want acc in the operands'
+    dtype; torch 2.14.1 takes it ("self dtype must match either out_dtype or mat1 dtype")."""
     operand = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
     acc = torch.zeros(16, 16, device=device)
     try:
