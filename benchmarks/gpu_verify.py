@@ -76,6 +76,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_CONTEXT_LOST = 75  # a child's exit status after a sticky CUDA error: the runner restarts it after that row
@@ -238,6 +239,11 @@ def run_streamed(command: list[str], log: Log, timeout: float, env: dict) -> tup
     return status, time.monotonic() - started
 
 
+def command_outcome(status: int | None) -> str:
+    """A ``run_streamed`` exit status in words."""
+    return "ok" if status == 0 else "timeout" if status is None else f"failed (exit {status})"
+
+
 def nvidia_smi(query: str) -> str | None:
     """First line of ``nvidia-smi --query-gpu=QUERY``, or None without a GPU or nvidia-smi."""
     try:
@@ -323,7 +329,7 @@ class Runner:
         command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(REPO)]
         self.log.write(f"\n=== build (OPD_FAST_CUDA_ARCHS={env['OPD_FAST_CUDA_ARCHS']}): {' '.join(command)}")
         status, seconds = run_streamed(command, self.log, min(BUILD_SECONDS, self.left() - MARGIN_SECONDS), env)
-        outcome = "ok" if status == 0 else "timeout" if status is None else f"failed (exit {status})"
+        outcome = command_outcome(status)
         self.record["build"] = {"status": outcome, "seconds": round(seconds, 1), "archs": env["OPD_FAST_CUDA_ARCHS"]}
         self.log.write(f"=== build: {outcome} in {seconds:.0f} s")
         if status not in (0, None):
@@ -341,7 +347,7 @@ class Runner:
         command = [sys.executable, "setup.py", "build_ext", "--inplace"]
         self.log.write(f"\n=== build in place: {' '.join(command)}; the stages import opd_fast from {REPO}")
         status, taken = run_streamed(command, self.log, min(seconds, self.left() - MARGIN_SECONDS), env)
-        outcome = "ok" if status == 0 else "timeout" if status is None else f"failed (exit {status})"
+        outcome = command_outcome(status)
         self.log.write(f"=== build in place: {outcome} in {taken:.0f} s")
         return outcome
 
@@ -709,6 +715,9 @@ def _rel_err(actual, expected) -> float:
     return diff / scale if scale > 0 else diff
 
 
+VALUE_AND_GRADS = ("value", "d_hidden", "d_weight")  # what _value_and_grads returns, in order
+
+
 def _value_and_grads(fn: Callable, inputs: list) -> list:
     """[value, ∂Σvalue/∂inputs[0], ∂Σvalue/∂inputs[1]] of ``fn(*inputs)`` (the student's hidden states, weight)."""
     import torch
@@ -761,7 +770,7 @@ def stage_correctness(ctx: Context, record: StageFile) -> None:
             record.add({**row, "error": _error_line(exc)})
             ctx.say(f"[1 correctness] {row_id}: {_error_line(exc)[:160]}")
             return None
-        names = ("value", "d_hidden", "d_weight")
+        names = VALUE_AND_GRADS
         errors = {n: _rel_err(a, e) for n, a, e in zip(names, got, expected)}
         plain_errors = {n: _rel_err(p, e) for n, p, e in zip(names, plain, expected)}
         row.update(errors=errors, plain_errors=plain_errors, seconds=round(time.perf_counter() - started, 2))
@@ -840,17 +849,9 @@ def check_chunks(ctx: Context, record: StageFile, compare: Callable, inputs: lis
             if got is None:
                 continue
             row_id = f"{check_id}-overlap-off/{backend}-chunked"
-            previous = os.environ.get(OVERLAP_ENV)
-            os.environ[OVERLAP_ENV] = "0"  # read on every call
-            try:
+            with mock.patch.dict(os.environ, {OVERLAP_ENV: "0"}):  # read on every call
                 serial = _value_and_grads(fn, inputs)
-            finally:
-                if previous is None:
-                    del os.environ[OVERLAP_ENV]
-                else:
-                    os.environ[OVERLAP_ENV] = previous
-            names = ("value", "d_hidden", "d_weight")
-            differences = {n: _rel_err(a, b) for n, a, b in zip(names, got, serial)}
+            differences = {n: _rel_err(a, b) for n, a, b in zip(VALUE_AND_GRADS, got, serial)}
             identical = all(torch.equal(a, b) for a, b in zip(got, serial))
             passed = max(differences.values()) <= 1e-6
             record.add(
