@@ -3,4 +3,39 @@
 Each op gets a module here holding its ``@triton.jit`` kernels and a thin launcher whose argument order
 matches the CUDA binding in ``csrc/``; ``opd_fast.backends`` dispatches to them. Nothing in this package
 queries the GPU at import time.
+
+The folder sits at the repository root (setup.py maps it onto ``opd_fast.kernels``), and a Python started there
+(``python -m pytest``, ``python -c``, a notebook) has the root first on ``sys.path``, where this folder would
+shadow Hugging Face's ``kernels`` distribution, which transformers imports. Imported under the top-level name,
+this file therefore hands the import over to the installed distribution (docs/design.md §6 says why this and not
+a namespace folder).
 """
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+
+def _hand_over_to_the_installed_distribution() -> None:
+    """Replace this module in ``sys.modules["kernels"]`` by the ``kernels`` found on ``sys.path`` past this root.
+
+    ``import kernels`` returns whatever ``sys.modules["kernels"]`` holds once this file has run, so the caller gets
+    the distribution's module; without one it gets the ModuleNotFoundError it would get anywhere else.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    search_path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", search_path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(
+            f"No module named 'kernels': {root}/kernels is opd_fast's Triton kernels, importable only as "
+            f"opd_fast.kernels, and no `kernels` distribution is installed",
+            name="kernels",
+        )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_to_the_installed_distribution()

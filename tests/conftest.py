@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +22,53 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     match_compiled_nan_semantics()  # NaN in tl.maximum/tl.minimum as on the GPU
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# The third-party modules the tests import (each test skips where its module is not installed). One that is
+# installed but no longer imports, a dependency's new release breaking it, stops the run with one line.
+IMPORTED_DEPENDENCIES = (
+    "transformers.modeling_utils",
+    "peft",
+    "trl",
+    "liger_kernel.transformers",
+    "triton",
+    "matplotlib.pyplot",
+    "hypothesis",
+    "safetensors.torch",
+)
+
+
+def pytest_sessionstart(session):
+    for name in IMPORTED_DEPENDENCIES:
+        reason = broken_dependency(name)
+        if reason:
+            pytest.exit(reason, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def broken_dependency(name: str) -> str | None:
+    """Why ``import name`` fails although its distribution is installed (None: it imports, or is not installed)."""
+    top = name.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        return None
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return (
+            f"dependency check: `import {name}` fails with {_installed_version(top)}: "
+            f"{type(exc).__name__}: {first_line}"
+        )
+    return None
+
+
+def _installed_version(module: str) -> str:
+    for distribution in importlib.metadata.packages_distributions().get(module, [module]):
+        try:
+            return f"{distribution} {importlib.metadata.version(distribution)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"{module} (version unknown)"
+
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 

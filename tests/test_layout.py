@@ -1,12 +1,15 @@
-"""The installed layout: opd_fast.kernels comes from kernels/, and no top-level `kernels` is installed."""
+"""The installed layout: opd_fast.kernels comes from kernels/, and no top-level `kernels` is ours, from anywhere."""
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,13 +17,64 @@ REPO = Path(__file__).resolve().parents[1]
 def test_kernels_is_installed_as_opd_fast_kernels(tmp_path):
     # Run from an unrelated directory so the repository root is not on sys.path.
     code = (
-        "import importlib.util, json, opd_fast.kernels; "
-        "print(json.dumps([opd_fast.kernels.__file__, importlib.util.find_spec('kernels') is None]))"
+        "import importlib.util, json, opd_fast.kernels; spec = importlib.util.find_spec('kernels'); "
+        "print(json.dumps([opd_fast.kernels.__file__, spec and spec.origin]))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    kernels_file, no_top_level = json.loads(out.stdout)
+    kernels_file, top_level_origin = json.loads(out.stdout)
     assert Path(kernels_file).resolve() == (REPO / "kernels" / "__init__.py").resolve()
-    assert no_top_level, "a top-level `kernels` module is importable; it must only exist as opd_fast.kernels"
+    assert top_level_origin is None or REPO not in Path(top_level_origin).resolve().parents, (
+        f"a top-level `kernels` resolves into this repository ({top_level_origin}); it must only exist as "
+        "opd_fast.kernels"
+    )
+
+
+def _run_in_repository_root(code: str, *flags: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """``python [flags] -c code`` started in the repository root, which Python puts first on sys.path."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_repository_root_never_shadows_an_installed_kernels_distribution(tmp_path):
+    # A stand-in for Hugging Face's `kernels` (which transformers >= 5.2x imports), on sys.path after the root.
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("from .marker import WHOSE\n")
+    (tmp_path / "kernels" / "marker.py").write_text("WHOSE = 'the installed distribution'\n")
+    code = (
+        "import json, kernels, opd_fast.kernels.chunk_epilogue as ours; "
+        "print(json.dumps([kernels.WHOSE, kernels.__file__, ours.__name__]))"
+    )
+    out = _run_in_repository_root(code, pythonpath=tmp_path)
+    assert out.returncode == 0, out.stderr
+    whose, origin, ours = json.loads(out.stdout)
+    assert whose == "the installed distribution" and Path(origin).parent == tmp_path / "kernels"
+    assert ours == "opd_fast.kernels.chunk_epilogue"
+
+
+def test_repository_root_kernels_without_a_distribution_is_a_clear_import_error():
+    # -S: no site-packages, so no `kernels` distribution; the root's folder must not stand in for one.
+    out = _run_in_repository_root("import kernels", "-S")
+    assert out.returncode != 0
+    assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr and "opd_fast.kernels" in out.stderr
+
+
+def test_transformers_models_import_from_the_repository_root():
+    pytest.importorskip("transformers")
+    out = _run_in_repository_root("import transformers.modeling_utils, opd_fast; print('ok')")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_only_opd_fast_and_setup_py_are_importable_from_the_repository_root():
+    # Any other regular package or module at the root would shadow a distribution of that name, as kernels/ did
+    # (kernels/__init__.py hands itself over, see above; setup.py is pip's build script).
+    importable = {
+        path.name if path.is_dir() else path.stem
+        for path in REPO.iterdir()
+        if (path.is_dir() and (path / "__init__.py").exists()) or path.suffix == ".py"
+    }
+    assert importable == {"opd_fast", "kernels", "setup"}, sorted(importable)
 
 
 def test_distribution_declares_only_opd_fast_as_top_level():
@@ -102,3 +156,17 @@ def test_diagnostics_never_imports_the_cli():
     for path in package.glob("*.py"):
         cli = sorted(name for name in _opd_fast_imports(path) if name.startswith("opd_fast.cli"))
         assert not cli, f"{path.relative_to(REPO)} imports {cli}"
+
+
+def test_a_broken_dependency_is_reported_in_one_line(tmp_path, monkeypatch):
+    from conftest import broken_dependency
+
+    (tmp_path / "opd_fast_broken_dependency.py").write_text(
+        "raise ImportError(\"cannot import name 'CUDAProperties' from 'kernels'\\nsecond line\")\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reason = broken_dependency("opd_fast_broken_dependency")
+    assert reason.startswith("dependency check: `import opd_fast_broken_dependency` fails with ")
+    assert reason.endswith("ImportError: cannot import name 'CUDAProperties' from 'kernels'") and "\n" not in reason
+    assert broken_dependency("opd_fast_not_installed_anywhere") is None
+    assert broken_dependency("json") is None
