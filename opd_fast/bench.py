@@ -18,7 +18,9 @@ chunked plain-PyTorch loss), ``liger`` (Liger-Kernel's fused linear JSD), ``lige
 JSD loss) and ``trl`` (TRL's chunked divergence, the loss inside ``trl.DistillationTrainer``) when
 installed — see :mod:`opd_fast.baselines` — and ours, each named with its plan: ``torch``, ``triton``,
 ``cuda`` (the default plan, chunked) and ``triton-streaming``, ``cuda-streaming`` (``plan="streaming"``).
-A backend that cannot run here becomes a row whose ``error`` says ``skipped:`` and why. ``filter_eps``
+A backend that cannot run here becomes a row whose ``error`` says ``skipped:`` and why; the printed table
+(:func:`format_table`) gives each such reason once, under the rows that ran, and names our backends
+``opd_fast/torch`` etc. (:func:`display_name`), as the plot does. ``filter_eps``
 turns on our backends' gradient filtering (exact by default); the row then reports the share of logits
 tiles it skipped (``opd_fast.last_filter_stats()``).
 
@@ -45,7 +47,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,17 +75,29 @@ BACKENDS = (
 )
 LOSSES = ("reverse_kl", "forward_kl", "jsd", "topk_overlap")
 MODES = ("fwd", "bwd", "fwd+bwd")
+SKIPPED = "skipped: "  # how the error of a case that did not run begins
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 JSD_BETA = 0.5
 TOPK_K = 16
 
-# Real student/teacher pairs: tokens swept, hidden sizes, shared vocabulary.
+# Shapes swept: tokens, hidden sizes, shared vocabulary. cpu-quick takes about a minute on a 2-core CPU with every
+# installed baseline; cpu-small, its 8 times larger sweep, about ten minutes and 6 GB (TRL's loss); then real
+# student/teacher pairs, for GPUs.
 PRESETS: dict[str, dict] = {
+    "cpu-quick": dict(tokens=[128, 256, 512], hidden=64, teacher_hidden=64, vocab=32768),
     "cpu-small": dict(tokens=[1024, 2048, 4096], hidden=64, teacher_hidden=64, vocab=32768),
     "qwen2.5-1.5b-7b": dict(tokens=[4096, 8192, 16384], hidden=1536, teacher_hidden=3584, vocab=151936),
     "qwen3-8b-14b": dict(tokens=[4096, 8192, 16384], hidden=4096, teacher_hidden=5120, vocab=151936),
     "llama3.1-8b-70b": dict(tokens=[4096, 8192, 16384], hidden=4096, teacher_hidden=8192, vocab=128256),
 }
+# The preset run with no shape options, per device type. On a GPU, cpu-small's largest call is ~70 GFLOP of matmuls
+# (milliseconds at GPU rates; compilation dominates the run) where cpu-quick's would time little but kernel launches.
+DEFAULT_PRESETS = {"cpu": "cpu-quick", "cuda": "cpu-small"}
+NAIVE_LOGITS_COPIES = 5  # fp32 [N, V] tensors the naive baseline holds at its peak (fwd+bwd; tested)
+LONG_RUN_SECONDS = 300.0  # a run estimated to take longer is announced (the estimate is within ~2x)
+LARGE_MEMORY_FRACTION = 0.25  # ... and so is one whose naive baseline needs this share of the free memory
+# Floor FLOPs of the naive call that estimate_seconds times: ~0.1 s on a 2-core CPU, milliseconds on a GPU.
+CALIBRATION_FLOPS = 2**30
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,19 @@ def plan_of(name: str) -> str | None:
     return split_backend(name)[1]
 
 
+def display_name(name: str) -> str:
+    """The backend as human-facing output names it: ours as "opd_fast/torch", "opd_fast/triton-streaming" (plain
+    "torch" reads as plain PyTorch), baselines as they are."""
+    return f"opd_fast/{name}" if split_backend(name)[0] in OURS else name
+
+
+def speed_text(speedup: float) -> str:
+    """A baseline's time over a row's as words: "2.10× faster" at 2.1, "1.35× slower" at 1 / 1.35."""
+    if speedup >= 1:
+        return f"{speedup:.2f}× faster"
+    return f"{1 / speedup:.2f}× slower"
+
+
 def unavailable_reason(backend: str, device: torch.device, *, interpreter: bool = False) -> str | None:
     """Why ``backend`` cannot be benchmarked on ``device`` (None when it can).
 
@@ -140,6 +167,17 @@ def unavailable_reason(backend: str, device: torch.device, *, interpreter: bool 
     if base in OURS:
         return backends.unavailable_reason(base, device)
     return baselines.unavailable_reason(base, device)
+
+
+def skip_reason(case: Case, device: torch.device, *, interpreter: bool = False) -> str | None:
+    """Why ``case`` cannot run on ``device`` (None when it can): its backend is unavailable here, or it has no such
+    loss or mode."""
+    reason = unavailable_reason(case.backend, device, interpreter=interpreter)
+    if reason is None and case.loss == "topk_overlap" and case.mode != "fwd":
+        reason = "the top-k overlap statistics are a diagnostic without gradients: mode fwd only"
+    if reason is None and case.loss == "topk_overlap" and split_backend(case.backend)[0] not in ("naive", *OURS):
+        reason = f"{case.backend} has no top-k overlap statistics"
+    return reason
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -329,13 +367,9 @@ def run_case(
     """
     device = torch.device(device)
     row = case.row()
-    reason = unavailable_reason(case.backend, device, interpreter=interpreter)
-    if reason is None and case.loss == "topk_overlap" and case.mode != "fwd":
-        reason = "the top-k overlap statistics are a diagnostic without gradients: mode fwd only"
-    if reason is None and case.loss == "topk_overlap" and split_backend(case.backend)[0] not in ("naive", *OURS):
-        reason = f"{case.backend} has no top-k overlap statistics"
+    reason = skip_reason(case, device, interpreter=interpreter)
     if reason is not None:
-        return {**row, "error": f"skipped: {reason}"}
+        return {**row, "error": f"{SKIPPED}{reason}"}
     try:
         inputs = make_inputs(case, device, seed)
         row.update(bench_inputs.input_statistics(*inputs.values()))
@@ -348,7 +382,7 @@ def run_case(
             if call_ms > call_limit_ms:
                 return {
                     **row,
-                    "error": f"skipped: a warm call took {call_ms:.0f} ms, over the limit of {call_limit_ms:.0f}",
+                    "error": f"{SKIPPED}a warm call took {call_ms:.0f} ms, over the limit of {call_limit_ms:.0f}",
                 }
             warmup = max(warmup - 2, 0)
         times = _time_ms(fn, setup, device, warmup, repeats, min_seconds, max_seconds)
@@ -380,6 +414,81 @@ def run_case(
         "peak_mem_mb": peak / 2**20,
         **extra,
     }
+
+
+def naive_peak_bytes(case: Case) -> int:
+    """The memory the naive baseline needs beyond its inputs for ``case``: its materialized fp32 logits."""
+    return NAIVE_LOGITS_COPIES * case.tokens * case.vocab * 4
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: the GPU's, or the system's MemAvailable on Linux; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+    except OSError:
+        return None
+    available = fields.get("MemAvailable")
+    return int(available.split()[0]) * 1024 if available else None
+
+
+def _naive_seconds_per_logit(case: Case, device: torch.device) -> float:
+    """Seconds of one naive fwd+bwd call per [token, vocabulary] element at the case's hidden sizes and dtype, timed
+    on a slice of the case that costs about ``CALIBRATION_FLOPS`` (random inputs: the time does not depend on them).
+    The slice's vocabulary is capped too, so that drawing its weights is cheap next to the call."""
+    vocab = min(case.vocab, 8192)
+    per_token = floor_flops(replace(case, tokens=1, vocab=vocab, mode="fwd+bwd"))
+    tokens = max(1, min(case.tokens, int(CALIBRATION_FLOPS // per_token)))
+    probe = Case("naive", tokens, case.hidden, case.teacher_hidden, vocab, case.dtype, "fwd+bwd")
+    fn, setup = timed_call(probe, make_inputs(probe, device))
+    fastest_ms = min(_time_ms(fn, setup, device, warmup=1, repeats=2, min_seconds=0.0, max_seconds=None))
+    return fastest_ms * 1e-3 / (tokens * vocab)
+
+
+def estimate_seconds(cases: list[Case], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Rough time of benchmarking ``cases`` (all runnable): each costs ``warmup + repeats + 1`` (the memory run) calls
+    of the naive loss at its shape, timed here once per hidden sizes and dtype and scaled by tokens × vocabulary.
+    The naive baseline is a middle: our backends, torch.compile and Liger-Kernel are faster, TRL's loss slower;
+    compilation is not counted."""
+    per_logit: dict[tuple, float] = {}
+    total = 0.0
+    for case in cases:
+        key = (case.hidden, case.teacher_hidden, case.dtype)
+        if key not in per_logit:
+            per_logit[key] = _naive_seconds_per_logit(case, device)
+        total += (warmup + repeats + 1) * case.tokens * case.vocab * per_logit[key]
+    return total
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_warning(cases: list[Case], device: torch.device, *, warmup: int, repeats: int) -> str | None:
+    """One line announcing a long run (over ``LONG_RUN_SECONDS`` by :func:`estimate_seconds`) or one whose naive
+    baseline needs over ``LARGE_MEMORY_FRACTION`` of the free memory; None for any other run."""
+    device = torch.device(device)
+    runnable = [case for case in cases if skip_reason(case, device) is None]
+    if not runnable:
+        return None
+    seconds = estimate_seconds(runnable, device, warmup=warmup, repeats=repeats)
+    naive = max((naive_peak_bytes(case) for case in runnable if case.backend == "naive"), default=0)
+    available = available_memory_bytes(device)
+    if seconds < LONG_RUN_SECONDS and not (available and naive > LARGE_MEMORY_FRACTION * available):
+        return None
+    memory = f", the naive baseline needing {naive / 2**30:.1f} GiB beyond its inputs" if naive else ""
+    if naive and available:
+        memory += f" ({available / 2**30:.1f} GiB free)"
+    return (
+        f"warning: {len(runnable)} cases, expected to take roughly {_duration(seconds)}{memory}; "
+        "fewer or smaller --tokens, or fewer --backends, make it shorter"
+    )
 
 
 def _git_commit() -> str | None:
@@ -437,17 +546,31 @@ def _comparable(row: dict) -> tuple:
     return tuple(row.get(key) for key in keys)
 
 
+def skipped_lines(rows: list[dict]) -> list[str]:
+    """One line per reason the skipped rows give, naming their backends: "skipped opd_fast/cuda, ...: reason"."""
+    backends_of: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("error", "").startswith(SKIPPED):
+            names = backends_of.setdefault(r["error"].removeprefix(SKIPPED), [])
+            if display_name(r["backend"]) not in names:
+                names.append(display_name(r["backend"]))
+    return [f"skipped {', '.join(names)}: {reason}" for reason, names in backends_of.items()]
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'backend':>22} {'loss':>12} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
+    """The rows that ran or failed, with speed and memory against naive, then each reason for skipping once."""
+    shown = [r for r in rows if not r.get("error", "").startswith(SKIPPED)]
+    labels = [display_name(r["backend"]) + (f" ε={r['filter_eps']:.3g}" if r.get("filter_eps") else "") for r in shown]
+    width = max(map(len, ["backend", *labels]))
+    header = f"{'backend':>{width}} {'loss':>12} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
     header += (
         f"{'median ms':>10} {'p20-p80 ms':>17} {'peak MB':>9} {'TFLOP/s':>8} {'H(p_s)':>6} {'shared':>6}  vs naive"
     )
     lines = [header, "-" * len(header)]
     naive = {_comparable(r): r for r in rows if r["backend"] == "naive" and "error" not in r}
-    for r in rows:
+    for r, label in zip(shown, labels):
         shape = f"{r['hidden']}/{r['teacher_hidden']}"
-        label = r["backend"] if not r.get("filter_eps") else f"{r['backend']} ε={r['filter_eps']:.3g}"
-        prefix = f"{label:>22} {r['loss']:>12} {r['tokens']:>7} {shape:>11} {r['vocab']:>7} {r['dtype']:>5} "
+        prefix = f"{label:>{width}} {r['loss']:>12} {r['tokens']:>7} {shape:>11} {r['vocab']:>7} {r['dtype']:>5} "
         prefix += f"{r['mode']:>7} "
         if "error" in r:
             lines.append(prefix + r["error"])
@@ -455,16 +578,15 @@ def format_table(rows: list[dict]) -> str:
         base = naive.get(_comparable(r))
         ratio = ""
         if base is not None and r["backend"] != "naive":
-            speed = base["median_ms"] / r["median_ms"]
             memory = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] else float("nan")
-            ratio = f"{speed:.2f}x faster, {100 * memory:.1f}% memory"
+            ratio = f"{speed_text(base['median_ms'] / r['median_ms'])}, {100 * memory:.1f}% memory"
         if "filter_skipped_fraction" in r:
             ratio += f" (filter skipped {100 * r['filter_skipped_fraction']:.1f}% of tiles)"
         spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
         rate = f"{r['effective_tflops']:>8.3f}"
         inputs = f"{r['entropy_student']:>6.2f} {r['shared_mass']:>6.3f}"
         lines.append(prefix + f"{r['median_ms']:>10.1f} {spread:>17} {r['peak_mem_mb']:>9.1f} {rate} {inputs}  {ratio}")
-    return "\n".join(lines)
+    return "\n".join(lines + skipped_lines(rows))
 
 
 def write_json(path: str | os.PathLike, env: dict, rows: list[dict]) -> None:
@@ -501,7 +623,7 @@ def plot(path: str | os.PathLike, rows: list[dict], title: str) -> None:
     for series in dict.fromkeys(series_of(r) for r in ok):
         mine = sorted((r for r in ok if series_of(r) == series), key=lambda r: r["tokens"])
         tokens = [r["tokens"] for r in mine]
-        label = " ".join(str(part) for part in series if part is not None)
+        label = " ".join(str(part) for part in (display_name(series[0]), *series[1:]) if part is not None)
         ax_time.plot(tokens, [r["median_ms"] for r in mine], marker="o", label=label)
         ax_mem.plot(tokens, [r["peak_mem_mb"] for r in mine], marker="o", label=label)
     for ax, label in ((ax_time, "median time (ms)"), (ax_mem, "peak memory beyond inputs (MB)")):

@@ -84,7 +84,8 @@ def test_bench_writes_json_plot_and_table(tmp_path, capsys, monkeypatch):
         assert row["peak_mem_mb"] < naive_rows[key]["peak_mem_mb"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert "vs naive" in table and "faster" in table
+    assert "vs naive" in table and ("× faster" in table or "× slower" in table) and "x faster" not in table
+    assert "opd_fast/torch" in table and table.count("skipped opd_fast/cuda: ") == 1
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -237,3 +238,131 @@ def test_bench_cli_rejects_bad_input_targets(capsys):
         with pytest.raises(SystemExit):
             main(["bench", option, value])
         assert message in capsys.readouterr().err, option
+
+
+def test_speed_is_worded_faster_or_slower():
+    """A row slower than naive reads "1.35× slower", not "0.74x faster"."""
+    assert bench.speed_text(2.1) == "2.10× faster"
+    assert bench.speed_text(1.0) == "1.00× faster"
+    assert bench.speed_text(1 / 1.35) == "1.35× slower"
+
+
+def test_table_names_our_backends_and_gives_each_skip_reason_once():
+    """Our backends read opd_fast/torch etc. (plain "torch" reads as PyTorch); a skip reason shared by many rows is
+    one line naming their backends, while a failure (out of memory) stays a row of its own."""
+    measured = [run_case(Case(name, 32, 8, 8, 256, "fp32", "fwd+bwd"), "cpu", repeats=1) for name in ("naive", "torch")]
+    reason = "the CUDA kernels need CUDA tensors " + "and more words " * 20
+    skipped = [
+        {**Case(name, n, 8, 8, 256, "fp32", "fwd+bwd").row(), "error": f"skipped: {reason}"}
+        for n in (32, 64, 128)
+        for name in ("cuda", "cuda-streaming")
+    ]
+    failed = {**Case("trl", 32, 8, 8, 256, "fp32", "fwd+bwd").row(), "error": "out of memory: no room"}
+    table = bench.format_table([*measured, *skipped, failed])
+    lines = table.splitlines()
+    assert table.count(reason) == 1
+    assert lines[-1] == f"skipped opd_fast/cuda, opd_fast/cuda-streaming: {reason}"
+    assert [line.split()[0] for line in lines[2:-1]] == ["naive", "opd_fast/torch", "trl"]
+    assert lines[-2].endswith("out of memory: no room")
+
+
+def test_plot_legend_names_our_backends(tmp_path, monkeypatch):
+    legends = []
+
+    def keep_legend(fig, path, *, dpi):
+        legends.append([text.get_text() for text in fig.axes[0].get_legend().get_texts()])
+
+    monkeypatch.setattr(bench, "save_figure", keep_legend)
+    rows = [
+        run_case(Case(name, n, 8, 8, 256, "fp32", "fwd"), "cpu", repeats=1)
+        for n in (16, 32)
+        for name in ("naive", "torch")
+    ]
+    bench.plot(tmp_path / "bench.png", rows, "title")
+    assert legends == [["naive", "opd_fast/torch"]]
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in (
+        "--repeats REPEATS timed calls per case (at least) (default: 5)",
+        "untimed calls per case first (default: 1)",
+        "one or more dtypes (default: fp32)",
+        "fwd, bwd and/or fwd+bwd (default: fwd+bwd)",
+        "(default: reverse_kl)",
+        "(default: random)",
+        "mean next-token entropy in nats (default: 1.5)",
+        "(default: 0.9)",
+        "(default: cpu-quick on the CPU, cpu-small on a GPU)",
+        "cpu-quick N=128,256,512 H=64 V=32768",
+        "(default: cuda if available, else cpu)",
+    ):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "['" not in text
+
+
+def test_default_cpu_run_is_small_and_the_full_sweep_one_flag_away(monkeypatch, capsys):
+    """With no shape options the CPU runs cpu-quick (about a minute on 2 cores), an eighth of cpu-small's
+    tokens × vocabulary: the sweep that was the default, with --preset cpu-small."""
+    ran = []
+
+    def record(case, device, **kwargs):
+        ran.append(case)
+        return {**case.row(), "error": "skipped: recorded"}
+
+    monkeypatch.setattr(bench, "run_case", record)
+    monkeypatch.setattr(bench, "run_warning", lambda *args, **kwargs: None)
+
+    def work(argv):
+        ran.clear()
+        assert main(["bench", "--device", "cpu", *argv]) == 0
+        assert {case.backend for case in ran} == set(bench.BACKENDS)
+        assert {(case.hidden, case.vocab, case.dtype, case.mode, case.loss) for case in ran} == {
+            (64, 32768, "fp32", "fwd+bwd", "reverse_kl")
+        }
+        return sorted({case.tokens for case in ran})
+
+    assert work([]) == [128, 256, 512]
+    assert work(["--preset", "cpu-small"]) == [1024, 2048, 4096]
+    assert bench.DEFAULT_PRESETS == {"cpu": "cpu-quick", "cuda": "cpu-small"}
+
+
+def test_naive_memory_estimate_matches_the_measured_peak():
+    """naive_peak_bytes, which the long-run warning reports, is what the naive baseline's fwd+bwd measures."""
+    case = Case("naive", 256, 4, 4, 2048, "fp32", "fwd+bwd")
+    row = run_case(case, "cpu", repeats=1)
+    assert row["peak_mem_mb"] * 2**20 == pytest.approx(bench.naive_peak_bytes(case), rel=0.05)
+
+
+def test_run_warning_announces_long_or_memory_hungry_runs(monkeypatch):
+    cases = [Case(name, 4096, 64, 64, 32768, "fp32", "fwd+bwd") for name in ("naive", "torch")]
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda device: 20 * 2**30)
+    monkeypatch.setattr(bench, "estimate_seconds", lambda cases, device, **kw: 10.0 * len(cases))
+    assert bench.run_warning(cases, "cpu", warmup=1, repeats=5) is None  # 20 s, 2.5 GiB of 20 GiB free
+    monkeypatch.setattr(bench, "estimate_seconds", lambda cases, device, **kw: 600.0)
+    warning = bench.run_warning(cases, "cpu", warmup=1, repeats=5)
+    assert warning.startswith("warning: 2 cases, expected to take roughly 10 min, the naive baseline needing 2.5 GiB")
+    assert "\n" not in warning and "(20.0 GiB free)" in warning
+    monkeypatch.setattr(bench, "estimate_seconds", lambda cases, device, **kw: 10.0)
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda device: 8 * 2**30)
+    assert "needing 2.5 GiB" in bench.run_warning(cases, "cpu", warmup=1, repeats=5)
+
+
+def test_estimate_seconds_scales_the_measured_naive_rate(monkeypatch):
+    """One naive calibration per hidden sizes and dtype, scaled by tokens × vocabulary and by the calls per case
+    (warm-up, timed, memory run)."""
+    probe = Case("naive", 64, 8, 8, 512, "fp32", "fwd+bwd")
+    assert 0 < bench._naive_seconds_per_logit(probe, torch.device("cpu")) < 1e-3
+    calibrated = []
+
+    def per_logit(case, device):
+        calibrated.append((case.hidden, case.dtype))
+        return 1e-9
+
+    monkeypatch.setattr(bench, "_naive_seconds_per_logit", per_logit)
+    cases = [Case("torch", n, 8, 8, 512, dtype, "fwd+bwd") for dtype in ("fp32", "bf16") for n in (64, 128)]
+    seconds = bench.estimate_seconds(cases, torch.device("cpu"), warmup=1, repeats=5)
+    assert calibrated == [(8, "fp32"), (8, "bf16")]
+    assert seconds == pytest.approx(7 * 2 * (64 + 128) * 512 * 1e-9)

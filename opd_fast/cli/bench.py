@@ -25,36 +25,56 @@ def _csv_choices(choices: Sequence[str], what: str):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none or its help already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from opd_fast import bench, bench_inputs
 
+    quick, small = bench.DEFAULT_PRESETS["cpu"], bench.DEFAULT_PRESETS["cuda"]
     p = sub.add_parser(
         "bench",
         help="time forward+backward of the reverse-KL loss (and the other OPD losses) per backend",
         description="Time and peak memory of the reverse-KL loss (or --losses) per backend, side by side in one "
-        "run. With no shape options it runs the 'cpu-small' preset.",
+        f"run. With no shape options it runs the '{quick}' preset on the CPU (about a minute on 2 cores) and "
+        f"'{small}' on a GPU; '--preset {small}' is the CPU's full sweep (about ten minutes and 6 GB on 2 cores). "
+        "A run estimated to take minutes or much of the free memory is announced with a warning first.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda if available, else cpu)"
+    )
     p.add_argument(
         "--backends",
         type=_csv_choices(bench.BACKENDS, "backend"),
         default=None,
         help=f"comma-separated subset of {','.join(bench.BACKENDS)} (default: all; unavailable ones are reported "
-        "as skipped with the reason)",
+        "as skipped with the reason; torch, triton and cuda are opd_fast's, shown as opd_fast/torch etc.)",
     )
-    p.add_argument("--tokens", type=positive_int, nargs="+", help="token counts N to sweep")
-    p.add_argument("--hidden", type=positive_int, help="student hidden size Hs")
+    p.add_argument("--tokens", type=positive_int, nargs="+", help="token counts N to sweep (default: the preset's)")
+    p.add_argument("--hidden", type=positive_int, help="student hidden size Hs (default: the preset's)")
     p.add_argument("--teacher-hidden", type=positive_int, help="teacher hidden size Ht (default: Hs)")
-    p.add_argument("--vocab", type=positive_int, help="vocabulary size V")
-    p.add_argument("--preset", choices=sorted(bench.PRESETS), help="shapes of a real student/teacher pair")
-    p.add_argument("--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes")
+    p.add_argument("--vocab", type=positive_int, help="vocabulary size V (default: the preset's)")
     p.add_argument(
-        "--modes", type=_csv_choices(bench.MODES, "mode"), default=["fwd+bwd"], help="fwd, bwd and/or fwd+bwd"
+        "--preset",
+        choices=sorted(bench.PRESETS),
+        help=f"the shapes swept: {'; '.join(_preset_text(name, shape) for name, shape in bench.PRESETS.items())} "
+        f"(default: {quick} on the CPU, {small} on a GPU)",
     )
+    p.add_argument(
+        "--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes (default: fp32)"
+    )
+    p.add_argument("--modes", type=_csv_choices(bench.MODES, "mode"), default="fwd+bwd", help="fwd, bwd and/or fwd+bwd")
     p.add_argument(
         "--losses",
         type=_csv_choices(bench.LOSSES, "loss"),
-        default=["reverse_kl"],
+        default="reverse_kl",
         help=f"comma-separated subset of {','.join(bench.LOSSES)} (jsd: beta 0.5; topk_overlap: k 16, mode fwd)",
     )
     p.add_argument(
@@ -62,20 +82,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         choices=bench_inputs.INPUT_PRESETS,
         default="random",
         help="random: logits ~ N(0, 16), unrelated models; peaked: LM-like distributions with --entropy and "
-        "--shared-mass (default: random)",
+        "--shared-mass",
     )
     p.add_argument(
         "--entropy",
         type=positive_float,
         default=bench_inputs.PEAKED_ENTROPY,
-        help=f"peaked inputs: mean next-token entropy in nats (default {bench_inputs.PEAKED_ENTROPY})",
+        help="peaked inputs: mean next-token entropy in nats",
     )
     p.add_argument(
         "--shared-mass",
         type=probability,
         default=bench_inputs.PEAKED_SHARED_MASS,
-        help="peaked inputs: the student's mean probability mass on the tokens in both models' top-16 "
-        f"(default {bench_inputs.PEAKED_SHARED_MASS})",
+        help="peaked inputs: the student's mean probability mass on the tokens in both models' top-16",
     )
     p.add_argument(
         "--filter-eps",
@@ -92,6 +111,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_bench)
 
 
+def _preset_text(name: str, shape: dict) -> str:
+    """The preset as --help lists it: "cpu-quick N=128,256,512 H=64 V=32768", H=Hs/Ht where they differ."""
+    hs, ht = shape["hidden"], shape["teacher_hidden"]
+    hidden = hs if hs == ht else f"{hs}/{ht}"
+    return f"{name} N={','.join(map(str, shape['tokens']))} H={hidden} V={shape['vocab']}"
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -104,7 +130,7 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = dict(bench.PRESETS[args.preset or "cpu-small"])
+    shape = dict(bench.PRESETS[args.preset or bench.DEFAULT_PRESETS[device.type]])
     for key in ("tokens", "hidden", "teacher_hidden", "vocab"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
@@ -125,6 +151,9 @@ def run_bench(args: argparse.Namespace) -> int:
         for n in shape["tokens"]
         for name in names
     ]
+    warning = bench.run_warning(cases, device, warmup=args.warmup, repeats=args.repeats)
+    if warning:
+        print(warning, file=sys.stderr)
     matmul_tflops = bench.measure_matmul_tflops(device) if device.type == "cuda" else None
     env = bench.environment(device, matmul_tflops)
     rows = []
