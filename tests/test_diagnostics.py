@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from opd_fast.cli.diagnose import add_diagnose_parser
 from opd_fast.diagnostics import (
+    Checkpoint,
     DiagnoseSettings,
     DiagnosticsError,
     bf16_unchanged_mask,
@@ -21,10 +24,12 @@ from opd_fast.diagnostics import (
     principal_angles,
     subspace_emergence,
 )
-from opd_fast.trainer import SubspaceLock
+from opd_fast.diagnostics.report import _figures
+from opd_fast.trainer import SubspaceLock, run
 
 transformers = pytest.importorskip("transformers")
 save_file = pytest.importorskip("safetensors.torch").save_file
+load_file = pytest.importorskip("safetensors.torch").load_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -126,8 +131,29 @@ def test_dense_low_rank_update():
     assert out["principal_angle_right_max_deg"] > 1
     assert 0 < out["nss"] < 1
     assert out["update_sparsity"] < 0.15  # a dense change is bf16-visible in almost every entry
-    # With k = min(m, n) the right subspace is all of R^n: no rotation is possible there.
-    assert compare_matrices(w0, w0 + delta, DiagnoseSettings(top_k=1000))["principal_angle_right_max_deg"] < 1e-6
+    # With k = min(m, n) the right subspace is all of R^n: no rotation is possible there, nothing is measured.
+    clipped = compare_matrices(w0, w0 + delta, DiagnoseSettings(top_k=1000))
+    assert clipped["principal_angle_right_full_rank"] and clipped["principal_angle_right_max_deg"] is None
+
+
+def test_full_rank_subspaces_are_flagged_not_measured():
+    w0 = bf16_grid(32, 16, scale=0.1)
+    w1 = w0 + 0.05 * torch.randn(32, 16)
+    square = compare_matrices(w0[:16], w1[:16])  # top_k = 512 clipped to 16: both subspaces are all of R^16
+    assert square["top_k"] == 16 and square["principal_angle_full_rank"]
+    assert square["principal_angle_left_full_rank"] and square["principal_angle_right_full_rank"]
+    angle_keys = [f"principal_angle{side}_{stat}_deg" for side in ("", "_left", "_right") for stat in ("max", "mean")]
+    assert all(square[key] is None for key in angle_keys)  # not the ~1e-13° of SVD rounding
+    assert compare_matrices(w0[:16], w0[:16])["principal_angle_max_deg"] is None
+    tall = compare_matrices(w0, w1)  # k = 16: the right side is all of R^16, the left a 16-D subspace of R^32
+    assert not tall["principal_angle_full_rank"] and not tall["principal_angle_left_full_rank"]
+    assert tall["principal_angle_right_full_rank"] and tall["principal_angle_right_max_deg"] is None
+    assert tall["principal_angle_left_max_deg"] > 1
+    assert tall["principal_angle_max_deg"] == tall["principal_angle_left_max_deg"]
+    assert tall["principal_angle_mean_deg"] == pytest.approx(tall["principal_angle_left_mean_deg"], rel=1e-12)
+    below = compare_matrices(w0[:16], w1[:16], DiagnoseSettings(top_k=8))
+    assert not (below["principal_angle_left_full_rank"] or below["principal_angle_right_full_rank"])
+    assert below["principal_angle_left_max_deg"] > 1 and below["principal_angle_right_max_deg"] > 1
 
 
 def test_sparse_update_and_mask_overlaps():
@@ -362,6 +388,68 @@ def test_cli_series_plots_sim_k(model_pair, tmp_path):
     plots = tmp_path / "plots"
     assert run_cli(["diagnose", str(before), str(after), str(after), "--plot", str(plots), "--sim-k", "4"]) == 0
     assert (plots / "sim_k.png").read_bytes()[:8] == PNG
+
+
+def test_plots_name_the_pair_and_the_full_rank_angles(model_pair):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    before, after, _ = model_pair
+    report = diagnose(
+        [before, after, after / "model.safetensors.index.json"], DiagnoseSettings(top_k=8), progress=False
+    )
+    figures = dict(_figures(report))
+    # Figure.get_suptitle needs matplotlib 3.8; the plot extra allows 3.7.
+    assert (
+        figures["metrics_by_layer_type.png"]._suptitle.get_text()
+        == "update geometry: before → after/model (16 matrices)"
+    )
+    assert figures["sim_k.png"].axes[0].get_title().endswith(": before → after/model")
+    assert [t.get_text() for t in figures["sim_k.png"].axes[0].get_xticklabels()] == ["after", "after/model"]
+    angles = figures["metrics_by_layer_type.png"].axes[1]
+    assert angles.get_title() == "max principal angle (°)" and angles.get_xlabel() == ""  # top-k = 8 < every side
+    for fig in figures.values():
+        plt.close(fig)
+
+    clipped = diagnose([before, after], progress=False)  # top_k = 512: every side of the 64-wide model
+    figures = dict(_figures(clipped))
+    angles = figures["metrics_by_layer_type.png"].axes[1]
+    assert "whole space" in angles.get_xlabel() and "16 of 16 matrices" in angles.get_xlabel()
+    shown = [t.get_text() for t in angles.get_xticklabels()]
+    assert shown == ["embed_tokens", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]  # not square
+    square = diagnose([before, after], include="q_proj", progress=False)
+    figures = dict(_figures(square))
+    angles = figures["metrics_by_layer_type.png"].axes[1]
+    assert "0 by construction" in angles.texts[0].get_text()
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_trainer_checkpoints_read_only_the_model_weights(models, tmp_path, capsys):
+    # rollout.reuse=2 stores the rollout's integer tensors, the subspace lock its bases under the locked
+    # matrix's own name: the files the bundled trainer keeps next to model.safetensors.
+    overrides = ["train.steps=2", "train.save_every=1", "rollout.reuse=2", "train.subspace_lock_step=1"]
+    run(tiny_config(models, tmp_path, *overrides, "train.subspace_lock_include=q_proj", "train.subspace_lock_rank=2"))
+    first, second = tmp_path / "checkpoints" / "step-00000001", tmp_path / "checkpoints" / "step-00000002"
+    assert list(load_file(second / "subspace.safetensors")) == ["model.layers.0.self_attn.q_proj.weight"]
+    assert "0.input_ids" in load_file(second / "rollout.safetensors")
+    out_json = tmp_path / "report.json"
+    assert run_cli(["diagnose", str(first), str(second), "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    summary = json.loads(out_json.read_text())["summary"]
+    assert {s["reason"] for s in summary["skipped"]} == {"1-D, not a matrix"}  # norm weights only
+    assert sorted(Path(f).name for f in summary["ignored_files"]) == sorted(
+        2 * ["rng.safetensors", "rollout.safetensors", "subspace.safetensors"]
+    )
+    assert summary["overall"]["matrices"] == 9  # embed_tokens, 7 projections, lm_head
+    assert f"skipped {len(summary['skipped'])} tensors: {len(summary['skipped'])} not a 2-D matrix" in table
+    assert "not read: 6 files" in table and "I64" not in table and "torch_cpu" not in table
+    # The 16-wide student's matrices: top-k = 512 spans a side of every one and both sides of the square ones.
+    assert "angles: top-k=512 spans a whole side of 9 of 9 matrices (both sides of 4)" in table
+    assert "--top-k 14 or less" in table  # the 15-row embedding is the smallest side
+
+    lone = tmp_path / "lone"  # a directory without transformers' file names: every .safetensors file is read
+    lone.mkdir()
+    (lone / "adapter_model.safetensors").write_bytes((second / "model.safetensors").read_bytes())
+    assert Checkpoint(lone).names == Checkpoint(second).names and Checkpoint(lone).ignored == []
 
 
 def test_cli_bad_input_exits_2_with_message(model_pair, tmp_path, capsys):

@@ -60,7 +60,9 @@ def _setting_options(defaults: d.DiagnoseSettings) -> tuple[tuple[str, Callable[
             "top_k",
             positive_int,
             "K",
-            f"singular subspace size for the principal angles, clipped to the matrix (default {defaults.top_k})",
+            f"singular subspace size for the principal angles, clipped to the matrix (default {defaults.top_k}); "
+            "where it spans a whole side (rows or columns), that side's angles are 0 by construction and "
+            "reported as - (JSON null)",
         ),
         ("eta", _eta, None, f"relative tolerance of a bf16-unchanged entry (default {defaults.eta:g})"),
         (
@@ -104,7 +106,8 @@ def add_diagnose_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "checkpoints",
         nargs="+",
         metavar="CHECKPOINT",
-        help="BEFORE AFTER [MORE ...]: model directories (*.safetensors, sharded or not) or .safetensors files",
+        help="BEFORE AFTER [MORE ...]: model directories or .safetensors files; in a directory only the model's "
+        "weights are read (the shards its index names, else model*.safetensors, else every *.safetensors)",
     )
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")

@@ -1,7 +1,10 @@
 """Reading checkpoints for the diagnostics: safetensors only, one tensor at a time.
 
 Checkpoints are read with ``safetensors`` only (never ``torch.load``, which can run code from a file), one
-matrix at a time, so memory stays at a few copies of the largest matrix.
+matrix at a time, so memory stays at a few copies of the largest matrix. In a directory only the model's
+weights are read: the shards its index names, else transformers' ``model*.safetensors`` files; the bundled
+trainer's checkpoint folders keep RNG states, the reused rollout and subspace-lock bases in other
+.safetensors files next to ``model.safetensors``, which are not weights.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
         raise DiagnosticsError(f"{path} holds several shard indices ({names}); pass the index file to use")
     if indices:
         return _index_shards(indices[0])
-    files = sorted(path.glob("*.safetensors"))
+    # Without transformers' names (a lone adapter_model.safetensors, files saved by hand) every file is weights.
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = (
@@ -88,15 +92,18 @@ class Checkpoint:
     """Lazy, read-only view of the tensors of a safetensors checkpoint.
 
     ``path``: a .safetensors file, a shard index (``*.safetensors.index.json``), or a model directory
-    holding either (sharded checkpoints are found through their index). Only headers are read here;
-    :meth:`load` memory-maps one tensor at a time.
+    holding either (sharded checkpoints are found through their index; see the module docstring for which
+    files of a directory are weights). Only headers are read here; :meth:`load` memory-maps one tensor at a
+    time. ``ignored``: the directory's other .safetensors files, which are not read.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._handles = {}
         self._file_of: dict[str, Path] = {}
-        for file in _checkpoint_files(self.path):
+        files = _checkpoint_files(self.path)
+        self.ignored = sorted(set(self.path.glob("*.safetensors")) - set(files)) if self.path.is_dir() else []
+        for file in files:
             handle = _safe_open(file)
             names = handle.keys()  # a safe_open handle is not iterable
             for name in names:

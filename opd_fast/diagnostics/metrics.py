@@ -10,7 +10,10 @@ values in fp32 as the paper does:
   entries form the update mask M_upd.
 * **Principal angles** (App. C): θ_i with cos θ_i = σ_i(U₀ₖᵀU₁ₖ) between the top-k left singular
   subspaces, and likewise for the right ones (V); k = 512 clipped to min(m, n). A side whose dimension
-  equals k is the whole space there, so its angles are 0. Reported as max and mean in degrees. The max
+  equals k (both sides of a square matrix once k is clipped to its full rank) is the whole space there, so
+  its angles are 0 by construction: they are not measured but reported as None, flagged by
+  principal_angle_{left,right}_full_rank, and left out of the combined max and mean (None when both sides
+  are full). Reported as max and mean in degrees. The max
   is sensitive to near-degenerate singular values at the cut (σ_k ≈ σ_{k+1}, as in random matrices, where
   a small update swaps directions across it); the mean is the steadier summary.
 * **Normalized spectral shift** NSS = ‖σ(W₁) − σ(W₀)‖₂ / ‖σ(W₀)‖₂ (App. C).
@@ -201,7 +204,9 @@ def compare_matrices(
     definitions. SVDs run in float64 on that device.
 
     Returns a dict: update_sparsity, principal_angle_{max,mean}_deg (over the left and right angles
-    together) and principal_angle_{left,right}_{max,mean}_deg, top_k (k after clipping), nss,
+    together) and principal_angle_{left,right}_{max,mean}_deg, top_k (k after clipping),
+    principal_angle_{left,right}_full_rank (k is that side's dimension: its angles are None) and
+    principal_angle_full_rank (both sides: every angle is None), nss,
     principal_mask_overlap(_ratio), low_magnitude_mask_overlap(_ratio), stable_rank, frobenius_norm,
     spectral_norm, relative_update_norm (‖ΔW‖_F / ‖W₀‖_F), hill_alpha, hill_k.
     """
@@ -215,15 +220,23 @@ def compare_matrices(
     identical = torch.equal(w0, w1)
     u0, s0, v0 = svd(w0)
     k = min(settings.top_k, s0.numel())
+    # Where k reaches a side's dimension, both top-k subspaces are that whole space and the angles are 0 by
+    # construction; computing them would return SVD rounding (~1e-13°) that looks like a measurement. None
+    # rather than 0: such an angle says nothing about the update, and a 0 would pull the per-layer-type means
+    # toward "no rotation" as if it had been measured.
+    left_full, right_full = k == w0.shape[0], k == w0.shape[1]
     if identical:
         # Same matrix, same subspaces: skip the second SVD, whose rounding would only add ~1e-14° noise.
         s1 = s0
-        left = right = torch.zeros(k, dtype=torch.float64)
+        left = None if left_full else torch.zeros(k, dtype=torch.float64)
+        right = None if right_full else torch.zeros(k, dtype=torch.float64)
     else:
         u1, s1, v1 = svd(w1)
-        left = principal_angles(u0[:, :k], u1[:, :k])
-        right = principal_angles(v0[:, :k], v1[:, :k])
+        left = None if left_full else principal_angles(u0[:, :k], u1[:, :k])
+        right = None if right_full else principal_angles(v0[:, :k], v1[:, :k])
         del u1, v1
+    measured = [side for side in (left, right) if side is not None]
+    angles = torch.cat(measured).rad2deg() if measured else None
     r = min(settings.rank, s0.numel())
     reconstruction = (u0[:, :r] * s0[:r]) @ v0[:, :r].mT
     del u0, v0
@@ -236,17 +249,19 @@ def compare_matrices(
     frobenius = delta.norm().item()
     rho = numerical_rank(s_delta, delta.shape)
     hill, used_k = hill_alpha(s_delta, settings.hill_k, rank=rho)
-    angles = torch.cat([left, right]).rad2deg()
     w0_norm = w0.norm().item()
     return {
         "update_sparsity": sparsity,
-        "principal_angle_max_deg": angles.max().item(),
-        "principal_angle_mean_deg": angles.mean().item(),
-        "principal_angle_left_max_deg": left.max().rad2deg().item(),
-        "principal_angle_left_mean_deg": left.mean().rad2deg().item(),
-        "principal_angle_right_max_deg": right.max().rad2deg().item(),
-        "principal_angle_right_mean_deg": right.mean().rad2deg().item(),
+        "principal_angle_max_deg": None if angles is None else angles.max().item(),
+        "principal_angle_mean_deg": None if angles is None else angles.mean().item(),
+        "principal_angle_left_max_deg": None if left is None else left.max().rad2deg().item(),
+        "principal_angle_left_mean_deg": None if left is None else left.mean().rad2deg().item(),
+        "principal_angle_right_max_deg": None if right is None else right.max().rad2deg().item(),
+        "principal_angle_right_mean_deg": None if right is None else right.mean().rad2deg().item(),
         "top_k": k,
+        "principal_angle_full_rank": left_full and right_full,
+        "principal_angle_left_full_rank": left_full,
+        "principal_angle_right_full_rank": right_full,
         "nss": normalized_spectral_shift(s0, s1),
         "principal_mask_overlap": principal,
         "principal_mask_overlap_ratio": None if principal is None else principal / alpha,

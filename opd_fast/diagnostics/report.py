@@ -115,7 +115,8 @@ def diagnose(
     Returns ``{"matrices": [row, ...], "summary": {...}}``: a row per matrix with ``name``,
     ``layer_type``, ``shape``, ``parameters``, the metrics of :func:`compare_matrices` and, for a series,
     ``sim_k`` (one value per checkpoint after the first); the summary holds :func:`summarize`'s averages plus
-    ``checkpoints``, ``settings``, ``skipped`` (with reasons) and ``mismatched`` (same name, other shape).
+    ``checkpoints``, ``settings``, ``skipped`` (with reasons), ``mismatched`` (same name, other shape) and
+    ``ignored_files`` (.safetensors files of the checkpoint directories that are not model weights, not read).
     Raises :class:`DiagnosticsError` naming the file for missing/unreadable checkpoints or when no matrix is
     common to all, ValueError for a bad include or device.
     """
@@ -166,6 +167,7 @@ def diagnose(
         settings={**asdict(settings), "sim_k": settings.sim_k if series else None, "device": str(device)},
         skipped=skipped,
         mismatched=mismatched,
+        ignored_files=[str(file) for c in opened for file in c.ignored],
     )
     return {"matrices": rows, "summary": summary}
 
@@ -218,6 +220,9 @@ def format_table(report: Mapping) -> str:
         f"update-mask overlap over the random baseline alpha={settings['alpha']:g} (principal mask from rank "
         f"{settings['rank']}); other columns: means over matrices"
     )
+    angle_note = _full_rank_note(report["matrices"], settings["top_k"])
+    if angle_note:
+        lines.append(f"angles: {angle_note}")
     if "sim_k" in summary["overall"]:
         types = list(summary["by_layer_type"])
         lines.append("")
@@ -226,17 +231,40 @@ def format_table(report: Mapping) -> str:
         for i, path in enumerate(summary["checkpoints"][1:]):
             cells = " ".join(f"{_fmt(summary['by_layer_type'][t]['sim_k'][i], '.3f'):>12}" for t in types)
             lines.append(f"{path[-40:]:<40} {_fmt(summary['overall']['sim_k'][i], '.3f'):>6} {cells}")
-    skipped, mismatched = summary["skipped"], summary["mismatched"]
-    if skipped or mismatched:
-        reasons: dict[str, int] = {}
-        for item in skipped:
-            reason = re.sub(r"^\d+-D, not a matrix$", "not a matrix", item["reason"])
-            reasons[reason] = reasons.get(reason, 0) + 1
-        detail = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+    skipped, mismatched, ignored = summary["skipped"], summary["mismatched"], summary["ignored_files"]
+    if skipped or mismatched or ignored:
         lines.append("")
-        lines.append(f"skipped {len(skipped)} tensors ({detail or 'none'}); {len(mismatched)} with mismatched shapes")
-        lines.extend(f"  mismatched: {m['name']} {m['shapes']}" for m in mismatched[:10])
+    if skipped:
+        examples: dict[str, list[str]] = {}
+        for item in skipped:
+            reason = re.sub(r"^\d+-D, not a matrix$", "not a 2-D matrix", item["reason"])
+            examples.setdefault(reason, []).append(item["name"])
+        detail = "; ".join(f"{len(names)} {reason} (e.g. {names[0]})" for reason, names in examples.items())
+        lines.append(f"skipped {len(skipped)} tensors: {detail}")
+    if mismatched:
+        lines.append(f"skipped {len(mismatched)} matrices whose shape differs between checkpoints:")
+        lines.extend(f"  {m['name']} {m['shapes']}" for m in mismatched[:10])
+    if ignored:
+        names = ", ".join(dict.fromkeys(Path(file).name for file in ignored))
+        lines.append(
+            f"not read: {len(ignored)} files of the checkpoint directories that are not model weights ({names})"
+        )
     return "\n".join(lines)
+
+
+def _full_rank_note(rows: Sequence[Mapping], top_k: int) -> str | None:
+    """Why angles are missing where top-k covers a whole side of a matrix (None if it covers none)."""
+    either = [r for r in rows if r["principal_angle_left_full_rank"] or r["principal_angle_right_full_rank"]]
+    if not either:
+        return None
+    both = sum(r["principal_angle_full_rank"] for r in rows)
+    smallest = min(min(r["shape"]) for r in rows)
+    advice = f"; --top-k {smallest - 1} or less measures every side" if smallest > 1 else ""
+    return (
+        f"top-k={top_k} spans a whole side of {len(either)} of {len(rows)} matrices (both sides of {both}): angles "
+        "there are 0 by construction, so they are not measured and left out (-: no side left; JSON null, "
+        f"principal_angle_*_full_rank true){advice}"
+    )
 
 
 def write_json(path: str | os.PathLike, report: Mapping) -> None:
@@ -263,33 +291,74 @@ def plot(report: Mapping, directory: str | os.PathLike) -> list[Path]:
 
     ``metrics_by_layer_type.png``: per layer type, a box plot over its matrices of each metric (ratios
     with the random baseline 1 dashed). For a series also ``sim_k.png``: Sim_K(t, end) vs checkpoint,
-    one line per layer type and the mean.
+    one line per layer type and the mean. Titles name the checkpoints compared (:func:`_short_names`).
     """
-    plt = require_matplotlib()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    return [save_figure(fig, directory / name, dpi=110) for name, fig in _figures(report)]
+
+
+def _short_names(paths: Sequence[str]) -> list[str]:
+    """Names of checkpoints for plot titles: the fewest trailing path components that tell the distinct paths
+    apart (two when the file name is transformers' generic model*.safetensors or index), without the
+    .safetensors extension and cut to 40 characters from the left."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    depth = 1
+    while depth < max(map(len, parts)) and len({p[-depth:] for p in parts}) < len(set(parts)):
+        depth += 1
+    names = []
+    for p in parts:
+        generic = re.fullmatch(r"model.*\.safetensors(\.index\.json)?", p[-1]) is not None
+        name = "/".join(p[-max(depth, 2 if generic else 1) :])
+        name = re.sub(r"\.safetensors(\.index\.json)?$", "", name)
+        names.append(name if len(name) <= 40 else "…" + name[-39:])
+    return names
+
+
+def _figures(report: Mapping) -> list[tuple[str, object]]:
+    """The figures of :func:`plot`, as (file name, matplotlib figure)."""
+    plt = require_matplotlib()
     rows = report["matrices"]
     summary = report["summary"]
     types = list(summary["by_layer_type"])
+    checkpoints = summary["checkpoints"]
+    names = _short_names(checkpoints)
+    pair = f"{names[0]} → {names[-1]}"
+    full_sides = sum(r["principal_angle_left_full_rank"] or r["principal_angle_right_full_rank"] for r in rows)
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     for ax, (key, title, log, baseline) in zip(axes.flat, _PLOTTED):
         data = [[r[key] for r in rows if r["layer_type"] == t and r[key] is not None] for t in types]
         shown = [(t, d) for t, d in zip(types, data) if d]
+        sides_left_out = full_sides > 0 and key == "principal_angle_max_deg"
         if shown:
             ax.boxplot([d for _, d in shown])
             ax.set_xticks(range(1, len(shown) + 1), [t for t, _ in shown])
+        elif sides_left_out:
+            ax.text(
+                0.5,
+                0.5,
+                "top-k spans the whole space\non both sides of every matrix:\nangles 0 by construction, not measured",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         else:
             ax.text(0.5, 0.5, "undefined for every matrix", ha="center", va="center", transform=ax.transAxes)
         if log and any(v > 0 for _, d in shown for v in d):
             ax.set_yscale("log")
         if baseline is not None:
             ax.axhline(baseline, color="gray", linestyle="--", linewidth=1)
+        if sides_left_out:
+            ax.set_xlabel(
+                f"left out: sides where top-k spans the whole space\n({full_sides} of {len(rows)} matrices; "
+                "0 by construction there)",
+                fontsize="small",
+            )
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=45)
         ax.grid(True, axis="y", alpha=0.3)
-    checkpoints = summary["checkpoints"]
-    fig.suptitle(f"OPD update geometry: {checkpoints[0]} → {checkpoints[-1]} ({len(rows)} matrices)")
-    written = [save_figure(fig, directory / "metrics_by_layer_type.png", dpi=110)]
+    fig.suptitle(f"update geometry: {pair} ({len(rows)} matrices)")
+    figures = [("metrics_by_layer_type.png", fig)]
     if "sim_k" in summary["overall"]:
         fig, ax = plt.subplots(figsize=(8, 5))
         steps = list(range(1, len(checkpoints)))
@@ -298,12 +367,12 @@ def plot(report: Mapping, directory: str | os.PathLike) -> list[Path]:
             ax.plot(steps, [math.nan if v is None else v for v in values], marker="o", label=t, alpha=0.7)
         mean = [math.nan if v is None else v for v in summary["overall"]["sim_k"]]
         ax.plot(steps, mean, marker="s", color="black", linewidth=2.5, label="mean")
-        ax.set_xticks(steps, [Path(p).name for p in checkpoints[1:]], rotation=30, ha="right")
+        ax.set_xticks(steps, names[1:], rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("checkpoint")
         ax.set_ylabel(f"Sim_K(t, end), K={summary['settings']['sim_k']}")
-        ax.set_title("subspace emergence of the cumulative update")
+        ax.set_title(f"subspace emergence of the cumulative update: {pair}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-        written.append(save_figure(fig, directory / "sim_k.png", dpi=110))
-    return written
+        figures.append(("sim_k.png", fig))
+    return figures
