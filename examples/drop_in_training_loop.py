@@ -17,7 +17,9 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from opd_fast import LMHead, linear_reverse_kl
+from opd_fast import LMHead, completion_mask, linear_reverse_kl
+
+EOS = 1  # the tiny models' end-of-sequence id (a real model's is model.generation_config.eos_token_id)
 
 
 def tiny_models(directory: str) -> tuple[str, str]:
@@ -29,6 +31,7 @@ def tiny_models(directory: str) -> tuple[str, str]:
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
+        eos_token_id=EOS,
     )
     for name, hidden in (("student", 64), ("teacher", 96)):
         torch.manual_seed(hidden)
@@ -37,38 +40,51 @@ def tiny_models(directory: str) -> tuple[str, str]:
     return f"{directory}/student", f"{directory}/teacher"
 
 
+def left_padded_prompts(batch: int, vocab_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of 3 to 8 tokens, left-padded as a tokenizer with padding_side="left" returns them."""
+    lengths = torch.randint(3, 9, (batch,), generator=generator)
+    ids = torch.randint(2, vocab_size, (batch, int(lengths.max())), generator=generator)
+    mask = torch.arange(ids.shape[1]) >= ids.shape[1] - lengths[:, None]
+    return ids.masked_fill(~mask, EOS), mask.long()
+
+
+def reverse_kl_loss(student, teacher, sequences, prompt_mask) -> torch.Tensor:
+    """The reverse KL of the completions in ``sequences`` (prompts of ``prompt_mask``'s length, then generate's
+    output), counted up to each completion's first EOS, from final hidden states: no logits are built."""
+    # The prompts' padding is masked out of attention and positions count from each row's first real token, as
+    # generate counted them; what follows a completion's EOS needs no masking (attention is causal).
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_mask.shape[1] :])], dim=1)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    student_hidden = student.get_decoder()(sequences, attention_mask=attention_mask, position_ids=positions)
+    with torch.no_grad():
+        teacher_hidden = teacher.get_decoder()(sequences, attention_mask=attention_mask, position_ids=positions)
+    # Position t predicts token t + 1: count the positions that predict completion tokens up to the first EOS.
+    mask = completion_mask(sequences, prompt_mask.shape[1], EOS)
+    # The heads as the models' forwards apply them (read each step: views of the current parameters).
+    return linear_reverse_kl(
+        student_hidden.last_hidden_state[:, :-1],
+        LMHead.from_model(student),
+        teacher_hidden.last_hidden_state[:, :-1],
+        LMHead.from_model(teacher).detach(),
+        mask=mask,
+    )
+
+
 def main(student_path: str, teacher_path: str, steps: int = 3, batch: int = 4, new_tokens: int = 16) -> list[float]:
     student = AutoModelForCausalLM.from_pretrained(student_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    prompts = torch.randint(0, student.config.vocab_size, (batch, 8))
+    generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
-        # 1. The student samples completions of the prompts (on-policy data).
+        prompts, prompt_mask = left_padded_prompts(batch, student.config.vocab_size, generator)
+        # 1. The student samples completions of the prompts (on-policy data); rows that end early are padded.
         with torch.no_grad():
             sequences = student.generate(
-                prompts,
-                do_sample=True,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=0,
-                attention_mask=torch.ones_like(prompts),
+                prompts, attention_mask=prompt_mask, do_sample=True, max_new_tokens=new_tokens, pad_token_id=EOS
             )
-        # 2. Final hidden states of both models; the decoder skips the lm_head, so no logits are built.
-        student_hidden = student.get_decoder()(sequences).last_hidden_state
-        with torch.no_grad():
-            teacher_hidden = teacher.get_decoder()(sequences).last_hidden_state
-        # 3. Position t predicts token t + 1: count the positions whose next token is a completion token.
-        predicts_completion = torch.zeros_like(sequences, dtype=torch.bool)[:, :-1]
-        predicts_completion[:, prompts.shape[1] - 1 :] = True
-        # 4. The heads as the models' forwards apply them (read each step: views of the current parameters).
-        loss = linear_reverse_kl(
-            student_hidden[:, :-1],
-            LMHead.from_model(student),
-            teacher_hidden[:, :-1],
-            LMHead.from_model(teacher).detach(),
-            mask=predicts_completion,
-        )
+        # 2. The teacher scores them: the loss from both models' final hidden states and output heads.
+        loss = reverse_kl_loss(student, teacher, sequences, prompt_mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

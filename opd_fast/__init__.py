@@ -12,6 +12,7 @@ from opd_fast.distributed import shard_rows
 from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs
 from opd_fast.heads import LMHead
 from opd_fast.modules import OPDLoss
+from opd_fast.sequences import completion_mask
 from opd_fast.topk import (
     OverlapAverages,
     linear_topk_divergence,
@@ -31,6 +32,7 @@ __all__ = [
     "TopKOverlap",
     "__version__",
     "chunk_budget",
+    "completion_mask",
     "get_chunk_budget",
     "last_filter_stats",
     "linear_divergence",
