@@ -9,6 +9,7 @@ student and a wider teacher) from configs, saves them to a temporary directory a
 few steps with each trainer. Pass --student/--teacher (local model directories sharing a tokenizer) to use
 your own models.
 
+    pip install 'opd_fast[trl]'
     python examples/trl_distillation.py --steps 4
 """
 
@@ -22,10 +23,14 @@ import tempfile
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental, which warns
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from trl import DistillationConfig
-from trl.experimental.gkd import GKDConfig
+
+try:
+    from datasets import Dataset
+    from trl import DistillationConfig
+    from trl.experimental.gkd import GKDConfig
+except ModuleNotFoundError as exc:
+    raise SystemExit(f"this example needs TRL (and its datasets): pip install 'opd_fast[trl]' ({exc})") from None
 
 from opd_fast.integrations.trl import FusedDistillationTrainer, FusedGKDTrainer
 from opd_fast.trainer.demo import build_tokenizer

@@ -20,7 +20,7 @@ How TRL's conventions map (checked against the parents' own losses in tests/test
 * Reduction: with ``num_items_in_batch`` (TRL's gradient-accumulation-correct count) the loss is the sum over
   counted tokens divided by it; without, the mean over counted tokens (0 when none count), as both parents do.
 
-Requires ``pip install trl`` (written against trl 1.16).
+Requires ``pip install 'opd_fast[trl]'`` (written against trl 1.16).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ try:
     from trl import DistillationTrainer
 except ImportError as exc:
     raise ImportError(
-        f"opd_fast.integrations.trl needs TRL ({exc}); install it with `pip install trl` (tested with trl 1.16)"
+        f"opd_fast.integrations.trl needs TRL ({exc}); install it with `pip install 'opd_fast[trl]'` "
+        "(tested with trl 1.16)"
     ) from exc
 
 # FusedGKDTrainer is importable from here too, through the module __getattr__ at the end.
