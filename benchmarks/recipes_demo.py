@@ -1,6 +1,6 @@
 """The trainer's OPD recipes on the built-in demo task, each switch against the plain OPD run, measured.
 
-    python benchmarks/recipes_demo.py [--out runs/recipes] [--steps 300] [--docs docs]
+    python benchmarks/recipes_demo.py [--out runs/recipes] [--steps 200] [--docs docs]
 
 Builds (or reuses, from ``--out``) the demo's teacher and cold-started student, runs the OPD stage once per
 variant with the same seed, steps and evaluation schedule, and writes ``<docs>/recipes.json`` (final
@@ -104,7 +104,7 @@ def main(out: Path, steps: int, docs: Path) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)  # the demo's OPD steps
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plots from <docs>/recipes.json")
     args = parser.parse_args()

@@ -223,7 +223,7 @@ TRAIN_CASES = [
     (["optim.schedule=step"], r"optim\.schedule must be one of cosine, linear, constant; got 'step'"),
     (["loss.backend=tpu"], r"loss\.backend must be one of auto, torch, triton, cuda; got 'tpu'"),
     (["loss.support=all"], r"loss\.support must be one of student, teacher, union, intersection; got 'all'"),
-    (["data.verifier=fuzzy"], r"data\.verifier must be one of exact, contains, boxed or 'module:function'"),
+    (["data.verifier=fuzzy"], r"data\.verifier must be one of exact, same_letters, contains, boxed or"),
     (["loss.reward=no_such_module:f"], r"loss\.reward 'no_such_module:f' cannot be imported: No module named"),
     (["data.format_filter=nocolon"], r"data\.format_filter must be 'package\.module:function'; got 'nocolon'"),
     # missing or ignored inputs
@@ -232,13 +232,16 @@ TRAIN_CASES = [
     (["data.train_path={dir}/x.jsonl"], r"data\.train_path=.*x\.jsonl needs student\.path"),
     (
         ["train.overlap_k=16"],
-        r"train\.overlap_k=16 exceeds the demo's vocabulary of 15 tokens; use train\.overlap_k=15",
+        r"train\.overlap_k=16 exceeds the vocabulary .*\(15 tokens\); use train\.overlap_k=15",
     ),
-    (["loss.mode=topk", "loss.top_k=99"], r"loss\.top_k=99 exceeds the demo's vocabulary of 15 tokens"),
+    (["loss.mode=topk", "loss.top_k=99"], r"loss\.top_k=99 exceeds the vocabulary .*\(15 tokens\)"),
     # output directory
     (["--out", "{file}/run"], r"--out .*regular\.txt/run: cannot write the run there: .*regular\.txt is a file, not"),
     (["--out", "{file}"], r"--out .*regular\.txt: cannot write the run there: .*exists and is not a directory"),
     (["out_dir={file}/run"], r"^error: out_dir .*regular\.txt/run: cannot write the run there"),
+    # overrides may follow the options: this one reaches the config, not argparse's "unrecognized arguments"
+    (["--out", "{dir}/run", "optim.lr=0"], r"^error: optim\.lr must be in \(0\.0, inf\]; got 0\.0"),
+    (["optim.lr=0.1", "--out", "{dir}/run", "--bogus"], r"^opd-fast: error: unrecognized arguments: --bogus"),
 ]
 
 

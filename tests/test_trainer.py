@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from conftest import TASK, tiny_config
 
 from opd_fast.trainer import ConfigError, Trainer, TrainingInterrupted, load_config, run
 from opd_fast.trainer.checkpoint import CheckpointError
+from opd_fast.trainer.config import overlap_k
 from opd_fast.trainer.demo import ModelSpec, build_tokenizer, create_model
 
 
@@ -183,6 +185,54 @@ def test_bad_paths_and_mismatched_tokenizers(models, tmp_path):
     yaml_file.write_text("loss: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(yaml_file)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["loss.mode=topk", "loss.top_k=100"], r"loss\.top_k=100 exceeds the vocabulary .*\(15 tokens\)"),
+        (
+            ["train.overlap_k=100"],
+            r"train\.overlap_k=100 exceeds the vocabulary .*\(15 tokens\); use train\.overlap_k=15",
+        ),
+    ],
+)
+def test_top_k_beyond_the_vocabulary_is_refused_before_training(models, tmp_path, overrides, pattern):
+    # Not validate()'s job: the vocabulary is known only once the tokenizer is loaded. Nothing may be written yet.
+    with pytest.raises(ConfigError, match=pattern):
+        Trainer(tiny_config(models, tmp_path / "run", *overrides), task=TASK)
+    assert not (tmp_path / "run").exists()
+
+
+def test_overlap_k_default_fits_the_vocabulary():
+    assert overlap_k(load_config(None), 151665) == 16
+    assert overlap_k(load_config(None), 15) == 3  # top-16 of 15 tokens would log 1.0 for every overlap metric
+    assert overlap_k(load_config(None, ["train.overlap_k=5"]), 15) == 5
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_model_directory_without_tokenizer_files_is_named(models, tmp_path, role):
+    student, teacher = models
+    bare = tmp_path / f"{role}_without_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy((student if role == "student" else teacher) / name, bare / name)
+    with pytest.raises(ConfigError, match=rf"{role}\.path: .*{bare.name} holds no tokenizer files .*save_pretrained"):
+        Trainer(tiny_config(models, tmp_path / "run", f"{role}.path={bare}"), task=TASK)
+
+
+def test_cpu_threads_follow_the_model_size_unless_set(models, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert Trainer(tiny_config(models, tmp_path / "auto"), task=TASK).cpu_threads == 1  # hidden 16/24: tiny
+        torch.set_num_threads(2)
+        assert Trainer(tiny_config(models, tmp_path / "set", "train.cpu_threads=2"), task=TASK).cpu_threads == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert Trainer(tiny_config(models, tmp_path / "env"), task=TASK).cpu_threads == 2  # the user's choice stays
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_corrupt_checkpoint_is_named(models, tmp_path):

@@ -21,5 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a subcommand's positionals in one run, so `train --out DIR a.b=1` leaves a.b=1 over:
+    # train's section.key=value overrides may come before, between or after its options.
+    if args.command == "train":
+        overrides = [arg for arg in extra if not arg.startswith("-") and "=" in arg]
+        args.overrides += overrides
+        extra = [arg for arg in extra if arg not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.run(args)

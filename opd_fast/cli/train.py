@@ -9,6 +9,7 @@ import sys
 import torch
 
 from opd_fast.cli._common import fail, one_line, output_path_problem
+from opd_fast.trainer.config import TrainConfig
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "section.key=value overrides (e.g. loss.mode=jsd optim.lr=1e-5 student.path=/models/student).",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with the sections of TrainConfig")
-    p.add_argument("--out", metavar="DIR", help="output directory (metrics.jsonl, checkpoints, plots, summary.json)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"output directory: metrics.jsonl, checkpoints, plots, summary.json (default: the config's out_dir, "
+        f"else ./{TrainConfig.out_dir}; the demo caches its teacher and cold-started student in DIR/demo)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(run=run_train)
@@ -49,22 +55,14 @@ def _train_preflight(config, out_option: str) -> None:
             if value != getattr(defaults, key):
                 raise ConfigError(
                     f"data.{key}={value} needs student.path (and teacher.path): the built-in demo always trains "
-                    "on its own string-reversal task; drop the setting or give the models"
+                    "on its own anagram task; drop the setting or give the models"
                 )
         # Its vocabulary is known before any training: a k beyond it would fail only after the demo's
         # first two stages (minutes), at the first top-k call.
-        from opd_fast.trainer.demo import build_tokenizer
-        from opd_fast.trainer.tasks import ReverseTask
+        from opd_fast.trainer.config import check_vocabulary_settings
+        from opd_fast.trainer.demo import demo_vocab_size
 
-        vocab = len(build_tokenizer(ReverseTask().characters))
-        ks = {"train.overlap_k": config.train.overlap_k}
-        if config.loss.mode == "topk":
-            ks["loss.top_k"] = config.loss.top_k
-        for key, k in ks.items():
-            if k > vocab:
-                raise ConfigError(
-                    f"{key}={k} exceeds the demo's vocabulary of {vocab} tokens; use {key}={vocab} or less"
-                )
+        check_vocabulary_settings(config, demo_vocab_size())
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -67,7 +67,8 @@ class DataConfig:
     train_path: str | None = None
     eval_path: str | None = None
     eval_size: int = 256
-    verifier: str = "exact"
+    # exact, same_letters, contains, boxed or "module:function"; None: the task's own (exact match, but for anagram).
+    verifier: str | None = None
     # The teacher's prompt, from {prompt} and {answer}: "{prompt}" unless it gets privileged context.
     teacher_template: str = "{prompt}"
     # Drop teacher samples whose format is wrong: None, "task" (the task's own check) or "module:function".
@@ -148,7 +149,9 @@ class LoopConfig:
     eval_every: int = 50
     save_every: int = 100
     keep_checkpoints: int = 2
-    overlap_k: int = 16
+    # k of the logged top-k overlap metrics. None: 16, or a fifth of a vocabulary under 80 tokens (the top 16 of a
+    # tiny vocabulary hold all the mass, and every overlap metric would read 1.0).
+    overlap_k: int | None = None
     # Subspace-locked training (opd_fast.trainer.SubspaceLock): after this many steps, project every
     # later gradient of the selected matrices onto the top right singular vectors of their update so far.
     subspace_lock_step: int | None = None
@@ -157,6 +160,10 @@ class LoopConfig:
     # FSDP2 (torch.distributed.fsdp.fully_shard, opd_fast.integrations.fsdp) instead of DistributedDataParallel:
     # the student's parameters, gradients and optimizer state sharded over the ranks. Needs torchrun (> 1 rank).
     fsdp: bool = False
+    # torch's CPU threads. None: one thread when both models are narrower than SMALL_MODEL_HIDDEN (their matmuls are
+    # too small to split, and on a busy machine every split op waits for a time slice), else torch's default;
+    # an OMP_NUM_THREADS set in the environment is kept. Ignored on CUDA.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -210,8 +217,10 @@ class TrainConfig:
         _range("optim.min_lr_ratio", self.optim.min_lr_ratio, 0.0, 1.0)
         _range("optim.max_grad_norm", self.optim.max_grad_norm, 0.0, math.inf, low_open=True)
         _positive("optim.grad_accum", self.optim.grad_accum)
-        for key in ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "overlap_k"):
+        for key in ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
             _positive(f"train.{key}", getattr(self.train, key))
+        if self.train.overlap_k is not None:
+            _positive("train.overlap_k", self.train.overlap_k)
         _range("train.cold_start_steps", self.train.cold_start_steps, 0, self.train.steps)
         _range("rollout.on_policy_fraction", self.rollout.on_policy_fraction, 0.0, 1.0)
         if self.loss.entry_clip is not None:
@@ -219,6 +228,8 @@ class TrainConfig:
         _range("loss.token_keep", self.loss.token_keep, 0.0, 1.0, low_open=True)
         _choice("loss.token_select", self.loss.token_select, ("top_divergence", "random"))
         _range("loss.reward_mix", self.loss.reward_mix, 0.0, 1.0)
+        if self.train.cpu_threads is not None:
+            _positive("train.cpu_threads", self.train.cpu_threads)
         if self.data.select_pool is not None:
             _positive("data.select_pool", self.data.select_pool)
         _range("data.select_keep", self.data.select_keep, 0.0, 1.0, low_open=True)
@@ -264,6 +275,26 @@ class TrainConfig:
                 "loss.entry_clip clips full-vocabulary divergence terms: use reverse_kl, forward_kl or jsd"
             )
         return self
+
+
+def check_vocabulary_settings(config: TrainConfig, vocab_size: int) -> None:
+    """The settings that count tokens against the models' shared vocabulary, known once the tokenizer is loaded:
+    a top-k larger than the vocabulary would fail at the first loss call, after a rollout, and a clamped
+    overlap_k would log a meaningless 1.0 for every overlap metric."""
+    ks = {"train.overlap_k": config.train.overlap_k} if config.train.overlap_k is not None else {}
+    if config.loss.mode == "topk":
+        ks["loss.top_k"] = config.loss.top_k
+    for key, k in ks.items():
+        if k > vocab_size:
+            raise ConfigError(
+                f"{key}={k} exceeds the vocabulary shared by the models' tokenizer ({vocab_size} tokens); "
+                f"use {key}={vocab_size} or less"
+            )
+
+
+def overlap_k(config: TrainConfig, vocab_size: int) -> int:
+    """train.overlap_k, or its default for this vocabulary (see LoopConfig.overlap_k)."""
+    return config.train.overlap_k or (16 if vocab_size >= 80 else max(1, vocab_size // 5))
 
 
 def _choice(key: str, value: object, choices: tuple[str, ...]) -> None:

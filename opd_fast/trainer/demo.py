@@ -1,19 +1,25 @@
 """The built-in demo that ``opd-fast train`` runs when no model is given: on-policy distillation end to end
-on a 2-core CPU in a few minutes, with real transformers models and nothing downloaded.
+on a 2-core CPU in about a minute and a half, with real transformers models and nothing downloaded.
 
-The task reverses random strings (``"cabd="`` → ``"dbac"``), verified by exact match, with a character
-tokenizer built in code. Stages, each cached in ``<out_dir>/demo/`` so a re-run skips what is done:
+The task rearranges the letters of random strings (``"cabdeb="`` → ``"bdcbae"``; any arrangement of exactly the
+prompt's letters is correct, :class:`~opd_fast.trainer.tasks.AnagramTask`), with a character tokenizer built in
+code. Because many answers are correct, the teacher spreads its probability over every letter still to be placed:
+SFT on teacher samples learns from one sampled arrangement per prompt, OPD from the teacher's whole distribution
+at the states the student itself visits, and the small student cannot copy everything the teacher does. Stages,
+each cached in ``<out_dir>/demo/`` so a re-run skips what is done:
 
-1. **Teacher**: a 2-layer Llama (hidden 128) trained by SFT on the task's answers to ≥ 90% held-out
-   accuracy. Its lm_head is padded to 32 rows while the tokenizer has 15 tokens, like real model pairs
-   (151936 vs 152064), so the padded-vocabulary handling runs for real.
-2. **Student**: a smaller 2-layer Llama (hidden 64), briefly cold-started by SFT on teacher samples.
+1. **Teacher**: a 2-layer Llama (hidden 128) trained by SFT on random arrangements to ≥ 90% held-out accuracy.
+   Its lm_head is padded to 32 rows while the tokenizer has 15 tokens, like real model pairs (151936 vs 152064),
+   so the padded-vocabulary handling runs for real.
+2. **Student**: a smaller 2-layer Llama (hidden 64), briefly cold-started by SFT on teacher samples (it learns
+   the format, not yet the task).
 3. **OPD**: the student trains on its own samples against the teacher with the configured loss
    (reverse KL by default); this is the run in ``<out_dir>`` (metrics.jsonl, checkpoints, plots).
 4. **SFT-only baseline**: the cold-started student trained for the same number of steps by SFT on
-   teacher samples, evaluated on the same schedule.
+   teacher samples (as many teacher tokens per step as OPD's scoring), evaluated on the same schedule.
 
-``<out_dir>/summary.json`` holds the accuracies and ``accuracy_vs_steps.png`` both students' curves.
+``<out_dir>/summary.json`` holds the accuracies and ``accuracy_vs_steps.png`` both students' curves;
+``benchmarks/demo_seeds.py`` runs the demo for several seeds and states what varies between them.
 """
 
 from __future__ import annotations
@@ -29,21 +35,21 @@ import torch
 from opd_fast.trainer.config import TrainConfig, load_config
 from opd_fast.trainer.loop import Trainer
 from opd_fast.trainer.plots import plot_accuracy_comparison, read_metrics
-from opd_fast.trainer.tasks import ReverseTask
+from opd_fast.trainer.tasks import AnagramTask
 
+DEMO_TASK = AnagramTask()
 # Defaults of the OPD stage, applied under the user's config file and overrides.
 DEMO_DEFAULTS = [
     "rollout.batch_size=64",
-    "rollout.max_new_tokens=10",
+    f"rollout.max_new_tokens={DEMO_TASK.max_len + 1}",
     "optim.lr=0.003",
     "optim.warmup_steps=10",
     "optim.min_lr_ratio=0.1",
-    "train.steps=300",
-    "train.eval_every=25",
+    "train.steps=200",
+    "train.eval_every=20",
     "train.log_every=10",
     "train.save_every=50",
     "data.eval_size=256",
-    "train.overlap_k=3",  # a 15-token vocabulary: k = 3 plays the part of k = 16 at 150k tokens
 ]
 TEACHER_TARGET_ACCURACY = 0.9
 
@@ -76,6 +82,11 @@ def build_tokenizer(characters: str):
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def demo_vocab_size() -> int:
+    """The number of tokens of the demo's tokenizer (known before any model exists)."""
+    return len(build_tokenizer(DEMO_TASK.characters))
 
 
 def create_model(spec: ModelSpec, tokenizer, directory: Path, seed: int) -> Path:
@@ -131,7 +142,7 @@ def accuracy_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
 class DemoModels:
     """The demo's cached models: the trained teacher, the student's random init and its cold start."""
 
-    task: ReverseTask
+    task: AnagramTask
     teacher: Path
     student_init: Path
     student_cold_start: Path
@@ -152,13 +163,13 @@ def prepare_models(config: TrainConfig, *, log=print) -> DemoModels:
     config = _plain_demo_config(config)
     demo_dir = Path(config.out_dir) / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
-    task = ReverseTask()
+    task = DEMO_TASK
     tokenizer = build_tokenizer(task.characters)
 
     teacher_dir = demo_dir / "teacher"
     teacher_info = _done(teacher_dir)
     if teacher_info is None:
-        log("demo 1/4: training the teacher by SFT on the task's answers")
+        log(f"demo 1/4: training the teacher by SFT on the task's answers ({TEACHER_STEPS} steps)")
         init = create_model(TEACHER, tokenizer, demo_dir / "teacher_init", seed=config.seed)
         stage = stage_config(
             config,
@@ -170,7 +181,7 @@ def prepare_models(config: TrainConfig, *, log=print) -> DemoModels:
             optim={"lr": TEACHER_LR},
             train={"steps": TEACHER_STEPS, "eval_every": 100, "save_every": TEACHER_STEPS},
         )
-        trainer = Trainer(stage, task=task)
+        trainer = Trainer(stage, task=task, label="demo 1/4 teacher SFT")
         trainer.train()
         trainer.export(teacher_dir)
         teacher_info = {"accuracy": trainer.evaluate(), "steps": TEACHER_STEPS}
@@ -186,7 +197,7 @@ def prepare_models(config: TrainConfig, *, log=print) -> DemoModels:
     init_dir, cold_dir = demo_dir / "student_init", demo_dir / "student_cold_start"
     cold_info = _done(cold_dir)
     if cold_info is None:
-        log("demo 2/4: creating the student and cold-starting it on teacher samples")
+        log(f"demo 2/4: creating the student and cold-starting it on teacher samples ({COLD_START_STEPS} steps)")
         create_model(STUDENT, tokenizer, init_dir, seed=config.seed + 1)
         stage = stage_config(
             config,
@@ -197,7 +208,7 @@ def prepare_models(config: TrainConfig, *, log=print) -> DemoModels:
             rollout={"source": "teacher"},
             train={"steps": COLD_START_STEPS, "eval_every": COLD_START_STEPS, "save_every": COLD_START_STEPS},
         )
-        trainer = Trainer(stage, task=task)
+        trainer = Trainer(stage, task=task, label="demo 2/4 cold start")
         initial = trainer.evaluate()
         trainer.train()
         trainer.export(cold_dir)
@@ -214,12 +225,15 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     out_dir = Path(config.out_dir)
     demo_dir = out_dir / "demo"
     steps = config.train.steps
+    log(f"demo: writing to {out_dir} (choose with --out DIR); teacher and cold-started student cached in {demo_dir}")
     models = prepare_models(config, log=log)
     task, teacher_dir, cold_dir = models.task, models.teacher, models.student_cold_start
     summary: dict = {
-        "task": "reverse strings of 4-9 letters (a-j), exact match",
+        "task": f"rearrange the letters of strings of {task.min_len}-{task.max_len} letters "
+        f"({task.alphabet[0]}-{task.alphabet[-1]}); any arrangement of exactly those letters is correct",
         "steps": steps,
         "loss_mode": config.loss.mode,
+        "seed": config.seed,
         "teacher_accuracy": models.teacher_info["accuracy"],
         "student_accuracy_initial": models.cold_info["initial_accuracy"],
         "student_accuracy_before": models.cold_info["accuracy"],
@@ -229,7 +243,7 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     log(f"demo 3/4: on-policy distillation ({config.loss.mode}) for {steps} steps")
     teacher = {"path": None} if config.teacher.self_distill else {"path": str(teacher_dir)}
     opd_config = stage_config(config, out_dir, student={"path": str(cold_dir)}, teacher=teacher)
-    opd = Trainer(opd_config, task=task)
+    opd = Trainer(opd_config, task=task, label=f"demo 3/4 OPD {config.loss.mode}")
     opd.train(resume=resume and (out_dir / "checkpoints" / "latest").is_file())
     opd.export(out_dir / "student_final")
     summary["student_accuracy_after"] = opd.evaluate()
@@ -245,7 +259,7 @@ def run_demo(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         loss={"mode": "sft", "token_keep": 1.0, "reward_mix": 1.0, "entry_clip": None},
         rollout={"source": "teacher", "on_policy_fraction": 1.0},
     )
-    sft = Trainer(sft_config, task=task)
+    sft = Trainer(sft_config, task=task, label="demo 4/4 SFT-only")
     sft.train(resume=resume and (sft_dir / "checkpoints" / "latest").is_file())
     sft.export(sft_dir / "student_final")
     summary["sft_only_accuracy_after"] = sft.evaluate()

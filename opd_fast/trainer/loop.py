@@ -39,18 +39,19 @@ from tqdm import tqdm
 from opd_fast.heads import LMHead
 from opd_fast.trainer import checkpoint as ckpt
 from opd_fast.trainer.bookkeeping import MetricsLog, StopRequest
-from opd_fast.trainer.config import ConfigError, TrainConfig
+from opd_fast.trainer.config import ConfigError, TrainConfig, check_vocabulary_settings, overlap_k
 from opd_fast.trainer.losses import compute_loss, overlap_metrics, overlap_statistics
 from opd_fast.trainer.modeling import (
     HiddenStates,
     apply_lora,
+    causal_lm,
     check_same_tokenizer,
     final_hidden_states,
     load_causal_lm,
     load_tokenizer,
     shared_vocab_size,
 )
-from opd_fast.trainer.plots import plot_training_curves
+from opd_fast.trainer.plots import plot_training_curves, read_metrics
 from opd_fast.trainer.prompts import select_prompts
 from opd_fast.trainer.rollout import (
     Batch,
@@ -63,6 +64,12 @@ from opd_fast.trainer.rollout import (
 from opd_fast.trainer.subspace_lock import SubspaceLock
 from opd_fast.trainer.tasks import Task, build_task, resolve_format_filter, resolve_reward
 from opd_fast.trainer.teacher import Teacher
+
+# Below this hidden size the models' per-op work (tokens × hidden²) is microseconds: one CPU thread runs it as fast as
+# two that meet at an OpenMP barrier per op, and on a busy machine each barrier waits for a time slice. The demo
+# (hidden 64/128) on a 2-core CPU: 95 s with one thread, 93 s with two; beside one other busy process 115 s with one
+# thread, 211 s with two.
+SMALL_MODEL_HIDDEN = 512
 
 
 class TrainingInterrupted(RuntimeError):
@@ -88,7 +95,9 @@ class Trainer:
     tqdm bar on rank 0.
     """
 
-    def __init__(self, config: TrainConfig, *, task: Task | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, config: TrainConfig, *, task: Task | None = None, progress: bool = True, label: str = "opd-fast train"
+    ) -> None:
         self.config = config.validate()
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -98,6 +107,7 @@ class Trainer:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
+        self.label = label
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -131,6 +141,9 @@ class Trainer:
             self.teacher = Teacher(teacher.eval().requires_grad_(False))
         teacher_model = None if self.teacher is None else self.teacher.model
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
+        check_vocabulary_settings(config, self.vocab_size)
+        self.overlap_k = overlap_k(config, self.vocab_size)
+        self.cpu_threads = self._set_cpu_threads(student, teacher_model)
         hidden = HiddenStates(self.student)
         if config.train.fsdp:
             self._shard_student()
@@ -161,6 +174,16 @@ class Trainer:
                 self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
             )
         self._rollouts: list[Batch] = []
+
+    def _set_cpu_threads(self, *models) -> int:
+        """Apply train.cpu_threads (see LoopConfig) on the CPU; returns torch's CPU thread count."""
+        threads = self.config.train.cpu_threads
+        if threads is None and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            hidden = [getattr(causal_lm(m).config, "hidden_size", None) for m in models if m is not None]
+            threads = 1 if None not in hidden and max(hidden) < SMALL_MODEL_HIDDEN else None
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        return torch.get_num_threads()
 
     def _shard_student(self) -> None:
         """FSDP2 over all ranks (train.fsdp): decoder layers, an untied lm_head, then the model."""
@@ -299,7 +322,7 @@ class Trainer:
             teacher_hidden,
             self.teacher.head(),
             batch.completion_mask,
-            k=cfg.train.overlap_k,
+            k=self.overlap_k,
             temperature=cfg.loss.temperature,
             backend=cfg.loss.backend,
             vocab_size=self.vocab_size,
@@ -496,13 +519,15 @@ class Trainer:
                 self.lock.bases = bases
                 self.lock.attach(self.student)
             self.metrics.truncate_after(start)
+            evaluations = [r for r in read_metrics(self.metrics_path) if "eval/student_accuracy" in r]
+            last: dict = evaluations[-1] if evaluations else {}
         else:
             self.metrics.clear()
             if self.is_main:
                 (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            self.metrics.append({"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection})
-        bar = tqdm(total=cfg.steps, initial=start, desc="opd-fast train", disable=not self.progress, dynamic_ncols=True)
-        last: dict = {}
+            last = {"step": 0, "eval/student_accuracy": self.evaluate(), **self.selection}
+            self.metrics.append(last)
+        bar = tqdm(total=cfg.steps, initial=start, desc=self.label, disable=not self.progress, dynamic_ncols=True)
         started = time.perf_counter()
         with StopRequest(self.world_size) as stop, bar:
             for step in range(start, cfg.steps):

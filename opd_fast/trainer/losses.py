@@ -216,7 +216,7 @@ def overlap_statistics(
         student_head,
         teacher_hidden,
         teacher_head,
-        k=min(k, vocab_size),
+        k=k,
         mask=mask,
         temperature=temperature,
         backend=backend,

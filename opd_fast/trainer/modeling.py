@@ -24,16 +24,35 @@ def _local_dir(path: str, key: str) -> Path:
     return directory
 
 
+# The files a transformers tokenizer is saved as (fast, BPE, SentencePiece, WordPiece, tiktoken).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "*.tiktoken",
+)
+
+
 def load_tokenizer(model: ModelConfig, key: str):
+    """The tokenizer saved beside the model. A directory without one is refused up front: transformers may then
+    build an empty tokenizer, and training would die much later, in ``generate`` or in the tokenizer comparison."""
     from transformers import AutoTokenizer
 
     directory = _local_dir(model.path, key)
+    fix = f"save it there with tokenizer.save_pretrained('{directory}')"
+    if not any(next(directory.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: {directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); {fix}")
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             directory, local_files_only=True, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot load a tokenizer from {directory}: {exc}") from None
+    if len(tokenizer) == 0:
+        raise ConfigError(f"{key}: the tokenizer in {directory} has no tokens; {fix}")
+    return tokenizer
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:

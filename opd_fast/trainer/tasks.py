@@ -74,6 +74,28 @@ class ReverseTask(Task):
         return 0 < len(completion) <= self.max_len and all(c in self.alphabet for c in completion)
 
 
+class AnagramTask(ReverseTask):
+    """Rearrange the letters of a random string: ``"cabd="`` → any arrangement of exactly c, a, b, d.
+
+    Many answers are correct, so a teacher trained on random arrangements spreads its probability over every letter
+    still to be placed. SFT on teacher samples sees one sampled arrangement per prompt and, like any forward KL, must
+    cover every option; on-policy distillation trains on the student's own arrangements against the teacher's whole
+    distribution with a mode-seeking reverse KL. The built-in demo's task (see opd_fast.trainer.demo)."""
+
+    name = "anagram"
+
+    def __init__(
+        self, alphabet: str = "abcdefghij", min_len: int = 6, max_len: int = 12, verifier: Verifier | None = None
+    ):
+        super().__init__(alphabet, min_len, max_len, verifier or same_letters)
+
+    def _one(self, rng: random.Random) -> Example:
+        text = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(self.min_len, self.max_len)))
+        letters = list(text)
+        rng.shuffle(letters)  # the reference answer: one arrangement among the many correct ones
+        return Example(prompt=f"{text}=", answer="".join(letters))
+
+
 class AdditionTask(Task):
     """Add two numbers, answer written least-significant digit first: ``"123+45="`` → ``"861"``."""
 
@@ -139,6 +161,11 @@ def exact_match(example: Example, completion: str) -> bool:
     return completion.strip() == example.answer.strip()
 
 
+def same_letters(example: Example, completion: str) -> bool:
+    """The completion uses exactly the answer's letters, in any order (AnagramTask)."""
+    return sorted(completion.strip()) == sorted(example.answer.strip())
+
+
 def contains(example: Example, completion: str) -> bool:
     return example.answer.strip() in completion
 
@@ -156,7 +183,12 @@ def last_boxed(example: Example, completion: str) -> bool:
     return False
 
 
-VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "contains": contains, "boxed": last_boxed}
+VERIFIERS: dict[str, Verifier] = {
+    "exact": exact_match,
+    "same_letters": same_letters,
+    "contains": contains,
+    "boxed": last_boxed,
+}
 
 
 def import_function(spec: str, key: str) -> Callable:
@@ -173,10 +205,11 @@ def import_function(spec: str, key: str) -> Callable:
     return function
 
 
-def resolve_verifier(spec: str) -> Verifier:
-    """A verifier by name (exact, contains, boxed) or ``"package.module:function"``."""
-    if spec in VERIFIERS:
-        return VERIFIERS[spec]
+def resolve_verifier(spec: str | None) -> Verifier | None:
+    """A verifier by name (exact, same_letters, contains, boxed) or ``"package.module:function"``; None: the task's
+    own (exact match, except for the anagram task)."""
+    if spec is None or spec in VERIFIERS:
+        return VERIFIERS.get(spec)
     if ":" not in spec:
         raise ConfigError(f"data.verifier must be one of {', '.join(VERIFIERS)} or 'module:function'; got {spec!r}")
     return import_function(spec, "data.verifier")
@@ -196,16 +229,16 @@ def resolve_reward(spec: str | None, task: Task) -> Callable[[Example, str], flo
     return import_function(spec, "loss.reward")
 
 
-BUILTIN_TASKS = {"reverse": ReverseTask, "addition": AdditionTask}
+BUILTIN_TASKS = {"reverse": ReverseTask, "anagram": AnagramTask, "addition": AdditionTask}
 
 
-def build_task(task: str, train_path: str | None, eval_path: str | None, verifier: str) -> Task:
+def build_task(task: str, train_path: str | None, eval_path: str | None, verifier: str | None) -> Task:
     """The task named by the data config: a built-in synthetic one, or ``jsonl`` with train_path."""
     verify = resolve_verifier(verifier)
     if task == "jsonl":
         if not train_path:
             raise ConfigError("data.task=jsonl needs data.train_path (a JSONL file of {'prompt', 'answer'})")
-        return JsonlTask(train_path, eval_path, verify)
+        return JsonlTask(train_path, eval_path, verify or exact_match)
     if task not in BUILTIN_TASKS:
         raise ConfigError(f"data.task must be one of {', '.join([*BUILTIN_TASKS, 'jsonl'])}; got {task!r}")
     return BUILTIN_TASKS[task](verifier=verify)
