@@ -23,6 +23,29 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# Under pytest-xdist (README's test command runs `-n auto`) each worker, and every process its tests start, gets its
+# share of the cores: torch's default, one thread per core in every process, would put several threads on each
+# core, and every small op would then wait at an OpenMP barrier for a time slice.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+# The longest files, started first: `--dist loadfile` hands files to the workers in collection order, so these then
+# overlap the many short ones instead of running alone at the end (seconds on this project's 2-core CPU, serially).
+LONGEST_FILES = (
+    "test_gpu_verify.py",  # the GPU script's rehearsal, ~80
+    "test_triton_aot.py",  # every Triton kernel compiled for sm_90a and sm_80, ~95
+    "test_backend_contract.py",  # every backend and plan against the float64 reference, ~150
+    "test_fuzz.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keeps its order
+
+
 # The third-party modules the tests import (each test skips where its module is not installed). One that is
 # installed but no longer imports, a dependency's new release breaking it, stops the run with one line.
 IMPORTED_DEPENDENCIES = (

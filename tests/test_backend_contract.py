@@ -291,8 +291,18 @@ def test_heads_with_bias_scale_and_softcap(backend, plan):
 @pytest.mark.parametrize(("lead", "temperature"), [((23,), 0.8), ((2, 3, 4), 1.0)], ids=["2d-tau0.8", "4d-tau1"])
 def test_token_logprobs_match_reference(backend, lead, temperature, plan):
     """Budget 2: single-column vocabulary tiles (V = 133) and, for the streaming backward, many chunks."""
-    # Triton's interpreter runs the hundreds of single-column tiles once (2-D); the 4-D case gets 25-column ones.
-    budget = 400 if backend.on_cpu and backend.name == "triton" and plan == "chunked" and len(lead) > 2 else 2
+    # Triton's interpreter runs the chunked plan's hundreds of single-column tiles in the slow tier (about a minute,
+    # test_token_logprobs_over_single_column_tiles_in_tritons_interpreter); here it gets 25-column ones.
+    budget = 400 if _interpreted_triton(backend) and plan == "chunked" else 2
+    _check_token_logprobs(backend, lead, temperature, plan, budget)
+
+
+@pytest.mark.slow
+def test_token_logprobs_over_single_column_tiles_in_tritons_interpreter():
+    _check_token_logprobs(_triton_in_interpreter(), (23,), 0.8, "chunked", 2)
+
+
+def _check_token_logprobs(backend, lead, temperature, plan, budget):
     for dtype, tol in backend.exact.items():
         h = torch.randn(*lead, 20, dtype=torch.float64).to(backend.device, dtype).requires_grad_()
         w = (torch.randn(133, 20, dtype=torch.float64) * 0.7).to(backend.device, dtype).requires_grad_()
@@ -303,6 +313,17 @@ def test_token_logprobs_match_reference(backend, lead, temperature, plan):
         ref = materialized_token_logprobs(*exact, ids, temperature=temperature)
         with chunk_budget(budget):
             _check(ours, ref, (h, w), exact, tol)
+
+
+def _interpreted_triton(backend) -> bool:
+    return backend.on_cpu and backend.name == "triton"
+
+
+def _triton_in_interpreter() -> Backend:
+    """The triton backend as the fixture gives it without a GPU (the slow tier's interpreter-only cases)."""
+    if ON_GPU or triton_backend is None:
+        pytest.skip("Triton's interpreter runs without a GPU, with Triton installed")
+    return Backend("triton", torch.device("cpu"), {torch.float32: 2e-5}, on_cpu=True)
 
 
 # ---- top-k -----------------------------------------------------------------------------------------------------
@@ -381,15 +402,32 @@ def test_topk_exact_ties_everywhere(backend, dtype, plan, budget):
     (k = 16 alone with single-column tiles, a thousand of them). Every backend applies 1/τ after the GEMM for
     top-k (the torch backend's Epilogue.prepare(fold=False)): folded into the hidden states it rounds tied logits
     apart, and they would rank by that rounding instead of by id."""
-    if backend.on_cpu and backend.name == "triton" and budget == 7:
+    if _interpreted_triton(backend) and budget == 7:
         pytest.skip("a thousand tiles are too slow for Triton's interpreter; the 300 budget tiles it")
     _skip_budgetless_topk(backend, plan, budget)
+    # Triton's interpreter takes about a minute for k = 100 on the streaming plan: the slow tier runs it
+    # (test_topk_exact_ties_at_k100_in_tritons_interpreter).
+    ks = (16,) if budget == 7 else (1, 16) if _interpreted_triton(backend) else (1, 16, 100)
+    _check_exact_ties(backend, dtype, plan, budget, ks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("plan", "budget"), [("chunked", WHOLE_ROWS), ("chunked", 300), ("streaming", WHOLE_ROWS), ("streaming", 300)]
+)
+def test_topk_exact_ties_at_k100_in_tritons_interpreter(plan, budget):
+    backend = _triton_in_interpreter()
+    _skip_budgetless_topk(backend, plan, budget)
+    _check_exact_ties(backend, torch.float32, plan, budget, (100,))
+
+
+def _check_exact_ties(backend, dtype, plan, budget, ks):
     if backend.device.type == "cuda":
         n_rows, vocab = 70, 5003
     else:  # Triton's interpreter: a shorter vocabulary, still several of the kernel's tiles
-        n_rows, vocab = (9, 301) if backend.on_cpu and backend.name == "triton" else (9, 1003)
+        n_rows, vocab = (9, 301) if _interpreted_triton(backend) else (9, 1003)
     hs, ws, ht, wt = _integer_pair(n_rows, vocab, backend.device, dtype)
-    for k in (16,) if budget == 7 else (1, 16, 100):
+    for k in ks:
         with chunk_budget(budget):
             ours = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=0.7, backend=backend.name, plan=plan)
         ref = materialized_topk_overlap(*_exact(hs, ws, ht, wt), k=k, temperature=0.7)

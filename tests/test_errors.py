@@ -589,7 +589,7 @@ def test_opdloss_constructor_bad_types(kwargs, exc, pattern):
         OPDLoss(**kwargs)
 
 
-@pytest.mark.parametrize("bad", ["x", "1024", 2.0, [1024], object()], ids=repr)
+@pytest.mark.parametrize("bad", ["x", "1024", 2.0, [1024], object()], ids=["x", "1024-text", "2.0", "list", "object"])
 def test_bad_chunk_budget_types(bad):
     before = get_chunk_budget()
     with pytest.raises(ValueError, match=r"elements must be a positive integer number of logits elements per tile"):

@@ -68,6 +68,14 @@ def _runs_here(backend: str) -> bool:
 
 
 BACKENDS = [b for b in ("torch", "triton", "cuda") if _runs_here(b)]
+
+
+def backend_params(backends: list[str]) -> list:
+    """pytest params of ``backends``. Triton's interpreter takes 30-90 s per fuzz test even at a quarter of the
+    examples: the slow tier fuzzes it, while the fast one runs its kernels in tests/test_backend_contract.py."""
+    return [pytest.param(b, marks=pytest.mark.slow) if b == "triton" and INTERPRETED else b for b in backends]
+
+
 # Triton's interpreter has no bf16 tl.dot; the CPU has no fp16/bf16 kernels worth fuzzing in Triton.
 DTYPES = {
     "torch": [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -173,7 +181,7 @@ BETA = st.sampled_from([0.0, 0.3, 0.5, 1.0])
 REDUCTION = st.sampled_from(["mean", "sum", "none"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_divergence(backend):
     @fuzz(SHARE[backend])
     @given(p=problems(backend), divergence=DIVERGENCE, beta=BETA, reduction=REDUCTION)
@@ -183,7 +191,7 @@ def test_divergence(backend):
     run()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_token_logprobs(backend):
     @fuzz(SHARE[backend])
     @given(p=problems(backend))
@@ -225,7 +233,7 @@ def _topk_problem(backend):
 MAX_K = {"torch": 24, "triton": 6 if INTERPRETED else 64, "cuda": 64}
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("backend", backend_params([b for b in BACKENDS if b != "cuda"]))
 def test_topk_overlap(backend):
     @fuzz(SHARE[backend] / 2)
     @given(p=_topk_problem(backend), k_fraction=st.floats(0.0, 1.0))
@@ -247,7 +255,7 @@ def test_topk_overlap(backend):
     run()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("backend", backend_params([b for b in BACKENDS if b != "cuda"]))
 def test_topk_divergence(backend):
     @fuzz(SHARE[backend] / 2)
     @given(

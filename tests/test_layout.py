@@ -118,6 +118,14 @@ def test_setup_py_does_not_import_torch():
     assert "torch" not in imported, "setup.py must stay importable in an isolated build env without torch"
 
 
+def test_trl_extra_brings_trl_and_its_datasets():
+    # examples/trl_distillation.py and opd_fast.integrations.trl name `pip install 'opd_fast[trl]'`.
+    requirements = metadata.requires("opd_fast")
+    assert any(r.startswith("trl>=1.16") and 'extra == "trl"' in r for r in requirements), requirements
+    for name in ("examples/trl_distillation.py", "opd_fast/integrations/trl.py"):
+        assert "opd_fast[trl]" in (REPO / name).read_text(), name
+
+
 def test_console_script_is_registered():
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("opd-fast") == "opd_fast.cli:main"

@@ -49,7 +49,8 @@ ARCHS = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
 # took ~2 minutes on sm_90a, at K = 1024 over 23 minutes).
 COMPILE_BOUND_S = 90
 AOT_ENV = "OPD_FAST_AOT"
-WORKERS = 2
+# Compile processes at a time: two, or this test process's share of the cores under pytest-xdist (conftest.py).
+WORKERS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 # Default configurations that fail for a reason the config lists cannot fix: kernel -> (variant prefix, why).
 # The test xfails on exactly these and fails once they are clean, so that the entry is removed.
