@@ -59,8 +59,11 @@ class ReverseTask(Task):
         self.alphabet, self.min_len, self.max_len = alphabet, min_len, max_len
         self.characters = alphabet + "="
 
+    def _text(self, rng: random.Random) -> str:
+        return "".join(rng.choice(self.alphabet) for _ in range(rng.randint(self.min_len, self.max_len)))
+
     def _one(self, rng: random.Random) -> Example:
-        text = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(self.min_len, self.max_len)))
+        text = self._text(rng)
         return Example(prompt=f"{text}=", answer=text[::-1])
 
     def sample(self, rng: random.Random, n: int) -> list[Example]:
@@ -90,7 +93,7 @@ class AnagramTask(ReverseTask):
         super().__init__(alphabet, min_len, max_len, verifier or same_letters)
 
     def _one(self, rng: random.Random) -> Example:
-        text = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(self.min_len, self.max_len)))
+        text = self._text(rng)
         letters = list(text)
         rng.shuffle(letters)  # the reference answer: one arrangement among the many correct ones
         return Example(prompt=f"{text}=", answer="".join(letters))
