@@ -23,6 +23,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TOPK_SUPPORTS = ("student", "teacher", "union", "intersection")
+TEACHER_ENGINES = ("hf", "vllm")
 
 
 # Numbers in exponent notation without a dot (1e-4, -3E5), which YAML 1.1 leaves as strings.
@@ -46,6 +47,32 @@ class ModelConfig:
     # initial weights (a frozen copy; with LoRA, the student with its adapters disabled), and the teacher
     # pass sees data.teacher_template (privileged context such as the reference answer).
     self_distill: bool = False
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model computed in-process (``engine: hf``, hidden states and head), or one that returns only
+    its top-``top_k`` log-probs per position, trained with the top-k target loss (``loss.mode: topk``, the tail
+    bucket on by ``loss.add_tail``): a vLLM server (``server``: a URL or a list of URLs, round-robin) or an
+    in-process vLLM engine (``engine: vllm``, on ``path``)."""
+
+    server: str | list[str] | None = None
+    engine: str = "hf"
+    # The k of a served / vLLM teacher: vLLM's prompt_logprobs, which its --max-logprobs (default 20) must allow.
+    top_k: int = 16
+    # A served teacher's patience: the limit of one HTTP request, and how many times a failed one is sent again
+    # (backoff 1, 2, 4, ... s, each retry to the next URL).
+    timeout_s: float = 120.0
+    retries: int = 5
+
+    @property
+    def topk_only(self) -> bool:
+        """Whether the teacher returns only its top-k log-probs (a server or a vLLM engine)."""
+        return self.server is not None or self.engine == "vllm"
+
+    @property
+    def server_urls(self) -> list[str]:
+        return [] if self.server is None else [self.server] if isinstance(self.server, str) else list(self.server)
 
 
 @dataclass
@@ -110,6 +137,10 @@ class LossConfig:
     discount: float = 0.0
     ratio_clip: float | None = None
     backend: str = "auto"
+    # With a top-k-only teacher (teacher.server, teacher.engine=vllm): one more bucket matching the teacher's mass
+    # outside its top-k against the student's (linear_topk_target_divergence's add_tail). loss.top_k, support and
+    # renormalize are for in-process teachers; a top-k-only teacher's support is its own top teacher.top_k.
+    add_tail: bool = True
     # Per-entry clipping (OPSD v3): each vocabulary entry's divergence term ℓ_v becomes min(ℓ_v, entry_clip)
     # before the sum; no gradient where clipped. Torch backend only.
     entry_clip: float | None = None
@@ -172,7 +203,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -270,11 +301,56 @@ class TrainConfig:
             )
         if self.loss.reward_mix < 1.0 and self.loss.mode != "sampled_token":
             raise ConfigError("loss.reward_mix mixes advantages: it needs loss.mode=sampled_token")
+        self._validate_topk_teacher()
         if self.loss.entry_clip is not None and self.loss.mode not in ("reverse_kl", "forward_kl", "jsd"):
             raise ConfigError(
                 "loss.entry_clip clips full-vocabulary divergence terms: use reverse_kl, forward_kl or jsd"
             )
         return self
+
+    def _validate_topk_teacher(self) -> None:
+        """A teacher that returns only its top-k log-probs (teacher.server, teacher.engine=vllm) feeds the top-k
+        target loss and nothing that needs its weights."""
+        teacher = self.teacher
+        _choice("teacher.engine", teacher.engine, TEACHER_ENGINES)
+        _positive("teacher.top_k", teacher.top_k)
+        _range("teacher.timeout_s", teacher.timeout_s, 0.0, math.inf, low_open=True)
+        _range("teacher.retries", teacher.retries, 0, math.inf)
+        for url in teacher.server_urls:
+            if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+                raise ConfigError(f"teacher.server must be http(s)://host:port URLs, got {url!r}")
+        if teacher.server is not None and not teacher.server_urls:
+            raise ConfigError("teacher.server is an empty list; give a URL or a list of URLs")
+        if not teacher.topk_only:
+            return
+        which = "teacher.server" if teacher.server is not None else "teacher.engine=vllm"
+        if teacher.server is not None and teacher.engine == "vllm":
+            raise ConfigError("teacher.server and teacher.engine=vllm are two teachers: set one of them")
+        if teacher.engine == "vllm" and teacher.path is None:
+            raise ConfigError("teacher.engine=vllm runs the teacher in-process: set teacher.path to its directory")
+        if self.loss.mode != "topk":
+            raise ConfigError(
+                f"{which} gives only the teacher's top-k log-probs: use loss.mode=topk (the top-k target loss, "
+                f"tail bucket by loss.add_tail), not {self.loss.mode}"
+            )
+        if self.loss.temperature != 1.0:
+            raise ConfigError(
+                f"{which}: the teacher's log-probs come at temperature 1 (vLLM's prompt_logprobs), while "
+                f"loss.temperature={self.loss.temperature} would scale only the student's: use loss.temperature=1"
+            )
+        needs_weights = {
+            "teacher.self_distill": teacher.self_distill,
+            "rollout.source=teacher": self.rollout.source == "teacher",
+            "rollout.on_policy_fraction < 1": self.rollout.on_policy_fraction < 1.0,
+            "train.cold_start_steps > 0": self.train.cold_start_steps > 0,
+            "data.select_pool": self.data.select_pool is not None,
+        }
+        for key, used in needs_weights.items():
+            if used:
+                raise ConfigError(
+                    f"{key} needs the teacher's weights in-process (it samples from the teacher or reads its hidden "
+                    f"states), which {which} does not give; use teacher.engine=hf with teacher.path"
+                )
 
 
 def check_vocabulary_settings(config: TrainConfig, vocab_size: int) -> None:
@@ -283,7 +359,10 @@ def check_vocabulary_settings(config: TrainConfig, vocab_size: int) -> None:
     overlap_k would log a meaningless 1.0 for every overlap metric."""
     ks = {"train.overlap_k": config.train.overlap_k} if config.train.overlap_k is not None else {}
     if config.loss.mode == "topk":
-        ks["loss.top_k"] = config.loss.top_k
+        if config.teacher.topk_only:
+            ks["teacher.top_k"] = config.teacher.top_k
+        else:
+            ks["loss.top_k"] = config.loss.top_k
     for key, k in ks.items():
         if k > vocab_size:
             raise ConfigError(
@@ -326,7 +405,9 @@ def _coerce(key: str, value: object, annotation, example: object = 1) -> object:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        arms = [a for a in args if a is not type(None)]
+        # str | list[str]: a list takes the list arm, anything else the first.
+        hint = next((a for a in arms if typing.get_origin(a) is list), arms[0]) if isinstance(value, list) else arms[0]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
@@ -376,7 +457,11 @@ def _is_text_field(config: TrainConfig, parts: list[str]) -> bool:
         if not dataclasses.is_dataclass(target):
             return False
     hint = typing.get_type_hints(type(target)).get(parts[-1]) if dataclasses.is_dataclass(target) else None
-    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+    if hint is str:
+        return True
+    # str | None is text; str | list[str] | None (teacher.server) is YAML, so that [a, b] is a list.
+    arms = set(typing.get_args(hint)) - {type(None)}
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and arms == {str}
 
 
 def parse_override(text: str, config: TrainConfig | None = None) -> tuple[list[str], object]:

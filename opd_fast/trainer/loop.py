@@ -63,7 +63,7 @@ from opd_fast.trainer.rollout import (
 )
 from opd_fast.trainer.subspace_lock import SubspaceLock
 from opd_fast.trainer.tasks import Task, build_task, resolve_format_filter, resolve_reward
-from opd_fast.trainer.teacher import Teacher
+from opd_fast.trainer.teacher import Teacher, TopKTeacher, build_topk_teacher
 
 # Below this hidden size the models' per-op work (tokens × hidden²) is microseconds: one CPU thread runs it as fast as
 # two that meet at an OpenMP barrier per op, and on a busy machine each barrier waits for a time slice. The demo
@@ -125,7 +125,15 @@ class Trainer:
         student = load_causal_lm(config.student, "student.path", self.device)
         self.student = apply_lora(student, config.lora) if config.lora.enabled else student
         self.teacher: Teacher | None = None
-        if config.teacher.self_distill:
+        # A teacher known by its top-k log-probs only (teacher.server, teacher.engine=vllm): the top-k target loss.
+        self.topk_teacher: TopKTeacher | None = None
+        if config.teacher.topk_only:
+            # A server's tokenizer is checked by a probe (TeacherServer.check_tokenizer); its teacher.path may name a
+            # model that is not on this machine.
+            if config.teacher.engine == "vllm":
+                check_same_tokenizer(self.tokenizer, load_tokenizer(config.teacher, "teacher.path"))
+            self.topk_teacher = build_topk_teacher(config.teacher, self.tokenizer)
+        elif config.teacher.self_distill:
             # Frozen at the initial weights: the LoRA student with its adapters disabled, or a frozen copy.
             if config.lora.enabled:
                 self.teacher = Teacher(self.student, adapters_disabled=True)
@@ -355,9 +363,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- training
     def _micro_step(self, batch: Batch, diagnostics: bool, loss_config) -> dict[str, float]:
         student_hidden = gather_positions(self.forward(batch.input_ids, batch.attention_mask), batch.student_positions)
-        teacher_hidden = teacher_head = None
+        teacher_hidden = teacher_head = teacher_topk = None
         if self.teacher is not None and (loss_config.mode != "sft" or diagnostics):
             teacher_hidden, teacher_head = self.teacher.hidden_states(batch), self.teacher.head()
+        if self.topk_teacher is not None:
+            teacher_topk = self.topk_teacher.topk(batch, self.vocab_size)
         rewards = None
         if loss_config.reward_mix < 1.0:
             rewards = torch.tensor(
@@ -374,6 +384,7 @@ class Trainer:
             self.vocab_size,
             batch.behaviour_logprobs,
             rewards,
+            teacher_topk,
         )
         (loss / self.config.optim.grad_accum).backward()
         if diagnostics and teacher_hidden is not None:
@@ -501,6 +512,9 @@ class Trainer:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_process_group = False
+        if self.topk_teacher is not None:
+            self.topk_teacher.close()
+            self.topk_teacher = None
 
     # ---------------------------------------------------------------------------------------------------- run
     def train(self, resume: bool = False) -> dict:

@@ -6,7 +6,9 @@ loss is a mean over the completion tokens of the micro-batch.
 
 * ``reverse_kl`` / ``forward_kl`` / ``jsd``: the full-vocabulary divergence per token (linear_divergence),
   optionally with per-entry clipping (``entry_clip``).
-* ``topk``: the divergence on a top-k support per token (linear_topk_divergence).
+* ``topk``: the divergence on a top-k support per token (linear_topk_divergence); with a teacher known only by
+  its top-k log-probs (a vLLM server or engine), the divergence on the teacher's top-k with a tail bucket
+  (linear_topk_target_divergence).
 * ``sampled_token``: OPD as reinforcement learning with the teacher as the reward. The per-token
   estimate of the reverse KL at the sampled token y is r = log p_old(y) − log p_t(y), with p_old the
   policy that sampled the rollout; the advantage is A = −r (detached), optionally discounted over the
@@ -36,6 +38,7 @@ from opd_fast import (
     linear_token_logprobs,
     linear_topk_divergence,
     linear_topk_overlap,
+    linear_topk_target_divergence,
     overlap_averages,
 )
 from opd_fast.trainer.config import LossConfig
@@ -76,7 +79,8 @@ def sparsify(mask: torch.Tensor, scores: torch.Tensor, keep: float, select: str,
 class LossInputs:
     """One micro-batch's inputs to a loss: hidden states ``[B, L, H]`` at the completion positions, the heads as
     ``LMHead.from_model`` reads them (the teacher's detached; None when the mode needs no teacher), padded rows
-    included (``vocab_size`` cuts them), and for sampled_token the behaviour log-probs and rewards."""
+    included (``vocab_size`` cuts them), for sampled_token the behaviour log-probs and rewards, and for a teacher
+    known only by its top-k log-probs (teacher_hidden and teacher_head None) its (ids, log-probs) ``[B, L, K]``."""
 
     batch: Any
     student_hidden: torch.Tensor
@@ -86,6 +90,7 @@ class LossInputs:
     vocab_size: int
     behaviour_logprobs: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -121,7 +126,24 @@ def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
 
 
 def topk_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
-    """The divergence on a top-k support per token (linear_topk_divergence)."""
+    """The divergence on a top-k support per token: linear_topk_divergence, or with a top-k-only teacher
+    linear_topk_target_divergence on its ids (plus the tail bucket with ``add_tail``)."""
+    if x.teacher_topk is not None:
+        ids, logprobs = x.teacher_topk
+        per_token = linear_topk_target_divergence(
+            x.student_hidden,
+            x.student_head.vocab_slice(0, x.vocab_size),
+            ids,
+            logprobs,
+            divergence=cfg.topk_divergence,
+            add_tail=cfg.add_tail,
+            mask=x.mask,
+            reduction="none",
+            temperature=cfg.temperature,
+            backend=cfg.backend,
+        )
+        kept = sparsify(x.mask, per_token, cfg.token_keep, cfg.token_select)
+        return _masked_mean(per_token, kept), kept, {}
     per_token = linear_topk_divergence(
         x.student_hidden,
         x.student_head,
@@ -194,10 +216,19 @@ def compute_loss(
     vocab_size: int,
     behaviour_logprobs: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss, metrics) for one micro-batch with the loss of ``cfg.mode``; arguments as in :class:`LossInputs`."""
     inputs = LossInputs(
-        batch, student_hidden, student_head, teacher_hidden, teacher_head, vocab_size, behaviour_logprobs, rewards
+        batch,
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        vocab_size,
+        behaviour_logprobs,
+        rewards,
+        teacher_topk,
     )
     loss, kept, metrics = LOSS_FUNCTIONS[cfg.mode](cfg, inputs)
     if cfg.token_keep < 1.0:

@@ -4,6 +4,10 @@ Three kinds of teacher: a separate frozen model (teacher.path), a frozen copy of
 (teacher.self_distill), or, for self-distillation with LoRA, the student itself with its adapters disabled,
 which holds the initial weights without a second copy. The last one is the student only inside
 ``disable_adapter()``; :class:`Teacher` enters that context around everything it computes, so no caller has to.
+
+A teacher that returns only its top-k log-probs per position (a vLLM server, teacher.server, or an in-process vLLM
+engine, teacher.engine=vllm) is a :class:`TopKTeacher`: it scores each batch's prompt + completion and hands the
+top-k target loss ids and log-probs aligned with the completion tokens.
 """
 
 from __future__ import annotations
@@ -45,3 +49,75 @@ class Teacher:
         """Completions sampled (or greedy) from the teacher; ``options`` as in :func:`rollout.generate`."""
         with self._active():
             return generate(self.model, tokenizer, prompt_ids, **options)
+
+
+class TopKTeacher:
+    """A teacher known only by its top-k log-probs: ``scorer`` is a :class:`~opd_fast.trainer.teacher_server.
+    TeacherServer` or a :class:`~opd_fast.trainer.vllm_engine.VllmScorer`."""
+
+    def __init__(self, scorer) -> None:
+        self.scorer = scorer
+
+    @torch.no_grad()
+    def topk(self, batch: Batch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids ``[B, L, K]`` int64, log-probs ``[B, L, K]`` fp32) of the teacher at each completion token, on the
+        teacher's own inputs, aligned with ``batch.targets`` (rows outside ``batch.completion_mask`` hold
+        placeholders).
+
+        K is the scorer's k, less the most ids at or past ``vocab_size`` (padded lm_head rows, which no token of
+        the tokenizer has) that any completion token's top-k holds: those entries are dropped, the next ones move
+        up, and every token keeps the same number of entries, its K most likely real tokens. The mass of the
+        dropped ones stays in the teacher's tail (1 − Σ top-k), where the tail bucket counts it.
+        """
+        mask = batch.completion_mask
+        lengths = batch.teacher_attention_mask.sum(dim=1).tolist()
+        counts = mask.sum(dim=1).tolist()
+        rows = [r for r, n in enumerate(counts) if n > 0]
+        sequences = [batch.teacher_input_ids[r, : lengths[r]].tolist() for r in rows]
+        # Completion token j of row r sits at teacher_positions[r, j] + 1 (the position before it predicts it).
+        starts = [int(batch.teacher_positions[r, 0]) + 1 for r in rows]
+        scores = self.scorer.score(sequences, starts)
+        k = self.scorer.k
+        ids = torch.zeros((*mask.shape, k), dtype=torch.int64)
+        logprobs = torch.zeros((*mask.shape, k), dtype=torch.float32)
+        for r, s in zip(rows, scores):
+            if s.ids.shape[0] != counts[r]:
+                raise RuntimeError(f"the teacher scored {s.ids.shape[0]} completion tokens of row {r}, not {counts[r]}")
+            ids[r, : counts[r]], logprobs[r, : counts[r]] = s.ids, s.logprobs
+        real = ids < vocab_size
+        padded = int((~real & mask.cpu().unsqueeze(-1)).sum(dim=-1).max()) if rows else 0
+        if padded == k:
+            raise RuntimeError(
+                f"the teacher's top-{k} holds only padded lm_head rows (ids ≥ {vocab_size}) at some completion "
+                "token; its head or tokenizer does not match the student's"
+            )
+        if padded:
+            # Real ids first, in their order (stable), then the first k − padded of them.
+            order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices[..., : k - padded]
+            ids, logprobs = ids.gather(-1, order), logprobs.gather(-1, order)
+        device = batch.completion_mask.device
+        return ids.to(device), logprobs.to(device)
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def build_topk_teacher(config, tokenizer) -> TopKTeacher:
+    """The :class:`TopKTeacher` of ``config`` (a :class:`~opd_fast.trainer.config.TeacherConfig` with ``topk_only``):
+    a served teacher, checked against the student's ``tokenizer``, or an in-process vLLM engine."""
+    if config.server is not None:
+        from opd_fast.trainer.teacher_server import TeacherServer
+
+        scorer = TeacherServer(
+            config.server_urls,
+            config.top_k,
+            tokenizer=tokenizer,
+            model=config.path,
+            timeout_s=config.timeout_s,
+            retries=config.retries,
+        )
+    else:
+        from opd_fast.trainer.vllm_engine import VllmScorer
+
+        scorer = VllmScorer(config.path, config.top_k, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    return TopKTeacher(scorer)
