@@ -340,6 +340,49 @@ def test_live_server_of_another_model_is_refused(server, models):
         TeacherServer(server.url, K, model=str(models["student"]))
 
 
+# -------------------------------------------------------------------------------------------- offline top-k shards
+def test_offline_shards_from_the_engine_train_as_the_engine_and_the_teacher(engine, models, tmp_path):
+    """``opd-fast teacher-topk --teacher-path`` (its own in-process engine, in its own process: closing an in-process
+    engine tears down vLLM's process-wide parallel state, which the session's engine still uses) writes shards; the
+    top-k target loss and the student's gradients from them equal those from the session's engine scoring the same
+    sequences directly and those from the teacher's own hidden states, in fp32, within 1e-5 relative."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_fast.trainer.teacher_topk import TopKShards
+
+    sequences, starts = _sequences()
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"input_ids": s, "start": t}) + "\n" for s, t in zip(sequences, starts)))
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "opd_fast.cli", "teacher-topk", str(source), "--out", str(out)]
+    command += ["--teacher-path", str(models["teacher"]), "--k", str(K), "--shard-size", "2", "--kv-cache-gb", "0.25"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher top-k: 100%" in result.stderr  # the progress bar
+    stored = TopKShards(out)
+    assert [s.ids for s in stored.sequences] == sequences and [s.start for s in stored.sequences] == starts
+
+    positions, mask = _completion_positions(sequences, starts)
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.float32).eval()
+    student_hidden, student_head = _hidden_at(student, sequences, positions), LMHead.from_model(student)
+    teacher_hidden, teacher_head = _hidden_at(teacher, sequences, positions), LMHead.from_model(teacher)
+    own = linear_topk_overlap(student_hidden, student_head, teacher_hidden, teacher_head, k=K, mask=mask)
+    ids, logprobs = _aligned([s.scores for s in stored.sequences], mask)
+    assert torch.equal(ids[mask], own.teacher_topk_ids[mask])
+    direct = _aligned(engine.score(sequences, starts), mask)
+    for divergence in ("forward_kl", "reverse_kl"):
+        shards = _student_loss_and_grads(student_hidden, student_head, ids, logprobs, mask, divergence)
+        reference = _student_loss_and_grads(
+            student_hidden, student_head, own.teacher_topk_ids, own.teacher_topk_logprobs, mask, divergence
+        )
+        scored = _student_loss_and_grads(student_hidden, student_head, *direct, mask, divergence)
+        for name, other in (("engine", scored), ("teacher's own", reference)):
+            errors = [rel_err(a, b) for a, b in zip(shards, other)]
+            print(f"\nshards vs {name} {divergence}: loss/dH/dW relative errors {errors}")
+            assert max(errors) <= 1e-5, (name, divergence, errors)
+
+
 # --------------------------------------------------------------------------------------------------------- trainer
 def _config(models, out_dir: Path, **teacher):
     overrides = [

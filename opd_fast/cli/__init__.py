@@ -1,4 +1,5 @@
-"""The ``opd-fast`` command line (docs/design.md §4): ``bench``, ``train`` and ``diagnose``, one module each."""
+"""The ``opd-fast`` command line (docs/design.md §4): ``bench``, ``train``, ``diagnose`` and ``teacher-topk``, one
+module each."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from opd_fast.cli._common import Parser
 from opd_fast.cli.bench import add_bench_parser
 from opd_fast.cli.diagnose import add_diagnose_parser
+from opd_fast.cli.teacher_topk import add_teacher_topk_parser
 from opd_fast.cli.train import add_train_parser
 
 
@@ -17,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_train_parser(sub)
     add_diagnose_parser(sub)
+    add_teacher_topk_parser(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TOPK_SUPPORTS = ("student", "teacher", "union", "intersection")
 TEACHER_ENGINES = ("hf", "vllm")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 # Numbers in exponent notation without a dot (1e-4, -3E5), which YAML 1.1 leaves as strings.
@@ -64,6 +65,16 @@ class TeacherConfig(ModelConfig):
     # (backoff 1, 2, 4, ... s, each retry to the next URL).
     timeout_s: float = 120.0
     retries: int = 5
+    # Offline teacher top-k (opd-fast teacher-topk): shards of sequences with the teacher's top-k log-probs. Alone
+    # (no path, server or engine=vllm), every step trains on them (off-policy distillation, loss.mode=topk); beside
+    # a live teacher, the first train.cold_start_steps steps do (a cold start), then training goes on-policy.
+    topk_dir: str | None = None
+
+    @property
+    def offline(self) -> bool:
+        """Whether the shards of topk_dir are the only teacher: every step is off-policy, on their sequences."""
+        live = self.path is not None or self.server is not None or self.engine == "vllm" or self.self_distill
+        return self.topk_dir is not None and not live
 
     @property
     def topk_only(self) -> bool:
@@ -118,9 +129,16 @@ class RolloutConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    # Top-k sampling (0: off).
+    top_k: int = 0
     reuse: int = 1
     # λ: the probability that a step's rollout is on-policy; otherwise the teacher samples it (GKD mixing).
     on_policy_fraction: float = 1.0
+    # Who samples the student's completions: transformers' generate (hf), or an in-process vLLM engine (vllm,
+    # opd_fast.trainer.vllm_rollout) that gets the student's weights after every optimizer step (LoRA merged), with
+    # an explicit KV cache of kv_cache_gb. Under torchrun every rank runs its own engine.
+    engine: str = "hf"
+    kv_cache_gb: float = 0.5
 
 
 @dataclass
@@ -229,6 +247,9 @@ class TrainConfig:
         _range("rollout.temperature", self.rollout.temperature, 0.0, math.inf, low_open=True, high_open=True)
         _range("rollout.top_p", self.rollout.top_p, 0.0, 1.0, low_open=True)
         _positive("rollout.reuse", self.rollout.reuse)
+        _range("rollout.top_k", self.rollout.top_k, 0, math.inf)
+        _choice("rollout.engine", self.rollout.engine, ROLLOUT_ENGINES)
+        _range("rollout.kv_cache_gb", self.rollout.kv_cache_gb, 0.0, math.inf, low_open=True, high_open=True)
         _choice("loss.mode", self.loss.mode, LOSS_MODES)
         _range("loss.beta", self.loss.beta, 0.0, 1.0)
         _range("loss.temperature", self.loss.temperature, 0.0, math.inf, low_open=True, high_open=True)
@@ -288,6 +309,11 @@ class TrainConfig:
                 "train.fsdp shards the student's full weights; LoRA trains small adapters, for which data "
                 "parallelism (train.fsdp=false under torchrun) is the right tool"
             )
+        if self.train.fsdp and self.rollout.engine == "vllm":
+            raise ConfigError(
+                "rollout.engine=vllm gives every rank an engine with the whole student, which train.fsdp shards: "
+                "use data parallelism (train.fsdp=false) or rollout.engine=hf"
+            )
         if self.train.fsdp and self.train.subspace_lock_step is not None:
             raise ConfigError("train.subspace_lock_step projects whole gradient matrices: not with train.fsdp")
         if self.teacher.self_distill and self.teacher.path is not None:
@@ -321,6 +347,7 @@ class TrainConfig:
                 raise ConfigError(f"teacher.server must be http(s)://host:port URLs, got {url!r}")
         if teacher.server is not None and not teacher.server_urls:
             raise ConfigError("teacher.server is an empty list; give a URL or a list of URLs")
+        self._validate_topk_dir()
         if not teacher.topk_only:
             return
         which = "teacher.server" if teacher.server is not None else "teacher.engine=vllm"
@@ -342,7 +369,8 @@ class TrainConfig:
             "teacher.self_distill": teacher.self_distill,
             "rollout.source=teacher": self.rollout.source == "teacher",
             "rollout.on_policy_fraction < 1": self.rollout.on_policy_fraction < 1.0,
-            "train.cold_start_steps > 0": self.train.cold_start_steps > 0,
+            # With teacher.topk_dir the cold start trains on the shards instead of the teacher's samples.
+            "train.cold_start_steps > 0": self.train.cold_start_steps > 0 and teacher.topk_dir is None,
             "data.select_pool": self.data.select_pool is not None,
         }
         for key, used in needs_weights.items():
@@ -350,6 +378,42 @@ class TrainConfig:
                 raise ConfigError(
                     f"{key} needs the teacher's weights in-process (it samples from the teacher or reads its hidden "
                     f"states), which {which} does not give; use teacher.engine=hf with teacher.path"
+                )
+
+    def _validate_topk_dir(self) -> None:
+        """teacher.topk_dir: the top-k target loss on stored sequences, every step (alone) or as a cold start."""
+        teacher = self.teacher
+        if teacher.topk_dir is None:
+            return
+        if self.loss.temperature != 1.0:
+            raise ConfigError(
+                "teacher.topk_dir: the stored log-probs are the teacher's at temperature 1, while "
+                f"loss.temperature={self.loss.temperature} would scale only the student's: use loss.temperature=1"
+            )
+        if not teacher.offline:
+            if self.train.cold_start_steps == 0:
+                raise ConfigError(
+                    "teacher.topk_dir beside a live teacher (teacher.path, server or engine=vllm) is its cold start: "
+                    "set train.cold_start_steps > 0, or drop the live teacher to train on the shards every step"
+                )
+            return
+        if self.loss.mode != "topk":
+            raise ConfigError(
+                "teacher.topk_dir alone holds only the teacher's top-k log-probs: use loss.mode=topk (the top-k "
+                f"target loss, tail bucket by loss.add_tail), not {self.loss.mode}"
+            )
+        unused = {
+            "train.cold_start_steps > 0": self.train.cold_start_steps > 0,
+            "rollout.source=teacher": self.rollout.source == "teacher",
+            "rollout.on_policy_fraction < 1": self.rollout.on_policy_fraction < 1.0,
+            "data.select_pool": self.data.select_pool is not None,
+            "rollout.engine=vllm": self.rollout.engine == "vllm",
+        }
+        for key, used in unused.items():
+            if used:
+                raise ConfigError(
+                    f"{key} does not apply to teacher.topk_dir alone, where every step trains on the stored "
+                    "sequences; give a live teacher (teacher.path, server or engine=vllm) for on-policy steps"
                 )
 
 

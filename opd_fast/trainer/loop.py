@@ -17,6 +17,12 @@ lm_head's, which is applied inside the loss — are averaged across ranks. With 
 sharded with FSDP2 instead (opd_fast.integrations.fsdp: the lm_head gathered once per micro-step, its
 gradient averaged like every other), generation runs in lockstep over the ranks, and checkpoints hold the
 full, unsharded state.
+
+Rollout engines: ``rollout.engine=vllm`` samples the student's completions (and greedy evaluations) with an
+in-process vLLM engine per rank (opd_fast.trainer.vllm_rollout), which gets the student's weights, LoRA merged,
+before it samples after an optimizer step or a resume. Offline teacher top-k (``teacher.topk_dir``, written by
+``opd-fast teacher-topk``): steps on stored sequences with the teacher's stored top-k, every step when they are the
+only teacher, else during train.cold_start_steps.
 """
 
 from __future__ import annotations
@@ -62,8 +68,9 @@ from opd_fast.trainer.rollout import (
     reference_completions,
 )
 from opd_fast.trainer.subspace_lock import SubspaceLock
-from opd_fast.trainer.tasks import Task, build_task, resolve_format_filter, resolve_reward
-from opd_fast.trainer.teacher import Teacher, TopKTeacher, build_topk_teacher
+from opd_fast.trainer.tasks import Example, Task, build_task, resolve_format_filter, resolve_reward
+from opd_fast.trainer.teacher import Teacher, TopKTeacher, align_topk, build_topk_teacher
+from opd_fast.trainer.teacher_topk import TopKShards
 
 # Below this hidden size the models' per-op work (tokens × hidden²) is microseconds: one CPU thread runs it as fast as
 # two that meet at an OpenMP barrier per op, and on a busy machine each barrier waits for a time slice. The demo
@@ -139,7 +146,7 @@ class Trainer:
                 self.teacher = Teacher(self.student, adapters_disabled=True)
             else:
                 self.teacher = Teacher(copy.deepcopy(student).eval().requires_grad_(False))
-        elif self.needs_teacher:
+        elif self.needs_teacher and not config.teacher.offline:
             if config.teacher.path is None:
                 raise ValueError(
                     f"teacher.path is required for loss.mode={config.loss.mode}, rollout.source={config.rollout.source}"
@@ -152,6 +159,7 @@ class Trainer:
         check_vocabulary_settings(config, self.vocab_size)
         self.overlap_k = overlap_k(config, self.vocab_size)
         self.cpu_threads = self._set_cpu_threads(student, teacher_model)
+        self.rollout_engine = self._build_rollout_engine() if config.rollout.engine == "vllm" else None
         hidden = HiddenStates(self.student)
         if config.train.fsdp:
             self._shard_student()
@@ -169,7 +177,11 @@ class Trainer:
         self.eval_examples = self.task.eval_set(config.data.eval_size)
         self.format_filter = resolve_format_filter(config.data.format_filter, self.task)
         self.reward_fn = resolve_reward(config.loss.reward, self.task)
-        self.cold_start_loss = dataclasses.replace(config.loss, mode="sft", token_keep=1.0, reward_mix=1.0)
+        # Offline sequences with the teacher's stored top-k (teacher.topk_dir): every step, or the cold start.
+        self.topk_shards = TopKShards(config.teacher.topk_dir) if config.teacher.topk_dir is not None else None
+        # The cold start: SFT on teacher samples, or the top-k target loss on the stored sequences.
+        cold_mode = "sft" if self.topk_shards is None else "topk"
+        self.cold_start_loss = dataclasses.replace(config.loss, mode=cold_mode, token_keep=1.0, reward_mix=1.0)
         self.selection: dict[str, float] = {}
         if config.data.select_pool is not None or config.data.dedup_threshold is not None:
             pool_size = config.data.select_pool or 4 * config.rollout.batch_size
@@ -182,6 +194,46 @@ class Trainer:
                 self.student, rank=config.train.subspace_lock_rank, include=config.train.subspace_lock_include
             )
         self._rollouts: list[Batch] = []
+
+    def _build_rollout_engine(self):
+        """rollout.engine=vllm: this rank's own in-process vLLM engine on the student (opd_fast.trainer.vllm_rollout).
+
+        Its sampled tokens' log-probs serve as behaviour log-probs when they are the trainer's own: at temperature 1
+        (vLLM's raw log-probs; loss.temperature scales only the trainer's) and over the same rows (a padded lm_head's
+        log-softmax in vLLM spans the padded rows, the trainer's only the tokenizer's)."""
+        from opd_fast.trainer.vllm_rollout import VllmRollout, save_for_engine
+
+        lm = causal_lm(self.student)
+        head_rows = lm.get_output_embeddings().weight.shape[0]
+        self.engine_behaviour = self.config.loss.temperature == 1.0 and head_rows == self.vocab_size
+        self._engine_stale = False
+        # The ranks' initial weights are the same (one path, one seed): rank 0 saves them once for every engine.
+        directory = self.out_dir / "vllm_student"
+        if self.is_main:
+            save_for_engine(self.student, self.tokenizer, directory)
+        if self.world_size > 1:
+            dist.barrier()
+        return VllmRollout(
+            self.student,
+            self.tokenizer,
+            directory,
+            save=False,
+            vocab_size=self.vocab_size,
+            max_model_len=getattr(lm.config, "max_position_embeddings", None),
+            dtype=self.config.student.dtype,
+            kv_cache_gb=self.config.rollout.kv_cache_gb,
+            seed=self.config.seed,
+        )
+
+    def _engine_generate(self, prompts, logprobs: bool = False, **options):
+        """Sample (or decode greedily) with the rollout engine, after pushing the student's new weights into it; the
+        seed comes from torch's generator, which _seed_step seeded for this step (a resumed run samples the same)."""
+        if self._engine_stale:
+            self.rollout_engine.sync(self.student)
+            self._engine_stale = False
+        options.pop("vocab_size")
+        seed = 0 if options["greedy"] else int(torch.randint(2**31 - 1, ()))
+        return self.rollout_engine.generate(prompts, seed=seed, logprobs=logprobs, **options)
 
     def _set_cpu_threads(self, *models) -> int:
         """Apply train.cpu_threads (see LoopConfig) on the CPU; returns torch's CPU thread count."""
@@ -245,8 +297,10 @@ class Trainer:
         texts = [template.format(prompt=e.prompt, answer=e.answer) for e in examples]
         return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
-    def _sample(self, source: str, examples) -> tuple[list, list, list | None, list]:
-        """(examples, student prompts, teacher prompts, completions) with completions from ``source``.
+    def _sample(self, source: str, examples) -> tuple[list, list, list | None, list, list | None]:
+        """(examples, student prompts, teacher prompts, completions, behaviour log-probs) with completions from
+        ``source``; the behaviour log-probs (per completion token) come from the rollout engine where it gives them
+        and the loss needs them (sampled_token with rollout.reuse > 1), else None.
 
         Teacher samples failing data.format_filter are dropped (the batch may shrink; all of them
         failing is an error).
@@ -254,16 +308,21 @@ class Trainer:
         cfg = self.config.rollout
         prompts, teacher_prompts = encode_prompts(self.tokenizer, examples), self._teacher_prompts(examples)
         if source == "reference":
-            return examples, prompts, teacher_prompts, reference_completions(self.tokenizer, examples)
+            return examples, prompts, teacher_prompts, reference_completions(self.tokenizer, examples), None
         options = dict(
             max_new_tokens=cfg.max_new_tokens,
             greedy=False,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            top_k=cfg.top_k,
             vocab_size=self.vocab_size,
         )
+        behaviour = None
         if source == "teacher":
             completions = self.teacher.generate(self.tokenizer, teacher_prompts or prompts, **options)
+        elif self.rollout_engine is not None:
+            wanted = self.engine_behaviour and self._needs_behaviour_logprobs()
+            completions, behaviour = self._engine_generate(prompts, logprobs=wanted, **options)
         else:
             completions = generate(self.student, self.tokenizer, prompts, **options)
         if source == "teacher" and self.format_filter is not None:
@@ -277,7 +336,11 @@ class Trainer:
             pick = lambda items: [items[i] for i in keep]  # noqa: E731
             examples, prompts, completions = pick(examples), pick(prompts), pick(completions)
             teacher_prompts = pick(teacher_prompts) if teacher_prompts else None
-        return examples, prompts, teacher_prompts, completions
+        return examples, prompts, teacher_prompts, completions, behaviour
+
+    def _needs_behaviour_logprobs(self) -> bool:
+        """The sampled-token loss reusing a rollout needs the log-probs of the policy that sampled it."""
+        return self.config.rollout.reuse > 1 and self.config.loss.mode == "sampled_token"
 
     def _source(self, step: int, rng: random.Random) -> str:
         """Who produces this step's completions: the teacher during the cold start, and with probability
@@ -293,12 +356,36 @@ class Trainer:
         cfg = self.config.rollout
         batches = []
         for _ in range(self.config.optim.grad_accum):
-            examples, prompts, teacher_prompts, completions = self._sample(
+            examples, prompts, teacher_prompts, completions, behaviour = self._sample(
                 source, self.task.sample(rng, cfg.batch_size)
             )
             batch = make_batch(self.tokenizer, examples, prompts, completions, self.task, self.device, teacher_prompts)
-            if cfg.reuse > 1 and self.config.loss.mode == "sampled_token":
+            if behaviour is not None:
+                values = torch.zeros(batch.targets.shape, dtype=torch.float32)
+                for row, logprobs in enumerate(behaviour):
+                    values[row, : len(logprobs)] = torch.tensor(logprobs, dtype=torch.float32)
+                batch.behaviour_logprobs = values.to(self.device)
+            elif self._needs_behaviour_logprobs():
                 batch.behaviour_logprobs = self._behaviour_logprobs(batch)
+            batches.append(batch)
+        return batches
+
+    def shard_rollouts(self, rng: random.Random) -> list[Batch]:
+        """``grad_accum`` micro-batches of stored sequences (teacher.topk_dir), drawn at random with ``rng``: each
+        sequence's scored tokens are the completion, the tokens before them the prompt, and the teacher's stored
+        top-k rides along in the batch (the student does not sample; no answer is checked)."""
+        cfg = self.config.rollout
+        batches = []
+        for _ in range(self.config.optim.grad_accum):
+            items = [self.topk_shards[rng.randrange(len(self.topk_shards))] for _ in range(cfg.batch_size)]
+            prompts = [item.ids[: item.start] for item in items]
+            completions = [item.ids[item.start :] for item in items]
+            examples = [Example(self.tokenizer.decode(p, skip_special_tokens=True), "") for p in prompts]
+            batch = make_batch(self.tokenizer, examples, prompts, completions, self.task, self.device)
+            batch.correct = []
+            batch.teacher_topk_ids, batch.teacher_topk_logprobs = align_topk(
+                [item.scores for item in items], batch.completion_mask, self.topk_shards.k, self.vocab_size
+            )
             batches.append(batch)
         return batches
 
@@ -364,10 +451,13 @@ class Trainer:
     def _micro_step(self, batch: Batch, diagnostics: bool, loss_config) -> dict[str, float]:
         student_hidden = gather_positions(self.forward(batch.input_ids, batch.attention_mask), batch.student_positions)
         teacher_hidden = teacher_head = teacher_topk = None
-        if self.teacher is not None and (loss_config.mode != "sft" or diagnostics):
-            teacher_hidden, teacher_head = self.teacher.hidden_states(batch), self.teacher.head()
-        if self.topk_teacher is not None:
+        if batch.teacher_topk_ids is not None:
+            teacher_topk = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+        elif self.topk_teacher is not None:
             teacher_topk = self.topk_teacher.topk(batch, self.vocab_size)
+        needs_hidden = loss_config.mode != "sft" and teacher_topk is None
+        if self.teacher is not None and (needs_hidden or diagnostics):
+            teacher_hidden, teacher_head = self.teacher.hidden_states(batch), self.teacher.head()
         rewards = None
         if loss_config.reward_mix < 1.0:
             rewards = torch.tensor(
@@ -393,16 +483,18 @@ class Trainer:
                     self._overlap(batch, student_hidden.detach(), teacher_hidden, student_head), batch.completion_mask
                 )
             )
-        metrics["rollout/accuracy"] = sum(batch.correct) / len(batch.correct)
-        metrics["rollout/completion_tokens"] = batch.completion_tokens / len(batch.correct)
+        if batch.correct:  # stored sequences (teacher.topk_dir) have no answer to check
+            metrics["rollout/accuracy"] = sum(batch.correct) / len(batch.correct)
+        metrics["rollout/completion_tokens"] = batch.completion_tokens / len(batch.examples)
         return metrics
 
     def train_step(self, step: int, diagnostics: bool) -> dict[str, float]:
         """One optimizer step (step is 0-based); returns the step's metrics averaged over micro-batches."""
         rng = self._seed_step(step)
-        if step % self.config.rollout.reuse == 0 or not self._rollouts:
-            self._rollouts = self.make_rollouts(rng, self._source(step, rng))
         cold = step < self.config.train.cold_start_steps
+        if step % self.config.rollout.reuse == 0 or not self._rollouts:
+            offline = self.topk_shards is not None and (cold or self.config.teacher.offline)
+            self._rollouts = self.shard_rollouts(rng) if offline else self.make_rollouts(rng, self._source(step, rng))
         loss_config = self.cold_start_loss if cold else self.config.loss
         self.student.train()
         records = []
@@ -419,6 +511,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # The rollout engine's weights are the student's of before this step: pushed before it samples again.
+        self._engine_stale = self.rollout_engine is not None
         metrics = {
             key: sum(r[key] for r in records if key in r) / sum(key in r for r in records)
             for key in dict.fromkeys(k for r in records for k in r)
@@ -450,6 +544,8 @@ class Trainer:
             prompts = encode_prompts(self.tokenizer, chunk)
             if teacher is not None:
                 completions = teacher.generate(self.tokenizer, self._teacher_prompts(chunk) or prompts, **options)
+            elif self.rollout_engine is not None:
+                completions, _ = self._engine_generate(prompts, **options)
             else:
                 completions = generate(self.student, self.tokenizer, prompts, **options)
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
@@ -507,14 +603,19 @@ class Trainer:
         return directory
 
     def close(self) -> None:
-        """Destroy the process group this trainer created under torchrun (none otherwise), as torch.distributed
-        asks of every process before it exits; the trainer makes no collective calls afterwards."""
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self.owns_process_group = False
+        """Shut the vLLM engines down (rollouts, an in-process teacher), then destroy the process group this trainer
+        created under torchrun (none otherwise), as torch.distributed asks of every process before it exits; the
+        trainer makes no collective calls afterwards. The engines first: an in-process engine under torchrun made its
+        own groups inside the trainer's, and destroys them when it shuts down."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.close()
+            self.rollout_engine = None
         if self.topk_teacher is not None:
             self.topk_teacher.close()
             self.topk_teacher = None
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_process_group = False
 
     # ---------------------------------------------------------------------------------------------------- run
     def train(self, resume: bool = False) -> dict:
@@ -529,6 +630,7 @@ class Trainer:
             start, self._rollouts, bases = ckpt.load_checkpoint(
                 path, self.student, self.optimizer, self.scheduler, self.device, fsdp=self.config.train.fsdp
             )
+            self._engine_stale = self.rollout_engine is not None
             if self.lock is not None and bases:
                 self.lock.bases = bases
                 self.lock.attach(self.student)

@@ -25,6 +25,8 @@ class Batch:
     ``[B, L]`` tensors (L = the longest completion): ``targets`` holds completion token j of each row,
     ``completion_mask`` whether it exists, and ``student_positions``/``teacher_positions`` the position
     in each sequence whose hidden state predicts it (the position just before the token).
+    ``teacher_topk_ids``/``teacher_topk_logprobs`` ``[B, L, K]``: the teacher's stored top-k at each completion
+    token, for batches of offline sequences (teacher.topk_dir); None otherwise.
     """
 
     input_ids: torch.Tensor
@@ -39,6 +41,8 @@ class Batch:
     completions: list[str]
     correct: list[bool]
     behaviour_logprobs: torch.Tensor | None = None
+    teacher_topk_ids: torch.Tensor | None = None
+    teacher_topk_logprobs: torch.Tensor | None = None
 
     TENSORS = (
         "input_ids",
@@ -50,6 +54,8 @@ class Batch:
         "targets",
         "completion_mask",
         "behaviour_logprobs",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
     )
 
     @property
@@ -76,6 +82,7 @@ def generate(
     greedy: bool,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Completion token ids per prompt (ending with EOS when the model stopped).
@@ -98,7 +105,7 @@ def generate(
     if greedy:
         kwargs.update(do_sample=False)
     else:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)  # top_k=0: off
     head_rows = lm.get_output_embeddings().weight.shape[0]  # a DTensor shard (FSDP2) has the global shape
     if vocab_size is not None and head_rows > vocab_size:
         kwargs["suppress_tokens"] = list(range(vocab_size, head_rows))

@@ -7,7 +7,8 @@ which holds the initial weights without a second copy. The last one is the stude
 
 A teacher that returns only its top-k log-probs per position (a vLLM server, teacher.server, or an in-process vLLM
 engine, teacher.engine=vllm) is a :class:`TopKTeacher`: it scores each batch's prompt + completion and hands the
-top-k target loss ids and log-probs aligned with the completion tokens.
+top-k target loss ids and log-probs aligned with the completion tokens (:func:`align_topk`, which also aligns the
+stored top-k of offline sequences, teacher.topk_dir).
 """
 
 from __future__ import annotations
@@ -71,35 +72,42 @@ class TopKTeacher:
         """
         mask = batch.completion_mask
         lengths = batch.teacher_attention_mask.sum(dim=1).tolist()
-        counts = mask.sum(dim=1).tolist()
-        rows = [r for r, n in enumerate(counts) if n > 0]
+        rows = [r for r, n in enumerate(mask.sum(dim=1).tolist()) if n > 0]
         sequences = [batch.teacher_input_ids[r, : lengths[r]].tolist() for r in rows]
         # Completion token j of row r sits at teacher_positions[r, j] + 1 (the position before it predicts it).
         starts = [int(batch.teacher_positions[r, 0]) + 1 for r in rows]
-        scores = self.scorer.score(sequences, starts)
-        k = self.scorer.k
-        ids = torch.zeros((*mask.shape, k), dtype=torch.int64)
-        logprobs = torch.zeros((*mask.shape, k), dtype=torch.float32)
-        for r, s in zip(rows, scores):
-            if s.ids.shape[0] != counts[r]:
-                raise RuntimeError(f"the teacher scored {s.ids.shape[0]} completion tokens of row {r}, not {counts[r]}")
-            ids[r, : counts[r]], logprobs[r, : counts[r]] = s.ids, s.logprobs
-        real = ids < vocab_size
-        padded = int((~real & mask.cpu().unsqueeze(-1)).sum(dim=-1).max()) if rows else 0
-        if padded == k:
-            raise RuntimeError(
-                f"the teacher's top-{k} holds only padded lm_head rows (ids ≥ {vocab_size}) at some completion "
-                "token; its head or tokenizer does not match the student's"
-            )
-        if padded:
-            # Real ids first, in their order (stable), then the first k − padded of them.
-            order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices[..., : k - padded]
-            ids, logprobs = ids.gather(-1, order), logprobs.gather(-1, order)
-        device = batch.completion_mask.device
-        return ids.to(device), logprobs.to(device)
+        scores = dict(zip(rows, self.scorer.score(sequences, starts)))
+        return align_topk([scores.get(r) for r in range(mask.shape[0])], mask, self.scorer.k, vocab_size)
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def align_topk(scores, mask: torch.Tensor, k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row :class:`~opd_fast.trainer.teacher_server.TopKScores` (None for a row without completion tokens) →
+    (ids ``[B, L, K]`` int64, log-probs ``[B, L, K]`` fp32) aligned with a batch's completion tokens (``mask``
+    ``[B, L]``), on the mask's device; the ids at or past ``vocab_size`` dropped as :meth:`TopKTeacher.topk` says."""
+    counts = mask.sum(dim=1).tolist()
+    ids = torch.zeros((*mask.shape, k), dtype=torch.int64)
+    logprobs = torch.zeros((*mask.shape, k), dtype=torch.float32)
+    for r, s in enumerate(scores):
+        if s is None:
+            continue
+        if s.ids.shape[0] != counts[r]:
+            raise RuntimeError(f"the teacher scored {s.ids.shape[0]} completion tokens of row {r}, not {counts[r]}")
+        ids[r, : counts[r]], logprobs[r, : counts[r]] = s.ids, s.logprobs
+    real = ids < vocab_size
+    padded = int((~real & mask.cpu().unsqueeze(-1)).sum(dim=-1).max()) if mask.any() else 0
+    if padded == k:
+        raise RuntimeError(
+            f"the teacher's top-{k} holds only padded lm_head rows (ids ≥ {vocab_size}) at some completion "
+            "token; its head or tokenizer does not match the student's"
+        )
+    if padded:
+        # Real ids first, in their order (stable), then the first k − padded of them.
+        order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices[..., : k - padded]
+        ids, logprobs = ids.gather(-1, order), logprobs.gather(-1, order)
+    return ids.to(mask.device), logprobs.to(mask.device)
 
 
 def build_topk_teacher(config, tokenizer) -> TopKTeacher:
