@@ -5,11 +5,18 @@ Top-k overlap (docs/design.md §2) at a completion position with student and tea
 I = S_s ∩ S_t: the ratio |I|/k and the masses Σ_{v∈I} p_s(v), Σ_{v∈I} p_t(v). Two averages are reported:
 over all completion tokens, and over the tokens whose intersection is not empty (``overlap_ratio > 0``).
 The papers' 97–99% is the second: the released verl-based code of "Rethinking OPD" averages
-``student_p_sum_intersection`` over the positions with a non-empty intersection only.
+``student_p_sum_intersection`` over the positions with a non-empty intersection only. The student's own top-k
+mass Σ_{v∈S_s} p_s(v) bounds the overlap mass from above; when it is itself ≥ 97%, a 97% overlap mass says
+little more than that the two top-k sets intersect, so it is recorded too (``topk_mass_student``).
+
+Standard errors over seeds and problems: :func:`paired_difference` (per-problem, on the seed-averaged
+correctness) and :func:`mean_and_standard_error` (over seeds).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from pathlib import Path
 
@@ -25,16 +32,23 @@ from .corpus import MAX_COMPLETION_TOKENS, SkillTask
 ANALYSIS_SEED = 7
 
 
-def load_model(base_dir: Path, weights: Path | None = None):
-    """The base model directory's architecture with ``weights`` (a trainer checkpoint's model.safetensors),
-    or the base weights themselves; in eval mode, without gradients."""
-    from safetensors.torch import load_file
+@functools.lru_cache(maxsize=8)
+def _pretrained(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval().requires_grad_(False)
+
+
+def load_model(base_dir: Path, weights: Path | None = None):
+    """The base model directory's architecture with ``weights`` (a trainer checkpoint's model.safetensors),
+    or the base weights themselves; in eval mode, without gradients. A copy of a cached ``from_pretrained``
+    model: the measurements load a model per checkpoint, and ``from_pretrained`` was a seventh of the quick run."""
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(_pretrained(Path(base_dir)))
     if weights is not None:
         model.load_state_dict(load_file(str(weights)))
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def _prompts(tokenizer, examples, template: str) -> list[list[int]]:
@@ -100,6 +114,7 @@ def visited_state_statistics(
     ws, wt, mask = LMHead.from_model(student), LMHead.from_model(teacher).detach(), batch.completion_mask
     stats = linear_topk_overlap(hs, ws, ht, wt, k=k, mask=mask)
     kl = linear_reverse_kl(hs, ws, ht, wt, mask=mask, reduction="none")
+    topk_mass = student.get_output_embeddings()(hs).softmax(-1).topk(k, dim=-1).values.sum(-1)
     nonempty = mask & (stats.overlap_ratio > 0)
     by_position = [_mean(kl[:, j], mask[:, j]) for j in range(mask.shape[1])]
     return {
@@ -110,6 +125,7 @@ def visited_state_statistics(
         "overlap_mass_student_all": _mean(stats.overlap_mass_student, mask),
         "overlap_mass_teacher_all": _mean(stats.overlap_mass_teacher, mask),
         "nonempty_fraction": int(nonempty.sum()) / max(1, int(mask.sum())),
+        "topk_mass_student": _mean(topk_mass, mask),
         "overlap_mass_student_nonempty": _mean(stats.overlap_mass_student, nonempty),
         "overlap_mass_teacher_nonempty": _mean(stats.overlap_mass_teacher, nonempty),
         "reverse_kl": _mean(kl, mask),
@@ -120,13 +136,14 @@ def visited_state_statistics(
     }
 
 
-def geometry(base: Path, checkpoints: list[Path], *, top_k: int, rank: int, sim_k: int) -> dict:
-    """``opd-fast diagnose`` of the run's update: the series base → checkpoints (pairwise metrics of the final
-    update, Sim_K per checkpoint) and, per checkpoint, the overall summary of base → that checkpoint (the
-    trajectories of stable rank, ‖ΔW‖_F and sparsity). Only summaries are kept (per layer type and overall).
+def geometry(start: Path, checkpoints: list[Path], *, top_k: int, rank: int, sim_k: int) -> dict:
+    """``opd-fast diagnose`` of the run's update from ``start`` (a model directory: the base, or the SFT anchor):
+    the series start → checkpoints (pairwise metrics of the final update, Sim_K per checkpoint) and, per
+    checkpoint, the overall summary of start → that checkpoint (the trajectories of stable rank, ‖ΔW‖_F and
+    sparsity). Only summaries are kept (per layer type and overall).
     """
     settings = DiagnoseSettings(top_k=top_k, rank=rank, sim_k=sim_k)
-    files = [base / "model.safetensors", *(c / "model.safetensors" for c in checkpoints)]
+    files = [start / "model.safetensors", *(c / "model.safetensors" for c in checkpoints)]
     series = diagnose([str(f) for f in files], settings, progress=False)
     trajectory = [
         diagnose([str(files[0]), str(f)], settings, progress=False)["summary"]["overall"] for f in files[1:-1]
@@ -144,27 +161,36 @@ def geometry(base: Path, checkpoints: list[Path], *, top_k: int, rank: int, sim_
     }
 
 
-def paired_difference(a: list[bool], b: list[bool]) -> dict:
-    """Accuracy difference mean(a) − mean(b) of two models on the same problems and its standard error from
-    the discordant pairs (the paired, McNemar-style variance: (n₁₀ + n₀₁)/n² − d²/n)."""
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Accuracy difference mean(a) − mean(b) of two models on the same problems and its standard error over
+    problems, from the per-problem differences d_i = a_i − b_i: (mean(d²) − mean(d)²)/n. With 0/1 results this
+    is the paired, McNemar-style variance (n₁₀ + n₀₁)/n² − d²/n; a_i may also be a seed-averaged correctness."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired comparison needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
     n = len(a)
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    difference = (only_a - only_b) / n
-    variance = max(0.0, (only_a + only_b) / n**2 - difference**2 / n)
+    differences = [float(x) - float(y) for x, y in zip(a, b)]
+    difference = sum(differences) / n
+    variance = max(0.0, (sum(d * d for d in differences) / n - difference**2) / n)
     return {"difference": difference, "standard_error": math.sqrt(variance), "n": n}
 
 
-def paired_interaction(a1: list[bool], a0: list[bool], b1: list[bool], b0: list[bool]) -> dict:
+def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean of per-seed values and its standard error s/√n (None for one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def paired_interaction(a1: list[float], a0: list[float], b1: list[float], b0: list[float]) -> dict:
     """(mean(a1) − mean(a0)) − (mean(b1) − mean(b0)) for four models on the same problems, with the standard error
     of the per-problem differences D_i = (a1_i − a0_i) − (b1_i − b0_i): does a change cost one pair more than the
     other?"""
     if not a1 or len({len(a1), len(a0), len(b1), len(b0)}) != 1:
         raise ValueError("paired_interaction needs four equally long, non-empty lists of per-problem results")
     n = len(a1)
-    values = [(int(w) - int(x)) - (int(y) - int(z)) for w, x, y, z in zip(a1, a0, b1, b0)]
+    values = [(float(w) - float(x)) - (float(y) - float(z)) for w, x, y, z in zip(a1, a0, b1, b0)]
     mean = sum(values) / n
     variance = sum((v - mean) ** 2 for v in values) / n
     return {"difference": mean, "standard_error": math.sqrt(variance / n), "n": n}

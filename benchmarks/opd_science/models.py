@@ -8,6 +8,9 @@
   - ``teacher``: direct-style answers to direct prompts: the same "thinking pattern" as the base, stronger;
   - ``incompatible_teacher``: thought-out answers (``operands>answer``) to prompts of both templates: a
     teacher that always thinks, the paper's incompatible pattern, as accurate but differently worded.
+* ``same_data_teacher``: the base pretrained further on its own corpus (:class:`ContinuedPretrainingSpec`):
+  stronger by more of the same data only, nothing the student has not seen (the OPD-success paper's second
+  condition: Qwen3-4B (non-thinking) shares its student's training distribution and transfers little).
 
 Everything is cached under ``cache_dir`` in directories named by a hash of what made them, so a second run
 (or the same settings in another ``--out``) reuses them and a changed setting retrains only what it affects.
@@ -57,7 +60,17 @@ class TeacherSpec:
     lr: float
 
 
-TEACHERS = ("teacher", "incompatible_teacher")
+@dataclass(frozen=True)
+class ContinuedPretrainingSpec:
+    """A teacher that is the base pretrained ``steps`` more steps on the same corpus (same recipe, fresh schedule)."""
+
+    steps: int
+    batch: int
+    lr: float
+    seed: int = 1
+
+
+TEACHERS = ("teacher", "incompatible_teacher", "same_data_teacher")
 
 
 def _key(*parts) -> str:
@@ -85,17 +98,10 @@ def _batch(tokenizer, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     return input_ids, attention
 
 
-def pretrain(spec: BaseSpec, directory: Path, *, progress: bool = True) -> dict:
-    """Pretrain the base LM from random weights and save it (model + tokenizer) to ``directory``.
+def _llama_config(spec: BaseSpec, tokenizer):
+    from transformers import LlamaConfig
 
-    AdamW (β = 0.9, 0.95, weight decay 0.01), 5% linear warm-up, cosine decay to 10%, gradient clipping 1.
-    Returns the stage info (steps, final loss, seconds).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(CHARACTERS)
-    torch.manual_seed(spec.seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
         intermediate_size=4 * spec.hidden,
@@ -108,7 +114,23 @@ def pretrain(spec: BaseSpec, directory: Path, *, progress: bool = True) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
+
+
+def pretrain(spec, directory: Path, *, init: Path | None = None, progress: bool = True) -> dict:
+    """Pretrain the base LM from random weights (``spec``: a :class:`BaseSpec`), or the model in ``init`` further
+    (a :class:`ContinuedPretrainingSpec`), and save it (model + tokenizer) to ``directory``.
+
+    AdamW (β = 0.9, 0.95, weight decay 0.01), 5% linear warm-up, cosine decay to 10%, gradient clipping 1.
+    Returns the stage info (steps, final loss, seconds).
+    """
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(CHARACTERS)
+    torch.manual_seed(spec.seed)
+    if init is not None:
+        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True)
+    else:
+        model = LlamaForCausalLM(_llama_config(spec, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, spec.steps // 20)
 
@@ -177,7 +199,12 @@ class Models:
 
 
 def prepare(
-    base_spec: BaseSpec, teacher_specs: dict[str, TeacherSpec], cache_dir: Path, *, progress: bool = True, log=print
+    base_spec: BaseSpec,
+    teacher_specs: dict[str, TeacherSpec | ContinuedPretrainingSpec],
+    cache_dir: Path,
+    *,
+    progress: bool = True,
+    log=print,
 ) -> Models:
     """The base and the teachers, each trained once and cached under ``cache_dir`` by a hash of its settings."""
     base_key = _key(asdict(base_spec), CHARACTERS)
@@ -193,11 +220,15 @@ def prepare(
     for name, spec in teacher_specs.items():
         directory = cache_dir / f"{name}-{_key(base_key, asdict(spec))}"
         info[name] = _done(directory)
-        if info[name] is None:
+        if info[name] is None and isinstance(spec, ContinuedPretrainingSpec):
+            log(f"pretraining the base {spec.steps} steps more into the {name.replace('_', ' ')} in {directory}")
+            stage = pretrain(spec, directory, init=base_dir, progress=progress)
+        elif info[name] is None:
             log(f"deriving the {name.replace('_', ' ')} from the base ({spec.answer_style} answers) into {directory}")
             stage = derive_teacher(
                 base_dir, spec, directory, directory.with_name(directory.name + "-work"), progress=progress
             )
+        if info[name] is None:
             info[name] = {"spec": asdict(spec), **stage}
             _mark_done(directory, info[name])
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from . import claims, measure, models, report, runs
 from .corpus import SkillTask
-from .models import BaseSpec, TeacherSpec
+from .models import BaseSpec, ContinuedPretrainingSpec, TeacherSpec
 from .runs import RUNS, FinetuneSpec
 
 
@@ -26,13 +27,16 @@ class Preset:
     final_eval_size: int  # problems in the final, per-problem (paired) evaluation
     analysis_size: int  # rollouts per checkpoint for the overlap and drift statistics
     sim_k: int
+    seeds: int  # seeds of the main runs (RunSpec.seeded)
+    same_data_steps: int  # further pretraining steps of the same-data teacher
 
     @property
-    def teacher_specs(self) -> dict[str, TeacherSpec]:
+    def teacher_specs(self) -> dict:
         common = dict(steps=self.teacher_steps, batch=self.base.batch, lr=self.base.lr)
         return {
             "teacher": TeacherSpec("direct", "direct", **common),
             "incompatible_teacher": TeacherSpec("mixed", "think", **common),
+            "same_data_teacher": ContinuedPretrainingSpec(self.same_data_steps, self.base.batch, self.base.lr),
         }
 
     @property
@@ -46,26 +50,53 @@ class Preset:
         return max(1, self.base.hidden // 64)
 
 
+# Sim_K's K and the lock rank: the paper's K = 16 sits well inside its updates' rank; here the updates' stable rank
+# is about 5 at the accuracy learning rate (round 1) and lower in the geometry regime, so K = 16 of width 128 would
+# span almost every direction the update has and "lock in" trivially. K = 2 keeps it below the stable rank.
+SUBSPACE_K = 2
+
 PRESETS = {
     "full": Preset(
         base=BaseSpec(hidden=128, layers=4, heads=4, steps=1000, batch=64, lr=1e-3),
         teacher_steps=400,
         finetune=FinetuneSpec(
-            steps=200, batch=64, lr=3e-5, eval_every=20, eval_size=384, checkpoints=5, overlap_k=4, lock_rank=16
+            steps=200,
+            batch=64,
+            lr=3e-5,
+            eval_every=20,
+            eval_size=384,
+            checkpoints=5,
+            overlap_k=2,
+            lock_rank=SUBSPACE_K,
+            geometry_lr=1e-6,
+            geometry_steps=100,
         ),
         final_eval_size=1536,
         analysis_size=256,
-        sim_k=16,
+        sim_k=SUBSPACE_K,
+        seeds=3,
+        same_data_steps=400,
     ),
     "quick": Preset(
-        base=BaseSpec(hidden=64, layers=2, heads=4, steps=300, batch=32, lr=3e-3),
-        teacher_steps=30,
+        base=BaseSpec(hidden=64, layers=2, heads=4, steps=200, batch=32, lr=3e-3),
+        teacher_steps=60,
         finetune=FinetuneSpec(
-            steps=6, batch=8, lr=3e-5, eval_every=3, eval_size=24, checkpoints=3, overlap_k=4, lock_rank=16
+            steps=2,
+            batch=16,
+            lr=5e-4,  # large: two steps must move the models, so the verdicts past "no change" run
+            eval_every=2,
+            eval_size=16,
+            checkpoints=2,
+            overlap_k=2,
+            lock_rank=SUBSPACE_K,
+            geometry_lr=1e-4,  # a few steps at 1e-6 change no bf16 weight: quick checks the code path only
+            geometry_steps=2,
         ),
         final_eval_size=48,
-        analysis_size=24,
-        sim_k=16,
+        analysis_size=8,
+        sim_k=SUBSPACE_K,
+        seeds=2,
+        same_data_steps=30,
     ),
 }
 
@@ -82,44 +113,59 @@ def _teacher_accuracies(preset: Preset, prepared: models.Models, tokenizer, log)
     """Greedy accuracy of every model that teaches, on the prompts it is used with, per problem."""
     size = preset.final_eval_size
     base = measure.load_model(prepared.base)
-    teacher = measure.load_model(prepared.teachers["teacher"])
-    incompatible = measure.load_model(prepared.teachers["incompatible_teacher"])
     direct, think = SkillTask("direct"), SkillTask("think")
     log("evaluating the base and the teachers")
-    return {
+    out = {
         "base": measure.correctness(base, tokenizer, direct, size),
         "base_think_prompts": measure.correctness(base, tokenizer, think, size),
         "base_with_answer_in_context": measure.correctness(base, tokenizer, direct, size, runs.PRIVILEGED_TEMPLATE),
-        "teacher": measure.correctness(teacher, tokenizer, direct, size),
-        "incompatible_teacher": measure.correctness(incompatible, tokenizer, direct, size),
-        "incompatible_teacher_think_prompts": measure.correctness(incompatible, tokenizer, think, size),
     }
+    for name in models.TEACHERS:
+        out[name] = measure.correctness(measure.load_model(prepared.teachers[name]), tokenizer, direct, size)
+    return out
 
 
-def _measure_run(run: runs.RunSpec, trained: dict, preset: Preset, prepared: models.Models, tokenizer) -> dict:
-    """Final per-problem accuracy, visited-state statistics at step 0 and every checkpoint, drift, geometry."""
-    task = SkillTask(run.prompt_style)
+def _export_anchor(base: Path, checkpoint: Path, out: Path) -> Path:
+    """The SFT run's final checkpoint as a model directory (the geometry runs' start): the base's architecture
+    and tokenizer with the checkpoint's weights. Named by a hash of those weights, so a changed SFT run gives a
+    new anchor path, and the geometry runs (whose configurations name it) are trained again."""
+    from transformers import AutoTokenizer
+
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    directory = out / f"anchor-{hashlib.sha256(weights).hexdigest()[:12]}"
+    if (directory / "model.safetensors").is_file():
+        return directory
+    model = measure.load_model(base, checkpoint / "model.safetensors")
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(directory)
+    return directory
+
+
+def _measure_run(run: runs.RunSpec, trained: dict, preset: Preset, start: Path, prepared: models.Models, tokenizer):
+    """Final per-problem accuracy, visited-state statistics at step 0 and every checkpoint, drift, geometry; a
+    geometry run (from the SFT anchor ``start``) its update geometry only."""
     ckpts = [Path(c) for c in trained["checkpoints"]]
-    teacher_dir = prepared.base if run.teacher == "self" else prepared.teachers[run.teacher]
+    geometry = measure.geometry(
+        start, ckpts, top_k=preset.diagnose_top_k, rank=preset.diagnose_rank, sim_k=preset.sim_k
+    )
+    if run.regime == "geometry":
+        return {**trained, "geometry": geometry}
+    task = SkillTask(run.prompt_style)
+    teacher_dir = start if run.teacher == "self" else prepared.teachers[run.teacher]
     teacher = measure.load_model(teacher_dir)
     common = dict(teacher_template=run.teacher_template, k=preset.finetune.overlap_k)
     visited = []
     for weights in [None, *(c / "model.safetensors" for c in ckpts)]:
-        student = measure.load_model(prepared.base, weights)
+        student = measure.load_model(start, weights)
         stats = measure.visited_state_statistics(student, teacher, tokenizer, task, preset.analysis_size, **common)
         step = 0 if weights is None else int(weights.parent.name.split("-")[1])
         visited.append({"step": step, **stats})
-    final = measure.load_model(prepared.base, ckpts[-1] / "model.safetensors")
+    final = student  # the last checkpoint's weights
     teacher_samples = measure.visited_state_statistics(
         final, teacher, tokenizer, task, preset.analysis_size, sampler="teacher", **common
     )
-    geometry = measure.geometry(
-        prepared.base, ckpts, top_k=preset.diagnose_top_k, rank=preset.diagnose_rank, sim_k=preset.sim_k
-    )
     return {
         **trained,
-        "prompt_style": run.prompt_style,
-        "teacher": run.teacher,
         "final_correct": measure.correctness(final, tokenizer, task, preset.final_eval_size),
         "visited_states": visited,
         "final_on_teacher_samples": teacher_samples,
@@ -139,15 +185,30 @@ def run(preset_name: str, out: Path, cache: Path, docs: Path | None, *, threads:
     prepared = models.prepare(preset.base, preset.teacher_specs, cache, progress=progress, log=log)
     tokenizer = AutoTokenizer.from_pretrained(prepared.base, local_files_only=True)
     reference = _teacher_accuracies(preset, prepared, tokenizer, log)
+    jobs = [(spec, seed) for spec in RUNS for seed in range(preset.seeds if spec.seeded else 1)]
     results: dict = {}
-    bar = tqdm(RUNS, desc="fine-tuning runs", unit="run", disable=not progress)
-    for spec in bar:
-        bar.set_postfix_str(spec.name)
-        log(f"run {spec.name}: {spec.label.strip()}")
-        trained = runs.train(
-            spec, preset.finetune, prepared.base, prepared.teachers, out / "runs" / spec.name, progress=progress
+    anchor = None
+    bar = tqdm(jobs, desc="fine-tuning runs", unit="run", disable=not progress)
+    for spec, seed in bar:
+        bar.set_postfix_str(f"{spec.name} seed {seed}")
+        log(f"run {spec.name}, seed {seed}: {spec.label.strip()}")
+        if spec.regime == "geometry" and anchor is None:
+            # the geometry paper's anchor: the SFT run's (seed 0) final checkpoint
+            anchor = _export_anchor(prepared.base, Path(results["sft"]["seeds"][0]["checkpoints"][-1]), out)
+        start = anchor if spec.regime == "geometry" else prepared.base
+        directory = out / "runs" / (spec.name if seed == 0 else f"{spec.name}-seed{seed}")
+        trained = runs.train(spec, preset.finetune, start, prepared.teachers, directory, seed=seed, progress=progress)
+        entry = results.setdefault(
+            spec.name,
+            {
+                "label": spec.label,
+                "regime": spec.regime,
+                "teacher": spec.teacher,
+                "prompt_style": spec.prompt_style,
+                "seeds": [],
+            },
         )
-        results[spec.name] = _measure_run(spec, trained, preset, prepared, tokenizer)
+        entry["seeds"].append(_measure_run(spec, trained, preset, start, prepared, tokenizer))
     data = {
         "preset": preset_name,
         "settings": {
@@ -155,6 +216,9 @@ def run(preset_name: str, out: Path, cache: Path, docs: Path | None, *, threads:
             "diagnose_top_k": preset.diagnose_top_k,
             "diagnose_rank": preset.diagnose_rank,
             "teacher_specs": {k: asdict(v) for k, v in preset.teacher_specs.items()},
+            "grpo_group": runs.GRPO_GROUP,
+            "token_keep": runs.TOKEN_KEEP,
+            "rlvr_mix_alpha": runs.RLVR_MIX_ALPHA,
             "threads": threads,
             "vocab_size": len(tokenizer),
         },
@@ -169,8 +233,10 @@ def run(preset_name: str, out: Path, cache: Path, docs: Path | None, *, threads:
         "runs": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    data["claims"] = claims.evaluate(data)
+    # the measurements first: a failure in the verdicts leaves them for --report-only
     out.mkdir(parents=True, exist_ok=True)
+    (out / report.RESULTS_FILE).write_text(json.dumps(report.to_json(data), indent=1) + "\n")
+    data["claims"] = claims.evaluate(data)
     (out / report.RESULTS_FILE).write_text(json.dumps(report.to_json(data), indent=1) + "\n")
     if docs is not None:
         report.write(data, docs)

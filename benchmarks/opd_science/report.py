@@ -9,13 +9,16 @@ from pathlib import Path
 
 from opd_fast._plotting import require_matplotlib
 
+from .claims import THRESHOLDS
 from .corpus import SKILLS
+from .measure import mean_and_standard_error
 from .runs import RUNS
 
 RESULTS_FILE, TABLE_FILE = "results.json", "claims.md"
 MAIN_RUNS = ("sft", "opd", "rlvr", "opsd", "offpolicy_sd")
-PATTERN_RUNS = ("opd", "opd_incompatible", "opd_incompatible_cold_start", "opd_incompatible_aligned")
+PATTERN_RUNS = ("opd", "opd_incompatible", "opd_incompatible_cold_start", "opd_incompatible_aligned", "opd_same_data")
 LOCK_RUNS = ("opd", "opd_lock", "sft", "sft_lock")
+GEOMETRY_RUNS = ("sft", "opd_geo", "rlvr_geo", "opd_geo_sparse", "opd_geo_offpolicy", "opd_geo_rlvr_mix")
 COLORS = {run.name: f"C{index}" for index, run in enumerate(RUNS)}  # one colour per run in every figure
 
 
@@ -23,56 +26,90 @@ def _bits(correct: list[bool]) -> str:
     return "".join("1" if c else "0" for c in correct)
 
 
+def _convert(data: dict, convert) -> dict:
+    out = copy.deepcopy(data)
+    out["reference_correct"] = {k: convert(v) for k, v in data["reference_correct"].items()}
+    for run in out["runs"].values():
+        for seed in run["seeds"]:
+            if "final_correct" in seed:
+                seed["final_correct"] = convert(seed["final_correct"])
+    return out
+
+
 def to_json(data: dict) -> dict:
     """``data`` with the per-problem correctness lists as strings of 0/1 (one character per problem)."""
-    out = copy.deepcopy(data)
-    out["reference_correct"] = {k: _bits(v) for k, v in data["reference_correct"].items()}
-    for run in out["runs"].values():
-        run["final_correct"] = _bits(run["final_correct"])
-    return out
+    return _convert(data, _bits)
 
 
 def from_json(data: dict) -> dict:
     """The inverse of :func:`to_json`."""
-    out = copy.deepcopy(data)
-    out["reference_correct"] = {k: [c == "1" for c in v] for k, v in data["reference_correct"].items()}
-    for run in out["runs"].values():
-        run["final_correct"] = [c == "1" for c in run["final_correct"]]
-    return out
+    return _convert(data, lambda bits: [c == "1" for c in bits])
+
+
+def _seed_accuracies(data: dict, name: str) -> list[float]:
+    if name in data["reference_correct"]:
+        correct = data["reference_correct"][name]
+        return [sum(correct) / len(correct)]
+    return [sum(s["final_correct"]) / len(s["final_correct"]) for s in data["runs"][name]["seeds"]]
 
 
 def _accuracy(data: dict, name: str) -> float:
-    correct = data["runs"][name]["final_correct"] if name in data["runs"] else data["reference_correct"][name]
-    return sum(correct) / len(correct)
+    values = _seed_accuracies(data, name)
+    return sum(values) / len(values)
+
+
+def _mean_pm(values: list[float], scale: float = 100.0, digits: int = 1, unit: str = "%") -> str:
+    """'mean ± standard error over seeds' (the mean alone for one seed)."""
+    mean, se = mean_and_standard_error(values)
+    return f"{scale * mean:.{digits}f}" + ("" if se is None else f" ± {scale * se:.{digits}f}") + unit
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def table(data: dict) -> str:
-    """The claims as a markdown table: claim, paper, ours, verdict (with the reason where not reproduced)."""
-    lines = ["| Claim | Paper | Ours | Verdict |", "| --- | --- | --- | --- |"]
+    """The claims as a markdown table: claim (source), the paper's words, our protocol and rule, our numbers (mean ±
+    standard error over seeds where there are seeds) and the verdict with its reason."""
+    lines = ["| Claim | Paper | Protocol and rule | Ours | Verdict |", "| --- | --- | --- | --- | --- |"]
     for claim in data["claims"]:
         verdict = f"**{claim['verdict']}**" + (f": {claim['reason']}" if claim["reason"] else "")
-        cells = [f"{claim['claim']} ({claim['source']})", claim["paper"], claim["ours"], verdict]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        thresholds = ", ".join(f"{k} = {v:g}" for k, v in claim["thresholds"].items())
+        protocol = f"{claim['protocol']}. *Rule*: {claim['rule']} ({thresholds})"
+        cells = [f"{claim['claim']} ({claim['source']})", claim["paper"], protocol, claim["ours"], verdict]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 
 def runs_table(data: dict) -> str:
-    """One line per run: final accuracy, completion tokens, the overlap and the update geometry at its end."""
+    """One line per run: seeds, final accuracy (mean ± standard error over seeds), completion tokens, the overlap
+    and the update geometry at its end (seed 0), training time (all seeds)."""
     lines = [
-        "| Run | final accuracy | completion tokens | overlap ratio, step 0 → end | bf16 sparsity | srank ΔW "
+        "| Run | seeds | final accuracy | completion tokens | overlap ratio, step 0 → end | bf16 sparsity | srank ΔW "
         "| train time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, run in data["runs"].items():
-        first, last = run["visited_states"][0], run["visited_states"][-1]
-        geometry = run["geometry"]["overall"]
+        seeds = run["seeds"]
+        geometry = seeds[0]["geometry"]["overall"]
+        if "final_correct" in seeds[0]:
+            accuracy = _mean_pm(_seed_accuracies(data, name))
+            first, last = seeds[0]["visited_states"][0], seeds[0]["visited_states"][-1]
+            overlap = f"{100 * first['overlap_ratio_all']:.1f}% → {100 * last['overlap_ratio_all']:.1f}%"
+        else:
+            accuracy, overlap = "(geometry run)", "n/a"
         lines.append(
-            f"| {run['label'].strip()} (`{name}`) | {100 * _accuracy(data, name):.1f}% "
-            f"| {run['completion_tokens']:,.0f} "
-            f"| {100 * first['overlap_ratio_all']:.1f}% → {100 * last['overlap_ratio_all']:.1f}% "
-            f"| {100 * geometry['update_sparsity']:.1f}% | {geometry['stable_rank']:.2f} | {run['seconds']:.0f} s |"
+            f"| {run['label'].strip()} (`{name}`) | {len(seeds)} | {accuracy} "
+            f"| {_mean_pm([s['completion_tokens'] for s in seeds], 1.0, 0, '')} | {overlap} "
+            f"| {100 * geometry['update_sparsity']:.1f}% | {geometry['stable_rank']:.2f} "
+            f"| {sum(s['seconds'] for s in seeds):.0f} s |"
         )
     return "\n".join(lines)
+
+
+def thresholds_table() -> str:
+    """The named thresholds of the verdict rules."""
+    return "\n".join(["| threshold | value |", "| --- | --- |"] + [f"| {k} | {v:g} |" for k, v in THRESHOLDS.items()])
 
 
 def markdown(data: dict) -> str:
@@ -88,9 +125,12 @@ def markdown(data: dict) -> str:
         [
             f"# Reproducing the OPD papers' findings ({data['preset']} preset)",
             "",
-            f"Base LM: Llama, {base['layers']} layers, hidden {base['hidden']}, pretrained {base['steps']} steps; "
-            f"fine-tuning: {finetune['steps']} steps × {finetune['batch']} rollouts, lr {finetune['lr']:g}; "
-            f"held-out accuracy on {settings['final_eval_size']} problems (greedy). "
+            f"Base LM: Llama, {base['layers']} layers, hidden {base['hidden']}, pretrained {base['steps']} steps. "
+            f"Accuracy runs: {finetune['steps']} steps × {finetune['batch']} rollouts from the base, lr "
+            f"{finetune['lr']:g}, the main ones over {settings['seeds']} seeds; held-out accuracy on "
+            f"{settings['final_eval_size']} problems (greedy). Geometry runs (the geometry paper's protocol): OPD, "
+            f"RLVR and the controls for {finetune['geometry_steps']} steps from the SFT run's final checkpoint at lr "
+            f"{finetune['geometry_lr']:g}. RLVR is GRPO with {settings['grpo_group']} samples per prompt. "
             f"Total time {data['seconds']:.0f} s.",
             "",
             "Held-out accuracy of the base and the teachers (the held-out set cycles through the skills):",
@@ -103,6 +143,10 @@ def markdown(data: dict) -> str:
             "",
             runs_table(data),
             "",
+            "Thresholds of the rules (benchmarks/opd_science/claims.py, where their history is kept):",
+            "",
+            thresholds_table(),
+            "",
         ]
     )
 
@@ -111,10 +155,17 @@ def _finite(values):
     return [math.nan if v is None else v for v in values]
 
 
+def _mean_curve(run: dict) -> list[dict]:
+    curves = [s["accuracy_curve"] for s in run["seeds"]]
+    keys = ("step", "tokens", "accuracy")
+    return [{k: sum(p[k] for p in points) / len(points) for k in keys} for points in zip(*curves)]
+
+
 def _plot_accuracy(ax, data: dict, names, x: str) -> None:
+    """Accuracy curves, averaged over a run's seeds."""
     for name in names:
         run = data["runs"][name]
-        points = run["accuracy_curve"]
+        points = _mean_curve(run)
         ax.plot(
             [p[x] for p in points],
             [p["accuracy"] for p in points],
@@ -152,7 +203,7 @@ def plot(data: dict, directory: Path) -> list[Path]:
     _plot_accuracy(axes[0], data, PATTERN_RUNS, "step")
     axes[0].set_title("thinking-pattern (in)compatibility: accuracy")
     for name in PATTERN_RUNS:
-        visited = data["runs"][name]["visited_states"]
+        visited = data["runs"][name]["seeds"][0]["visited_states"]
         axes[1].plot(
             [v["step"] for v in visited],
             [v["overlap_ratio_all"] for v in visited],
@@ -168,8 +219,8 @@ def plot(data: dict, directory: Path) -> list[Path]:
     save(fig, "thinking_patterns.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for name in ("opd", "sft", "rlvr", "opsd"):
-        visited = data["runs"][name]["visited_states"]
+    for name in ("opd", "sft", "rlvr", "opsd", "opd_incompatible"):
+        visited = data["runs"][name]["seeds"][0]["visited_states"]
         steps = [v["step"] for v in visited]
         label = "opsd (vs its privileged self)" if name == "opsd" else name
         values = [v["overlap_mass_student_nonempty"] for v in visited]
@@ -191,7 +242,7 @@ def plot(data: dict, directory: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for name in ("sft", "opd"):
-        run = data["runs"][name]
+        run = data["runs"][name]["seeds"][0]
         for key, style, what in (
             ("visited_states", "-", "own rollouts"),
             ("final_on_teacher_samples", "--", "teacher samples"),
@@ -213,23 +264,32 @@ def plot(data: dict, directory: Path) -> list[Path]:
     ax.legend(fontsize=8)
     save(fig, "drift.png")
 
-    names = [n for n in data["runs"] if n in ("sft", "opd", "rlvr", "opsd", "offpolicy_sd", "opd_incompatible")]
+    names = [n for n in GEOMETRY_RUNS if n in data["runs"]]
+    geometry = {n: data["runs"][n]["seeds"][0]["geometry"] for n in names}
     metrics = (
         ("update_sparsity", "bf16 update sparsity"),
         ("principal_mask_overlap_ratio", "principal-mask overlap / α"),
         ("principal_angle_mean_deg", "mean principal angle (°)"),
-        ("stable_rank", "stable rank of ΔW"),
+        ("nss", "normalised spectral shift"),
     )
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(20, 4.2))
+    fig, axes = plt.subplots(1, len(metrics) + 2, figsize=(24, 4.2))
     for ax, (key, title) in zip(axes, metrics):
-        values = _finite([data["runs"][n]["geometry"]["overall"][key] for n in names])
+        values = _finite([geometry[n]["overall"][key] for n in names])
         ax.bar(range(len(names)), values, color=[COLORS[n] for n in names])
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
     axes[1].axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    axes[3].set_yscale("log")
     for name in names:
-        sims = data["runs"][name]["geometry"]["overall"]["sim_k"]
+        ranks = [t["stable_rank"] for t in geometry[name]["trajectory"]]
+        axes[-2].plot(range(1, len(ranks) + 1), _finite(ranks), marker="o", color=COLORS[name], label=name)
+    axes[-2].set_title("stable rank of the cumulative ΔW")
+    axes[-2].set_xlabel("checkpoint")
+    axes[-2].legend(fontsize=7)
+    axes[-2].grid(True, alpha=0.3)
+    for name in names:
+        sims = geometry[name]["overall"]["sim_k"]
         axes[-1].plot(range(1, len(sims) + 1), _finite(sims), marker="o", color=COLORS[name], label=name)
     axes[-1].set_title(f"subspace emergence Sim_{data['settings']['sim_k']}(t, end)")
     axes[-1].set_xlabel("checkpoint")
