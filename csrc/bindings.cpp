@@ -1,6 +1,7 @@
 // pybind11 bindings of opd_fast._C: argument checks, then the raw launchers of launchers.h.
 //
-// Every check names the op and the argument and says how to fix it. Python (opd_fast/backends/
+// Every check names the op and the argument and says how to fix it. The [N, width] tiles may be views with a
+// padded row stride (check_rows); the launchers take each tile's row stride. Python (opd_fast/backends/
 // cuda_backend.py) wraps these functions as torch.library custom ops and passes the current CUDA stream
 // as an integer, so nothing here needs CUDA or torch-CUDA headers.
 //
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "epilogue.h"
@@ -53,15 +55,35 @@ const at::Tensor& required(const char* op, const char* name, const OptionalTenso
   return *t;
 }
 
-// The fp32 [N, width] logits chunk every op starts from (named `name`); returns (N, width).
-std::pair<int64_t, int64_t> check_chunk(const char* op, const char* name, const at::Tensor& z) {
+// A [N, width] tile (logits or gradient): row-major with unit column stride and a row stride >= width, so a view
+// of the first columns of a padded buffer passes as is. Returns the row stride in elements (launchers.h: ld).
+int64_t check_rows(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n,
+                   int64_t width, const at::Device& device) {
+  TORCH_CHECK(t.device().type() == kDevice, "opd_fast._C.", op, ": ", name, " must be a ", kDevice,
+              " tensor, got one on ", t.device(), "; move it with .to(", device, ")");
+  TORCH_CHECK(t.device() == device, "opd_fast._C.", op, ": ", name, " is on ", t.device(), " but the chunk is on ",
+              device, "; put every argument on the same device");
+  TORCH_CHECK(t.scalar_type() == dtype, "opd_fast._C.", op, ": ", name, " must be ", dtype, ", got ", t.scalar_type(),
+              "; cast it with .to(", dtype, ")");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == width, "opd_fast._C.", op, ": ", name,
+              " must have shape [", n, ", ", width, "], got ", t.sizes());
+  const bool unit_columns = width <= 1 || t.stride(1) == 1, rows_apart = n <= 1 || t.stride(0) >= width;
+  TORCH_CHECK(unit_columns && rows_apart, "opd_fast._C.", op, ": ", name,
+              " must be row-major with unit column stride and a row stride >= its width (a [N, width] view of a "
+              "padded buffer is fine), got strides ",
+              t.strides(), "; pass ", name, ".contiguous()");
+  return n <= 1 ? width : t.stride(0);
+}
+
+// The fp32 [N, width] logits chunk every op starts from (named `name`); returns (N, width, row stride).
+std::tuple<int64_t, int64_t, int64_t> check_chunk(const char* op, const char* name, const at::Tensor& z) {
   TORCH_CHECK(z.device().type() == kDevice, "opd_fast._C.", op, ": ", name, " must be a ", kDevice,
               " tensor, got one on ", z.device());
   TORCH_CHECK(z.dim() == 2, "opd_fast._C.", op, ": ", name, " must be 2-D [N, width] logits, got shape ", z.sizes());
-  check_tensor(op, name, z, at::kFloat, {z.size(0), z.size(1)}, z.device());
+  const int64_t ld = check_rows(op, name, z, at::kFloat, z.size(0), z.size(1), z.device());
   TORCH_CHECK(z.size(0) <= kMaxRows, "opd_fast._C.", op, ": at most ", kMaxRows, " token rows per call, got ",
               z.size(0), "; split the tokens into several calls");
-  return {z.size(0), z.size(1)};
+  return {z.size(0), z.size(1), ld};
 }
 
 void check_mode(const char* op, int64_t mode) {
@@ -100,15 +122,16 @@ void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt, const 
                           int64_t v_lo, int64_t mode, const OptionalTensor& bias_s, const std::vector<double>& head_s,
                           const OptionalTensor& bias_t, const std::vector<double>& head_t, int64_t stream) {
   const char* op = "softmax_stats_update";
-  const auto [n, width] = check_chunk(op, "zs", zs);
+  const auto [n, width, ld_s] = check_chunk(op, "zs", zs);
   check_mode(op, mode);
   const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
   const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
   const float* zt_ptr = nullptr;
+  int64_t ld_t = width;
   if (two_models(static_cast<int>(mode))) {
     const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
-    check_tensor(op, "zt", t, at::kFloat, {n, width}, zs.device());
+    ld_t = check_rows(op, "zt", t, at::kFloat, n, width, zs.device());
     zt_ptr = t.data_ptr<float>();
   }
   const int64_t* ids_ptr = nullptr;
@@ -118,8 +141,8 @@ void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt, const 
     ids_ptr = t.data_ptr<int64_t>();
   }
   check_tensor(op, "state", state, at::kFloat, {5, n}, zs.device());
-  check_launch(op, launch_softmax_stats_update(zs.data_ptr<float>(), zt_ptr, ids_ptr, state.data_ptr<float>(), n,
-                                               width, v_lo, hs, ht, static_cast<int>(mode),
+  check_launch(op, launch_softmax_stats_update(zs.data_ptr<float>(), ld_s, zt_ptr, ld_t, ids_ptr,
+                                               state.data_ptr<float>(), n, width, v_lo, hs, ht, static_cast<int>(mode),
                                                static_cast<std::intptr_t>(stream)));
 }
 
@@ -127,18 +150,19 @@ void jsd_terms_update(const at::Tensor& zs, const at::Tensor& zt, const at::Tens
                       at::Tensor& terms, double beta, const OptionalTensor& bias_s, const std::vector<double>& head_s,
                       const OptionalTensor& bias_t, const std::vector<double>& head_t, int64_t stream) {
   const char* op = "jsd_terms_update";
-  const auto [n, width] = check_chunk(op, "zs", zs);
+  const auto [n, width, ld_s] = check_chunk(op, "zs", zs);
   const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
   const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
               ": beta must be in (0, 1) (0 and 1 are forward and reverse KL), got ", beta);
-  check_tensor(op, "zt", zt, at::kFloat, {n, width}, zs.device());
+  const int64_t ld_t = check_rows(op, "zt", zt, at::kFloat, n, width, zs.device());
   check_tensor(op, "lse_s", lse_s, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "lse_t", lse_t, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "terms", terms, at::kFloat, {3, n}, zs.device());
-  check_launch(op, launch_jsd_terms_update(zs.data_ptr<float>(), zt.data_ptr<float>(), lse_s.data_ptr<float>(),
-                                           lse_t.data_ptr<float>(), terms.data_ptr<float>(), n, width, hs, ht,
-                                           static_cast<float>(beta), static_cast<std::intptr_t>(stream)));
+  check_launch(op, launch_jsd_terms_update(zs.data_ptr<float>(), ld_s, zt.data_ptr<float>(), ld_t,
+                                           lse_s.data_ptr<float>(), lse_t.data_ptr<float>(), terms.data_ptr<float>(),
+                                           n, width, hs, ht, static_cast<float>(beta),
+                                           static_cast<std::intptr_t>(stream)));
 }
 
 int grad_dtype_code(const char* op, const at::Tensor& g) {
@@ -154,7 +178,7 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
                 const OptionalTensor& bias_s, const std::vector<double>& head_s, const OptionalTensor& bias_t,
                 const std::vector<double>& head_t, int64_t stream) {
   const char* op = "logit_grad";
-  const auto [n, width] = check_chunk(op, "zs", zs);
+  const auto [n, width, ld_s] = check_chunk(op, "zs", zs);
   check_mode(op, mode);
   const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
   const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
@@ -167,10 +191,11 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
   check_tensor(op, "lse_s", lse_s, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "row_weight", row_weight, at::kFloat, {n}, zs.device());
   const float* zt_ptr = nullptr;
+  int64_t ld_t = width;
   const float* lse_t_ptr = nullptr;
   if (two_models(static_cast<int>(mode))) {
     const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
-    check_tensor(op, "zt", t, at::kFloat, {n, width}, zs.device());
+    ld_t = check_rows(op, "zt", t, at::kFloat, n, width, zs.device());
     zt_ptr = t.data_ptr<float>();
     const at::Tensor& lse = required(op, "lse_t", lse_t, "in two-model modes (reverse_kl, forward_kl, jsd)");
     check_tensor(op, "lse_t", lse, at::kFloat, {2, n}, zs.device());
@@ -190,15 +215,16 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
     ids_ptr = t.data_ptr<int64_t>();
   }
   void* g_ptr = zs.data_ptr();  // no g: the gradient overwrites the fp32 logits in place
+  int64_t ld_g = ld_s;
   int g_dtype = kGradFloat32;
   if (g.has_value()) {
     g_dtype = grad_dtype_code(op, *g);
-    check_tensor(op, "g", *g, g->scalar_type(), {n, width}, zs.device());
+    ld_g = check_rows(op, "g", *g, g->scalar_type(), n, width, zs.device());
     g_ptr = g->data_ptr();
   }
-  check_launch(op, launch_logit_grad(zs.data_ptr<float>(), zt_ptr, ids_ptr, lse_s.data_ptr<float>(), lse_t_ptr,
-                                     loss_ptr, center_ptr, row_weight.data_ptr<float>(), g_ptr, g_dtype, n, width, v_lo,
-                                     hs, ht, static_cast<float>(beta), static_cast<int>(mode),
+  check_launch(op, launch_logit_grad(zs.data_ptr<float>(), ld_s, zt_ptr, ld_t, ids_ptr, lse_s.data_ptr<float>(),
+                                     lse_t_ptr, loss_ptr, center_ptr, row_weight.data_ptr<float>(), g_ptr, ld_g,
+                                     g_dtype, n, width, v_lo, hs, ht, static_cast<float>(beta), static_cast<int>(mode),
                                      static_cast<std::intptr_t>(stream)));
 }
 
@@ -215,7 +241,7 @@ int64_t check_keys(const char* op, const at::Tensor& keys, int64_t n, const at::
 void topk_update(const at::Tensor& z, at::Tensor& keys, at::Tensor& state, int64_t v_lo, const OptionalTensor& bias,
                  const std::vector<double>& head_scalars, int64_t stream) {
   const char* op = "topk_update";
-  const auto [n, width] = check_chunk(op, "z", z);
+  const auto [n, width, ld] = check_chunk(op, "z", z);
   const Head head = make_head(op, "head", bias, head_scalars, width, z.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
   TORCH_CHECK(v_lo + width <= std::numeric_limits<int32_t>::max(), "opd_fast._C.", op,
@@ -223,7 +249,7 @@ void topk_update(const at::Tensor& z, at::Tensor& keys, at::Tensor& state, int64
   const int64_t k = check_keys(op, keys, n, z.device());
   check_tensor(op, "state", state, at::kFloat, {3, n}, z.device());
   // int64 storage holds the unsigned key bits unchanged: only the kernels interpret them.
-  check_launch(op, launch_topk_update(z.data_ptr<float>(), reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
+  check_launch(op, launch_topk_update(z.data_ptr<float>(), ld, reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
                                       state.data_ptr<float>(), n, width, v_lo, k, head,
                                       static_cast<std::intptr_t>(stream)));
 }

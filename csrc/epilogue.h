@@ -29,6 +29,14 @@
 #define OPD_HD inline
 #endif
 
+// Full unrolling of the loops over a group's columns (constant trip counts), in the device pass (host compilers
+// warn on the pragma, and unroll such loops at -O2 anyway).
+#if defined(__CUDA_ARCH__)
+#define OPD_UNROLL _Pragma("unroll")
+#else
+#define OPD_UNROLL
+#endif
+
 namespace opd_fast {
 
 // Op codes: the numbers of MODES in kernels/_common.py and opd_fast/backends/cuda_backend.py.
@@ -52,15 +60,22 @@ struct Head {
   const float* bias;
   float pre, softcap, post;
 
+  // No bias and no softcap (most LM heads): z = (x · pre) · post. The row functions then walk the row with
+  // kPlain = true, whose apply and chain have no branch per element; kPlain = false is the general head.
+  OPD_HD bool plain() const { return bias == nullptr && !(softcap > 0.f); }
+
+  template <bool kPlain = false>
   OPD_HD float apply(float x, int64_t j) const {
+    if (kPlain) return x * pre * post;
     float u = (bias != nullptr ? x + bias[j] : x) * pre;
     if (softcap > 0.f) u = softcap * tanhf(u / softcap);
     return u * post;
   }
 
   // dz/dx from z itself: pre · post, times 1 − tanh² = 1 − (z / (c · post))² under a softcap.
+  template <bool kPlain = false>
   OPD_HD float chain(float z) const {
-    if (softcap > 0.f) {
+    if (!kPlain && softcap > 0.f) {
       const float t = z / (softcap * post);
       return pre * post * (1.f - t * t);
     }
@@ -68,24 +83,55 @@ struct Head {
   }
 };
 
-// Online softmax: m = max z, s = Σ e^{z−m}. When the max grows from m to z, s is rescaled by e^{m−z}, so
-// (m, s) always describe the same values relative to the current max. s = 0 marks an empty state (a
+// max and min that return NaN when either operand is NaN. fmaxf/fminf (and PTX max.f32) return the other
+// operand, so a NaN logit would vanish from an online max or a clamp; docs/design.md §7 wants it to reach the loss
+// and both gradients. sm_80+ has the instruction (max.NaN.f32); elsewhere `a != a` is the NaN test.
+OPD_HD float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a > b || a != a) ? a : b;
+#endif
+}
+
+OPD_HD float min_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a < b || a != a) ? a : b;
+#endif
+}
+
+// The accumulators below take a group of kN logits at once (kN = 1, 4, or the columns of one round of vector
+// loads: walk_row). The group's own max joins the running max first, the running sums are moved to
+// the new max once (one exponential per group), then each logit adds its e^{z − m} ≤ 1: exactly the online
+// update of a tile with its own max (docs/design.md §7), with no data-dependent branch. The empty state
+// (m = −inf, s = 0) needs no special case where e^{−inf} = 0 suffices; where a product with s would be
+// 0 · (−inf) it is selected away. A NaN logit makes the max NaN (max_nan) and with it every sum.
+
+// Online softmax: m = max z, s = Σ e^{z−m}, always relative to the current max. s = 0 marks an empty state (a
 // non-empty one holds e^0 = 1 for its max).
 struct OnlineAcc {
   float m, s;
 
   OPD_HD static OnlineAcc empty() { return {-INFINITY, 0.f}; }
 
-  OPD_HD void add(float z) {
-    if (s == 0.f) {
-      m = z;
-      s = 1.f;
-    } else if (z > m) {
-      s = s * expf(m - z) + 1.f;
-      m = z;
-    } else {
-      s += expf(z - m);
-    }
+  template <int kN>
+  OPD_HD void add(const float (&z)[kN]) {
+    float top = m;
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) top = max_nan(top, z[e]);
+    // While every logit so far is −inf the state stays empty (shift 0: each e^{−inf} adds 0), where e^{−inf − (−inf)}
+    // would be NaN.
+    const float shift = top == -INFINITY ? 0.f : top;
+    s *= expf(m - shift);
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) s += expf(z[e] - shift);
+    m = top;
   }
 };
 
@@ -93,7 +139,7 @@ struct OnlineAcc {
 OPD_HD OnlineAcc merge(const OnlineAcc& p, const OnlineAcc& q) {
   if (q.s == 0.f) return p;
   if (p.s == 0.f) return q;
-  const float m = p.m > q.m ? p.m : q.m;
+  const float m = max_nan(p.m, q.m);
   return {m, p.s * expf(p.m - m) + q.s * expf(q.m - m)};
 }
 
@@ -101,37 +147,36 @@ OPD_HD OnlineAcc merge(const OnlineAcc& p, const OnlineAcc& q) {
 // student for reverse KL, the teacher for forward KL; the student in the other modes), `other` the other
 // one (unused with one model), and, in the KL modes,
 //     kl = Σ e^{x − m}((x − m) − (y − m_o)),    x the lead's logits, y the other's,
-// relative to both maxes: when either max grows, every earlier term moves by the change. The divergence is
-// then kl / s − log s + log s_o, a sum of small numbers, where Σ e^{x − m}(x − y) / s − (lse_x − lse_y)
-// would cancel to ~ulp(|z|) when the two heads' logits sit far apart.
+// relative to both maxes: when the maxes grow to (m', m_o'), every earlier term is multiplied by e^{m − m'} and
+// moves by (m − m') − (m_o − m_o'). The divergence is then kl / s − log s + log s_o, a sum of small numbers, where
+// Σ e^{x − m}(x − y) / s − (lse_x − lse_y) would cancel to ~ulp(|z|) when the two heads' logits sit far apart.
 struct PairAcc {
   OnlineAcc lead, other;
   float kl;
 
-  OPD_HD void add_kl(float x, float y) {
-    if (lead.s == 0.f) {
-      lead = {x, 1.f};
-      other = {y, 1.f};
-      kl = 0.f;
-      return;
+  template <int kN>
+  OPD_HD void add_kl(const float (&x)[kN], const float (&y)[kN]) {
+    float top = lead.m, top_o = other.m;
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) {
+      top = max_nan(top, x[e]);
+      top_o = max_nan(top_o, y[e]);
     }
-    float moved = 0.f;  // how far the earlier terms' (x − m) − (y − m_o) move with the new maxes
-    if (x > lead.m) {
-      const float f = expf(lead.m - x);
-      moved += lead.m - x;
-      lead.s *= f;
-      kl *= f;
-      lead.m = x;
+    const float f = expf(lead.m - top);
+    // An empty state has nothing to move (and its (m − m') − (m_o − m_o') is −inf − (−inf)).
+    const float moved = lead.s == 0.f ? 0.f : lead.s * ((lead.m - top) - (other.m - top_o));
+    kl = f * (kl + moved);
+    lead.s *= f;
+    other.s *= expf(other.m - top_o);
+    lead.m = top;
+    other.m = top_o;
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) {
+      const float ex = expf(x[e] - top);
+      kl += ex * ((x[e] - top) - (y[e] - top_o));
+      lead.s += ex;
+      other.s += expf(y[e] - top_o);
     }
-    if (y > other.m) {
-      moved -= other.m - y;
-      other.s *= expf(other.m - y);
-      other.m = y;
-    }
-    const float e = expf(x - lead.m);
-    kl += lead.s * moved + e * ((x - lead.m) - (y - other.m));
-    lead.s += e;
-    other.s += expf(y - other.m);
   }
 };
 
@@ -157,28 +202,28 @@ struct EntropyAcc {
 
   OPD_HD static EntropyAcc empty() { return {-INFINITY, 0.f, 0.f}; }
 
-  OPD_HD void add(float z) {
-    if (s == 0.f) {
-      m = z;
-      s = 1.f;
-      t = 0.f;
-    } else if (z > m) {
-      const float f = expf(m - z);
-      t = f * (t + (m - z) * s);  // the new element itself contributes e^0·0
-      s = s * f + 1.f;
-      m = z;
-    } else {
-      const float d = z - m, e = expf(d);
-      s += e;
-      t += e * d;
+  template <int kN>
+  OPD_HD void add(const float (&z)[kN]) {
+    float top = m;
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) top = max_nan(top, z[e]);
+    const float f = expf(m - top);
+    t = f * (t + (s == 0.f ? 0.f : (m - top) * s));
+    s *= f;
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) {
+      const float d = z[e] - top, ex = expf(d);
+      s += ex;
+      t += ex * d;
     }
+    m = top;
   }
 };
 
 OPD_HD EntropyAcc merge(const EntropyAcc& p, const EntropyAcc& q) {
   if (q.s == 0.f) return p;
   if (p.s == 0.f) return q;
-  const float m = p.m > q.m ? p.m : q.m;
+  const float m = max_nan(p.m, q.m);
   const float fp = expf(p.m - m), fq = expf(q.m - m);
   return {m, p.s * fp + q.s * fq, fp * (p.t + (p.m - m) * p.s) + fq * (q.t + (q.m - m) * q.s)};
 }
@@ -219,6 +264,138 @@ OPD_HD int64_t token_column(const int64_t* ids, int64_t n, int64_t v_lo, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Walking a row. Every [N, width] operand is row-major with unit column stride and its own row stride (a multiple
+// of 64 in the padded workspaces of the sweep); the kernels hand these functions the row's first element. The
+// columns go to a visitor's `add<kN>(col, step, x, y)` in groups: x[e] and y[e] are the two operands' raw logits of
+// column group_column(col, step, e) (y unused with one operand).
+
+// 16-byte loads each thread issues per round of the main loop, over all operands: 64 bytes in flight per thread,
+// 16 fp32 registers of data.
+constexpr int kLoadsInFlight = 4;
+
+// Four consecutive fp32 logits, one 16-byte load: the GPU's float4, and on the host a struct of the same layout
+// (the host build runs this very code, so the tests take the vector path too).
+#if defined(__CUDACC__)
+using Vec4 = float4;
+#else
+struct alignas(16) Vec4 {
+  float x, y, z, w;
+};
+#endif
+
+// p must be 16-byte aligned.
+OPD_HD Vec4 load4(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Vec4*>(p);
+#else
+  Vec4 v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+#endif
+}
+
+// Column of element e of a group: kVectors vectors of 4 consecutive columns, `step` columns apart (a single
+// column for kN = 1).
+OPD_HD constexpr int64_t group_column(int64_t col, int64_t step, int e) { return col + (e / 4) * step + e % 4; }
+
+// Columns of a row before its first 16-byte boundary, where its vector loads start; `width` (no vector loads)
+// when the rows a and b sit at different offsets from a boundary, or are not even 4-byte aligned. Rows of
+// tiles whose row strides are multiples of 4 floats and whose bases are 16-byte aligned all start at 0.
+OPD_HD int64_t vector_head(const float* a, const float* b, int64_t width) {
+  const uintptr_t pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  if (((pa ^ pb) & 15u) != 0 || (pa & 3u) != 0) return width;
+  const int64_t head = static_cast<int64_t>((16u - (pa & 15u)) & 15u) / 4;
+  return head < width ? head : width;
+}
+
+// Visits columns [lo, hi) one at a time, strided over the group.
+template <bool kTwo, class Group, class Visit>
+OPD_HD void visit_columns(const Group& g, const float* a, const float* b, int64_t lo, int64_t hi, Visit& visit) {
+  for (int64_t j = lo + g.rank(); j < hi; j += g.size()) {
+    const float x[1] = {a[j]}, y[1] = {kTwo ? b[j] : 0.f};
+    visit.template add<1>(j, 0, x, y);
+  }
+}
+
+// Loads kVectors vectors per operand (all issued before any is used), then visits their 4·kVectors columns.
+template <bool kTwo, int kVectors, class Visit>
+OPD_HD void visit_vectors(const float* a, const float* b, int64_t col, int64_t step, Visit& visit) {
+  float x[4 * kVectors], y[4 * kVectors] = {};
+  OPD_UNROLL
+  for (int u = 0; u < kVectors; ++u) {
+    const Vec4 v = load4(a + col + u * step);
+    x[4 * u] = v.x;
+    x[4 * u + 1] = v.y;
+    x[4 * u + 2] = v.z;
+    x[4 * u + 3] = v.w;
+    if (kTwo) {
+      const Vec4 w = load4(b + col + u * step);
+      y[4 * u] = w.x;
+      y[4 * u + 1] = w.y;
+      y[4 * u + 2] = w.z;
+      y[4 * u + 3] = w.w;
+    }
+  }
+  visit.template add<4 * kVectors>(col, step, x, y);
+}
+
+// Hands every column of a row (a, and b when kTwo) to `visit`, the group's threads sharing it:
+//   * the columns before the first 16-byte boundary (vector_head, at most 3) and after the last whole vector (at
+//     most 3), one at a time, outside the main loop; with no common boundary (vector_head = width), every column;
+//   * the whole vectors in rounds: each thread issues kLoadsInFlight 16-byte loads (kVectors per operand),
+//     consecutive threads on consecutive vectors (a warp reads 512 contiguous bytes per load), then visits those
+//     4·kVectors columns; the loop over rounds has no branch but its own condition;
+//   * the vectors short of a whole round, one per thread.
+template <bool kTwo, class Group, class Visit>
+OPD_HD void walk_row(const Group& g, const float* a, const float* b, int64_t width, Visit& visit) {
+  const int64_t head = vector_head(a, kTwo ? b : a, width);
+  const int64_t vectors = (width - head) / 4, tail = head + 4 * vectors;
+  constexpr int kVectors = kTwo ? kLoadsInFlight / 2 : kLoadsInFlight;
+  const int64_t round = kVectors * g.size();
+  const int64_t whole = vectors - vectors % round;  // vectors in whole rounds
+  visit_columns<kTwo>(g, a, b, 0, head, visit);
+  for (int64_t q = g.rank(); q < whole; q += round) {
+    visit_vectors<kTwo, kVectors>(a, b, head + 4 * q, 4 * g.size(), visit);
+  }
+  for (int64_t q = whole + g.rank(); q < vectors; q += g.size()) visit_vectors<kTwo, 1>(a, b, head + 4 * q, 0, visit);
+  visit_columns<kTwo>(g, a, b, tail, width, visit);
+}
+
+// A thread's share of a row's forward statistics: the heads applied, then the group added to the online state.
+template <int kMode, bool kPlain>
+struct StatsVisit {
+  Head hs, ht;
+  PairAcc acc;
+
+  template <int kN>
+  OPD_HD void add(int64_t col, int64_t step, const float (&x)[kN], const float (&y)[kN]) {
+    float a[kN], b[kN] = {};
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) {
+      const int64_t j = group_column(col, step, e);
+      a[e] = hs.apply<kPlain>(x[e], j);
+      if (two_models(kMode)) b[e] = ht.apply<kPlain>(y[e], j);
+    }
+    if (kMode == kReverseKL) {
+      acc.add_kl(a, b);
+    } else if (kMode == kForwardKL) {
+      acc.add_kl(b, a);
+    } else {
+      acc.lead.add(a);
+      if (kMode == kJSD) acc.other.add(b);
+    }
+  }
+};
+
+template <int kMode, bool kPlain, class Group>
+OPD_HD PairAcc stats_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
+                               const Head& ht) {
+  StatsVisit<kMode, kPlain> visit = {hs, ht, {OnlineAcc::empty(), OnlineAcc::empty(), 0.f}};
+  walk_row<two_models(kMode)>(g, zs, zt, width, visit);
+  return visit.acc;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward statistics. The running state of a row lives in `state` at stride `stride` (= N) as
 //     [m_s, s_s, m_t, s_t, acc]
 // with, per mode (opd_fast.backends.sweep.finalize; lse = m + log s):
@@ -230,18 +407,8 @@ OPD_HD int64_t token_column(const int64_t* ids, int64_t n, int64_t v_lo, int64_t
 template <int kMode, class Group>
 OPD_HD void row_softmax_stats(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
                               const Head& hs, const Head& ht, float* state, int64_t stride, PairAcc* scratch) {
-  PairAcc local = {OnlineAcc::empty(), OnlineAcc::empty(), 0.f};
-  for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const float a = hs.apply(zs[j], j);
-    if (kMode == kReverseKL) {
-      local.add_kl(a, ht.apply(zt[j], j));
-    } else if (kMode == kForwardKL) {
-      local.add_kl(ht.apply(zt[j], j), a);
-    } else {
-      local.lead.add(a);
-      if (kMode == kJSD) local.other.add(ht.apply(zt[j], j));
-    }
-  }
+  const PairAcc local = hs.plain() && ht.plain() ? stats_of_thread<kMode, true>(g, zs, zt, width, hs, ht)
+                                                 : stats_of_thread<kMode, false>(g, zs, zt, width, hs, ht);
   const MergePairAcc<is_kl(kMode)> merge_rows;
   const PairAcc row = all_reduce(g, local, merge_rows, scratch);
   if (g.rank() != 0) return;
@@ -281,13 +448,13 @@ struct JsdParts {
 
 // log(e^a + e^b) for a, b not both −inf.
 OPD_HD float logaddexp(float a, float b) {
-  const float high = fmaxf(a, b);
-  return high + log1pf(expf(fminf(a, b) - high));
+  const float high = max_nan(a, b);
+  return high + log1pf(expf(min_nan(a, b) - high));
 }
 
 OPD_HD JsdParts jsd_parts(float lp_s, float lp_t, float beta) {
   const float p_s = expf(lp_s), p_t = expf(lp_t), d = lp_t - lp_s;
-  const float x = beta * expm1f(fminf(d, 30.f)), y = (1.f - beta) * expm1f(fminf(-d, 30.f));
+  const float x = beta * expm1f(min_nan(d, 30.f)), y = (1.f - beta) * expm1f(min_nan(-d, 30.f));
   // log(p_s / m) = −log1p(x), except where 1 + x = (1 − β) + β e^d is small (x < −1/2): 1 + x would cancel,
   // the log-add-exp of log(1 − β) and log β + d does not. Likewise for log(p_t / m).
   const float log_beta = logf(beta), log_rest = logf(1.f - beta);
@@ -312,19 +479,44 @@ struct RowLse {
 
 OPD_HD RowLse row_lse(const float* lse, int64_t i_n, int64_t n_rows) { return {lse[i_n], lse[n_rows + i_n]}; }
 
+// A thread's share of a row's JSD terms (row_jsd_terms).
+template <bool kPlain>
+struct JsdVisit {
+  Head hs, ht;
+  RowLse lse_s, lse_t;
+  float beta;
+  Sum3 sum;
+
+  template <int kN>
+  OPD_HD void add(int64_t col, int64_t step, const float (&x)[kN], const float (&y)[kN]) {
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) {
+      const int64_t j = group_column(col, step, e);
+      const float lp_s = lse_s.log_prob(hs.apply<kPlain>(x[e], j));
+      const JsdParts part = jsd_parts(lp_s, lse_t.log_prob(ht.apply<kPlain>(y[e], j)), beta);
+      sum.a += part.fs;
+      sum.b += part.ft;
+      sum.c += part.p_s * part.log_s;
+    }
+  }
+};
+
+template <bool kPlain, class Group>
+OPD_HD Sum3 jsd_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
+                          const Head& ht, RowLse lse_s, RowLse lse_t, float beta) {
+  JsdVisit<kPlain> visit = {hs, ht, lse_s, lse_t, beta, {0.f, 0.f, 0.f}};
+  walk_row<true>(g, zs, zt, width, visit);
+  return visit.sum;
+}
+
 // Second JSD pass: adds this chunk's Σ fs to terms[0], Σ ft to terms[stride] and Σ p_s log(p_s / m) to
 // terms[2 · stride] (the gradient's center, consistent with the per-element log(p_s / m): sweep.jsd_loss).
 template <class Group>
 OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
                           const Head& ht, RowLse lse_s, RowLse lse_t, float beta, float* terms, int64_t stride,
                           Sum3* scratch) {
-  Sum3 local = {0.f, 0.f, 0.f};
-  for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const JsdParts e = jsd_parts(lse_s.log_prob(hs.apply(zs[j], j)), lse_t.log_prob(ht.apply(zt[j], j)), beta);
-    local.a += e.fs;
-    local.b += e.ft;
-    local.c += e.p_s * e.log_s;
-  }
+  const Sum3 local = hs.plain() && ht.plain() ? jsd_of_thread<true>(g, zs, zt, width, hs, ht, lse_s, lse_t, beta)
+                                              : jsd_of_thread<false>(g, zs, zt, width, hs, ht, lse_s, lse_t, beta);
   const Sum3 row = all_reduce(g, local, MergeSum3(), scratch);
   if (g.rank() != 0) return;
   terms[0] += row.a;
@@ -352,20 +544,63 @@ OPD_HD float logit_grad_element(float lp_s, float lp_t, bool hit, float loss, fl
   return p_s;
 }
 
+// What a row's logit gradient needs besides its logits (row_logit_grad's arguments).
+struct GradRow {
+  Head hs, ht;
+  RowLse lse_s, lse_t;
+  int64_t y_col;
+  float loss, center, beta, scale;
+};
+
+// A thread's share of a row's logit gradient; kVectorStore: the store writes whole vectors.
+template <int kMode, bool kPlain, bool kVectorStore, class Store>
+struct GradVisit {
+  GradRow r;
+  Store store;
+
+  template <int kN>
+  OPD_HD void add(int64_t col, int64_t step, const float (&x)[kN], const float (&y)[kN]) {
+    float v[kN];
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) {
+      const int64_t j = group_column(col, step, e);
+      const float a = r.hs.apply<kPlain>(x[e], j);
+      const float lp_s = r.lse_s.log_prob(a);
+      const float lp_t = two_models(kMode) ? r.lse_t.log_prob(r.ht.apply<kPlain>(y[e], j)) : 0.f;
+      const float element = logit_grad_element<kMode>(lp_s, lp_t, j == r.y_col, r.loss, r.center, r.beta);
+      v[e] = r.scale * r.hs.chain<kPlain>(a) * element;
+    }
+    store.template put<kVectorStore>(col, step, v);
+  }
+};
+
+template <int kMode, bool kPlain, bool kVectorStore, class Group, class Store>
+OPD_HD void grad_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const GradRow& r,
+                           Store store) {
+  GradVisit<kMode, kPlain, kVectorStore, Store> visit = {r, store};
+  walk_row<two_models(kMode)>(g, zs, zt, width, visit);
+}
+
 // One row of G = ∂(w · loss)/∂x with respect to the raw logits x, for the per-token gradient weight
 // `scale` = w: the head's chain rule (1/τ included) is folded in, so that the GEMMs that follow give
-// dH = G W and dW = Gᵀ H directly. `store(j, value)` writes column j in the output dtype; it may write
-// over zs[j] (in place) because each column is read before it is written, by the same thread.
+// dH = G W and dW = Gᵀ H directly. The Store writes G's row in the output dtype:
+//     store.aligned4(col)                 whether the 4 columns from `col` on take one vector store
+//     store.put<kVector>(col, step, v)    writes a group of values (walk_row), as whole vectors if kVector
+// G's vector stores are used when its row is aligned where the loads' vectors start. G may be zs itself (in
+// place): each thread reads its columns before it writes them.
 template <int kMode, class Group, class Store>
-OPD_HD void row_logit_grad(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
-                           const Head& hs, const Head& ht, RowLse lse_s, RowLse lse_t, float loss, float center,
-                           float beta, float scale, Store store) {
-  for (int64_t j = g.rank(); j < width; j += g.size()) {
-    const float a = hs.apply(zs[j], j);
-    const float lp_s = lse_s.log_prob(a);
-    const float lp_t = two_models(kMode) ? lse_t.log_prob(ht.apply(zt[j], j)) : 0.f;
-    const float element = logit_grad_element<kMode>(lp_s, lp_t, j == y_col, loss, center, beta);
-    store(j, scale * hs.chain(a) * element);
+OPD_HD void row_logit_grad(const Group& g, const float* zs, const float* zt, int64_t width, const GradRow& r,
+                           Store store) {
+  const bool plain = r.hs.plain() && r.ht.plain();
+  const bool vector_store = store.aligned4(vector_head(zs, two_models(kMode) ? zt : zs, width));
+  if (plain && vector_store) {
+    grad_of_thread<kMode, true, true>(g, zs, zt, width, r, store);
+  } else if (plain) {
+    grad_of_thread<kMode, true, false>(g, zs, zt, width, r, store);
+  } else if (vector_store) {
+    grad_of_thread<kMode, false, true>(g, zs, zt, width, r, store);
+  } else {
+    grad_of_thread<kMode, false, false>(g, zs, zt, width, r, store);
   }
 }
 
@@ -447,6 +682,28 @@ OPD_HD constexpr int topk_buffer_capacity(int64_t k, int group_size) {
   return cap;
 }
 
+// A thread's share of a row's entropy statistics (row_topk_update).
+template <bool kPlain>
+struct EntropyVisit {
+  Head head;
+  EntropyAcc acc;
+
+  template <int kN>
+  OPD_HD void add(int64_t col, int64_t step, const float (&x)[kN], const float (&)[kN]) {
+    float z[kN];
+    OPD_UNROLL
+    for (int e = 0; e < kN; ++e) z[e] = head.apply<kPlain>(x[e], group_column(col, step, e));
+    acc.add(z);
+  }
+};
+
+template <bool kPlain, class Group>
+OPD_HD EntropyAcc entropy_of_thread(const Group& g, const float* z, int64_t width, const Head& head) {
+  EntropyVisit<kPlain> visit = {head, EntropyAcc::empty()};
+  walk_row<false>(g, z, nullptr, width, visit);
+  return visit.acc;
+}
+
 // Streaming top-k of one row over one chunk, plus the entropy statistics.
 //
 // `keys` holds the row's running top-k from earlier chunks (k keys, descending, sentinel-padded) and
@@ -460,8 +717,8 @@ template <class Group>
 OPD_HD void row_topk_update(const Group& g, const float* z, int64_t width, int64_t v_lo, const Head& head,
                             uint64_t* keys, int k, float* state, int64_t stride, uint64_t* buf, int cap, int* count,
                             EntropyAcc* scratch) {
-  EntropyAcc local = EntropyAcc::empty();
-  for (int64_t j = g.rank(); j < width; j += g.size()) local.add(head.apply(z[j], j));
+  const EntropyAcc local = head.plain() ? entropy_of_thread<true>(g, z, width, head)
+                                        : entropy_of_thread<false>(g, z, width, head);
   const EntropyAcc row = all_reduce(g, local, MergeEntropyAcc(), scratch);
   if (g.rank() == 0) {
     const EntropyAcc merged = merge(EntropyAcc{state[0], state[stride], state[2 * stride]}, row);

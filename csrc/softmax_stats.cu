@@ -1,8 +1,9 @@
 // Forward statistics of log-softmax(h Wᵀ / τ) for one or two models, one vocabulary chunk at a time.
 //
 // The chunk's fp32 logits come from cuBLAS (torch.mm in opd_fast/backends/cuda_backend.py); these
-// kernels are the epilogue. Grid: one block of kThreads per token row. Each thread folds its strided
-// columns into an online-softmax state (epilogue.h: PairAcc), the block reduces the states, and
+// kernels are the epilogue. Grid: one block of kThreads per token row (row i at zs + i · ld_s: the tiles may
+// be views of a padded workspace). Each thread folds its columns, read as 16-byte vectors (epilogue.h:
+// walk_row), into an online-softmax state (epilogue.h: PairAcc), the block reduces the states, and
 // thread 0 merges the result into the row's running state from earlier chunks. Only O(N) numbers
 // persist between chunks; the JSD terms need the final log-sum-exps and take a second sweep.
 #include "block.cuh"
@@ -13,49 +14,57 @@ namespace {
 
 template <int kMode>
 __global__ void __launch_bounds__(kThreads)
-    softmax_stats_kernel(const float* zs, const float* zt, const int64_t* ids, float* state, int64_t n_rows,
-                         int64_t width, int64_t v_lo, Head hs, Head ht) {
+    softmax_stats_kernel(const float* __restrict__ zs, int64_t ld_s, const float* __restrict__ zt, int64_t ld_t,
+                         const int64_t* __restrict__ ids, float* __restrict__ state, int64_t n_rows, int64_t width,
+                         int64_t v_lo, Head hs, Head ht) {
   __shared__ PairAcc scratch[kThreads];
-  const int64_t i_n = blockIdx.x;
-  const int64_t o_row = i_n * width;  // int64: N · width exceeds int32 for real shapes
+  const int64_t i_n = blockIdx.x;  // int64: N · ld exceeds int32 for real shapes
   const int64_t y_col = kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1;
-  row_softmax_stats<kMode>(BlockGroup(), zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, hs, ht,
-                           state + i_n, n_rows, scratch);
+  row_softmax_stats<kMode>(BlockGroup(), zs + i_n * ld_s, two_models(kMode) ? zt + i_n * ld_t : nullptr, width, y_col,
+                           hs, ht, state + i_n, n_rows, scratch);
 }
 
 __global__ void __launch_bounds__(kThreads)
-    jsd_terms_kernel(const float* zs, const float* zt, const float* lse_s, const float* lse_t, float* terms,
+    jsd_terms_kernel(const float* __restrict__ zs, int64_t ld_s, const float* __restrict__ zt, int64_t ld_t,
+                     const float* __restrict__ lse_s, const float* __restrict__ lse_t, float* __restrict__ terms,
                      int64_t n_rows, int64_t width, Head hs, Head ht, float beta) {
   __shared__ Sum3 scratch[kThreads];
   const int64_t i_n = blockIdx.x;
-  const int64_t o_row = i_n * width;
-  row_jsd_terms(BlockGroup(), zs + o_row, zt + o_row, width, hs, ht, row_lse(lse_s, i_n, n_rows),
+  row_jsd_terms(BlockGroup(), zs + i_n * ld_s, zt + i_n * ld_t, width, hs, ht, row_lse(lse_s, i_n, n_rows),
                 row_lse(lse_t, i_n, n_rows), beta, terms + i_n, n_rows, scratch);
 }
 
 }  // namespace
 
-const char* launch_softmax_stats_update(const float* zs, const float* zt, const int64_t* ids, float* state,
-                                        int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, int mode,
-                                        std::intptr_t stream) {
+const char* launch_softmax_stats_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t,
+                                        const int64_t* ids, float* state, int64_t n_rows, int64_t width, int64_t v_lo,
+                                        Head hs, Head ht, int mode, std::intptr_t stream) {
+  if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
+  if (two_models(mode)) {
+    if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
+  }
   if (n_rows == 0) return nullptr;
   const dim3 grid(static_cast<unsigned>(n_rows));
   const cudaStream_t s = as_stream(stream);
   switch (mode) {
     case kReverseKL:
-      softmax_stats_kernel<kReverseKL><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      softmax_stats_kernel<kReverseKL><<<grid, kThreads, 0, s>>>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo,
+                                                                 hs, ht);
       break;
     case kForwardKL:
-      softmax_stats_kernel<kForwardKL><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      softmax_stats_kernel<kForwardKL><<<grid, kThreads, 0, s>>>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo,
+                                                                 hs, ht);
       break;
     case kJSD:
-      softmax_stats_kernel<kJSD><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      softmax_stats_kernel<kJSD><<<grid, kThreads, 0, s>>>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
       break;
     case kTokenLogprob:
-      softmax_stats_kernel<kTokenLogprob><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      softmax_stats_kernel<kTokenLogprob><<<grid, kThreads, 0, s>>>(zs, ld_s, zt, ld_t, ids, state, n_rows, width,
+                                                                    v_lo, hs, ht);
       break;
     case kLogSumExp:
-      softmax_stats_kernel<kLogSumExp><<<grid, kThreads, 0, s>>>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      softmax_stats_kernel<kLogSumExp><<<grid, kThreads, 0, s>>>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo,
+                                                                 hs, ht);
       break;
     default:
       return "unknown mode";
@@ -63,12 +72,14 @@ const char* launch_softmax_stats_update(const float* zs, const float* zt, const 
   return launch_status();
 }
 
-const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
-                                    float* terms, int64_t n_rows, int64_t width, Head hs, Head ht, float beta,
-                                    std::intptr_t stream) {
+const char* launch_jsd_terms_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const float* lse_s,
+                                    const float* lse_t, float* terms, int64_t n_rows, int64_t width, Head hs, Head ht,
+                                    float beta, std::intptr_t stream) {
+  if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
+  if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
   if (n_rows == 0) return nullptr;
   jsd_terms_kernel<<<dim3(static_cast<unsigned>(n_rows)), kThreads, 0, as_stream(stream)>>>(
-      zs, zt, lse_s, lse_t, terms, n_rows, width, hs, ht, beta);
+      zs, ld_s, zt, ld_t, lse_s, lse_t, terms, n_rows, width, hs, ht, beta);
   return launch_status();
 }
 

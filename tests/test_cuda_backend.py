@@ -41,7 +41,7 @@ from opd_fast.backends import cuda_backend, unavailable_reason
 from opd_fast.backends.cuda_backend import CudaOps
 from opd_fast.backends.torch_backend import TorchOps
 from opd_fast.reference import materialized_divergence, materialized_token_logprobs
-from opd_fast.types import Need, Side
+from opd_fast.types import DivergenceStats, Need, Side
 
 HAS_EXTENSION = cuda_backend.extension_error() is None
 GPU_READY = torch.cuda.is_available() and HAS_EXTENSION
@@ -161,6 +161,43 @@ def test_host_topk_longer_than_the_kernel_buffer_uses_the_torch_stream(cuda_on_c
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
 
 
+NAN_DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
+
+
+@pytest.mark.parametrize("plan", ["chunked", "streaming"])
+@pytest.mark.parametrize(("divergence", "beta"), NAN_DIVERGENCES)
+def test_host_nan_teacher_row_makes_its_loss_and_both_gradients_nan(cuda_on_cpu, divergence, beta, plan):
+    """A NaN teacher hidden state makes that row's teacher logits NaN: its loss, its dH row and (through the row's
+    G) every dW entry must be NaN, the other rows untouched. The JSD gradient clipped d = lp_t − lp_s with fminf,
+    which returns 30 for a NaN d, and came back finite."""
+    hs, ws, ht, wt = _pair((5,), 8, 12, 37, torch.float32)
+    ht = ht.clone()
+    ht[2, 3] = float("nan")
+    with chunk_budget(40):  # several chunks, and vocabulary tiles in the chunked plan
+        loss = linear_divergence(
+            hs, ws, ht, wt, divergence=divergence, beta=beta, reduction="none", backend="cuda", plan=plan
+        )
+    d_hidden, d_weight = torch.autograd.grad(loss, (hs, ws), torch.ones_like(loss))
+    clean = torch.arange(5) != 2
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[clean]).all(), loss
+    assert torch.isnan(d_hidden[2]).all() and torch.isfinite(d_hidden[clean]).all(), d_hidden
+    assert torch.isnan(d_weight).all(), d_weight
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_host_jsd_gradient_of_a_nan_teacher_logit_is_nan(host_kernels, beta):
+    """One NaN teacher logit under finite statistics: its column's gradient is NaN, the others stay finite."""
+    zs, zt = torch.randn(3, 9), torch.randn(3, 9)
+    zt[1, 4] = float("nan")
+    lse_s, lse_t = (torch.stack([torch.logsumexp(z.nan_to_num(), dim=1), torch.zeros(3)]) for z in (zs, zt))
+    center, weight, g = torch.zeros(3), torch.ones(3), torch.empty(3, 9)
+    head = cuda_backend.NO_HEAD
+    host_kernels.logit_grad(zs, zt, None, lse_s, lse_t, None, center, weight, g, 0, beta, 2, None, head, None, head, 0)
+    poisoned = torch.zeros(3, 9, dtype=torch.bool)
+    poisoned[1, 4] = True
+    assert torch.isnan(g[poisoned]).all() and torch.isfinite(g[~poisoned]).all(), g
+
+
 def test_bindings_name_the_bad_argument(host_kernels):
     zs, state = torch.zeros(3, 4), torch.zeros(5, 3)
     head = [1.0, 0.0, 1.0]
@@ -176,8 +213,10 @@ def test_bindings_name_the_bad_argument(host_kernels):
         call(zs.double(), state)
     with pytest.raises(RuntimeError, match=r"state must have shape \[5, 3\], got \[5, 4\]"):
         call(zs, torch.zeros(5, 4))
-    with pytest.raises(RuntimeError, match=r"zs must be contiguous; pass zs.contiguous\(\)"):
+    with pytest.raises(RuntimeError, match=r"zs must be row-major with unit column stride and a row stride >= its"):
         call(torch.zeros(4, 3).T, state)
+    with pytest.raises(RuntimeError, match=r"got strides \[2, 1\]; pass zs.contiguous\(\)"):
+        call(torch.zeros(3, 8)[:, ::2].contiguous()[:, :4].as_strided((3, 4), (2, 1)), state)
     with pytest.raises(RuntimeError, match=r"zt is required in two-model modes"):
         call(zs, state, mode=0)
     with pytest.raises(RuntimeError, match=r"ids is required in token_logprob mode"):
@@ -200,6 +239,104 @@ def test_bindings_name_the_bad_argument(host_kernels):
         host_kernels.logit_grad(zs, None, None, lse, None, None, None, ones, g, 0, 0.0, 4, None, head, None, head, 0)
 
 
+def _padded(z: torch.Tensor, stride: int, offset: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """``z`` copied into the first columns of rows ``stride`` elements apart, from element ``offset`` of a buffer
+    whose every other element is NaN: a kernel that reads past a row's width, or assumes the stride is the width,
+    returns NaN or garbage."""
+    buf = torch.full((z.shape[0] * stride + offset,), float("nan"), dtype=dtype)
+    view = buf[offset:].view(z.shape[0], stride)[:, : z.shape[1]]
+    view.copy_(z)
+    return view
+
+
+def _run_epilogues(zs, zt, g=None):
+    """Every kernel on one pair of [N, V] tiles (any row strides): stats of each mode, JSD terms, the gradient of
+    each mode (into ``g`` or in place over a copy of zs), top-k. Returns everything as one flat list."""
+    n, vocab = zs.shape
+    ids = torch.tensor([3, vocab - 1, 40000])[:n]
+    lse = (
+        torch.stack([torch.logsumexp(zs, dim=1), torch.zeros(n)]),
+        torch.stack([torch.logsumexp(zt, dim=1), torch.zeros(n)]),
+    )
+    loss, center, weight = torch.full((n,), 0.1), torch.full((n,), -0.2), torch.full((n,), 0.5)
+    plain = cuda_backend.NO_HEAD
+    out = []
+    for mode in range(5):
+        state = torch.zeros(5, n)
+        state[0] = state[2] = -torch.inf
+        cuda_backend.softmax_stats_update(zs, zt, ids, state, 0, mode, None, plain, None, plain)
+        out.append(state)
+        if g is None:
+            in_place = torch.empty_strided(zs.shape, zs.stride()).copy_(zs)  # zs's layout
+            cuda_backend.logit_grad(
+                in_place, zt, ids, *lse, loss, center, weight, None, 0, 0.3, mode, None, plain, None, plain
+            )
+            out.append(in_place.clone())
+        else:
+            cuda_backend.logit_grad(zs, zt, ids, *lse, loss, center, weight, g, 0, 0.3, mode, None, plain, None, plain)
+            out.append(g.clone())
+    terms = torch.zeros(3, n)
+    cuda_backend.jsd_terms_update(zs, zt, *lse, terms, 0.3, None, plain, None, plain)
+    keys, top_state = torch.zeros(n, 5, dtype=torch.int64), torch.zeros(3, n)
+    top_state[0] = -torch.inf
+    cuda_backend.topk_update(zs, keys, top_state, 0, None, plain)
+    return [*out, terms, keys, top_state]
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_host_kernels_take_padded_row_strides(cuda_on_cpu, grad_dtype):
+    """V = 50257 (GPT-2) in rows 50304 apart (a multiple of 64, as the sweep's padded workspaces): every kernel
+    gives the contiguous tiles' results, without reading the NaN padding. Also rows at different offsets from a
+    16-byte boundary (the column-by-column fallback) and a G whose rows are not aligned like the logits' (scalar
+    stores). Contiguous rows of 50257 floats start at every offset from a 16-byte boundary in turn, so the
+    reference itself runs the vector loads after unaligned heads."""
+    g = torch.Generator().manual_seed(5)
+    hs, ws = torch.randn(3, 8, generator=g), torch.randn(50257, 8, generator=g)
+    ht, wt = torch.randn(3, 8, generator=g), torch.randn(50257, 8, generator=g)
+    zs, zt = hs @ ws.T * 2, ht @ wt.T * 2
+    plain_g = None if grad_dtype == torch.float32 else torch.empty(zs.shape, dtype=grad_dtype)
+    reference = _run_epilogues(zs, zt, plain_g)
+    padded_g = None if plain_g is None else _padded(plain_g, 50304, dtype=grad_dtype)
+    layouts = {
+        "padded": (_padded(zs, 50304), _padded(zt, 50304), padded_g),
+        "misaligned pair": (_padded(zs, 50304), _padded(zt, 50304, offset=1), padded_g),
+        "misaligned G": (
+            _padded(zs, 50304),
+            _padded(zt, 50304),
+            None if plain_g is None else _padded(plain_g, 50304, 1, grad_dtype),
+        ),
+    }
+    for name, (a, b, out) in layouts.items():
+        assert a.stride(0) == 50304 and a.storage_offset() == 0
+        for i, (ours, ref) in enumerate(zip(_run_epilogues(a, b, out), reference)):
+            if ours.dtype == torch.int64:
+                assert torch.equal(ours, ref), (name, i)
+            else:
+                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5, msg=f"{name}: output {i}")
+        if out is not None:
+            assert torch.isnan(out.as_strided((3, 50304 - 50257), (50304, 1), out.storage_offset() + 50257)).all()
+
+
+def test_host_epilogue_takes_strided_views_and_copies_other_layouts(cuda_on_cpu):
+    """The epilogue passes row-strided views through unchanged (G lands in place in the padded buffer) and copies
+    column-strided tiles to unit stride; the bindings refuse a column-strided G."""
+    zs, zt = torch.randn(4, 37), torch.randn(4, 37)
+    stats = DivergenceStats(*(torch.randn(4) for _ in range(len(DivergenceStats._fields))))
+    weight = torch.ones(4)
+    epilogue = cuda_backend.CudaEpilogue()
+    assert epilogue.takes_row_stride
+    expected = epilogue.grad(zs.clone(), zt, None, stats, weight, None, None, 0, "reverse_kl", 0.5, None)
+    padded = _padded(zs, 64)
+    assert epilogue.grad(padded, zt, None, stats, weight, None, None, 0, "reverse_kl", 0.5, None) is padded
+    torch.testing.assert_close(padded, expected, rtol=0, atol=0)
+    transposed = zs.T.contiguous().T  # column stride 4
+    copied = epilogue.grad(transposed, zt.T.contiguous().T, None, stats, weight, None, None, 0, "reverse_kl", 0.5, None)
+    assert copied.stride() == (37, 1) and torch.equal(transposed, zs)
+    torch.testing.assert_close(copied, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"logit_grad: g must be row-major with unit column stride"):
+        epilogue.grad(zs, zt, None, stats, weight, None, None, 0, "reverse_kl", 0.5, torch.empty(37, 4).T)
+
+
 def _op_cases():
     zs, zt = torch.randn(5, 7), torch.randn(5, 7)
     state = torch.zeros(5, 5)
@@ -211,6 +348,8 @@ def _op_cases():
     g_bf16 = torch.empty(5, 7, dtype=torch.bfloat16)
     bias = torch.randn(7)
     plain, capped, tau = [1.0, 0.0, 1.0], [0.7, 3.0, 1.25], [1.0, 0.0, 2.0]
+    zs_rows, zt_rows, g_rows = _padded(zs, 8), _padded(zt, 12), _padded(g_bf16, 16, dtype=torch.bfloat16)
+    heads = (None, plain, None, plain)
     return [
         (cuda_backend.softmax_stats_update, (zs, zt, None, state, 0, 0, bias, capped, None, plain)),
         (cuda_backend.softmax_stats_update, (zs, None, ids, state.clone(), 2, 3, None, tau, None, plain)),
@@ -224,6 +363,9 @@ def _op_cases():
             (zs.clone(), None, ids, lse, None, None, None, weight, g_bf16, 0, 0.0, 3, None, tau, None, plain),
         ),
         (cuda_backend.topk_update, (zs, keys, top_state, 0, bias, capped)),
+        # Row-strided views of padded buffers, G among them (written in place into its buffer).
+        (cuda_backend.softmax_stats_update, (zs_rows, zt_rows, None, state.clone(), 0, 1, None, plain, None, plain)),
+        (cuda_backend.logit_grad, (zs_rows, zt_rows, None, lse, lse, None, loss, weight, g_rows, 0, 0.4, 2, *heads)),
     ]
 
 

@@ -6,13 +6,14 @@
 // A thread block is emulated by kHostThreads OS threads that share the block's "shared memory" (local
 // arrays here) and meet at a std::barrier wherever the GPU code calls __syncthreads. They walk the rows
 // one after another, with a barrier between rows (a block boundary). Same code, same synchronization
-// as on the GPU, only with 4 threads instead of 256.
+// as on the GPU, only with kHostThreads threads instead of 256.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -54,55 +55,81 @@ void for_each_row(int64_t n_rows, const Row& row) {
   for (std::thread& t : threads) t.join();
 }
 
+// G's row for epilogue.h's row_logit_grad. The vector stores of the GPU are 4-column copies here, taken under
+// the same alignment test, so the tests run the same branch.
 template <class T>
 struct RowStore {
   T* row;
-  void operator()(int64_t j, float v) const { row[j] = static_cast<T>(v); }
+
+  bool aligned4(int64_t col) const { return reinterpret_cast<uintptr_t>(row + col) % (4 * sizeof(T)) == 0; }
+
+  template <bool kVector, int kN>
+  void put(int64_t col, int64_t step, const float (&v)[kN]) const {
+    if constexpr (kVector && kN % 4 == 0) {
+      for (int u = 0; u < kN / 4; ++u) {
+        const T four[4] = {static_cast<T>(v[4 * u]), static_cast<T>(v[4 * u + 1]), static_cast<T>(v[4 * u + 2]),
+                           static_cast<T>(v[4 * u + 3])};
+        memcpy(row + col + u * step, four, sizeof(four));
+      }
+    } else {
+      for (int e = 0; e < kN; ++e) row[group_column(col, step, e)] = static_cast<T>(v[e]);
+    }
+  }
 };
 
 template <int kMode>
-void stats_rows(const float* zs, const float* zt, const int64_t* ids, float* state, int64_t n_rows, int64_t width,
-                int64_t v_lo, Head hs, Head ht) {
+void stats_rows(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const int64_t* ids, float* state,
+                int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht) {
   PairAcc scratch[kHostThreads];
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
-    const int64_t o_row = i_n * width;
     const int64_t y_col = kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1;
-    row_softmax_stats<kMode>(g, zs + o_row, two_models(kMode) ? zt + o_row : nullptr, width, y_col, hs, ht,
+    row_softmax_stats<kMode>(g, zs + i_n * ld_s, two_models(kMode) ? zt + i_n * ld_t : nullptr, width, y_col, hs, ht,
                              state + i_n, n_rows, scratch);
   });
 }
 
+// The logit_grad launcher's arguments after the gradient's pointer and dtype.
+struct GradArgs {
+  const float* zs;
+  int64_t ld_s;
+  const float* zt;
+  int64_t ld_t;
+  const int64_t* ids;
+  const float *lse_s, *lse_t, *loss, *center, *row_weight;
+  int64_t ld_g, n_rows, width, v_lo;
+  Head hs, ht;
+  float beta;
+};
+
 template <int kMode, class T>
-void grad_rows(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
-               const float* loss, const float* center, const float* row_weight, T* g, int64_t n_rows, int64_t width,
-               int64_t v_lo, Head hs, Head ht, float beta) {
+void grad_rows(const GradArgs& a, T* g) {
   const bool two = two_models(kMode);
-  for_each_row(n_rows, [&](const ThreadGroup& group, int64_t i_n) {
-    const int64_t o_row = i_n * width;
-    row_logit_grad<kMode>(group, zs + o_row, two ? zt + o_row : nullptr, width,
-                          kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1, hs, ht,
-                          row_lse(lse_s, i_n, n_rows), two ? row_lse(lse_t, i_n, n_rows) : RowLse{0.f, 0.f},
-                          kMode == kReverseKL ? loss[i_n] : 0.f,
-                          kMode == kJSD ? center[i_n] : 0.f, beta, row_weight[i_n], RowStore<T>{g + o_row});
+  for_each_row(a.n_rows, [&](const ThreadGroup& group, int64_t i_n) {
+    const GradRow r = {a.hs,
+                       a.ht,
+                       row_lse(a.lse_s, i_n, a.n_rows),
+                       two ? row_lse(a.lse_t, i_n, a.n_rows) : RowLse{0.f, 0.f},
+                       kMode == kTokenLogprob ? token_column(a.ids, i_n, a.v_lo, a.width) : -1,
+                       kMode == kReverseKL ? a.loss[i_n] : 0.f,
+                       kMode == kJSD ? a.center[i_n] : 0.f,
+                       a.beta,
+                       a.row_weight[i_n]};
+    row_logit_grad<kMode>(group, a.zs + i_n * a.ld_s, two ? a.zt + i_n * a.ld_t : nullptr, a.width, r,
+                          RowStore<T>{g + i_n * a.ld_g});
   });
 }
 
 template <int kMode>
-const char* grad_mode(const float* zs, const float* zt, const int64_t* ids, const float* lse_s, const float* lse_t,
-                      const float* loss, const float* center, const float* row_weight, void* g, int g_dtype,
-                      int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, float beta) {
+const char* grad_mode(const GradArgs& a, void* g, int g_dtype) {
   switch (g_dtype) {
     case kGradFloat32:
-      grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<float*>(g), n_rows, width,
-                       v_lo, hs, ht, beta);
+      grad_rows<kMode>(a, static_cast<float*>(g));
       return nullptr;
     case kGradBFloat16:
-      grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<c10::BFloat16*>(g), n_rows,
-                       width, v_lo, hs, ht, beta);
+      grad_rows<kMode>(a, static_cast<c10::BFloat16*>(g));
       return nullptr;
     case kGradFloat16:
-      grad_rows<kMode>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, static_cast<c10::Half*>(g), n_rows, width,
-                       v_lo, hs, ht, beta);
+      grad_rows<kMode>(a, static_cast<c10::Half*>(g));
       return nullptr;
     default:
       return "unknown gradient dtype";
@@ -111,76 +138,84 @@ const char* grad_mode(const float* zs, const float* zt, const int64_t* ids, cons
 
 }  // namespace
 
-const char* launch_softmax_stats_update(const float* zs, const float* zt, const int64_t* ids, float* state,
-                                        int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht, int mode,
-                                        std::intptr_t) {
+const char* launch_softmax_stats_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t,
+                                        const int64_t* ids, float* state, int64_t n_rows, int64_t width, int64_t v_lo,
+                                        Head hs, Head ht, int mode, std::intptr_t) {
+  if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
+  if (two_models(mode)) {
+    if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
+  }
   switch (mode) {
     case kReverseKL:
-      stats_rows<kReverseKL>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_rows<kReverseKL>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kForwardKL:
-      stats_rows<kForwardKL>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_rows<kForwardKL>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kJSD:
-      stats_rows<kJSD>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_rows<kJSD>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kTokenLogprob:
-      stats_rows<kTokenLogprob>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_rows<kTokenLogprob>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     case kLogSumExp:
-      stats_rows<kLogSumExp>(zs, zt, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_rows<kLogSumExp>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
       return nullptr;
     default:
       return "unknown mode";
   }
 }
 
-const char* launch_jsd_terms_update(const float* zs, const float* zt, const float* lse_s, const float* lse_t,
-                                    float* terms, int64_t n_rows, int64_t width, Head hs, Head ht, float beta,
-                                    std::intptr_t) {
+const char* launch_jsd_terms_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const float* lse_s,
+                                    const float* lse_t, float* terms, int64_t n_rows, int64_t width, Head hs, Head ht,
+                                    float beta, std::intptr_t) {
+  if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
+  if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
   Sum3 scratch[kHostThreads];
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
-    const int64_t o_row = i_n * width;
-    row_jsd_terms(g, zs + o_row, zt + o_row, width, hs, ht, row_lse(lse_s, i_n, n_rows), row_lse(lse_t, i_n, n_rows),
-                  beta, terms + i_n, n_rows, scratch);
+    row_jsd_terms(g, zs + i_n * ld_s, zt + i_n * ld_t, width, hs, ht, row_lse(lse_s, i_n, n_rows),
+                  row_lse(lse_t, i_n, n_rows), beta, terms + i_n, n_rows, scratch);
   });
   return nullptr;
 }
 
-const char* launch_logit_grad(const float* zs, const float* zt, const int64_t* ids, const float* lse_s,
-                              const float* lse_t, const float* loss, const float* center, const float* row_weight,
-                              void* g, int g_dtype, int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht,
-                              float beta, int mode, std::intptr_t) {
+const char* launch_logit_grad(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const int64_t* ids,
+                              const float* lse_s, const float* lse_t, const float* loss, const float* center,
+                              const float* row_weight, void* g, int64_t ld_g, int g_dtype, int64_t n_rows,
+                              int64_t width, int64_t v_lo, Head hs, Head ht, float beta, int mode, std::intptr_t) {
+  if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
+  if (const char* error = check_row_stride(ld_g, width, n_rows)) return error;
+  if (two_models(mode)) {
+    if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
+  }
+  const GradArgs a = {zs, ld_s, zt, ld_t, ids, lse_s, lse_t, loss, center, row_weight, ld_g, n_rows, width, v_lo,
+                      hs, ht, beta};
   switch (mode) {
     case kReverseKL:
-      return grad_mode<kReverseKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                   v_lo, hs, ht, beta);
+      return grad_mode<kReverseKL>(a, g, g_dtype);
     case kForwardKL:
-      return grad_mode<kForwardKL>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                   v_lo, hs, ht, beta);
+      return grad_mode<kForwardKL>(a, g, g_dtype);
     case kJSD:
-      return grad_mode<kJSD>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width, v_lo,
-                             hs, ht, beta);
+      return grad_mode<kJSD>(a, g, g_dtype);
     case kTokenLogprob:
-      return grad_mode<kTokenLogprob>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                      v_lo, hs, ht, beta);
+      return grad_mode<kTokenLogprob>(a, g, g_dtype);
     case kLogSumExp:
-      return grad_mode<kLogSumExp>(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, g_dtype, n_rows, width,
-                                   v_lo, hs, ht, beta);
+      return grad_mode<kLogSumExp>(a, g, g_dtype);
     default:
       return "unknown mode";
   }
 }
 
-const char* launch_topk_update(const float* z, uint64_t* keys, float* state, int64_t n_rows, int64_t width,
-                               int64_t v_lo, int64_t k, Head head, std::intptr_t) {
+const char* launch_topk_update(const float* z, int64_t ld, uint64_t* keys, float* state, int64_t n_rows,
+                               int64_t width, int64_t v_lo, int64_t k, Head head, std::intptr_t) {
   if (k < 1 || k > kMaxTopK) return "k must be in [1, 1024]";
+  if (const char* error = check_row_stride(ld, width, n_rows)) return error;
   const int cap = topk_buffer_capacity(k, kHostThreads);
   std::vector<uint64_t> buf(static_cast<size_t>(cap));
   EntropyAcc scratch[kHostThreads];
   int count = 0;
   for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
-    row_topk_update(g, z + i_n * width, width, v_lo, head, keys + i_n * k, static_cast<int>(k), state + i_n, n_rows,
+    row_topk_update(g, z + i_n * ld, width, v_lo, head, keys + i_n * k, static_cast<int>(k), state + i_n, n_rows,
                     buf.data(), cap, &count, scratch);
   });
   return nullptr;

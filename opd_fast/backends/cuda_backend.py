@@ -4,7 +4,8 @@
 Memory plan (the chunked plan, :mod:`opd_fast.chunking`). Token chunks of C rows over the whole vocabulary:
 
 * ``torch.mm`` (cuBLAS) writes both models' chunk logits, fp32 [C, V], into reused workspaces
-  (bf16/fp16 inputs accumulate and land in fp32: ``out_dtype=torch.float32``);
+  (bf16/fp16 inputs accumulate and land in fp32: ``out_dtype=torch.float32``); the kernels take each tile's
+  row stride, so [C, V] views of workspaces with padded rows (row stride ≥ V) pass as is;
 * ``softmax_stats_update`` (csrc/softmax_stats.cu) reads them once for each row's log-sum-exps and
   divergence (JSD: one more read, ``jsd_terms_update``), applying the bias, the head's scale and softcap
   and 1/τ on the fly;
@@ -94,8 +95,9 @@ def softmax_stats_update(
     """Merge a chunk's online-softmax statistics into ``state`` (fp32 [5, N]: m_s, s_s, m_t, s_t, acc).
 
     ``zs``/``zt``: fp32 [N, width] raw logits of vocabulary columns [v_lo, v_lo + width) (``zt`` in two-model
-    modes); ``ids``: int64 [N] in token mode; ``kind``: the op code (``MODES``); each model's head as its bias
-    for these columns (fp32 [width] or None) and (pre, softcap or 0, post = 1/τ). See csrc/epilogue.h.
+    modes), unit column stride and any row stride ≥ width; ``ids``: int64 [N] in token mode; ``kind``: the op
+    code (``MODES``); each model's head as its bias for these columns (fp32 [width] or None) and (pre, softcap
+    or 0, post = 1/τ). See csrc/epilogue.h.
     """
     _launch("softmax_stats_update", zs, zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t)
 
@@ -215,8 +217,22 @@ def _row_lse(stats: DivergenceStats) -> tuple[Tensor, Tensor]:
     )
 
 
+def _rows(t: Tensor | None) -> Tensor | None:
+    """A logits tile as the kernels read it: [rows, width] with unit column stride and a row stride ≥ width (a view
+    of a padded workspace passes as is; the kernels take ``t.stride(0)``); any other layout is copied first."""
+    if t is None:
+        return None
+    rows, width = t.shape
+    unit_columns, rows_apart = width <= 1 or t.stride(1) == 1, rows <= 1 or t.stride(0) >= width
+    return t if unit_columns and rows_apart else t.contiguous()  # the bindings' check_rows
+
+
 class CudaEpilogue:
     """The per-tile math as the csrc kernels (one block per token row)."""
+
+    # The kernels take each tile's row stride: the sweep may hand [rows, V] views of workspaces and G buffers whose
+    # rows are padded (unit column stride, row stride ≥ V), and the kernels never touch the padding.
+    takes_row_stride = True
 
     def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
         return kernel_operand(side, temperature, "cuda")  # never folds: the epilogue applies the head
@@ -225,13 +241,17 @@ class CudaEpilogue:
         return operand.weight.dtype
 
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
-        softmax_stats_update(zs, zt, ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht))
+        softmax_stats_update(_rows(zs), _rows(zt), ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht))
 
     def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
         lse_s, lse_t = _row_lse(stats)
-        jsd_terms_update(zs, zt, lse_s, lse_t, terms, beta, *_head(hs), *_head(ht))
+        jsd_terms_update(_rows(zs), _rows(zt), lse_s, lse_t, terms, beta, *_head(hs), *_head(ht))
 
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
+        """G into ``out`` (a [rows, width] view whose row stride the kernel takes; the bindings refuse any other
+        layout), or over ``zs`` when ``out`` is None (over a unit-stride copy of it, returned, if its layout is
+        another)."""
+        zs, zt = _rows(zs), _rows(zt)
         loss, center = stats.loss.float().contiguous(), stats.center.float().contiguous()
         lse_s, lse_t = _row_lse(stats)
         row_weight = row_weight.float().contiguous()
@@ -250,7 +270,7 @@ class CudaEpilogue:
 
     def topk(self, z, head, k, v_lo, best, state):
         keys = torch.zeros((z.shape[0], k), dtype=torch.int64, device=z.device) if best is None else best
-        topk_update(z, keys, state, v_lo, *_head(head))  # key 0 = the empty-slot sentinel
+        topk_update(_rows(z), keys, state, v_lo, *_head(head))  # key 0 = the empty-slot sentinel
         return keys
 
     def topk_finalize(self, best, state):
