@@ -6,11 +6,15 @@ The Triton twin of csrc/softmax_stats.cu and csrc/logit_grad.cu, for the shared 
 and 1/τ turn them into final logits z on the fly (:func:`opd_fast.kernels._common.apply_head`).
 
 * ``stats_update`` (grid: one program per row) walks the row in blocks of BV columns keeping per-lane
-  online-softmax state — m = max z, s = Σ e^{z − m}, and one accumulator (reverse KL:
-  Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t)), relative to both maxes so that nothing of size |z| cancels;
-  forward KL: the same with the models' roles swapped; token: z_y) — then combines the lanes (a tree, so fp32
-  error does not grow with the row length) and merges the result into the row's running state [5, r] from
-  earlier tiles. Same layout and meaning as csrc/epilogue.h and opd_fast.backends.sweep.finalize.
+  online-softmax state — m = max z, s = Σ e^{z − m}, one exponential per model and element
+  (:func:`_online_step`), and one accumulator (reverse KL: Σ e^{z_s − m_s}((z_s − m_s) − (z_t − r)), relative to
+  the student's max and to r, the teacher's logit at that max, so that nothing of size |z| cancels and a
+  dominant token's own term is exactly 0; forward KL: the same with the models' roles swapped; token: z_y) —
+  then combines the lanes (a tree, so fp32 error does not grow with the row length) and merges the result into
+  the row's running state [5, r] from earlier tiles, its accumulator relative to both models' maxes. Same layout
+  and meaning as csrc/epilogue.h and opd_fast.backends.sweep.finalize. Full blocks load without a mask (128-bit
+  loads where the row stride is a multiple of 16 elements: the sweep pads it to 64 on CUDA), the row's last
+  partial block with one.
 * ``jsd_update`` (one program per row) adds Σ p_s (x − log1p x) and Σ p_t (y − log1p y) — KL(p_s‖m) and
   KL(p_t‖m) in a cancellation-free form (:func:`opd_fast.kernels._common.jsd_parts`) — given the final lse.
 * ``logit_grad`` (grid: rows × column blocks, purely elementwise) writes G = w · ∂D/∂x: the per-token
@@ -42,9 +46,16 @@ from opd_fast.kernels._common import (
 
 
 def _block(width: int) -> int:
-    """Columns per step: one wide vector per row (2048 on a GPU, 256 under the interpreter, whose cost is
-    per operation, not per element)."""
+    """Columns per step of the JSD and gradient passes: one wide vector per row (2048 on a GPU, 256 under the
+    interpreter, whose cost is per operation, not per element)."""
     return min(256 if is_interpreter() else 2048, triton.next_power_of_2(max(width, 16)))
+
+
+def _stats_block(width: int) -> int:
+    """Columns per step of the statistics pass: 1024 on a GPU, 8 per thread of its 4 warps, two 128-bit loads per
+    model and step, the lanes' state (six values for KL) and a step in flight within 128 registers (four blocks of
+    128 threads per SM); 256 under the interpreter."""
+    return min(256 if is_interpreter() else 1024, triton.next_power_of_2(max(width, 16)))
 
 
 @triton.jit
@@ -55,41 +66,61 @@ def _rescaled(m, s, m_new):
 
 @triton.jit
 def _kl_shift(m, s, m_other, acc, m_new, m_other_new):
-    """A KL accumulator Σ e^{x − m}((x − m) − (y − m_other)) with weights s moved to larger maxes
-    (opd_fast.backends.sweep.kl_shift); 0 for an empty state."""
+    """A KL accumulator Σ e^{x − m}((x − m) − (y − m_other)) with weights s moved to larger references m_new ≥ m
+    and m_other_new (opd_fast.backends.sweep.kl_shift); 0 for an empty state."""
     return _rescaled(m, acc + s * ((m - m_new) - (m_other - m_other_new)), m_new)
 
 
 @triton.jit
-def _kl_lane_update(m, s, m_o, s_o, acc, x, y, valid):
-    """Per lane: add one block of the lead model's logits x and the other's y (masked lanes: valid = False) to the
-    KL state (m, s) of the lead, (m_o, s_o) of the other and acc relative to both maxes."""
-    x = tl.where(valid, x, -float("inf"))
-    y = tl.where(valid, y, -float("inf"))
+def _online_step(m, x):
+    """One element x per lane into an online (max m, Σ e^{z − m}) state with a single exponential: of m and x the
+    larger becomes the max and e^{−|x − m|} weighs the smaller — the old sum when x is the new max (``grow``),
+    x's own term otherwise. Returns (new max, grow, factor of the old sum, weight of x). An empty state (m = −inf)
+    or x = −inf gives weight 0 (the shift is 0 when both are −inf, never −inf + inf); NaN in m or x makes the max
+    and x's weight NaN, and a NaN max stays (``propagate_nan``)."""
     m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
-    mo_new = tl.maximum(m_o, y, propagate_nan=tl.PropagateNan.ALL)
-    e = tl.where(valid, tl.exp(x - m_new), 0.0)
-    e_o = tl.where(valid, tl.exp(y - mo_new), 0.0)
-    term = e * tl.where(valid, (x - m_new) - (y - mo_new), 0.0)
-    acc = _kl_shift(m, s, m_o, acc, m_new, mo_new) + term
-    s = _rescaled(m, s, m_new) + e
-    s_o = _rescaled(m_o, s_o, mo_new) + e_o
-    return m_new, s, mo_new, s_o, acc
+    grow = x > m
+    t = tl.exp(tl.where(grow, m, x) - tl.where(m_new == -float("inf"), 0.0, m_new))
+    return m_new, grow, tl.where(grow, t, 1.0), tl.where(grow, 1.0, t)
 
 
 @triton.jit
-def _lane_add(m, s, x, valid):
-    """Per lane: add one block of logits x (masked lanes: valid = False) to the online state (m, s)."""
-    x = tl.where(valid, x, -float("inf"))
-    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
-    return m_new, _rescaled(m, s, m_new) + tl.where(valid, tl.exp(x - m_new), 0.0)
+def _lane_add(m, s, x):
+    """Per lane: add one block of logits x (−inf past the row's end) to the online state (m, s)."""
+    m_new, _, old, new = _online_step(m, x)
+    return m_new, s * old + new
 
 
 @triton.jit
-def _row_merge(state, n_state, m, s):
-    """Lanes' (max, Σ e^{z − max}) → the row's, merged into its running (m, s) at ``state`` (stride n_state)."""
+def _kl_lane_add(m, s, r, acc, m_o, s_o, x, y, valid, MASKED: tl.constexpr):
+    """Per lane: add one block of the lead model's logits x and the other's y to the KL state: the lead's (m, s),
+    the other's (m_o, s_o) and acc = Σ e^{x − m}((x − m) − (y − r)), relative to the lead's max m and to r, the
+    other's logit where the lead's max is (not the other's max: the lead's dominant term is then exactly 0 and
+    stays so, and moving to the other's row max later is one rounding, :func:`_kl_row_merge`). When x is a new
+    max, the old terms move by (m − x) − (r − y) and x's own term is 0. MASKED: lanes past the row's end
+    (valid = False, x = y = −inf) add nothing."""
+    m_new, grow, old, new = _online_step(m, x)
+    r_new = tl.where(grow, y, r)
+    moved = tl.where(m == -float("inf"), 0.0, old * (acc + s * ((m - m_new) - (r - r_new))))
+    term = new * ((x - m_new) - (y - r_new))
+    if MASKED:
+        term = tl.where(valid, term, 0.0)
+    mo_new, _, old_o, new_o = _online_step(m_o, y)
+    return m_new, s * old + new, r_new, moved + term, mo_new, s_o * old_o + new_o
+
+
+@triton.jit
+def _lanes_to_row(m, s):
+    """The lanes' (max, Σ e^{z − max}) combined into the row's: a tree sum, so fp32 error does not grow with the
+    row's length."""
     row_m = tl.max(m, 0)
-    row_s = tl.sum(_rescaled(m, s, row_m), 0)
+    return row_m, tl.sum(_rescaled(m, s, row_m), 0)
+
+
+@triton.jit
+def _row_merge(state, n_state, row_m, row_s):
+    """Merge a tile's row (max, Σ e^{z − max}) into the row's running (m, s) at ``state`` (stride n_state); the
+    tile keeps its own max as the shift."""
     old_m = tl.load(state)
     new_m = tl.maximum(old_m, row_m, propagate_nan=tl.PropagateNan.ALL)
     tl.store(state, new_m)
@@ -97,22 +128,87 @@ def _row_merge(state, n_state, m, s):
 
 
 @triton.jit
-def _kl_row_merge(state_lead, state_other, acc_ptr, n_state, m, s, m_o, s_o, acc):
-    """Lanes → row (a tree), then merged into the row's running KL state: the lead model's (m, s) at
-    ``state_lead`` (stride n_state), the other's at ``state_other`` and the accumulator at ``acc_ptr``, moved to
-    the rows' new maxes before :func:`_row_merge` stores them."""
-    row_m = tl.max(m, 0)
-    row_mo = tl.max(m_o, 0)
-    row_acc = tl.sum(_kl_shift(m, s, m_o, acc, row_m, row_mo), 0)
-    row_s = tl.sum(_rescaled(m, s, row_m), 0)
+def _kl_row_merge(state_lead, state_other, acc_ptr, n_state, m, s, r, acc, m_o, s_o):
+    """Lanes → row, then merged into the row's running KL state: the lead model's (m, s) at ``state_lead``
+    (stride n_state), the other's at ``state_other`` and the accumulator, relative to both models' maxes (the
+    state's convention, opd_fast.backends.sweep.finalize), at ``acc_ptr``.
+
+    Every lane's accumulator moves to the row's lead max and to r at it (the lane that holds the max moves by 0),
+    then the sum moves once to the other model's row max: Σ e^{x − m}((x − m) − (y − m_o)) = acc + s (m_o − r).
+    Where the lead is one-hot in fp32 (s = 1: the other terms sum below half an ulp of 1) the accumulator is thus
+    m_o − y at the lead's token rounded once, and D the same rounding of log p_s − log p_t there as the gradient
+    pass forms (when the other model is one-hot too), so that their difference in G = p_s (log p_s − log p_t − D)
+    is 0, as in autograd's, not ~ulp(D) from a rounding per move."""
+    row_m, row_s = _lanes_to_row(m, s)
+    row_mo, row_so = _lanes_to_row(m_o, s_o)
+    row_r = tl.max(tl.where(m == row_m, r, -float("inf")), 0)
+    row_acc = tl.sum(_kl_shift(m, s, r, acc, row_m, row_r), 0) + row_s * (row_mo - row_r)
     old_m = tl.load(state_lead)
     old_mo = tl.load(state_other)
     new_m = tl.maximum(old_m, row_m, propagate_nan=tl.PropagateNan.ALL)
     new_mo = tl.maximum(old_mo, row_mo, propagate_nan=tl.PropagateNan.ALL)
     acc_sum = _kl_shift(old_m, tl.load(state_lead + n_state), old_mo, tl.load(acc_ptr), new_m, new_mo)
     tl.store(acc_ptr, acc_sum + _kl_shift(row_m, row_s, row_mo, row_acc, new_m, new_mo))
-    _row_merge(state_lead, n_state, m, s)
-    _row_merge(state_other, n_state, m_o, s_o)
+    _row_merge(state_lead, n_state, row_m, row_s)
+    _row_merge(state_other, n_state, row_mo, row_so)
+
+
+@triton.jit
+def _final_logits(p_z, bias_ptr, o_c, valid, pre, cap, post, HAS_BIAS, HAS_SOFTCAP, MASKED: tl.constexpr):
+    """A block of a row's final logits at columns o_c. A full block loads without a mask — contiguous and, when
+    the row stride is a multiple of 16 elements, 128-bit loads; MASKED (the row's last, partial block): columns
+    past the end (valid = False) read as −inf."""
+    x = tl.load(p_z + o_c, mask=valid, other=0.0) if MASKED else tl.load(p_z + o_c)
+    z = apply_head(x, bias_ptr, o_c, valid, pre, cap, post, HAS_BIAS, HAS_SOFTCAP)
+    if MASKED:
+        z = tl.where(valid, z, -float("inf"))
+    return z
+
+
+@triton.jit
+def _stats_step(
+    p_zs,
+    p_zt,
+    o_c,
+    width,
+    col,
+    bias_s_ptr,
+    bias_t_ptr,
+    pre_s,
+    cap_s,
+    post_s,
+    pre_t,
+    cap_t,
+    post_t,
+    m_s,
+    s_s,
+    m_t,
+    s_t,
+    r,
+    acc,
+    MODE: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr,
+    HAS_SOFTCAP_S: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    HAS_SOFTCAP_T: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One block of columns o_c into the lanes' state (m_s, s_s, m_t, s_t, r, acc) of ``_stats_update_kernel``."""
+    valid = o_c < width
+    a = _final_logits(p_zs, bias_s_ptr, o_c, valid, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S, MASKED)
+    if MODE <= JSD:  # two models
+        b = _final_logits(p_zt, bias_t_ptr, o_c, valid, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T, MASKED)
+    if MODE == REVERSE_KL:
+        m_s, s_s, r, acc, m_t, s_t = _kl_lane_add(m_s, s_s, r, acc, m_t, s_t, a, b, valid, MASKED)
+    elif MODE == FORWARD_KL:
+        m_t, s_t, r, acc, m_s, s_s = _kl_lane_add(m_t, s_t, r, acc, m_s, s_s, b, a, valid, MASKED)
+    else:
+        m_s, s_s = _lane_add(m_s, s_s, a)
+        if MODE == JSD:
+            m_t, s_t = _lane_add(m_t, s_t, b)
+        if MODE == TOKEN_LOGPROB:
+            acc += tl.where((o_c == col) & valid, a, 0.0)
+    return m_s, s_s, m_t, s_t, r, acc
 
 
 @triton.jit
@@ -143,51 +239,52 @@ def _stats_update_kernel(
     i_n = tl.program_id(0).to(tl.int64)
     p_zs = zs_ptr + i_n * stride_z
     p_zt = zt_ptr + i_n * stride_z
-    # Per-lane online state: lane j sees columns j, j + BV, …; combined once at the end.
-    b_ms = tl.full([BV], -float("inf"), tl.float32)
-    b_ss = tl.zeros([BV], tl.float32)
-    b_mt = tl.full([BV], -float("inf"), tl.float32)
-    b_st = tl.zeros([BV], tl.float32)
-    b_acc = tl.zeros([BV], tl.float32)
-    for c0 in range(0, width, BV):
-        o_c = c0 + tl.arange(0, BV)
-        m_c = o_c < width
-        x = tl.load(p_zs + o_c, mask=m_c, other=0.0)
-        a = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
-        if MODE <= JSD:  # two models
-            y = tl.load(p_zt + o_c, mask=m_c, other=0.0)
-            b = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
-        if MODE == REVERSE_KL:
-            b_ms, b_ss, b_mt, b_st, b_acc = _kl_lane_update(b_ms, b_ss, b_mt, b_st, b_acc, a, b, m_c)
-        elif MODE == FORWARD_KL:
-            b_mt, b_st, b_ms, b_ss, b_acc = _kl_lane_update(b_mt, b_st, b_ms, b_ss, b_acc, b, a, m_c)
-        else:
-            b_ms, b_ss = _lane_add(b_ms, b_ss, a, m_c)
-            if MODE == JSD:
-                b_mt, b_st = _lane_add(b_mt, b_st, b, m_c)
-            if MODE == TOKEN_LOGPROB:
-                col = tl.load(ids_ptr + i_n) - v_lo
-                b_acc += tl.where(o_c == col, tl.where(m_c, a, 0.0), 0.0)
+    col = 0
+    if MODE == TOKEN_LOGPROB:
+        col = tl.load(ids_ptr + i_n) - v_lo  # the token's column in this tile (outside [0, width): not here)
+    # Per-lane online state: lane j sees columns j, j + BV, …; combined once at the end. r: KL's reference.
+    m_s = tl.full([BV], -float("inf"), tl.float32)
+    s_s = tl.zeros([BV], tl.float32)
+    m_t = tl.full([BV], -float("inf"), tl.float32)
+    s_t = tl.zeros([BV], tl.float32)
+    r = tl.zeros([BV], tl.float32)
+    acc = tl.zeros([BV], tl.float32)
+    full = width - width % BV
+    for c0 in range(0, full, BV):
+        m_s, s_s, m_t, s_t, r, acc = _stats_step(
+            p_zs, p_zt, c0 + tl.arange(0, BV), width, col, bias_s_ptr, bias_t_ptr,
+            pre_s, cap_s, post_s, pre_t, cap_t, post_t, m_s, s_s, m_t, s_t, r, acc,
+            MODE, HAS_BIAS_S, HAS_SOFTCAP_S, HAS_BIAS_T, HAS_SOFTCAP_T, False,
+        )  # fmt: skip
+    if full < width:
+        m_s, s_s, m_t, s_t, r, acc = _stats_step(
+            p_zs, p_zt, full + tl.arange(0, BV), width, col, bias_s_ptr, bias_t_ptr,
+            pre_s, cap_s, post_s, pre_t, cap_t, post_t, m_s, s_s, m_t, s_t, r, acc,
+            MODE, HAS_BIAS_S, HAS_SOFTCAP_S, HAS_BIAS_T, HAS_SOFTCAP_T, True,
+        )  # fmt: skip
 
     # Lanes → row (a tree reduction), then merge into the running state of earlier tiles.
     p_state = state_ptr + i_n
     if MODE == REVERSE_KL:
-        _kl_row_merge(p_state, p_state + 2 * n_state, p_state + 4 * n_state, n_state, b_ms, b_ss, b_mt, b_st, b_acc)
+        _kl_row_merge(p_state, p_state + 2 * n_state, p_state + 4 * n_state, n_state, m_s, s_s, r, acc, m_t, s_t)
     elif MODE == FORWARD_KL:
-        _kl_row_merge(p_state + 2 * n_state, p_state, p_state + 4 * n_state, n_state, b_mt, b_st, b_ms, b_ss, b_acc)
+        _kl_row_merge(p_state + 2 * n_state, p_state, p_state + 4 * n_state, n_state, m_t, s_t, r, acc, m_s, s_s)
     else:
-        _row_merge(p_state, n_state, b_ms, b_ss)
+        _row_merge(p_state, n_state, *_lanes_to_row(m_s, s_s))
         if MODE == JSD:
-            _row_merge(p_state + 2 * n_state, n_state, b_mt, b_st)
+            _row_merge(p_state + 2 * n_state, n_state, *_lanes_to_row(m_t, s_t))
         if MODE == TOKEN_LOGPROB:
-            tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) + tl.sum(b_acc, 0))
+            tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) + tl.sum(acc, 0))
 
 
 def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> None:
-    """Merge a tile into ``state`` [5, r] (m_s, s_s, m_t, s_t, acc); see the module docstring."""
+    """Merge a tile into ``state`` [5, r] (m_s, s_s, m_t, s_t, acc); see the module docstring. ``zs`` and ``zt``
+    share their row stride (the sweep's workspace)."""
     rows, width = zs.shape
     if rows == 0:
         return
+    if zt is not None and zt.stride() != zs.stride():
+        raise ValueError(f"the two models' tiles must share their strides, got {zs.stride()} and {zt.stride()}")
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     with on_device(zs):
@@ -213,7 +310,7 @@ def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> No
             HAS_SOFTCAP_S=has_cap_s,
             HAS_BIAS_T=has_bias_t,
             HAS_SOFTCAP_T=has_cap_t,
-            BV=_block(width),
+            BV=_stats_block(width),
         )
 
 

@@ -9,17 +9,20 @@ vocabulary in tiles of BV, builds the logits tiles with tl.dot and keeps per row
 
 for the student (and the teacher), plus one accumulator that depends on MODE:
 
-    reverse KL:  A = Σ e^{z_s − m_s} ((z_s − m_s) − (z_t − m_t))   →  D = A / S_s − log S_s + log S_t
-    forward KL:  B = Σ e^{z_t − m_t} ((z_t − m_t) − (z_s − m_s))   →  D = B / S_t − log S_t + log S_s
+    reverse KL:  A = Σ e^{z_s − m_s} ((z_s − m_s) − (z_t − r))   →  D = A / S_s + (m_t − r) − log S_s + log S_t
+    forward KL:  B = Σ e^{z_t − m_t} ((z_t − m_t) − (z_s − r))   →  D = B / S_t + (m_s − r) − log S_t + log S_s
     token:       z_y, the logit of the row's token  →  log p(y) = z_y − lse
     logsumexp:   nothing (one model, lse only)
     JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``, in the
                  cancellation-free form of ``_common.jsd_parts``)
 
-The KL accumulators are kept relative to both running maxes (when a max grows, every earlier term moves by the
-change: opd_fast.backends.sweep.kl_shift), so the divergence is a sum of small numbers and never the difference of
-E_p[z_s − z_t] and lse_s − lse_t, which cancel to ~ulp(|z|) when the two heads' logits sit far apart. Partial
-results per split land in a [5, splits, N] buffer and are merged on the host side with the same rescaling
+The KL accumulators are kept relative to the lead model's running max m and to r, the other model's logit at the
+column of that max (when the max grows, every earlier term moves by the change of both: opd_fast.backends.sweep.
+kl_shift), so the divergence is a sum of small numbers and never the difference of E_p[z_s − z_t] and
+lse_s − lse_t, which cancel to ~ulp(|z|) when the two heads' logits sit far apart; and the dominant term of a row
+whose lead is one-hot in fp32 is exactly 0, so that D = fl(m_other − r) + … is the very difference the gradient
+pass's log-probabilities form (its G = p (log p_s − log p_t − D) is then ~0, as autograd's, not ~ulp(D)).
+Partial results per split land in a [6, splits, N] buffer and are merged on the host side with the same rescaling
 (O(N · splits) work). Each lse comes with its fp32 rounding residual lse_lo = (m − lse) + log S, so
 that later passes take log p = (z − lse) − lse_lo: the row's shift and log S kept apart, accurate to
 ~ulp(log p), where z − lse would carry ~ulp(lse). Memory: O(N) per output; no [N, V] tensor exists.
@@ -48,6 +51,24 @@ from opd_fast.kernels._common import (
 
 # Token blocks per rasterization group (see grouped_pid).
 GROUP_N: tl.constexpr = tl.constexpr(8)  # a constexpr: compiled kernels may read only constexpr globals
+
+
+@triton.jit
+def _lead_reference(m_old, m_new, z_lead, z_other, r):
+    """Per row, the other model's logit at the lead model's running max: this tile's (at a column holding the
+    tile's max) where the max grew here, else the earlier ``r``."""
+    here = tl.max(tl.where(z_lead == m_new[:, None], z_other, -float("inf")), 1)
+    return tl.where(m_new > m_old, here, r)
+
+
+@triton.jit
+def _kl_tile_add(acc, s_old, alpha, e, m_old, m_new, r_old, r_new, z_lead, z_other, m_v):
+    """A tile into the KL accumulator Σ e^{x − m}((x − m) − (y − r)) of the lead model's logits x and the other's
+    y: earlier terms move by (m_old − m_new) − (r_old − r_new) and are rescaled by alpha = e^{m_old − m_new} (an
+    empty row moves by 0), the tile's terms e = e^{x − m_new} are added relative to (m_new, r_new)."""
+    moved = acc + s_old * tl.where(m_old == -float("inf"), 0.0, (m_old - m_new) - (r_old - r_new))
+    rel = tl.where(m_v[None, :], (z_lead - m_new[:, None]) - (z_other - r_new[:, None]), 0.0)
+    return moved * alpha + tl.sum(e * rel, 1)
 
 
 def _stats_configs():
@@ -109,6 +130,7 @@ def _softmax_stats_fwd_kernel(
     b_mt = tl.full([BN], -float("inf"), tl.float32)
     b_st = tl.zeros([BN], tl.float32)
     b_acc = tl.zeros([BN], tl.float32)
+    b_r = tl.zeros([BN], tl.float32)  # KL: the other model's logit at the lead model's running max
     if MODE == TOKEN_LOGPROB:
         b_y = tl.load(ids_ptr + o_n, mask=m_n, other=-1)
 
@@ -134,14 +156,16 @@ def _softmax_stats_fwd_kernel(
             e_t = tl.exp(zm_t - mt_new[:, None])
             b_st_old = b_st
             b_st = b_st * alpha_t + tl.sum(e_t, 1)
-            # Each term relative to both maxes: earlier terms move by the change of the maxes (0 on the first tile,
-            # whose acc and weights are 0: the guard keeps −inf − (−inf) out of it).
-            d_max = tl.where(b_ms == -float("inf"), 0.0, (b_ms - ms_new) - (b_mt - mt_new))
-            rel = tl.where(m_v[None, :], (z_s - ms_new[:, None]) - (z_t - mt_new[:, None]), 0.0)
+            # Each term relative to the lead's max and r: earlier terms move by the change of both (0 on the first
+            # tile, whose acc and weights are 0: the guard keeps −inf − (−inf) out of it).
             if MODE == REVERSE_KL:
-                b_acc = (b_acc + b_ss_old * d_max) * alpha_s + tl.sum(e_s * rel, 1)
+                r_new = _lead_reference(b_ms, ms_new, zm_s, z_t, b_r)
+                b_acc = _kl_tile_add(b_acc, b_ss_old, alpha_s, e_s, b_ms, ms_new, b_r, r_new, z_s, z_t, m_v)
             if MODE == FORWARD_KL:
-                b_acc = (b_acc - b_st_old * d_max) * alpha_t - tl.sum(e_t * rel, 1)
+                r_new = _lead_reference(b_mt, mt_new, zm_t, z_s, b_r)
+                b_acc = _kl_tile_add(b_acc, b_st_old, alpha_t, e_t, b_mt, mt_new, b_r, r_new, z_t, z_s, m_v)
+            if MODE <= FORWARD_KL:
+                b_r = r_new
             b_mt = mt_new
         b_ms = ms_new
         if MODE == TOKEN_LOGPROB:
@@ -154,6 +178,7 @@ def _softmax_stats_fwd_kernel(
     tl.store(p_out + 2 * stride_k, b_mt, mask=m_n)
     tl.store(p_out + 3 * stride_k, b_st, mask=m_n)
     tl.store(p_out + 4 * stride_k, b_acc, mask=m_n)
+    tl.store(p_out + 5 * stride_k, b_r, mask=m_n)
 
 
 def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | None) -> tuple[int, int]:
@@ -178,7 +203,7 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
     """
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
-    part = torch.empty((5, splits, n_rows), device=hs.device, dtype=torch.float32)
+    part = torch.empty((6, splits, n_rows), device=hs.device, dtype=torch.float32)
     teacher = ht is not None
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
@@ -216,15 +241,15 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
             HAS_BIAS_T=has_bias_t,
             HAS_SOFTCAP_T=has_cap_t,
         )
-    m_s, s_s, m_t, s_t, acc = part
+    m_s, s_s, m_t, s_t, acc, ref = part
     (lse_s, lo_s), m_all_s, log_s_s = _merge(m_s, s_s)
     if mode in ("token_logprob", "logsumexp"):
         return (lse_s, lo_s), None, acc.sum(0)
     (lse_t, lo_t), m_all_t, log_s_t = _merge(m_t, s_t)
     if mode == "reverse_kl":
-        value = _merged_kl(m_s, s_s, m_t, acc, m_all_s, m_all_t) - (log_s_s - log_s_t)
+        value = _merged_kl(m_s, s_s, ref, acc, m_all_s, m_all_t) - (log_s_s - log_s_t)
     elif mode == "forward_kl":
-        value = _merged_kl(m_t, s_t, m_s, acc, m_all_t, m_all_s) - (log_s_t - log_s_s)
+        value = _merged_kl(m_t, s_t, ref, acc, m_all_t, m_all_s) - (log_s_t - log_s_s)
     else:
         value = torch.zeros_like(lse_s)
     return (lse_s, lo_s), (lse_t, lo_t), value
@@ -240,12 +265,15 @@ def _merge(m: torch.Tensor, s: torch.Tensor):
     return (lse, torch.where(torch.isfinite(lse), (m_all - lse) + log_sum, 0.0)), m_all, log_sum
 
 
-def _merged_kl(m, s, m_other, acc, m_all, m_other_all):
-    """Σ over splits of the KL accumulators moved to the rows' maxes, divided by the lead model's S (the
-    rescaling of opd_fast.backends.sweep.kl_shift, split by split)."""
+def _merged_kl(m, s, ref, acc, m_all, m_other_all):
+    """Σ_v p_lead ((x − m_all) − (y − m_other_all)) from the splits' KL accumulators (relative to each split's lead
+    max m and ``ref``, the other model's logit there): each moved to the row's lead max and the ``ref`` of a split
+    holding it (the rescaling of opd_fast.backends.sweep.kl_shift, split by split), divided by the lead model's S,
+    then moved once to the other model's max."""
+    ref_all = torch.where(m == m_all, ref, -torch.inf).amax(0)
     scale = torch.where(m == -torch.inf, 0.0, torch.exp(m - m_all))
-    moved = acc + s * ((m - m_all) - (m_other - m_other_all))
-    return (scale * moved).sum(0) / (scale * s).sum(0)
+    moved = acc + s * ((m - m_all) - (ref - ref_all))
+    return (scale * moved).sum(0) / (scale * s).sum(0) + (m_other_all - ref_all)
 
 
 def _jsd_configs():

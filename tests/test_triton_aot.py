@@ -3,12 +3,18 @@
 Each kernel of :mod:`opd_fast.kernels` is compiled with ``triton.compile`` for an explicit ``GPUTarget``
 (Triton's bundled ``ptxas`` produces the cubin), with the argument types, constexprs and launch options its
 backend passes on a GPU. From ``ptxas -v`` and the compiled kernel we report registers per thread, spill
-bytes, shared memory and whether the PTX uses wgmma (Hopper's warpgroup MMA), then fail when a **default**
-configuration (the first of an autotune list, the one ``OPD_FAST_TRITON_FIXED_CONFIG=1`` runs)
+bytes, shared memory, whether the PTX uses wgmma (Hopper's warpgroup MMA), its 128-bit global loads and the
+exponentials (``ex2``) inside its loops, then fail when a **default** configuration (the first of an autotune
+list, the one ``OPD_FAST_TRITON_FIXED_CONFIG=1`` runs)
 
 * does not compile, or takes longer than ``COMPILE_BOUND_S``,
 * spills registers to local memory,
-* needs more shared memory than the architecture offers per block (227 KiB sm_90a, 163 KiB sm_80).
+* needs more shared memory than the architecture offers per block (227 KiB sm_90a, 163 KiB sm_80);
+
+and when the chunked plan's statistics pass (``chunk_epilogue._stats_update_kernel``, which streams both
+models' fp32 workspace rows) needs more than 128 registers (four 128-thread blocks per SM), lacks 128-bit loads
+where the row stride is a multiple of 16 elements (the sweep pads it to 64 on CUDA), or takes more than one
+exponential per model and element.
 
 The CI tier compiles the default configuration of every kernel for every MODE (about 100 compiles, 1–2 s each).
 ``OPD_FAST_AOT=all`` compiles every autotune configuration (bf16 and fp32 inputs, top-k at every power of two
@@ -64,6 +70,11 @@ ALIGNED_ARGS = re.compile(r".*_ptr$|^stride_.*|^H$|^HS$|^HT$")
 NO_HEAD = {"HAS_BIAS_S": False, "HAS_SOFTCAP_S": False, "HAS_BIAS_T": False, "HAS_SOFTCAP_T": False}
 ONE_HEAD = {"HAS_BIAS": False, "HAS_SOFTCAP": False}
 INPUT = "input"  # pointer dtype placeholder: the inputs' dtype (bf16, or fp32 with TF32 dots)
+UNALIGNED = " stride%16≠0"  # variant suffix: the row strides compiled without the multiple-of-16 hint
+STATS_KERNEL = "chunk_epilogue._stats_update_kernel"
+STATS_MAX_REGISTERS = 128
+# 128-bit global loads in PTX: four 32-bit (fp32, or bf16 pairs) or two 64-bit lanes.
+VECTOR_LOAD = re.compile(r"\bld\.global(?:\.\w+)*\.(?:v4\.[bfu]32|v2\.[bfu]64)\b")
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,8 @@ class KernelSpec:
     pointers: dict[str, str]
     constexprs: dict = field(default_factory=dict)
     variants: dict[str, dict] = field(default_factory=lambda: {"": {}})
+    # Variants also compiled as launched on rows whose stride is not a multiple of 16 elements (labelled UNALIGNED).
+    unaligned: tuple[str, ...] = ()
 
 
 def _by_mode(modes=MODES) -> dict[str, dict]:
@@ -94,6 +107,7 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
     jsd_grad_tile = {"BN": 64, "BV": 64}  # linear_grad.tile_shape("jsd")
     grad_tiles = {"": {}, "jsd tile": jsd_grad_tile}  # the gradient GEMMs run on either
     epilogue_bv = {"BV": 2048}  # chunk_epilogue._block() for chunks of ≥ 2048 columns on a GPU
+    stats_bv = {"BV": 1024}  # chunk_epilogue._stats_block() for chunks of ≥ 1024 columns on a GPU
     return [
         KernelSpec(
             "linear_softmax",
@@ -161,8 +175,9 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
                 "bias_s_ptr": "fp32",
                 "bias_t_ptr": "fp32",
             },
-            {**NO_HEAD, **epilogue_bv},
+            {**NO_HEAD, **stats_bv},
             _by_mode(),
+            unaligned=tuple(MODES),
         ),
         KernelSpec(
             "chunk_epilogue",
@@ -246,7 +261,9 @@ def _list_jobs(every_config: bool, kernel_filter: str | None, arch_filter: str |
                 meta = dict(config.kwargs)
             launch = f"w{options['num_warps']}s{options['num_stages']}"
             label = " ".join([*(f"{k}={v}" for k, v in meta.items()), launch])
-            for variant, constexprs in spec.variants.items():
+            variants = [(name, constexprs, True) for name, constexprs in spec.variants.items()]
+            variants += [(name + UNALIGNED, spec.variants[name], False) for name in spec.unaligned]
+            for variant, constexprs, aligned in variants:
                 for dtype, precision in dtypes.items():
                     for arch in ARCHS:
                         if arch_filter and arch != arch_filter:
@@ -261,6 +278,7 @@ def _list_jobs(every_config: bool, kernel_filter: str | None, arch_filter: str |
                                 "dtype": dtype,
                                 "constexprs": {**spec.constexprs, **constexprs, **meta, "PRECISION": precision},
                                 "options": options,
+                                "aligned_strides": aligned,
                             }
                         )
     return {"jobs": jobs, "uncovered": sorted(defined - {f"{s.module}.{s.name}" for s in specs})}
@@ -290,7 +308,10 @@ def _compile(job: dict) -> dict:
             signature[arg] = "*" + (job["dtype"] if dtype == INPUT else dtype)
         else:
             signature[arg] = "fp32" if arg in FLOAT_ARGS else "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if ALIGNED_ARGS.match(arg)}
+    aligned = [arg for arg in fn.arg_names if ALIGNED_ARGS.match(arg)]
+    if not job["aligned_strides"]:
+        aligned = [arg for arg in aligned if not arg.startswith("stride_")]
+    attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
     capability, _ = ARCHS[job["arch"]]
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed by Triton after a successful ptxas run
     log = io.StringIO()
@@ -304,15 +325,39 @@ def _compile(job: dict) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or spills is None:
         raise RuntimeError(f"no register report in the ptxas log:\n{text}")
+    ptx = compiled.asm["ptx"]
     return {
         "regs": int(regs.group(1)),
         "spill_stores": int(spills.group(1)),
         "spill_loads": int(spills.group(2)),
         "smem": compiled.metadata.shared,
-        "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
+        "wgmma": "wgmma.mma_async" in ptx,
+        "vector_loads": len(VECTOR_LOAD.findall(ptx)),
+        "loop_ex2": loop_instructions(ptx, "ex2."),
         "seconds": seconds,
         "code_hash": hashlib.sha256(compiled.asm["cubin"]).hexdigest()[:16],
     }
+
+
+def loop_instructions(ptx: str, opcode: str) -> int:
+    """Instructions whose opcode starts with ``opcode`` inside the PTX's loops: between a label and a later branch
+    back to it (each line counted once however deeply nested)."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$\w+):", line))}
+    inside: set[int] = set()
+    for j, line in enumerate(lines):
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$\w+);", line)
+        if branch and labels.get(branch.group(1), j) < j:
+            inside.update(range(labels[branch.group(1)], j))
+    return sum(1 for i in inside if _opcode(lines[i]).startswith(opcode))
+
+
+def _opcode(line: str) -> str:
+    """The opcode of a PTX instruction line, past its guard predicate (``@%p1 ld.global…`` → ``ld.global…``)."""
+    words = line.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0] if words else ""
 
 
 def _worker() -> None:
@@ -452,7 +497,8 @@ def duplicates(results: list[dict]) -> dict[int, int]:
 
 def table(results: list[dict], bound_s: float = COMPILE_BOUND_S) -> str:
     dup = duplicates(results)
-    head = ("kernel", "variant", "config", "arch", "regs", "spills", "smem KiB", "wgmma", "s", "status")
+    head = ("kernel", "variant", "config", "arch", "regs", "spills", "smem KiB", "wgmma", "v4 ld", "loop ex2", "s")
+    head += ("status",)
     rows = [head]
     for r in results:
         status = "; ".join(problems(r, bound_s)) or "ok"
@@ -460,10 +506,11 @@ def table(results: list[dict], bound_s: float = COMPILE_BOUND_S) -> str:
             status += f"; same code as config #{dup[id(r)]}"
         config = f"#{r['config_index']} {r['config']}"
         if r["error"]:
-            rows.append((r["kernel"], r["variant"], config, r["arch"], "-", "-", "-", "-", "-", status))
+            rows.append((r["kernel"], r["variant"], config, r["arch"], *["-"] * 7, status))
             continue
         spills = f"{r['spill_stores']}/{r['spill_loads']}"
         usage = (str(r["regs"]), spills, f"{r['smem'] / 1024:.0f}", "yes" if r["wgmma"] else "no")
+        usage += (str(r["vector_loads"]), str(r["loop_ex2"]))
         rows.append((r["kernel"], r["variant"], config, r["arch"], *usage, f"{r['seconds']:.1f}", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -512,6 +559,27 @@ def test_default_config_compiles_cleanly(report, kernel, arch):
     if known is not None:
         assert bad, f"{kernel} {known[0]} is clean now: remove it from KNOWN_PROBLEMS"
         pytest.xfail(f"{known[1]}: " + "; ".join(bad))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_chunk_stats_kernel_is_occupancy_friendly(report, arch):
+    """The chunked plan's statistics pass reads both models' fp32 workspace rows once and is memory-bound: per
+    variant (mode; row stride a multiple of 16 elements or not) at most 128 registers and no spills, 128-bit loads
+    of both tiles where the stride allows them (the sweep pads it to 64 elements on CUDA), and in its loop one
+    exponential per model and element (the online max and sum of ``_online_step``)."""
+    _, results = report
+    mine = [r for r in results if r["kernel"] == STATS_KERNEL and r["arch"] == arch and r["config_index"] == 0]
+    assert {r["variant"].split()[0] for r in mine} == set(MODES)
+    for r in mine:
+        assert not r["error"], r["error"]
+        name = f"{r['variant']} on {arch}"
+        assert r["regs"] <= STATS_MAX_REGISTERS, f"{name}: {r['regs']} registers > {STATS_MAX_REGISTERS}"
+        assert r["spill_stores"] == r["spill_loads"] == 0, f"{name} spills"
+        models = 2 if r["constexprs"]["MODE"] <= MODES["jsd"] else 1
+        per_thread = r["constexprs"]["BV"] // (32 * r["options"]["num_warps"])
+        assert r["loop_ex2"] <= models * per_thread, f"{name}: {r['loop_ex2']} ex2 per {per_thread} columns"
+        if UNALIGNED not in r["variant"]:
+            assert r["vector_loads"] >= models, f"{name}: {r['vector_loads']} 128-bit loads"
 
 
 @pytest.mark.skipif(not _every_config(), reason=f"every autotune configuration: {AOT_ENV}=all")

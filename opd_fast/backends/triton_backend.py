@@ -10,15 +10,24 @@
   bias gradient), with opt-in gradient filtering; top-k by the streaming ``topk_stats`` kernel.
 
 Inputs: fp32, bf16 or fp16 (each model's hidden states and weight are brought to a common dtype); the
-kernels accumulate in fp32. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``), which has no bf16
-``tl.dot``, the streaming kernels take bf16 inputs upcast to fp32 (the chunked plan's GEMMs are torch's).
+kernels accumulate in fp32. The logit gradient G feeds the gradient GEMMs in the GEMM inputs' dtype; fp16 cannot
+hold it (its values, ~ w·p/τ per token, fall below fp16's normal range, 6.1e-5, at any realistic vocabulary and
+lose their digits to its subnormals: 7e-2 relative error on dH at τ = 100), so fp16 inputs run in fp32 on both
+plans (TF32 where torch's matmul precision allows it); bf16 keeps fp32's exponent range. Under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``), which has no bf16 ``tl.dot``, the streaming kernels take bf16 inputs upcast
+to fp32 (the chunked plan's GEMMs are torch's). The chunked plan's bf16 GEMMs on CUDA write fp32 through
+``torch.mm(..., out_dtype=)``, added in torch 2.8: older releases are refused with that reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 from opd_fast._validation import DivergenceSpec
+from opd_fast.backends import BackendUnavailableError
 from opd_fast.backends.sweep import (
     FilterStats,
     Operand,
@@ -45,13 +54,42 @@ WORKSPACE_FACTOR = 8
 Tensor = torch.Tensor
 
 
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Triton backend runs the GEMMs of inputs in ``dtype`` (their common dtype) in: fp32 for fp16,
+    whose range cannot hold the logit gradient G (see the module docstring), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+@functools.cache
+def mm_out_dtype_error(device: torch.device) -> str | None:
+    """Why torch cannot write a bf16 GEMM's product in fp32 on ``device`` (``torch.mm(..., out_dtype=)``, as the
+    chunked plan's logits and gradient GEMMs do), None when it can: one tiny GEMM tried once per device."""
+    operand = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+    try:
+        torch.mm(operand, operand, out_dtype=torch.float32)
+    except TypeError:
+        return (
+            f"torch {torch.__version__} lacks torch.mm(..., out_dtype=) (added in torch 2.8), which the chunked "
+            "plan's bfloat16 GEMMs use on CUDA; upgrade torch, or use plan='streaming' or backend='torch'"
+        )
+    return None
+
+
 class TritonEpilogue(TorchEpilogue):
     """The chunked plan's per-tile math as Triton kernels (top-k stays torch's: see the module docstring)."""
 
     full_rows = None  # statistics and gradient come from the Triton kernels, not the torch one-pass path
 
     def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
-        return kernel_operand(side, temperature, "triton")  # never folds: the epilogue applies the head
+        operand = kernel_operand(side, temperature, "triton")  # never folds: the epilogue applies the head
+        dtype = gemm_dtype(operand.weight.dtype)
+        if dtype != operand.weight.dtype:
+            return dataclasses.replace(operand, hidden=operand.hidden.to(dtype), weight=operand.weight.to(dtype))
+        if dtype != torch.float32 and operand.weight.is_cuda:
+            error = mm_out_dtype_error(operand.weight.device)
+            if error is not None:
+                raise BackendUnavailableError(f"backend='triton' with plan='chunked' cannot run here: {error}")
+        return operand
 
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype
@@ -73,7 +111,7 @@ class _Prepared:
     """A model's operands for the streaming kernels: 2-D tensors and the head (bias | None, pre, softcap, post)."""
 
     def __init__(self, side: Side, temperature: float):
-        dtype = kernel_dtype(side, "triton")
+        dtype = gemm_dtype(kernel_dtype(side, "triton"))
         if is_interpreter() and dtype == torch.bfloat16:
             dtype = torch.float32  # the interpreter has no bf16 tl.dot
         self.hidden = unit_stride(side.hidden.to(dtype))
@@ -173,11 +211,16 @@ class TritonStreamingOps:
             p.hidden, p.weight, None, None, None, p.head, None, mode="logsumexp", precision=p.precision
         )[0][0]
 
-    def logits_backward(self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None) -> Grads:
+    def logits_backward(
+        self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None, lse_lo=None
+    ) -> Grads:
+        """``lse_lo``: the rows' lse residuals from :meth:`token_logits` (None: 0, where only the lse is known); with
+        them p = e^{(z − lse) − lse_lo} is accurate to ~ulp(log p), without them to ~ulp(lse)."""
         p = _Prepared(side, temperature)
         lse = lse.float().contiguous()
         zeros = torch.zeros_like(lse)
-        stats = DivergenceStats(zeros, lse, lse, zeros)
+        lo = None if lse_lo is None else lse_lo.float().contiguous()
+        stats = DivergenceStats(zeros, lse, lse, zeros, lo, lo)
         mode = "logsumexp" if ids is None else "token_logprob"
         return self._grads(mode, p, None, ids, stats, row_weight, 0.0, need, filter_eps)
 
