@@ -41,6 +41,7 @@ PACKAGES = [
     "opd_fast.diagnostics",
     "opd_fast.integrations",
     "opd_fast.kernels",
+    "opd_fast.perf_model",
     "opd_fast.trainer",
 ]
 ROOT = Path(__file__).resolve().parent

@@ -71,19 +71,14 @@ def checked_pair(
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where: Placement
 ) -> tuple[check.CheckedPair, Route]:
     """Validate a student/teacher pair (:func:`opd_fast._validation.check_pair`), find this rank's vocabulary
-    shard and the backend; returns (the :class:`opd_fast._validation.CheckedPair` cut to this rank's rows,
-    the route)."""
+    shard and the backend; returns (the :class:`opd_fast._validation.CheckedPair` whose ``vocab`` is this rank's
+    rows, the route)."""
     sharded = where.process_group is not None
     pair = check.check_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, sharded=sharded
     )
     shard = where.shard(pair.ws.shape[0], pair.hs.device, vocab_size)
-    if shard is not None:
+    if shard is not None and shard.rows < pair.vocab:  # vocab_size ends inside (or before) this rank's shard
         cut = slice(0, shard.rows)
-        pair = pair._replace(
-            ws=pair.ws[cut],
-            wt=pair.wt[cut],
-            bs=None if pair.bs is None else pair.bs[cut],
-            bt=None if pair.bt is None else pair.bt[cut],
-        )
+        pair = pair._replace(wt=pair.wt[cut], bt=None if pair.bt is None else pair.bt[cut], vocab=shard.rows)
     return pair, where.route(pair.hs.device, shard)

@@ -327,7 +327,13 @@ def flatten(hidden: torch.Tensor) -> torch.Tensor:
 
 class CheckedPair(NamedTuple):
     """A validated student/teacher pair: 2-D hidden states, each head's weight, bias and transform, the
-    leading shape of the tokens and the flattened mask (None = all count)."""
+    leading shape of the tokens, the flattened mask (None = all count) and the vocabulary's rows.
+
+    The student's weight and bias are the caller's own tensors, of which the first ``vocab`` rows are the
+    vocabulary: cutting them here would make autograd's SliceBackward zero-fill a full-size weight gradient,
+    so the ops cut them (:func:`opd_fast.library.divergence`), or :meth:`narrowed` does where a slice is fine.
+    The teacher's (no gradient) come cut to ``vocab`` rows.
+    """
 
     hs: torch.Tensor
     ws: torch.Tensor
@@ -338,6 +344,23 @@ class CheckedPair(NamedTuple):
     heads: tuple[HeadTransform, HeadTransform]
     lead: torch.Size
     mask: torch.Tensor | None
+    vocab: int
+
+    @property
+    def cut(self) -> int | None:
+        """``vocab`` where it narrows the student's head, else None (every row)."""
+        return self.vocab if self.vocab < self.ws.shape[0] else None
+
+    def narrowed(self) -> CheckedPair:
+        """The pair with the student's head cut to ``vocab`` rows (a slice only where it narrows)."""
+        if self.cut is None:
+            return self
+        return self._replace(ws=self.ws[: self.vocab], bs=None if self.bs is None else self.bs[: self.vocab])
+
+
+def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``t``'s first ``rows`` rows: ``t`` itself when it has no more (a slice would be a needless view)."""
+    return t if t is None or t.shape[0] == rows else t[:rows]
 
 
 def check_pair(
@@ -345,9 +368,9 @@ def check_pair(
 ) -> CheckedPair:
     """Validate a student/teacher pair; weights may be tensors or :class:`opd_fast.LMHead` objects.
 
-    Both heads are cut to the shared vocabulary; the teacher's tensors come back detached. With
-    ``sharded`` the weights are this rank's vocabulary shards: they must have the same number of rows,
-    and ``vocab_size`` (a global size) is applied later, when the shards' offsets are known.
+    The teacher's head is cut to the shared vocabulary and comes back detached; the student's is not cut (see
+    :class:`CheckedPair`). With ``sharded`` the weights are this rank's vocabulary shards: they must have the
+    same number of rows, and ``vocab_size`` (a global size) is applied later, when the shards' offsets are known.
     """
     refuse_non_finite = check_flag("check_finite", refuse_non_finite)
     ws, bs, head_s = check_head("student_weight", student_weight, sharded)
@@ -375,13 +398,13 @@ def check_pair(
                 f"student_weight's shard has {ws.shape[0]} rows but teacher_weight's has {wt.shape[0]} on this rank; "
                 "shard both lm_heads the same way (opd_fast.shard_rows)"
             )
+        vocab = ws.shape[0]
     else:
         vocab = check_vocab(ws, wt, vocab_size)
-        ws, wt = ws[:vocab], wt[:vocab]
-        bs, bt = (None if b is None else b[:vocab] for b in (bs, bt))
+        wt, bt = _rows(wt, vocab), _rows(bt, vocab)
     if refuse_non_finite:
-        biases = {name: b for name, b in (("student_bias", bs), ("teacher_bias", bt)) if b is not None}
-        check_finite(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt, **biases)
+        biases = {name: b for name, b in (("student_bias", _rows(bs, vocab)), ("teacher_bias", bt)) if b is not None}
+        check_finite(student_hidden=hs, student_weight=_rows(ws, vocab), teacher_hidden=ht, teacher_weight=wt, **biases)
     return CheckedPair(
         flatten(hs),
         ws,
@@ -392,4 +415,5 @@ def check_pair(
         (head_s, head_t),
         hs.shape[:-1],
         None if mask is None else mask.reshape(-1),
+        vocab,
     )

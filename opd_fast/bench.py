@@ -35,6 +35,11 @@ Rate: ``floor_gflop`` is the matmul work any exact method must do — 2·N·V·(
 over the median time. Given the device's measured bf16 matmul rate (``matmul_tflops_bf16`` in the
 environment), each bf16 row also gets ``floor_ms`` (the floor at that rate), ``ratio_to_floor`` and
 ``fraction_of_matmul_rate``.
+
+Prediction: given device ceilings (:class:`opd_fast.perf_model.DeviceCeilings`: measured on a GPU by
+:func:`opd_fast.perf_model.measure_ceilings`, or named), each row the performance model covers also gets
+``predicted_ms`` (:func:`opd_fast.perf_model.predict_bench_row`), and the table a "pred. ms" column beside the
+measured median, so that a GPU run says which of the model's assumptions was wrong.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,6 +64,9 @@ from opd_fast.functional import linear_divergence
 from opd_fast.memory import peak_extra_bytes
 from opd_fast.reference import materialized_divergence, materialized_topk_overlap
 from opd_fast.topk import linear_topk_overlap
+
+if TYPE_CHECKING:
+    from opd_fast.perf_model import DeviceCeilings
 
 OURS = ("torch", "triton", "cuda")
 PLANS = ("chunked", "streaming")  # the library's default plan first
@@ -354,6 +363,7 @@ def run_case(
     max_seconds: float | None = None,
     call_limit_ms: float | None = None,
     matmul_tflops: float | None = None,
+    ceilings: DeviceCeilings | None = None,
     interpreter: bool = False,
     seed: int = 0,
 ) -> dict:
@@ -363,7 +373,8 @@ def run_case(
     warm-up call takes longer (e.g. a backend far slower than the baseline, in a time-boxed run). The first call
     is not judged: it pays for compilation (``torch.compile``, Triton kernels new to this process) and cuBLAS
     heuristics. ``peak_mem_mb`` is measured with the inputs' gradients freed first, so it includes the
-    gradients the call makes, as the CPU tracker does.
+    gradients the call makes, as the CPU tracker does. With ``ceilings`` the row gets the model's ``predicted_ms``
+    where the model covers it.
     """
     device = torch.device(device)
     row = case.row()
@@ -405,6 +416,12 @@ def run_case(
         extra.update(floor_ms=floor_ms, ratio_to_floor=median / floor_ms, fraction_of_matmul_rate=floor_ms / median)
     if stats is not None:
         extra["filter_skipped_fraction"] = stats["skipped_fraction"]
+    if ceilings is not None:
+        from opd_fast.perf_model import predict_bench_row  # only runs that predict need the model
+
+        prediction = predict_bench_row(row, ceilings)
+        if prediction is not None:
+            extra["predicted_ms"] = prediction.ms
     return {
         **row,
         "median_ms": median,
@@ -562,10 +579,10 @@ def format_table(rows: list[dict]) -> str:
     shown = [r for r in rows if not r.get("error", "").startswith(SKIPPED)]
     labels = [display_name(r["backend"]) + (f" ε={r['filter_eps']:.3g}" if r.get("filter_eps") else "") for r in shown]
     width = max(map(len, ["backend", *labels]))
+    predicted = any("predicted_ms" in r for r in shown)  # the model's column, beside the measured median
     header = f"{'backend':>{width}} {'loss':>12} {'tokens':>7} {'Hs/Ht':>11} {'vocab':>7} {'dtype':>5} {'mode':>7} "
-    header += (
-        f"{'median ms':>10} {'p20-p80 ms':>17} {'peak MB':>9} {'TFLOP/s':>8} {'H(p_s)':>6} {'shared':>6}  vs naive"
-    )
+    header += f"{'median ms':>10} " + (f"{'pred. ms':>9} " if predicted else "")
+    header += f"{'p20-p80 ms':>17} {'peak MB':>9} {'TFLOP/s':>8} {'H(p_s)':>6} {'shared':>6}  vs naive"
     lines = [header, "-" * len(header)]
     naive = {_comparable(r): r for r in rows if r["backend"] == "naive" and "error" not in r}
     for r, label in zip(shown, labels):
@@ -585,7 +602,10 @@ def format_table(rows: list[dict]) -> str:
         spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
         rate = f"{r['effective_tflops']:>8.3f}"
         inputs = f"{r['entropy_student']:>6.2f} {r['shared_mass']:>6.3f}"
-        lines.append(prefix + f"{r['median_ms']:>10.1f} {spread:>17} {r['peak_mem_mb']:>9.1f} {rate} {inputs}  {ratio}")
+        model = (f"{r['predicted_ms']:>9.1f} " if "predicted_ms" in r else f"{'-':>9} ") if predicted else ""
+        lines.append(
+            prefix + f"{r['median_ms']:>10.1f} {model}{spread:>17} {r['peak_mem_mb']:>9.1f} {rate} {inputs}  {ratio}"
+        )
     return "\n".join(lines + skipped_lines(rows))
 
 

@@ -14,8 +14,22 @@ columns, with ``rows · cols ≤ budget`` logits per model and tile. Two plans (
 
 The budget is in logits elements per model and tile. Its default knows the device: 2**22 on the CPU
 (16 MB fp32 tiles, what measures best there) and 2**28 on CUDA (1 GiB of fp32 logits per model, so both
-models' chunk logits take ≤ 2 GiB; at V = 151936 that is 1536-row chunks). Set it with
-:func:`set_chunk_budget`, temporarily with :func:`chunk_budget`, or with ``OPD_FAST_CHUNK_ELEMENTS``.
+models' chunk logits take ≤ 2 GiB; at V = 151936 that is at most 1766 rows, and N = 8192 tokens make 5 chunks
+of 1664 rows, the last 1536). Set it with :func:`set_chunk_budget`, temporarily with :func:`chunk_budget`, or
+with ``OPD_FAST_CHUNK_ELEMENTS``.
+
+On CUDA a tile's rows are laid out with a row stride of :func:`padded_stride` elements (V rounded up to a
+multiple of 64), whatever V: a vocabulary cut to ``len(tokenizer)`` (151665, 50257) would otherwise leave every
+row but the first off 16-byte alignment, and cuBLAS its fastest kernels and the epilogues their vector loads.
+
+The weight gradient of a chunked sweep (:func:`set_dw_gemm`, :func:`dw_gemm`, ``OPD_FAST_DW_GEMM``):
+``"per_chunk"`` adds each chunk's Gᵀ·H into an fp32 [V, H] accumulator; ``"single"`` keeps G, in the GEMM
+operands' dtype, for all N rows ([N, stride], 2 bytes per logit in bf16) and makes dW with one GEMM over all N,
+written once in the operands' dtype, with no accumulator; ``"auto"`` (the default) picks single on CUDA when that G
+is no larger than the fp32 accumulator it replaces or :data:`SINGLE_DW_GEMM_BYTES`, whichever is larger, and
+per_chunk otherwise (and always on the CPU). Either way the memory stays bounded independently of N; at N = 8192,
+H = 4096, V = 151936 single's G (2.49 GB) replaces an accumulator of the same size, and saves the four β = 1
+passes over it (docs/design.md §5, the performance model).
 """
 
 from __future__ import annotations
@@ -37,11 +51,23 @@ PLANS = ("chunked", "streaming")
 # Fewest token rows per chunk before the vocabulary gets tiled instead: fewer rows would re-read the
 # weights once per handful of tokens.
 MIN_ROWS = 16
-# On CUDA, chunk rows are a multiple of this when the budget allows, so the GEMMs' M dimension fills
-# whole tensor-core tiles (cuBLAS uses 128- and 256-row tiles at these shapes).
-CUDA_ROW_ALIGN = 256
+# On CUDA, chunk rows are a multiple of this when that does not add a chunk, so the GEMMs' M dimension fills
+# whole tensor-core tiles (cuBLAS's Hopper kernels use 128-row tiles at these shapes). 256 made N = 8192 at
+# V = 151936 six chunks (5 × 1536 + 512): every extra chunk re-reads and re-writes the fp32 dW accumulator.
+CUDA_ROW_ALIGN = 128
+# Row stride of the sweep's logits workspace and G buffer, in elements: a multiple of this on the devices below.
+# 64 elements are 256 B of fp32 and 128 B of bf16: every row starts 16-byte aligned whatever V. On the CPU rows
+# stay packed (torch's softmax copies a strided block to a contiguous one first).
+ROW_STRIDE_ALIGN = 64
+PADDED_DEVICES = ("cuda",)
+
+DW_GEMM_MODES = ("per_chunk", "single", "auto")
+DW_GEMM_ENV = "OPD_FAST_DW_GEMM"
+# "auto" makes one dW GEMM over all N when G of all rows (N · stride elements in the G dtype) fits this, on CUDA.
+SINGLE_DW_GEMM_BYTES = 2 << 30
 
 _budget_override: int | None = None
+_dw_gemm_override: str | None = None
 
 
 def _validated_budget(value: object, source: str) -> int:
@@ -99,17 +125,74 @@ def chunk_budget(elements: int) -> Iterator[None]:
         _budget_override = previous
 
 
+def get_dw_gemm() -> str:
+    """The weight-gradient mode of the chunked sweep: :func:`set_dw_gemm` / :func:`dw_gemm`, then
+    ``OPD_FAST_DW_GEMM``, then ``"auto"`` (see the module docstring)."""
+    if _dw_gemm_override is not None:
+        return _dw_gemm_override
+    env = os.environ.get(DW_GEMM_ENV)
+    if env is None or env.strip() == "":
+        return "auto"
+    return check_choice(DW_GEMM_ENV, env.strip(), DW_GEMM_MODES)
+
+
+def set_dw_gemm(mode: str | None) -> None:
+    """Set the weight-gradient mode (``"per_chunk"``, ``"single"``, ``"auto"``) for this process; ``None``
+    restores the env/default."""
+    global _dw_gemm_override
+    _dw_gemm_override = None if mode is None else check_choice("mode", mode, DW_GEMM_MODES)
+
+
+@contextmanager
+def dw_gemm(mode: str) -> Iterator[None]:
+    """Temporarily use weight-gradient ``mode``, e.g. ``with dw_gemm("single"): loss.backward()``."""
+    global _dw_gemm_override
+    previous = _dw_gemm_override
+    set_dw_gemm(mode)
+    try:
+        yield
+    finally:
+        _dw_gemm_override = previous
+
+
+def single_dw_gemm(
+    n_tokens: int, stride: int, itemsize: int, device: torch.device | str | None, accumulator_bytes: int = 0
+) -> bool:
+    """Whether a chunked sweep over ``n_tokens`` rows keeps G of all rows ([N, stride] elements of ``itemsize``
+    bytes) for one dW GEMM: always in ``"single"`` mode, never in ``"per_chunk"``, and in ``"auto"`` on CUDA when
+    it is no larger than the per_chunk accumulator it replaces (``accumulator_bytes``) or
+    :data:`SINGLE_DW_GEMM_BYTES`."""
+    mode = get_dw_gemm()
+    if mode != "auto":
+        return mode == "single"
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return on_cuda and n_tokens * stride * itemsize <= max(SINGLE_DW_GEMM_BYTES, accumulator_bytes)
+
+
 def check_plan(plan: object) -> str:
     return check_choice("plan", plan, PLANS)
 
 
+def padded_stride(width: int, align: int = ROW_STRIDE_ALIGN) -> int:
+    """``width`` rounded up to a multiple of ``align`` elements: the row stride of a tile on CUDA."""
+    return -(-width // align) * align
+
+
+def row_stride(width: int, device: torch.device | str | None) -> int:
+    """The row stride of tiles ``width`` wide on ``device``: padded on the devices of ``PADDED_DEVICES``."""
+    padded = device is not None and torch.device(device).type in PADDED_DEVICES
+    return padded_stride(width) if padded else width
+
+
 @dataclass(frozen=True)
 class TilePlan:
-    """Token rows per chunk and vocabulary columns per tile; ``rows · cols ≤ budget`` (or cols = 1)."""
+    """Token rows per chunk and vocabulary columns per tile; ``rows · cols ≤ budget`` (or cols = 1). A tile's
+    rows lie ``stride`` ≥ cols elements apart in the workspace (:func:`row_stride`)."""
 
     rows: int
     cols: int
     vocab: int
+    stride: int
 
     @property
     def vocab_tiles(self) -> int:
@@ -125,14 +208,15 @@ class TilePlan:
 
 
 def _balanced_rows(n_tokens: int, rows: int, align: int) -> int:
-    """``rows`` evened out over the chunks it implies (same chunk count, ≤ rows), a multiple of ``align``
-    when that keeps it ≤ rows: 8192 tokens at ≤ 1766 rows become 6 chunks of 1536 (aligned to 256)."""
+    """The fewest chunks of ≤ ``rows`` rows, evened out, each a multiple of ``align`` when that keeps the chunk
+    count: 8192 tokens at ≤ 1766 rows (V = 151936, the CUDA budget) become 5 chunks of 1664 rows (the last 1536);
+    when no multiple of ``align`` does, the chunks stay unaligned rather than more. One chunk holds all tokens."""
     chunks = -(-n_tokens // rows)
+    if chunks == 1:
+        return n_tokens
     even = -(-n_tokens // chunks)
-    if even >= align:
-        aligned = -(-even // align) * align
-        even = aligned if aligned <= rows else rows // align * align
-    return max(1, min(even, rows))
+    aligned = -(-even // align) * align
+    return aligned if aligned <= rows else even
 
 
 def plan_tiles(
@@ -150,10 +234,12 @@ def plan_tiles(
         cols = min(vocab, max(1, budget // n_tokens))
         if cols >= 128:
             cols = cols // 128 * 128
-        return TilePlan(rows=n_tokens, cols=cols, vocab=vocab)
+        return TilePlan(rows=n_tokens, cols=cols, vocab=vocab, stride=row_stride(cols, device))
     min_rows = min(n_tokens, MIN_ROWS)
     cols = vocab if vocab * min_rows <= budget else max(1, budget // min_rows)
+    if cols < vocab and row_stride(cols, device) != cols and cols >= ROW_STRIDE_ALIGN:
+        cols = cols // ROW_STRIDE_ALIGN * ROW_STRIDE_ALIGN  # vocabulary tiles then need no padding
     rows = max(1, min(n_tokens, budget // cols))
     on_cuda = device is not None and torch.device(device).type == "cuda"
     rows = _balanced_rows(n_tokens, rows, CUDA_ROW_ALIGN if on_cuda else 1)
-    return TilePlan(rows=rows, cols=cols, vocab=vocab)
+    return TilePlan(rows=rows, cols=cols, vocab=vocab, stride=row_stride(cols, device))

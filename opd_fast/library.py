@@ -24,8 +24,10 @@ compiled graph must not), and per-token outputs are put back at their rows. Hidd
 A head is passed as ``[scale, softcap]`` (softcap 0 = none); a vocabulary shard by the key under which
 :func:`shard_key` registered it ("" = whole weights), since a process group cannot cross the op boundary.
 
-Gradient dtypes: the forward's gradient outputs are in the accumulation dtype (fp32, fp64 for fp64 inputs);
-the backward scales them there and casts them to the inputs' dtypes.
+Gradient dtypes: the forward's gradient outputs are in the accumulation dtype (fp32, fp64 for fp64 inputs), but
+dW is in the dtype the sweep wrote it in (the weight's when written once); the backward scales each and casts it to
+its input's dtype in one elementwise pass. No weight gradient is ever zero-filled: a ``vocab`` that cuts the
+student's head short is applied inside the ops, whose backward zero-fills the cut rows alone.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch.utils import flop_counter
 from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
 from opd_fast._validation import DivergenceSpec, check_token_range
 from opd_fast.backends import get_backend
-from opd_fast.backends.sweep import lse_lo
+from opd_fast.backends.sweep import lse_lo, weight_grad_dtype
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.memory import TensorMemoryTracker
 from opd_fast.types import DivergenceStats, Grads, HeadTransform, Need, Side
@@ -110,12 +112,24 @@ def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
     return like.new_empty(0, dtype=dtype)
 
 
+def _fill_rows(grad: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """``grad`` in ``dtype`` with ``rows`` rows: those it lacks (past a vocabulary cut short by ``vocab_size``) are
+    zero, and only they are zero-filled; one pass over ``grad`` at most (none when it already fits)."""
+    if grad.shape[0] == rows:
+        return grad.to(dtype)
+    full = grad.new_empty((rows, *grad.shape[1:]), dtype=dtype)
+    full[grad.shape[0] :].zero_()
+    full[: grad.shape[0]].copy_(grad)
+    return full
+
+
 def _grad_outputs(grads: Grads, h: Tensor, w: Tensor, b: Tensor | None, dtype=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients as op outputs: in ``dtype`` (default: each input's own), empty where not computed."""
+    """Gradients as op outputs, shaped like the inputs: in ``dtype`` (default: each input's own), empty where not
+    computed."""
     out = []
     for grad, like in zip(grads, (h, w, b)):
         cast = dtype or (like.dtype if like is not None else h.dtype)
-        out.append(_empty(h, cast) if grad is None else grad.to(cast))
+        out.append(_empty(h, cast) if grad is None else _fill_rows(grad, like.shape[0], cast))
     return tuple(out)
 
 
@@ -138,8 +152,26 @@ def _fake_grads(need: list[bool], h: Tensor, w: Tensor, b: Tensor | None, dtype=
 # ---- divergence -------------------------------------------------------------------------------------------------
 
 
-def _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t) -> tuple[Side, Side]:
+def _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab: int | None = None) -> tuple[Side, Side]:
+    """Both models' sides for the counted ``rows``, the student's head cut to its first ``vocab`` rows (None:
+    all) here, inside the op: a slice outside would make autograd zero-fill a full-size weight gradient."""
+    if vocab is not None:
+        ws, bs = ws[:vocab], None if bs is None else bs[:vocab]
     return Side(select_rows(hs, rows), ws, bs, _head(head_s)), Side(select_rows(ht, rows), wt, bt, _head(head_t))
+
+
+def _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need) -> list[tuple[tuple, torch.dtype]]:
+    """(shape, dtype) of the dH, dW, db outputs of :func:`divergence` for "mean"/"sum": dH and db in ``out_dtype``,
+    dW as the backend makes it (:func:`opd_fast.backends.sweep.weight_grad_dtype`: the weight's dtype when written
+    once, the fp32 accumulator's otherwise, so that no pass converts it before the backward's one), the weight and
+    bias of the vocabulary's rows only; empty where ``need`` is False."""
+    rows = ws.shape[0] if vocab is None else vocab
+    dw_dtype = weight_grad_dtype(
+        backend, plan, hs.shape[0], rows, hs.shape[1], hs.dtype, ws.dtype, hs.device, filter_eps
+    )
+    shapes = ((hs.shape[0], hs.shape[1]), (rows, ws.shape[1]), (rows,))
+    dtypes = (out_dtype, dw_dtype, out_dtype)
+    return [(shape if wanted else (0,), dtype) for shape, wanted, dtype in zip(shapes, need, dtypes)]
 
 
 @_custom_op("divergence")
@@ -163,18 +195,21 @@ def divergence(
     entry_clip: float | None,
     reduction: str,
     need: list[bool],
+    vocab: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, statistics, dH, dW, db) of the divergence ``kind`` between student (s) and teacher (t).
+    """(loss, statistics, dH, dW, db) of the divergence ``kind`` between student (s) and teacher (t), over the
+    first ``vocab`` rows of the student's head (None: all; the teacher's come cut to them).
 
     loss: a scalar for "mean" (over the rows ``mask`` counts; 0 when none) and "sum", fp32 ``[N]`` for "none"
     (0 at rows left out). statistics: for "none", ``[6, N]`` (loss, lse_s, lse_t, center, lse_lo_s, lse_lo_t) for
-    the backward, else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs, ws, bs where
-    ``need`` says, else empty.
+    the backward, else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs and the ``vocab``
+    rows of ws, bs where ``need`` says, else empty (:func:`_forward_grad_layout`); the backward scales them and
+    makes the full-size gradients.
     """
     ops = _ops(backend, plan, shard, hs.device)
     spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip)
     rows = counted_rows(mask)
-    s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t)
+    s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab)
     n_rows, count = hs.shape[0], s.hidden.shape[0]
     out_dtype = acc_dtype(hs, ws, ht, wt)
     none = _empty(hs, out_dtype)
@@ -186,25 +221,31 @@ def divergence(
             stats = scatter_rows(rows_stats.T, rows, n_rows).T.contiguous()
         return stats[0].clone(), stats, none, none.clone(), none.clone()
     wanted = Need(*need)
+    layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
     if not count:
-        return hs.new_zeros((), dtype=out_dtype), none, *_grad_outputs(_zero_grads(wanted, hs, ws, bs), hs, ws, bs)
+        zeros = (hs.new_zeros(shape, dtype=dtype) for shape, dtype in layout)
+        return hs.new_zeros((), dtype=out_dtype), none, *zeros
     weight = 1.0 / count if reduction == "mean" else 1.0
     row_weight = s.hidden.new_full((count,), weight, dtype=out_dtype) if wanted.any else None
     stats, grads = ops.divergence(s, t, spec, row_weight, wanted)
     if grads.hidden is not None:
         grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, n_rows))
     loss = stats.loss.to(out_dtype).sum() * weight
-    return loss, none, *_grad_outputs(grads, hs, ws, bs, out_dtype)
+    # .to: a no-op but where a mask leaves one chunk of the rows the layout planned several for (or the reverse)
+    outputs = (hs.new_empty(0, dtype=dtype) if g is None else g.to(dtype) for g, (_, dtype) in zip(grads, layout))
+    return loss, none, *outputs
 
 
 @divergence.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps,
-      entry_clip, reduction, need):  # fmt: skip
+      entry_clip, reduction, need, vocab=None):  # fmt: skip
     out_dtype = acc_dtype(hs, ws, ht, wt)
     if reduction == "none":
         stats = hs.new_empty((len(DivergenceStats._fields), hs.shape[0]), dtype=out_dtype)
         return stats[0].clone(), stats, *(_empty(hs, out_dtype) for _ in range(3))
-    return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *_fake_grads(need, hs, ws, bs, out_dtype)
+    layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
+    grads = (hs.new_empty(shape, dtype=dtype) for shape, dtype in layout)
+    return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *grads
 
 
 @_custom_op("divergence_backward")
@@ -229,12 +270,14 @@ def divergence_backward(
     filter_eps: float | None,
     entry_clip: float | None,
     need: list[bool],
+    vocab: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dH, dW, db) of Σ_n grad_out_n D_n, in the inputs' dtypes (empty where ``need`` is False), from the
-    statistics ``[6, N]`` of :func:`divergence` with reduction "none"."""
+    """(dH, dW, db) of Σ_n grad_out_n D_n, in the inputs' dtypes and shapes (empty where ``need`` is False; zero
+    past the first ``vocab`` rows of the student's head), from the statistics ``[6, N]`` of :func:`divergence`
+    with reduction "none"."""
     wanted = Need(*need)
     rows = counted_rows(mask)
-    s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t)
+    s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab)
     if not s.hidden.shape[0]:
         return _grad_outputs(_zero_grads(wanted, hs, ws, bs), hs, ws, bs)
     ops = _ops(backend, plan, shard, hs.device)
@@ -249,15 +292,18 @@ def divergence_backward(
 
 @divergence_backward.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, stats, grad_out, backend, plan, shard, head_s, head_t, kind, beta, temperature,
-      filter_eps, entry_clip, need):  # fmt: skip
+      filter_eps, entry_clip, need, vocab=None):  # fmt: skip
     return _fake_grads(need, hs, ws, bs)
 
 
 def _divergence_context(ctx, inputs, output) -> None:
-    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need = inputs
+    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need, vocab = inputs
     # options: backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps, entry_clip
-    ctx.options, ctx.reduction, ctx.need = options, reduction, need
+    ctx.options, ctx.reduction, ctx.need, ctx.vocab = options, reduction, need, vocab
     ctx.in_dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+    ctx.in_rows = (hs.shape[0], ws.shape[0], None if bs is None else bs.shape[0])
+    # The statistics and gradient outputs are never differentiated: no zero-filled [V, H] "gradient" for dW.
+    ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask, output[1])
     else:
@@ -266,30 +312,47 @@ def _divergence_context(ctx, inputs, output) -> None:
 
 
 def _divergence_backward(ctx, grad_loss, *unused):
+    not_inputs = [None] * 17  # ht, wt, bt, mask and the plain values
+    if grad_loss is None:  # only outputs other than the loss reached the graph's ends
+        return None, None, None, *not_inputs
     if ctx.reduction == "none":
         hs, ws, bs, ht, wt, bt, mask, stats = ctx.saved_tensors
         grad_loss = grad_loss.contiguous()
-        grads = divergence_backward(hs, ws, bs, ht, wt, bt, mask, stats, grad_loss, *ctx.options, ctx.need)
+        grads = divergence_backward(hs, ws, bs, ht, wt, bt, mask, stats, grad_loss, *ctx.options, ctx.need, ctx.vocab)
     else:
         if ctx.spent:
             raise RuntimeError(_SECOND_BACKWARD)
         ctx.spent = True
-        grads = _scaled(ctx.saved_tensors, ctx.need, grad_loss, ctx.in_dtypes)
-    return *_input_grads(grads, ctx.need), *([None] * 16)
+        grads = _scaled(ctx.saved_tensors, ctx.need, grad_loss, ctx.in_dtypes, ctx.in_rows)
+    return *_input_grads(grads, ctx.need), *not_inputs
 
 
-def _scaled(grads, need: list[bool], scale: Tensor, dtypes) -> tuple:
-    """The forward's gradients times the incoming scalar, in the inputs' dtypes. Eagerly in place (a weight
-    gradient can be GBs; the buffers are spent, hence no second backward); traced graphs stay functional (an
-    in-place update of a forward output inside the backward graph is not one AOTAutograd can partition)."""
+def _scaled(grads, need: list[bool], scale: Tensor, dtypes, rows) -> tuple:
+    """The forward's gradients times the incoming scalar, in the inputs' dtypes and row counts (a weight and
+    bias cut to ``vocab`` rows get zeros past them), in ONE elementwise pass each: in place where the dtype and
+    shape already fit (a weight gradient can be GBs; the buffers are spent, hence no second backward), else
+    scaled and cast by the same kernel into the new tensor (on CUDA; on the CPU, torch's TensorIterator writes
+    through an fp32 temporary). Traced graphs stay functional (an in-place update of a forward output inside the
+    backward graph is not one AOTAutograd can partition)."""
+    # One element, not 0-d: a 0-d CUDA tensor would be cast to a bf16 gradient's dtype before multiplying (0.7 to
+    # 0.69921875); one element of fp32 makes fp32 the op's compute dtype, rounding once, on the store.
+    factor = scale.reshape(1)
     out = []
-    for grad, wanted, dtype in zip(grads, need, dtypes):
+    for grad, wanted, dtype, n in zip(grads, need, dtypes, rows):
         if not wanted:
             out.append(None)
             continue
-        factor = scale.to(grad.dtype)
-        grad = grad * factor if _tracing(grad) else grad.mul_(factor)
-        out.append(grad.to(dtype))
+        pad = n - grad.shape[0]
+        if _tracing(grad):
+            grad = (grad * factor).to(dtype)
+            out.append(torch.cat([grad, grad.new_zeros((pad, *grad.shape[1:]))]) if pad else grad)
+        elif not pad and grad.dtype == dtype:
+            out.append(grad.mul_(factor))
+        else:
+            full = grad.new_empty((n, *grad.shape[1:]), dtype=dtype)
+            full[grad.shape[0] :].zero_()
+            out.append(full)
+            torch.mul(grad, factor, out=full[: grad.shape[0]])
     return tuple(out)
 
 

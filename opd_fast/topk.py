@@ -154,6 +154,7 @@ def linear_topk_overlap(
     pair, route = checked_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
+    pair = pair.narrowed()
     k = check.check_k(k, _vocab(route, pair.ws))
     rows, n_rows = counted_rows(pair.mask), pair.hs.shape[0]
     with torch.no_grad():
@@ -269,6 +270,7 @@ def linear_topk_divergence(
     pair, route = checked_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
+    pair = pair.narrowed()
     k = check.check_k(k, _vocab(route, pair.ws))
     rows, lead, n_rows = counted_rows(pair.mask), pair.lead, pair.hs.shape[0]
     student, teacher = _side(pair, rows, 0), _side(pair, rows, 1)

@@ -366,3 +366,26 @@ def test_estimate_seconds_scales_the_measured_naive_rate(monkeypatch):
     seconds = bench.estimate_seconds(cases, torch.device("cpu"), warmup=1, repeats=5)
     assert calibrated == [(8, "fp32"), (8, "bf16")]
     assert seconds == pytest.approx(7 * 2 * (64 + 128) * 512 * 1e-9)
+
+
+def test_bench_predicts_beside_measured_when_asked(tmp_path, capsys):
+    """On the CPU the model's column appears only with --predict DEVICE (the model is for GPUs); its JSON key is
+    additive, and backends the model does not cover keep no prediction."""
+    from opd_fast import perf_model
+
+    out_json = tmp_path / "bench.json"
+    common = ["bench", "--device", "cpu", "--backends", "naive,torch", "--tokens", "32", "--hidden", "8"]
+    common += ["--vocab", "256", "--repeats", "1", "--warmup", "0", "--json", str(out_json)]
+    assert main([*common, "--predict", "h200"]) == 0
+    table = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data["env"]["predicted_with"]["name"] == "H200" and "pred. ms" in table
+    for row in data["results"]:
+        assert set(row) >= ROW_KEYS and row["predicted_ms"] > 0
+    assert main(common) == 0
+    assert "pred. ms" not in capsys.readouterr().out
+    assert not any("predicted_ms" in row for row in json.loads(out_json.read_text())["results"])
+    assert main([*common, "--predict", "measured"]) != 0
+    assert "--predict h100 or h200" in capsys.readouterr().err
+    liger = {**Case("liger", 32, 8, 8, 256, "fp32", "fwd+bwd").row(), "median_ms": 1.0}
+    assert perf_model.predict_bench_row(liger, "h200") is None

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
-from conftest import make_pair
+from conftest import DEVICE, make_pair, use_cuda_backend
+from torch.profiler import ProfilerActivity, profile
 
 from opd_fast import chunk_budget, linear_divergence, linear_token_logprobs, linear_topk_overlap
+from opd_fast.backends import triton_backend
+from opd_fast.chunking import dw_gemm
 from opd_fast.memory import TensorMemoryTracker, peak_extra_bytes
 from opd_fast.reference import materialized_divergence
 
@@ -79,3 +82,73 @@ def test_tracker_counts_frees_views_and_inplace():
 
 def test_peak_extra_bytes_on_cpu():
     assert peak_extra_bytes(lambda: torch.empty(256, 1024), "cpu") == 256 * 1024 * 4
+
+
+# ---- the weight gradient: no zero-fill, one pass after its last GEMM -------------------------------------------
+
+# aten ops that read or write every element they are given (a pass over memory); GEMMs end a gradient's making.
+PASSES = {"aten::mul", "aten::mul_", "aten::div", "aten::div_", "aten::add", "aten::add_", "aten::copy_",
+          "aten::_to_copy", "aten::clone", "aten::zero_", "aten::fill_"}  # fmt: skip
+GEMMS = {"aten::mm", "aten::addmm"}
+
+
+def _weight_traffic(fn, shapes: list[list[int]]) -> tuple[list[str], list[str]]:
+    """(zero-fills, elementwise passes after the last GEMM) over tensors of the ``shapes`` in ``fn``, as
+    torch.profiler records the aten ops: an op inside another pass (zeros → zero_ → fill_, or a CPU mul's cast
+    back to its output) is part of that pass, not one more."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+
+    def on_weight(e) -> bool:
+        return any(list(shape) in shapes for shape in e.input_shapes)
+
+    def inside_a_pass(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None and parent.name not in PASSES:
+            parent = parent.cpu_parent
+        return parent is not None
+
+    passes = [e for e in events if e.name in PASSES and on_weight(e) and not inside_a_pass(e)]
+    last_gemm = max(e.time_range.start for e in events if e.name in GEMMS and on_weight(e))
+    zero_fills = [e.name for e in passes if e.name in ("aten::zero_", "aten::fill_")]
+    return zero_fills, [e.name for e in passes if e.time_range.start > last_gemm]
+
+
+@pytest.fixture(params=["torch", "triton", "cuda"])
+def sweep_backend(request) -> str:
+    if request.param == "triton" and triton_backend is None:
+        pytest.skip("Triton is not installed")
+    if request.param == "cuda":
+        use_cuda_backend(request)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("n_tokens", "mode", "vocab_size"),
+    [(40, "per_chunk", None), (10, "per_chunk", None), (40, "single", None), (40, "per_chunk", 90)],
+    ids=["chunks", "one-chunk", "single-dw-gemm", "vocab-size"],
+)
+def test_weight_gradient_is_never_zero_filled_and_takes_one_pass_after_its_gemm(
+    sweep_backend, dtype, n_tokens, mode, vocab_size
+):
+    """One forward + backward: no [V, H] tensor is zero-filled (the fp32 accumulator is written by the first
+    chunk's GEMM, β = 0; autograd gets no zero "gradient" of the dW output, nor a slice of the weight to undo),
+    and after the last dW GEMM one elementwise pass remains: the backward's scale by grad_output, fused with the
+    cast to the weight's dtype. With vocab_size cutting the head short, only the cut rows are zero-filled.
+    (Before: three zero-fills of [V, H] and four passes, five in bf16.)"""
+    vocab, h = 101, 16
+    hs, ws, ht, wt = (t.to(DEVICE, dtype) for t in make_pair(lead=(n_tokens,), hs_dim=h, ht_dim=h, vocab=vocab))
+    hs, ws = hs.detach(), ws.detach().requires_grad_()
+
+    def step():
+        with chunk_budget(16 * vocab), dw_gemm(mode):
+            loss = linear_divergence(hs, ws, ht, wt, vocab_size=vocab_size, backend=sweep_backend)
+            (loss * 0.7).backward()
+
+    rows = vocab_size or vocab
+    zero_fills, passes = _weight_traffic(step, [[vocab, h], [rows, h]])
+    assert zero_fills == [] and len(passes) <= 1, (zero_fills, passes)
+    assert ws.grad.shape == ws.shape and ws.grad.dtype == dtype
+    assert not ws.grad[rows:].any() and ws.grad[:rows].abs().amax(dim=1).min() > 0

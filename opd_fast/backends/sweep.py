@@ -5,13 +5,15 @@ the GEMMs, gradient filtering and, on CUDA, the overlap of memory-bound epilogue
 For each token chunk (rows) and vocabulary tile (cols) of :func:`opd_fast.chunking.plan_tiles`:
 
 1. logits: ``z = h[rows] · W[cols]ᵀ`` into a reused fp32 workspace (cuBLAS; bf16/fp16 inputs accumulate
-   and land in fp32 through ``out_dtype``). The bias and the head's scale, softcap and 1/τ are applied by
-   the epilogue, on the fly.
+   and land in fp32 through ``out_dtype``), rows a padded stride apart on CUDA (:mod:`opd_fast.chunking`).
+   The bias and the head's scale, softcap and 1/τ are applied by the epilogue, on the fly.
 2. statistics: ``Epilogue.stats_update`` folds each tile into per-row online-softmax state
    (m_s, s_s, m_t, s_t, acc; see :func:`finalize`), JSD takes one more pass for its mixture terms.
 3. gradient: ``Epilogue.grad`` turns the tile into the logit gradient G (per-token weight, 1/τ and the
    head's chain rule folded in), then ``dH[rows] += G · W[cols]``, ``dW[cols] += Gᵀ · h[rows]`` (an fp32
-   accumulator when several token chunks add into it) and ``db[cols] += Σ_rows G``.
+   accumulator when several token chunks add into it, written by the first with β = 0: never zero-filled; or,
+   with :func:`opd_fast.chunking.dw_gemm` "single", one GEMM over every row's G at the end) and
+   ``db[cols] += Σ_rows G``.
 
 With the chunked plan a tile is a whole vocabulary row, so steps 1–3 share one computation of the logits:
 forward + backward cost exactly the floor's GEMM FLOPs, 2·N·V·(Hs + Ht) + 4·N·V·Hs, and the logits of a
@@ -38,7 +40,7 @@ from typing import Protocol
 import torch
 
 from opd_fast._validation import DivergenceSpec
-from opd_fast.chunking import TilePlan, plan_tiles
+from opd_fast.chunking import TilePlan, padded_stride, plan_tiles, single_dw_gemm
 from opd_fast.types import DivergenceStats, Grads, HeadTransform, Need, Side
 
 Tensor = torch.Tensor
@@ -91,7 +93,13 @@ class Epilogue(Protocol):
     """The per-tile math of a backend, on fp32 [r, c] logits tiles ``z = h·Wᵀ`` of columns [v_lo, v_lo + c).
 
     ``mode`` is a key of ``MODES``; one-model modes get ``zt = None``. Per-row vectors are fp32 [r].
+
+    An epilogue with ``takes_row_stride = True`` gets its tiles and G buffers as views whose rows lie the plan's
+    row stride apart (:func:`opd_fast.chunking.row_stride`: padded to 64 elements on CUDA; ``zs`` and ``zt``
+    share it, G's may differ); without it (the default) every tile it sees is packed, rows c elements apart.
     """
+
+    takes_row_stride: bool
 
     def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
         """The GEMM inputs of a model (dtype, strides, folding) and its head transform; ``fold=False`` keeps every
@@ -321,18 +329,70 @@ def live_columns(g: Tensor, row_weight: Tensor, filter_eps: float) -> Tensor:
 # ---- the sweep ---------------------------------------------------------------------------------------------------
 
 
-class _Accumulator:
-    """dH, dW, db of one model over the sweep: dH rows written once per chunk (when one tile spans the
-    vocabulary), dW in fp32 when several token chunks add into it, else written once per tile."""
+def keeps_all_g(
+    plan: TilePlan, n_rows: int, hidden: int, g_dtype: torch.dtype, device: torch.device, filter_eps: float
+) -> bool:
+    """Whether a sweep of ``n_rows`` rows makes dW with one GEMM over every row's G (kept in ``g_dtype``)
+    rather than chunk by chunk: several chunks of whole vocabulary rows, no gradient filtering (its live
+    columns are a chunk's), and :func:`opd_fast.chunking.single_dw_gemm` (sized with the CUDA row stride, against
+    the fp32 [V, hidden] accumulator it replaces)."""
+    return (
+        plan.rows < n_rows
+        and plan.vocab_tiles == 1
+        and filter_eps == 0
+        and single_dw_gemm(n_rows, padded_stride(plan.cols), g_dtype.itemsize, device, plan.vocab * hidden * 4)
+    )
 
-    def __init__(self, op: Operand, need: Need, plan: TilePlan, n_rows: int, filter_eps: float):
-        self.op, self.need, self.plan, self.filter_eps = op, need, plan, filter_eps
+
+def weight_grad_dtype(
+    backend: str,
+    plan: str,
+    n_rows: int,
+    vocab: int,
+    hidden: int,
+    hidden_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    device: torch.device,
+    filter_eps: float | None,
+) -> torch.dtype:
+    """The dtype of the dW that backend ``backend``'s ops make for ``n_rows`` rows, from shapes alone (a custom
+    op's fake implementation declares it): the GEMM operands' dtype when dW is written once (one token chunk, or
+    the single dW GEMM), the fp32 (fp64) accumulator's when chunks add into it. The torch backend computes in
+    fp32 (fp64) throughout; the kernel backends' operands are the inputs' common dtype (:func:`kernel_dtype`)."""
+    operands = torch.promote_types(hidden_dtype, weight_dtype)
+    acc = torch.promote_types(operands, torch.float32)
+    if backend == "torch":
+        return acc
+    if n_rows == 0 or vocab == 0:
+        return operands  # nothing to accumulate (an empty vocabulary shard)
+    tiles = plan_tiles(n_rows, vocab, plan=plan, device=device)
+    once = tiles.rows >= n_rows or keeps_all_g(tiles, n_rows, hidden, operands, torch.device(device), filter_eps or 0.0)
+    return operands if once else acc
+
+
+class _Accumulator:
+    """dH, dW, db of one model over the sweep; no [N, H] or [V, H] buffer is zero-filled when every element is
+    written (only gradient filtering, which adds the live columns alone, starts from zeros).
+
+    dH rows are written by a chunk's first vocabulary tile (β = 0) and added to by the others (β = 1). dW is
+    written once per tile in the GEMM operands' dtype when one token chunk covers all rows; with several chunks
+    it is either an fp32 accumulator that the first chunk writes (β = 0) and the later ones add into (β = 1),
+    or, given ``g_all`` (every row's G, :func:`opd_fast.chunking.single_dw_gemm`), one GEMM Gᵀ·H over all rows
+    at the end, written once in the operands' dtype.
+    """
+
+    def __init__(
+        self, op: Operand, need: Need, plan: TilePlan, n_rows: int, filter_eps: float, g_all: Tensor | None = None
+    ):
+        self.op, self.need, self.plan, self.filter_eps, self.g_all = op, need, plan, filter_eps, g_all
         device, acc_dtype = op.hidden.device, torch.promote_types(op.hidden.dtype, torch.float32)
         self.acc_dtype = acc_dtype
-        self.dh = torch.zeros(op.hidden.shape, device=device, dtype=acc_dtype) if need.hidden else None
-        self.several_chunks = plan.rows < n_rows
-        dw_dtype = acc_dtype if self.several_chunks else op.weight.dtype
-        self.dw = torch.zeros(op.weight.shape, device=device, dtype=dw_dtype) if need.weight else None
+        unwritten = n_rows == 0 or op.weight.shape[0] == 0  # no GEMM runs: the gradients are zeros
+        dh_new = torch.zeros if unwritten else torch.empty
+        dw_new = torch.zeros if unwritten or filter_eps > 0 else torch.empty
+        self.dh = dh_new(op.hidden.shape, device=device, dtype=acc_dtype) if need.hidden else None
+        dw_dtype = acc_dtype if plan.rows < n_rows and g_all is None else op.weight.dtype
+        self.dw = dw_new(op.weight.shape, device=device, dtype=dw_dtype) if need.weight else None
         self.db = torch.zeros(op.weight.shape[0], device=device, dtype=acc_dtype) if need.bias else None
         self.filter = FilterStats()
 
@@ -344,20 +404,20 @@ class _Accumulator:
             self.filter.add(g.shape[1], g.shape[1] - index.numel())
             g, w = g.index_select(1, index), w.index_select(0, index)
         if self.dh is not None:
-            if self.plan.vocab_tiles == 1:
+            if cols.start == 0:  # the chunk's first vocabulary tile writes its dH rows
                 mm_out(g, w, self.dh[rows])
             else:
                 addmm_(self.dh[rows], g, w)
-        if self.dw is not None:
+        if self.dw is not None and self.g_all is None:
             target = self.dw[cols]
             if index is not None:
-                update = torch.zeros((index.numel(), h.shape[1]), device=g.device, dtype=self.acc_dtype)
+                update = torch.empty((index.numel(), h.shape[1]), device=g.device, dtype=self.acc_dtype)
                 mm_out(g.T, h, update)
                 target.index_add_(0, index, update.to(target.dtype))  # unique indices: one writer per row
-            elif self.several_chunks:
-                addmm_(target, g.T, h)
-            else:
+            elif rows.start == 0:  # the first token chunk writes dW (β = 0), the later ones add (β = 1)
                 mm_out(g.T, h, target)
+            else:
+                addmm_(target, g.T, h)
         if self.db is not None:
             col_sum = g.sum(dim=0, dtype=self.acc_dtype)
             if index is None:
@@ -368,6 +428,8 @@ class _Accumulator:
     def result(self) -> Grads:
         if self.filter_eps > 0:
             set_filter_stats(self.filter)
+        if self.dw is not None and self.g_all is not None:
+            mm_out(self.g_all.T, self.op.hidden, self.dw)  # the single dW GEMM
         scale = self.op.grad_scale
         dh = self.dh if self.dh is None or scale == 1.0 else self.dh.mul_(scale)
         db = self.db if self.db is None or scale == 1.0 else self.db.mul_(scale)
@@ -425,36 +487,45 @@ class Sweep:
 
     def __init__(self, name: str, epilogue: Epilogue, plan: str = "chunked"):
         self.name, self.epilogue, self.plan = name, epilogue, plan
+        # Tiles with the plan's (padded) row stride, or packed [r, c] for an epilogue that wants contiguous ones.
+        self.strided = getattr(epilogue, "takes_row_stride", False)
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
     def _plan(self, n_rows: int, vocab: int, device: torch.device) -> TilePlan:
         return plan_tiles(n_rows, vocab, plan=self.plan, device=device)
 
+    def _view(self, buf: Tensor, plan: TilePlan, rows: slice, width: int) -> Tensor:
+        """The [r, width] tile of token ``rows`` (counted from the buffer's first row) in a flat buffer: rows
+        ``plan.stride`` elements apart, or packed when the epilogue takes no row stride."""
+        ld = plan.stride if self.strided else width
+        return buf[rows.start * ld : rows.stop * ld].view(rows.stop - rows.start, ld)[:, :width]
+
     def _workspace(self, plan: TilePlan, n_models: int, device: torch.device, dtype: torch.dtype):
         """Reused flat fp32 buffers, one per model, each big enough for one [rows, cols] tile."""
-        return [torch.empty(plan.rows * plan.cols, device=device, dtype=dtype) for _ in range(n_models)]
+        return [torch.empty(plan.rows * plan.stride, device=device, dtype=dtype) for _ in range(n_models)]
 
-    @staticmethod
-    def _logits(op: Operand, rows: slice, cols: slice, buf: Tensor) -> Tensor:
-        r, c = rows.stop - rows.start, cols.stop - cols.start
-        return mm_out(op.hidden[rows], op.weight[cols].T, buf[: r * c].view(r, c))
+    def _logits(self, op: Operand, rows: slice, cols: slice, buf: Tensor, plan: TilePlan) -> Tensor:
+        tile = self._view(buf, plan, slice(0, rows.stop - rows.start), cols.stop - cols.start)
+        return mm_out(op.hidden[rows], op.weight[cols].T, tile)
 
-    def _grad_buffer(self, op: Operand, plan: TilePlan, acc_dtype: torch.dtype):
+    def _grad_buffer(self, op: Operand, plan: TilePlan, acc_dtype: torch.dtype, n_rows: int | None = None):
+        """A flat buffer for G of ``n_rows`` rows (one chunk's by default); None when G may overwrite the
+        student's fp32 logits tile in place (only one chunk's G is kept)."""
         dtype = self.epilogue.grad_dtype(op)
-        if dtype == acc_dtype:
-            return None  # G overwrites the student's logits tile in place
-        return torch.empty(plan.rows * plan.cols, device=op.hidden.device, dtype=dtype)
+        if dtype == acc_dtype and n_rows is None:
+            return None
+        return torch.empty((n_rows or plan.rows) * plan.stride, device=op.hidden.device, dtype=dtype)
 
     def _tile_source(self, plan: TilePlan, ops: list[Operand], bufs: list[Tensor], rows: slice):
         """A callable giving a token chunk's (cols, [logits per model]) tiles: computed once and handed out
         on every call when one tile spans the vocabulary, recomputed on every call otherwise."""
         if plan.vocab_tiles == 1:
             cols = slice(0, plan.vocab)
-            tile = [self._logits(op, rows, cols, buf) for op, buf in zip(ops, bufs)]
+            tile = [self._logits(op, rows, cols, buf, plan) for op, buf in zip(ops, bufs)]
             return lambda: [(cols, tile)]
         return lambda: (
-            (cols, [self._logits(op, rows, cols, buf) for op, buf in zip(ops, bufs)]) for cols in plan.col_tiles()
+            (cols, [self._logits(op, rows, cols, buf, plan) for op, buf in zip(ops, bufs)]) for cols in plan.col_tiles()
         )
 
     def _chunk_stats(self, mode, s, t, tiles, ids, beta, r, dtype) -> DivergenceStats:
@@ -500,7 +571,15 @@ class Sweep:
         plan = self._plan(n_rows, vocab, device)
         acc_dtype = torch.promote_types(s.hidden.dtype, torch.float32)
         want_grad = row_weight is not None and need.any
-        acc = _Accumulator(s, need, plan, n_rows, filter_eps) if want_grad else None
+        g_all = None  # every row's G, for the single dW GEMM
+        if (
+            want_grad
+            and need.weight
+            and keeps_all_g(plan, n_rows, s.hidden.shape[1], epi.grad_dtype(s), device, filter_eps)
+        ):
+            g_all = self._grad_buffer(s, plan, acc_dtype, n_rows)
+        g_all_rows = None if g_all is None else self._view(g_all, plan, slice(0, n_rows), vocab)
+        acc = _Accumulator(s, need, plan, n_rows, filter_eps, g_all_rows) if want_grad else None
         want_stats = given is None
         out = None
         if jsd_lse is not None:
@@ -512,10 +591,19 @@ class Sweep:
         if n_rows == 0 or vocab == 0:
             return out, Grads() if acc is None else acc.result()
         bufs = self._workspace(plan, len(ops), device, acc_dtype)
-        g_bufs = [self._grad_buffer(s, plan, acc_dtype)] if want_grad else [None]
-        overlap = _Overlap(device, want_grad and plan.vocab_tiles == 1 and g_bufs[0] is not None)
-        if overlap.enabled:
+        g_bufs = [self._grad_buffer(s, plan, acc_dtype)] if want_grad and g_all is None else [None]
+        separate_g = g_all is not None or g_bufs[0] is not None
+        overlap = _Overlap(device, want_grad and plan.vocab_tiles == 1 and separate_g)
+        if overlap.enabled and g_all is None:
             g_bufs.append(self._grad_buffer(s, plan, acc_dtype))  # chunk i's G is read while i + 1's is written
+
+        def g_out(i: int, rows: slice, width: int) -> Tensor | None:
+            """Where chunk i's G goes: its rows of ``g_all``, a G buffer, or (None) over the student's logits."""
+            if g_all is not None:
+                return self._view(g_all, plan, rows, width)
+            g_buf = g_bufs[i % len(g_bufs)]
+            return None if g_buf is None else self._view(g_buf, plan, slice(0, rows.stop - rows.start), width)
+
         pending = None  # the previous chunk's (G, rows, cols, weights), its gradient GEMMs not yet enqueued
         for i, rows in enumerate(plan.row_chunks(n_rows)):
             r = rows.stop - rows.start
@@ -536,12 +624,11 @@ class Sweep:
                 continue
             with overlap.epilogue(logits_ready):
                 weight_r = row_weight[rows].to(acc_dtype) if want_grad else None
-                g_buf = g_bufs[i % len(g_bufs)]
                 if want_stats and plan.vocab_tiles == 1 and getattr(epi, "full_rows", None) is not None:
                     ((cols, zz),) = tiles()
-                    g_out = None if g_buf is None else g_buf[: r * plan.vocab].view(r, plan.vocab)
+                    g_to = g_out(i, rows, plan.vocab) if want_grad else None
                     zt, ht = (zz[1], t.tile(cols)) if t is not None else (None, None)
-                    stats, g = epi.full_rows(zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_out)
+                    stats, g = epi.full_rows(zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_to)
                     for field, value in zip(out, stats):
                         field[rows] = value
                     if g is not None:
@@ -556,11 +643,10 @@ class Sweep:
                 if not want_grad:
                     continue
                 for cols, zz in tiles():
-                    c = cols.stop - cols.start
-                    g_out = None if g_buf is None else g_buf[: r * c].view(r, c)
+                    g_to = g_out(i, rows, cols.stop - cols.start)
                     zt = zz[1] if t is not None else None
                     ht = t.tile(cols) if t is not None else None
-                    g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_out)
+                    g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_to)
                     pending = self._emit(g, rows, cols, weight_r, acc, overlap)
         overlap.wait_epilogue()
         if pending is not None:
@@ -654,7 +740,7 @@ class Sweep:
             state = self.epilogue.topk_state(rows.stop - rows.start, device, dtype)
             best = None
             for cols in plan.col_tiles():
-                z = self._logits(op, rows, cols, buf)
+                z = self._logits(op, rows, cols, buf, plan)
                 best = self.epilogue.topk(z, op.tile(cols), k, cols.start, best, state)
             ids[rows], logprobs[rows], lse[rows], entropy[rows] = self.epilogue.topk_finalize(best, state)
         return ids, logprobs, lse, entropy

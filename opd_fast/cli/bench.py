@@ -102,6 +102,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="turn on our backends' gradient filtering with this threshold (default: exact); rows report the "
         "share of tiles skipped",
     )
+    p.add_argument(
+        "--predict",
+        choices=("measured", "h100", "h200", "off"),
+        default=None,
+        help="add the performance model's predicted time per row (pred. ms; JSON predicted_ms) for these device "
+        "ceilings: measured (timed on this GPU first), or the named H100/H200 ones (default: measured on a GPU, "
+        "off on the CPU, where the model, which is for GPUs, says nothing about the time)",
+    )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per case (at least)")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls per case first")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
@@ -118,7 +126,21 @@ def _preset_text(name: str, shape: dict) -> str:
     return f"{name} N={','.join(map(str, shape['tokens']))} H={hidden} V={shape['vocab']}"
 
 
+def _ceilings(choice: str | None, device: torch.device, matmul_tflops: float | None):
+    """The device ceilings the rows are predicted with (None: no prediction); see --predict."""
+    from opd_fast import perf_model
+
+    choice = choice or ("measured" if device.type == "cuda" else "off")
+    if choice == "off":
+        return None
+    if choice == "measured":
+        return perf_model.measure_ceilings(device, matmul_tflops)
+    return perf_model.DEVICES[choice]
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
     from opd_fast import bench
@@ -128,6 +150,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if problem:
         return fail(problem)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.predict == "measured" and device.type != "cuda":
+        return fail("--predict measured times the GPU's ceilings; on the CPU name them: --predict h100 or h200")
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = dict(bench.PRESETS[args.preset or bench.DEFAULT_PRESETS[device.type]])
@@ -155,11 +179,20 @@ def run_bench(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     matmul_tflops = bench.measure_matmul_tflops(device) if device.type == "cuda" else None
+    ceilings = _ceilings(args.predict, device, matmul_tflops)
     env = bench.environment(device, matmul_tflops)
+    if ceilings is not None:
+        env["predicted_with"] = asdict(ceilings)
     rows = []
     for case in tqdm(cases, desc="opd-fast bench", unit="case", file=sys.stderr):
-        rows.append(bench.run_case(case, device, warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops))
+        options = dict(warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops, ceilings=ceilings)
+        rows.append(bench.run_case(case, device, **options))
     print(f"device: {env['gpu'] or env['cpu']} ({device}), torch {env['torch']}, threads {env['threads']}")
+    if ceilings is not None:
+        print(
+            f"pred. ms: the performance model (predicted, not measured) at {ceilings.name}: "
+            f"{ceilings.matmul_tflops:.0f} TFLOP/s, {ceilings.copy_gbps:.0f} GB/s"
+        )
     print(bench.format_table(rows))
     try:
         if args.json:
