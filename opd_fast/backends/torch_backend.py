@@ -179,6 +179,8 @@ def _merge_kl(lead: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], acc: Te
 class TorchEpilogue:
     """The per-tile math in torch ops (see the module docstring)."""
 
+    takes_row_stride = True  # torch ops take any view (the Triton epilogue inherits it: stride_z, stride_g)
+
     def prepare(self, side: Side, temperature: float, fold: bool = True) -> Operand:
         dtype = compute_dtype(side.hidden, side.weight)
         if fold:
