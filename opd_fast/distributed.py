@@ -246,12 +246,16 @@ class VocabParallelOps:
         lse = global_lse(local_lse, self.shard)[0]
         return _all_reduce(picked.contiguous(), self.shard), lse, torch.zeros_like(lse)
 
-    def logits_backward(self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None) -> Grads:
+    def logits_backward(
+        self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None, lse_lo=None
+    ) -> Grads:
         """∂lse/∂z_v = p_v on this shard's columns, plus [v = y] where this shard owns y; dh summed over
-        the shards."""
+        the shards (``lse_lo``: the global lse's residual, 0 from :meth:`token_logits`)."""
         if self.shard.rows:
             local_ids = None if ids is None else self._local_ids(ids)
-            grads = self.inner.logits_backward(side, local_ids, lse, row_weight, temperature, need, filter_eps)
+            grads = self.inner.logits_backward(
+                side, local_ids, lse, row_weight, temperature, need, filter_eps, lse_lo=lse_lo
+            )
         else:
             grads = _zero_grads(side, need)
         return self._reduce_hidden(grads)

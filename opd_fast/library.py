@@ -11,7 +11,7 @@ sees one opaque node per op, whose output shapes and dtypes come from the op's f
                                 only scales by the incoming scalar (no recompute, docs/design.md §5);
                                 for "none" the per-token statistics, for ``divergence_backward``
 ``opd_fast::divergence_backward``  the gradients of Σ_n g_n D_n from the statistics (one more sweep)
-``opd_fast::token_logprobs``    (log p(y), lse) per token
+``opd_fast::token_logprobs``    (log p(y), (lse, lse_lo)) per token
 ``opd_fast::logsumexp``         lse per token
 ``opd_fast::logits_backward``   the gradients of Σ_n g_n lse_n or Σ_n g_n log p(y_n)
 ``opd_fast::topk``              (ids, log-probs, lse, entropy) of the top k per token; not differentiable
@@ -384,7 +384,7 @@ def token_logprobs(
     temperature: float,
     filter_eps: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """(log p(ids_n) ``[N]``, lse ``[N]``), both in the accumulation dtype; ``ids`` int64 ``[N]``
+    """(log p(ids_n) ``[N]``, (lse, lse_lo) ``[2, N]``), both in the accumulation dtype; ``ids`` int64 ``[N]``
     (``filter_eps``: the backward's gradient filtering).
 
     The ids' range is checked here, on real values: a compiled graph cannot read them."""
@@ -392,13 +392,13 @@ def token_logprobs(
     ops = _ops(backend, plan, shard, h.device)
     picked, lse, lse_lo = ops.token_logits(Side(h, w, b, _head(head)), ids, temperature)
     dtype = acc_dtype(h, w)
-    return ((picked - lse) - lse_lo).to(dtype), lse.to(dtype)
+    return ((picked - lse) - lse_lo).to(dtype), torch.stack((lse, lse_lo)).to(dtype)
 
 
 @token_logprobs.register_fake
 def _(h, w, b, ids, backend, plan, shard, head, temperature, filter_eps):
     dtype = acc_dtype(h, w)
-    return h.new_empty(h.shape[0], dtype=dtype), h.new_empty(h.shape[0], dtype=dtype)
+    return h.new_empty(h.shape[0], dtype=dtype), h.new_empty((2, h.shape[0]), dtype=dtype)
 
 
 @_custom_op("logsumexp")
@@ -440,10 +440,11 @@ def logits_backward(
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dH, dW, db) of Σ_n grad_out_n lse_n (``ids`` None) or Σ_n grad_out_n log p(ids_n), in the inputs'
-    dtypes (empty where ``need`` is False)."""
+    dtypes (empty where ``need`` is False). ``lse``: ``[N]``, or ``[2, N]`` (lse, lse_lo) from the token op."""
     ops = _ops(backend, plan, shard, h.device)
     side = Side(h, w, b, _head(head))
-    grads = ops.logits_backward(side, ids, lse, grad_out.contiguous(), temperature, Need(*need), filter_eps)
+    lse, lse_lo = (lse[0], lse[1]) if lse.dim() == 2 else (lse, None)  # the token op's (lse, lse_lo)
+    grads = ops.logits_backward(side, ids, lse, grad_out.contiguous(), temperature, Need(*need), filter_eps, lse_lo)
     return _grad_outputs(grads, h, w, b)
 
 

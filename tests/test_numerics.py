@@ -24,8 +24,9 @@ from opd_fast import (
     linear_topk_overlap,
     linear_topk_target_divergence,
 )
-from opd_fast.backends import triton_backend
+from opd_fast.backends import get_backend, triton_backend
 from opd_fast.reference import materialized_divergence, materialized_token_logprobs
+from opd_fast.types import Need, Side
 
 # NaN/Inf inputs make Triton's interpreter (NumPy) warn; the values are what the tests check.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
@@ -156,6 +157,100 @@ def test_extreme_logits_token_logprobs(backend, plan, kind, request):
     assert _as_accurate_as_plain(ours, plain, reference), (_error(ours, reference), _error(plain, reference))
     if kind == "all-equal":
         assert _as_accurate_as_plain(ours, plain, torch.full_like(reference, -math.log(V)))
+
+
+LONG_V = 32749  # a prime just under 2**15: no vector width or tile divides it
+
+
+def _long_pair(student: str, teacher: str, seed: int):
+    """One token's exact logits over LONG_V columns: hidden [1, 0] and weight columns (logits, noise), so h·Wᵀ is the
+    logits column in fp32 too. "huge": uniform in ±1e4; "apart": 1e4 + 2·N(0, 1), against the teacher's N(0, 9)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "huge":
+            logits = (torch.rand(LONG_V, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+        elif kind == "apart":
+            logits = 1e4 + torch.randn(LONG_V, generator=g, dtype=torch.float64) * 2
+        else:
+            logits = torch.randn(LONG_V, generator=g, dtype=torch.float64) * 3
+        noise = torch.randn(LONG_V, generator=g, dtype=torch.float64)
+        hidden = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+        return hidden.to(DEVICE, torch.float32), torch.stack([logits, noise], 1).to(DEVICE, torch.float32)
+
+    (hs, ws), (ht, wt) = side(student), side(teacher)
+    return hs.requires_grad_(), ws.requires_grad_(), ht, wt
+
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "seed"), [("huge", "huge", 1), ("apart", "random", 1)], ids=["huge", "1e4-apart"]
+)
+def test_long_whole_rows_are_as_accurate_as_log_softmax(student, teacher, seed):
+    """JSD(0.5) at τ = 0.7 over V = 32749 columns in the torch backend's default plan (one whole row per chunk):
+    loss and both gradients within 2× plain fp32 PyTorch's error. Whole rows took log p from log_softmax, whose
+    Σ e^{z − m} over a long row runs sequentially per vector lane (its log Σ off by ~V/16 ulps, an error every log p
+    of the row shares), and a gradient center off by (1 − Σ p_s) · center: G then no longer summed to 0 over the
+    row, and dH = G·W added those errors up coherently along W's common 1e4 component (7× and 2.4× plain's dH
+    error here). Tiles and the streaming plan still carry the center's error (their JSD statistics hold no Σ p_s)."""
+    pair = _long_pair(student, teacher, seed)
+    kw = dict(divergence="jsd", beta=0.5, temperature=0.7, reduction="sum")
+    ours = linear_divergence(*pair, backend="torch", **kw)
+    ours_grads = torch.autograd.grad(ours, pair[:2])
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in pair]
+    plain_pair = [t.detach().clone().requires_grad_(t.requires_grad) for t in pair]
+    reference, plain = materialized_divergence(*exact, **kw), materialized_divergence(*plain_pair, **kw)
+    assert _as_accurate_as_plain(ours, plain, reference), (ours.item(), plain.item(), reference.item())
+    plain_grads = torch.autograd.grad(plain, plain_pair[:2])
+    exact_grads = torch.autograd.grad(reference, exact[:2])
+    for name, a, p, e in zip(("hidden", "weight"), ours_grads, plain_grads, exact_grads):
+        assert _as_accurate_as_plain(a, p, e), (name, _error(a, e), _error(p, e))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("plan", ["chunked", "streaming"])
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_token_logprob_backward_takes_the_lse_residual(backend, plan, seed, request):
+    """At τ = 0.05 the logits are 20× their h·Wᵀ and the rows' lse a few hundred: p = e^{z − lse} carries ~ulp(lse)
+    (1.5e-5) in every p of the row (3-11× plain fp32's gradient error here) unless the backward subtracts the lse
+    residual the forward returned, as the forward's log p(y) does (tests/test_triton_numerics.py for the Triton
+    streaming ops; the public path below)."""
+    if backend == "cuda":
+        use_cuda_backend(request)
+    hs, ws, _, _ = _as_pair(_rows("random", seed=seed), _rows("random", seed=seed))
+    ids = torch.arange(6, device=DEVICE) * 5 % V
+    ops, side = get_backend(backend, DEVICE, plan=plan), Side(hs.detach(), ws.detach())
+    _, lse, lse_lo = ops.token_logits(side, ids, 0.05)
+    ones = torch.ones(6, device=DEVICE)
+    ours = ops.logits_backward(side, ids, lse, ones, 0.05, Need(hidden=True, weight=True), 0.0, lse_lo=lse_lo)
+    exact = [t.detach().double().requires_grad_() for t in (hs, ws)]
+    plain_pair = [t.detach().clone().requires_grad_() for t in (hs, ws)]
+    exact_grads = torch.autograd.grad(materialized_token_logprobs(*exact, ids, temperature=0.05).sum(), exact)
+    plain_grads = torch.autograd.grad(materialized_token_logprobs(*plain_pair, ids, temperature=0.05).sum(), plain_pair)
+    for name, a, p, e in zip(("hidden", "weight"), ours[:2], plain_grads, exact_grads):
+        assert _as_accurate_as_plain(a, p, e), (name, _error(a, e), _error(p, e))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("backend", "plan"), BACKEND_PLANS)
+def test_token_logprob_gradients_at_a_low_temperature(backend, plan, seed, request):
+    """At τ = 0.05 the logits are 20× their h·Wᵀ and the rows' lse a few hundred: the backward's p = e^{z − lse}
+    carries ~ulp(lse) (1.5e-5) in every p of the row unless it has the forward's lse residual too."""
+    if backend == "cuda":
+        use_cuda_backend(request)
+    hs, ws, _, _ = _as_pair(_rows("random", seed=seed), _rows("random", seed=seed))
+    ids = torch.arange(6, device=DEVICE) * 5 % V
+    extra = {} if backend == "torch" else {"filter_eps": 0.0}
+    ours = linear_token_logprobs(hs, ws, ids, temperature=0.05, backend=backend, plan=plan, **extra)
+    ours_grads = torch.autograd.grad(ours.sum(), (hs, ws))
+    exact = [t.detach().double().requires_grad_() for t in (hs, ws)]
+    plain_pair = [t.detach().clone().requires_grad_() for t in (hs, ws)]
+    reference = materialized_token_logprobs(*exact, ids, temperature=0.05)
+    plain = materialized_token_logprobs(*plain_pair, ids, temperature=0.05)
+    assert _as_accurate_as_plain(ours, plain, reference), (_error(ours, reference), _error(plain, reference))
+    plain_grads = torch.autograd.grad(plain.sum(), plain_pair)
+    exact_grads = torch.autograd.grad(reference.sum(), exact)
+    for name, a, p, e in zip(("hidden", "weight"), ours_grads, plain_grads, exact_grads):
+        assert _as_accurate_as_plain(a, p, e), (name, _error(a, e), _error(p, e))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -67,8 +67,10 @@ class Ops(Protocol):
         temperature: float,
         need: Need,
         filter_eps: float | None = None,
+        lse_lo: Tensor | None = None,
     ) -> Grads:
-        """Gradients of Σ w_n lse_n (``ids`` None) or Σ w_n log p(ids_n)."""
+        """Gradients of Σ w_n lse_n (``ids`` None) or Σ w_n log p(ids_n); ``lse_lo`` the lse residuals of
+        :meth:`token_logits` (None: 0)."""
 
     def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(ids int64 [N, k], log-probs [N, k] descending, ties by the smaller id; lse [N]; entropy [N])."""

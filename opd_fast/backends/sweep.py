@@ -714,14 +714,18 @@ class Sweep:
         temperature: float,
         need: Need,
         filter_eps: float | None = None,
+        lse_lo: Tensor | None = None,
     ) -> Grads:
         """Gradients of Σ_n w_n lse_n (``ids`` None) or of Σ_n w_n log p(ids_n) (``ids`` −1 where the token
-        lies outside these rows: only the −p part)."""
+        lies outside these rows: only the −p part). ``lse_lo``: the rows' lse residuals from :meth:`token_logits`
+        (None: 0, where only the lse is known); with them p = e^{(z − lse) − lse_lo} is accurate to ~ulp(log p),
+        without them to ~ulp(lse)."""
         ops = self._operands([side], temperature)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         lse = lse.to(dtype)
         zeros = torch.zeros_like(lse)
-        given = DivergenceStats(zeros, lse, lse, zeros)
+        lo = None if lse_lo is None else lse_lo.to(dtype)
+        given = DivergenceStats(zeros, lse, lse, zeros, lo, lo)
         mode = "logsumexp" if ids is None else "token_logprob"
         return self._sweep(mode, ops, ids, 0.0, row_weight, given, need, filter_eps or 0.0)[1]
 
