@@ -26,12 +26,19 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_temperature(temperature: object) -> float:
+def check_temperature(temperature: object, name: str = "temperature") -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number > 0, got {type(temperature).__name__}")
+        raise TypeError(f"{name} must be a number > 0, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
     return float(temperature)
+
+
+def check_teacher_temperature(teacher_temperature: object, temperature: float) -> float:
+    """The teacher's temperature τ_t: ``temperature`` (the student's) when None."""
+    if teacher_temperature is None:
+        return temperature
+    return check_temperature(teacher_temperature, "teacher_temperature")
 
 
 def check_beta(beta: object) -> float:
@@ -283,7 +290,8 @@ def check_process_group(process_group: object) -> None:
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """What a backend computes per token: the divergence kind, β (JSD only) and the temperature τ.
+    """What a backend computes per token: the divergence kind, β (JSD only) and the temperatures: τ divides the
+    student's logits and τ_t (``teacher_temperature``; τ when not given) the teacher's.
 
     ``kind`` is already resolved: JSD with β = 0 is forward KL and with β = 1 reverse KL (TRL's and
     Liger-Kernel's convention), so backends only ever see ``jsd`` with 0 < β < 1. ``filter_eps`` is the
@@ -296,14 +304,26 @@ class DivergenceSpec:
     temperature: float
     filter_eps: float | None = None
     entry_clip: float | None = None
+    teacher_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_temperature is None:
+            object.__setattr__(self, "teacher_temperature", self.temperature)
 
     @classmethod
     def make(
-        cls, divergence: object, beta: object, temperature: object, filter_eps: object = None, entry_clip: object = None
+        cls,
+        divergence: object,
+        beta: object,
+        temperature: object,
+        filter_eps: object = None,
+        entry_clip: object = None,
+        teacher_temperature: object = None,
     ) -> DivergenceSpec:
         kind = check_choice("divergence", divergence, DIVERGENCES)
         beta = check_beta(beta)
         temperature = check_temperature(temperature)
+        teacher_temperature = check_teacher_temperature(teacher_temperature, temperature)
         filter_eps = check_filter_eps(filter_eps)
         if entry_clip is not None:
             if isinstance(entry_clip, bool) or not isinstance(entry_clip, (int, float)):
@@ -317,7 +337,7 @@ class DivergenceSpec:
             kind = "forward_kl"
         elif kind == "jsd" and beta == 1.0:
             kind = "reverse_kl"
-        return cls(kind=kind, beta=beta, temperature=temperature, filter_eps=filter_eps, entry_clip=entry_clip)
+        return cls(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature)
 
 
 def flatten(hidden: torch.Tensor) -> torch.Tensor:

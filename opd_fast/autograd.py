@@ -37,7 +37,7 @@ def linear_divergence(pair: CheckedPair, route, spec: DivergenceSpec, reduction:
     return library.divergence(
         pair.hs, pair.ws, pair.bs, pair.ht, pair.wt, pair.bt, pair.mask, *route.args,
         head_args(pair.heads[0]), head_args(pair.heads[1]),
-        spec.kind, spec.beta, spec.temperature, spec.filter_eps, spec.entry_clip,
+        spec.kind, spec.beta, spec.temperature, spec.teacher_temperature, spec.filter_eps, spec.entry_clip,
         reduction, _wants_grad(pair.hs, pair.ws, pair.bs), pair.cut,
     )[0]  # fmt: skip
 

@@ -25,6 +25,7 @@ cross-entropy does). Nothing is ever O(N·V).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +192,7 @@ class VocabParallelOps:
             return inner.divergence(s, t, local_spec, None, Need())[0]
 
         if spec.kind == "jsd":
-            local_lse = local(DivergenceSpec("reverse_kl", spec.beta, spec.temperature, spec.filter_eps))
+            local_lse = local(dataclasses.replace(spec, kind="reverse_kl", entry_clip=None))
             lse_s = global_lse(local_lse.student_lse.to(dtype), shard)[0]
             lse_t = global_lse(local_lse.teacher_lse.to(dtype), shard)[0]
             terms = torch.zeros((3, n_rows), dtype=dtype, device=s.hidden.device)

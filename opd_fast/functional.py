@@ -32,11 +32,12 @@ def linear_divergence(
     filter_eps: float | None = None,
     entry_clip: float | None = None,
     plan: str = "chunked",
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
-    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ (docs/design.md §2; with an :class:`opd_fast.LMHead`,
-    z = softcap(scale · (h Wᵀ + b)) / τ, the order transformers applies):
+    With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ_t (docs/design.md §2; with an :class:`opd_fast.LMHead`,
+    z = softcap(scale · (h Wᵀ + b)) / τ, the order transformers applies; τ_t = τ unless ``teacher_temperature``):
 
     * ``"reverse_kl"``: Σ_v p_s (log p_s − log p_t), the usual OPD loss;
     * ``"forward_kl"``: Σ_v p_t (log p_t − log p_s);
@@ -53,7 +54,7 @@ def linear_divergence(
         divergence: ``"reverse_kl"`` | ``"forward_kl"`` | ``"jsd"``.
         beta: JSD interpolation in [0, 1] (ignored by the KLs).
         mask: bool ``[...]``, True where the token counts (e.g. completion tokens); None = all count.
-        temperature: τ > 0 applied to both models' logits.
+        temperature: τ > 0 dividing the student's logits, and the teacher's unless ``teacher_temperature``.
         reduction: ``"mean"`` over counted tokens (0 when none count), ``"sum"``, or ``"none"`` (``[...]``,
             0 at tokens the mask leaves out).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"``; env ``OPD_FAST_BACKEND`` overrides auto.
@@ -76,13 +77,15 @@ def linear_divergence(
             sweep, exactly the floor's GEMM FLOPs, a workspace of about 2 GiB on CUDA) or ``"streaming"``
             (low memory: online softmax over vocabulary tiles, the backward recomputes the logits); see
             :mod:`opd_fast.chunking`.
+        teacher_temperature: τ_t > 0 dividing the teacher's logits (after its head's scale and softcap, as TRL
+            orders it); None (default) = ``temperature``.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
         w.r.t. ``student_hidden`` and ``student_weight``; the memory used beyond the inputs and gradients is
         bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary).
     """
-    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip)
+    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip, teacher_temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     if spec.entry_clip is not None:
         if backend not in ("auto", "torch"):
@@ -113,6 +116,7 @@ def linear_reverse_kl(
     check_finite: bool = False,
     filter_eps: float | None = None,
     plan: str = "chunked",
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """Reverse KL(p_s ‖ p_t), the standard OPD loss; :func:`linear_divergence` with ``divergence="reverse_kl"``."""
     return linear_divergence(
@@ -130,6 +134,7 @@ def linear_reverse_kl(
         check_finite=check_finite,
         filter_eps=filter_eps,
         plan=plan,
+        teacher_temperature=teacher_temperature,
     )
 
 

@@ -191,6 +191,7 @@ def divergence(
     kind: str,
     beta: float,
     temperature: float,
+    teacher_temperature: float,
     filter_eps: float | None,
     entry_clip: float | None,
     reduction: str,
@@ -207,7 +208,7 @@ def divergence(
     makes the full-size gradients.
     """
     ops = _ops(backend, plan, shard, hs.device)
-    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip)
+    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature)
     rows = counted_rows(mask)
     s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab)
     n_rows, count = hs.shape[0], s.hidden.shape[0]
@@ -237,8 +238,8 @@ def divergence(
 
 
 @divergence.register_fake
-def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps,
-      entry_clip, reduction, need, vocab=None):  # fmt: skip
+def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, beta, temperature,
+      teacher_temperature, filter_eps, entry_clip, reduction, need, vocab=None):  # fmt: skip
     out_dtype = acc_dtype(hs, ws, ht, wt)
     if reduction == "none":
         stats = hs.new_empty((len(DivergenceStats._fields), hs.shape[0]), dtype=out_dtype)
@@ -267,6 +268,7 @@ def divergence_backward(
     kind: str,
     beta: float,
     temperature: float,
+    teacher_temperature: float,
     filter_eps: float | None,
     entry_clip: float | None,
     need: list[bool],
@@ -281,7 +283,7 @@ def divergence_backward(
     if not s.hidden.shape[0]:
         return _grad_outputs(_zero_grads(wanted, hs, ws, bs), hs, ws, bs)
     ops = _ops(backend, plan, shard, hs.device)
-    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip)
+    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature)
     counted = select_rows(stats.T, rows).T
     row_weight = select_rows(grad_out, rows).contiguous()
     grads = ops.divergence_backward(s, t, spec, DivergenceStats(*counted), row_weight, wanted)
@@ -292,13 +294,14 @@ def divergence_backward(
 
 @divergence_backward.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, stats, grad_out, backend, plan, shard, head_s, head_t, kind, beta, temperature,
-      filter_eps, entry_clip, need, vocab=None):  # fmt: skip
+      teacher_temperature, filter_eps, entry_clip, need, vocab=None):  # fmt: skip
     return _fake_grads(need, hs, ws, bs)
 
 
 def _divergence_context(ctx, inputs, output) -> None:
     hs, ws, bs, ht, wt, bt, mask, *options, reduction, need, vocab = inputs
-    # options: backend, plan, shard, head_s, head_t, kind, beta, temperature, filter_eps, entry_clip
+    # options: backend, plan, shard, head_s, head_t, kind, beta, temperature, teacher_temperature, filter_eps,
+    # entry_clip
     ctx.options, ctx.reduction, ctx.need, ctx.vocab = options, reduction, need, vocab
     ctx.in_dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
     ctx.in_rows = (hs.shape[0], ws.shape[0], None if bs is None else bs.shape[0])
@@ -312,7 +315,7 @@ def _divergence_context(ctx, inputs, output) -> None:
 
 
 def _divergence_backward(ctx, grad_loss, *unused):
-    not_inputs = [None] * 17  # ht, wt, bt, mask and the plain values
+    not_inputs = [None] * 18  # ht, wt, bt, mask and the plain values
     if grad_loss is None:  # only outputs other than the loss reached the graph's ends
         return None, None, None, *not_inputs
     if ctx.reduction == "none":

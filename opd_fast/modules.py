@@ -29,10 +29,12 @@ class OPDLoss(torch.nn.Module):
         backend: str = "auto",
         filter_eps: float | None = None,
         plan: str = "chunked",
+        teacher_temperature: float | None = None,
     ) -> None:
         super().__init__()
-        check.DivergenceSpec.make(divergence, beta, temperature, filter_eps)
+        spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, None, teacher_temperature)
         self.divergence, self.beta, self.temperature = divergence, float(beta), float(temperature)
+        self.teacher_temperature = None if teacher_temperature is None else spec.teacher_temperature
         self.filter_eps = filter_eps
         self.plan = check_plan(plan)
         self.reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
@@ -59,11 +61,13 @@ class OPDLoss(torch.nn.Module):
             backend=self.backend,
             filter_eps=self.filter_eps,
             plan=self.plan,
+            teacher_temperature=self.teacher_temperature,
         )
 
     def extra_repr(self) -> str:
         beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
+        teacher = "" if self.teacher_temperature is None else f", teacher_temperature={self.teacher_temperature}"
         return (
-            f"divergence={self.divergence!r}{beta}, temperature={self.temperature}, "
+            f"divergence={self.divergence!r}{beta}, temperature={self.temperature}{teacher}, "
             f"reduction={self.reduction!r}, backend={self.backend!r}, plan={self.plan!r}"
         )

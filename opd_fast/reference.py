@@ -54,6 +54,10 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
+def _teacher(temperature: float, teacher_temperature: float | None) -> float:
+    return temperature if teacher_temperature is None else teacher_temperature
+
+
 def materialized_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor | LMHead,
@@ -65,10 +69,12 @@ def materialized_divergence(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "mean",
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """The divergence of docs/design.md §2 from materialized logits; hidden states ``[..., H]``, weights ``[V, H]``.
 
-    JSD(β) with β = 0 is forward KL and with β = 1 reverse KL (TRL's and Liger-Kernel's convention).
+    JSD(β) with β = 0 is forward KL and with β = 1 reverse KL (TRL's and Liger-Kernel's convention). The teacher's
+    logits are divided by ``teacher_temperature`` (``temperature`` when None).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -78,7 +84,7 @@ def materialized_divergence(
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     lps = _log_softmax(student_hidden, student_weight, temperature)
     with torch.no_grad():
-        lpt = _log_softmax(teacher_hidden, teacher_weight, temperature)
+        lpt = _log_softmax(teacher_hidden, teacher_weight, _teacher(temperature, teacher_temperature))
     if divergence == "reverse_kl":
         per_token = _kl(lps, lpt)
     elif divergence == "forward_kl":
@@ -116,12 +122,13 @@ def materialized_topk_overlap(
     *,
     k: int = 16,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
 ) -> TopKOverlap:
     """Top-k statistics from the full-vocabulary log-probs: the two top-k sets S_s and S_t as membership masks
     over the vocabulary, their intersection I, and the masses Σ_{v∈I} p(v) summed over the vocabulary."""
     with torch.no_grad():
         lps = _log_softmax(student_hidden, student_weight, temperature)
-        lpt = _log_softmax(teacher_hidden, teacher_weight, temperature)
+        lpt = _log_softmax(teacher_hidden, teacher_weight, _teacher(temperature, teacher_temperature))
         s_ids, s_lp, in_s = _top_k(lps, k)
         t_ids, t_lp, in_t = _top_k(lpt, k)
         shared = in_s & in_t
@@ -152,6 +159,7 @@ def materialized_topk_divergence(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "mean",
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """The top-k-support divergence of :func:`opd_fast.linear_topk_divergence` from materialized logits.
 
@@ -160,7 +168,7 @@ def materialized_topk_divergence(
     """
     lps = _log_softmax(student_hidden, student_weight, temperature)
     with torch.no_grad():
-        lpt = _log_softmax(teacher_hidden, teacher_weight, temperature)
+        lpt = _log_softmax(teacher_hidden, teacher_weight, _teacher(temperature, teacher_temperature))
         in_s, in_t = _top_k(lps, k)[2], _top_k(lpt, k)[2]
         chosen = {"student": in_s, "teacher": in_t, "union": in_s | in_t, "intersection": in_s & in_t}[support]
     if renormalize:

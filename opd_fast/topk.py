@@ -142,14 +142,17 @@ def linear_topk_overlap(
     vocab_size: int | None = None,
     check_finite: bool = False,
     plan: str = "chunked",
+    teacher_temperature: float | None = None,
 ) -> TopKOverlap:
     """Top-k agreement diagnostics of docs/design.md §2 per token; see :class:`opd_fast.TopKOverlap`.
 
     Streams a running top-k and online softmax statistics over vocabulary tiles for both models, so it
     needs O(tokens · k) memory. Ties are ordered by the smaller token id. Not differentiable (a
-    diagnostic). Arguments as in :func:`opd_fast.linear_divergence`, plus ``k`` in [1, V].
+    diagnostic). Arguments as in :func:`opd_fast.linear_divergence` (``teacher_temperature`` gives the
+    teacher's probabilities and entropy), plus ``k`` in [1, V].
     """
     temperature = check.check_temperature(temperature)
+    teacher_temperature = check.check_teacher_temperature(teacher_temperature, temperature)
     where = Placement.make(backend, plan, process_group)
     pair, route = checked_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
@@ -159,7 +162,7 @@ def linear_topk_overlap(
     rows, n_rows = counted_rows(pair.mask), pair.hs.shape[0]
     with torch.no_grad():
         s_ids, s_lp, _, s_ent = _topk(route, _side(pair, rows, 0), k, temperature)
-        t_ids, t_lp, _, t_ent = _topk(route, _side(pair, rows, 1), k, temperature)
+        t_ids, t_lp, _, t_ent = _topk(route, _side(pair, rows, 1), k, teacher_temperature)
         stats = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
         fields = (s_ids, s_lp.float(), t_ids, t_lp.float(), *stats, s_ent.float(), t_ent.float())
     fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -244,6 +247,7 @@ def linear_topk_divergence(
     check_finite: bool = False,
     filter_eps: float | None = None,
     plan: str = "chunked",
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """The divergence restricted to a top-k support of each token.
 
@@ -264,6 +268,7 @@ def linear_topk_divergence(
     divergence = check.check_choice("divergence", divergence, TOPK_DIVERGENCES)
     renormalize = check.check_flag("renormalize", renormalize)
     temperature = check.check_temperature(temperature)
+    teacher_temperature = check.check_teacher_temperature(teacher_temperature, temperature)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
     where = Placement.make(backend, plan, process_group)
@@ -279,11 +284,11 @@ def linear_topk_divergence(
     with torch.no_grad():
         frozen = student._replace(weight=pair.ws.detach(), bias=None if pair.bs is None else pair.bs.detach())
         s_ids = _topk(route, frozen, k, temperature)[0] if support != "teacher" else None
-        t_ids = _topk(route, teacher, k, temperature)[0] if support != "student" else None
+        t_ids = _topk(route, teacher, k, teacher_temperature)[0] if support != "student" else None
     ids = _support_ids(support, s_ids, t_ids)
     valid = ids >= 0
     zs = _gathered_logits(route, student, ids, temperature)
-    zt = _gathered_logits(route, teacher, ids, temperature)
+    zt = _gathered_logits(route, teacher, ids, teacher_temperature)
     if renormalize:
         lps, lpt = _restricted_log_softmax(zs, valid), _restricted_log_softmax(zt, valid)
     else:
@@ -292,7 +297,7 @@ def linear_topk_divergence(
         )
         with torch.no_grad():
             lse_t = autograd.linear_logsumexp(
-                teacher.hidden, teacher.weight, teacher.bias, route, teacher.head, temperature
+                teacher.hidden, teacher.weight, teacher.bias, route, teacher.head, teacher_temperature
             )
         lps = torch.where(valid, zs - lse_s.unsqueeze(1), 0.0)
         lpt = torch.where(valid, zt - lse_t.to(zt.dtype).unsqueeze(1), 0.0)

@@ -186,6 +186,36 @@ def test_single_token_and_temperature(backend, plan):
     _check_divergence(backend, inputs, tol, plan, temperature=0.45, filter_eps=0.0)
 
 
+@pytest.mark.parametrize(("plan", "budget"), [("chunked", WHOLE_ROWS), ("chunked", 400), ("streaming", 400)])
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_teacher_temperature_divides_only_the_teachers_logits(backend, divergence, beta, plan, budget):
+    """τ_t ≠ τ, after both heads' scale and softcap (TRL's order), in whole rows and over vocabulary tiles; with
+    the per-token top-k overlap (the teacher's top-k log-probs and entropy at τ_t) and top-k divergence."""
+    dtype, tol = next(iter(backend.exact.items()))
+    hs, ws, ht, wt = backend.inputs((2, 9), 16, 24, 131, dtype)
+    x_hs, x_ws, x_ht, x_wt = _exact(hs, ws, ht, wt)
+    student, teacher = LMHead(ws, scale=0.8, softcap=4.0), LMHead(wt, scale=1.5, softcap=9.0)
+    x_student, x_teacher = LMHead(x_ws, scale=0.8, softcap=4.0), LMHead(x_wt, scale=1.5, softcap=9.0)
+    mask = _mask((2, 9), backend.device)
+    temperatures = dict(temperature=1.3, teacher_temperature=0.6)
+    with chunk_budget(budget):
+        kw = dict(divergence=divergence, beta=beta, mask=mask, reduction="none", **temperatures)
+        ours = linear_divergence(hs, student, ht, teacher, backend=backend.name, plan=plan, **kw)
+        ref = materialized_divergence(x_hs, x_student, x_ht, x_teacher, **kw)
+        _check(ours, ref, (hs, ws), (x_hs, x_ws), tol)
+        shared = materialized_divergence(x_hs, x_student, x_ht, x_teacher, **{**kw, "teacher_temperature": None})
+        assert rel_err(ours, shared) > 1e-2  # τ_t is not ignored
+        if divergence != "jsd":
+            return
+        kw = dict(k=6, support="union", mask=mask, **temperatures)
+        ours = linear_topk_divergence(hs, student, ht, teacher, backend=backend.name, plan=plan, **kw)
+        ref = materialized_topk_divergence(x_hs, x_student, x_ht, x_teacher, **kw)
+        _check(ours, ref, (hs, ws), (x_hs, x_ws), tol)
+        ours = linear_topk_overlap(hs, student, ht, teacher, k=5, backend=backend.name, plan=plan, **temperatures)
+    ref = materialized_topk_overlap(x_hs, x_student, x_ht, x_teacher, k=5, **temperatures)
+    _assert_topk_matches(ours, ref, tol=max(tol, 1e-6))
+
+
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)

@@ -147,10 +147,10 @@ def _op_cases(backend: str, device):
     # The backward ops run inside a backward (no double backward) and top-k under no_grad: detached inputs.
     hs_, ws_, bs_ = hs.detach(), ws.detach(), bs.detach()
     few_ids = torch.randint(-1, vocab, (n, 3), device=device)
-    jsd = ("jsd", 0.3, 1.3, None, None)  # kind, beta, temperature, filter_eps, entry_clip
+    jsd = ("jsd", 0.3, 1.3, 0.8, None, None)  # kind, beta, temperature, teacher_temperature, filter_eps, entry_clip
 
     def divergence(kind, beta, reduction, with_mask=True, b=bs):
-        options = (kind, beta, 1.3, None, None, reduction, need if b is not None else [True, True, False])
+        options = (kind, beta, 1.3, 1.7, None, None, reduction, need if b is not None else [True, True, False])
         return (hs, ws, b, ht, wt, None, mask if with_mask else None, *route, head_s, head_t, *options)
 
     return [

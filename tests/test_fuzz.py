@@ -1,9 +1,9 @@
 """Property-based fuzzing: every backend on this machine against the float64 materialized reference.
 
 Hypothesis draws shapes (leading dims, student and teacher hidden sizes, vocabularies that fit no tile),
-dtypes, temperatures, logit scales (0 = all-equal rows, up to very peaked), masks (none, random, all out),
-divergences and β, reductions, k, top-k supports, the torch backend's chunk budget, and vocabulary-shard
-layouts (empty shards included). Values and both gradients are compared.
+dtypes, temperatures (the teacher's own or the student's), logit scales (0 = all-equal rows, up to very
+peaked), masks (none, random, all out), divergences and β, reductions, k, top-k supports, the torch backend's
+chunk budget, and vocabulary-shard layouts (empty shards included). Values and both gradients are compared.
 
 Tolerances: fp64 and fp32 inputs against the reference within a few ulps of their dtype's accumulation;
 fp16/bf16 inputs by the project's rule — our error at most twice plain PyTorch's at the same precision
@@ -99,6 +99,7 @@ def problems(draw, backend: str, min_vocab: int = 1):
         dtype=draw(st.sampled_from(DTYPES[backend])),
         scale=draw(st.sampled_from([0.0, 0.3, 2.0, 6.0, 25.0])),
         temperature=draw(st.floats(0.25, 4.0)),
+        teacher_temperature=draw(st.one_of(st.none(), st.floats(0.25, 4.0))),
         mask=draw(st.sampled_from(["none", "random", "all-out"])),
         budget=draw(st.sampled_from([None, 1, 7, 64, 4096])),
         seed=draw(st.integers(0, 2**20)),
@@ -160,6 +161,7 @@ def _with_budget(budget):
 def check_divergence(backend, p, divergence, beta, reduction):
     hs, ws, ht, wt, mask = build(p)
     kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=p["temperature"], reduction=reduction)
+    kw["teacher_temperature"] = p["teacher_temperature"]
     extra = {"filter_eps": 0.0} if backend != "torch" else {}
     with _with_budget(p["budget"]):
         ours = linear_divergence(hs, ws, ht, wt, backend=backend, **kw, **extra)
@@ -240,12 +242,14 @@ def test_topk_overlap(backend):
     def run(p, k_fraction):
         hs, ws, ht, wt, _ = build(p)
         k = max(1, round(k_fraction * min(p["vocab"], MAX_K[backend])))
+        temperatures = dict(temperature=p["temperature"], teacher_temperature=p["teacher_temperature"])
+        tau_t = p["teacher_temperature"] or p["temperature"]
         lps = torch.log_softmax((hs.double() @ ws.double().T) / p["temperature"], dim=-1)
-        lpt = torch.log_softmax((ht.double() @ wt.double().T) / p["temperature"], dim=-1)
+        lpt = torch.log_softmax((ht.double() @ wt.double().T) / tau_t, dim=-1)
         assume(_separated(lps, k) and _separated(lpt, k))
         with _with_budget(p["budget"]):
-            ours = linear_topk_overlap(hs, ws, ht, wt, k=k, temperature=p["temperature"], backend=backend)
-        ref = materialized_topk_overlap(*exact(hs, ws, ht, wt), k=k, temperature=p["temperature"])
+            ours = linear_topk_overlap(hs, ws, ht, wt, k=k, backend=backend, **temperatures)
+        ref = materialized_topk_overlap(*exact(hs, ws, ht, wt), k=k, **temperatures)
         for field, a, b in zip(ref._fields, ours, ref):
             if b.dtype == torch.int64:
                 assert torch.equal(a.cpu(), b.cpu()), field
@@ -269,11 +273,13 @@ def test_topk_divergence(backend):
     def run(p, k_fraction, support, divergence, renormalize, reduction):
         hs, ws, ht, wt, mask = build(p)
         k = max(1, round(k_fraction * min(p["vocab"], MAX_K[backend])))
+        temperatures = dict(temperature=p["temperature"], teacher_temperature=p["teacher_temperature"])
+        tau_t = p["teacher_temperature"] or p["temperature"]
         lps = torch.log_softmax((hs.double() @ ws.double().T) / p["temperature"], dim=-1)
-        lpt = torch.log_softmax((ht.double() @ wt.double().T) / p["temperature"], dim=-1)
+        lpt = torch.log_softmax((ht.double() @ wt.double().T) / tau_t, dim=-1)
         assume(_separated(lps, k) and _separated(lpt, k))
         kw = dict(k=k, support=support, divergence=divergence, renormalize=renormalize)
-        kw.update(mask=mask, temperature=p["temperature"], reduction=reduction)
+        kw.update(mask=mask, reduction=reduction, **temperatures)
         with _with_budget(p["budget"]):
             ours = linear_topk_divergence(hs, ws, ht, wt, backend=backend, **kw)
         ref_inputs = exact(hs, ws, ht, wt)

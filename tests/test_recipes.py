@@ -141,6 +141,24 @@ def test_divergence_loss_sparse_and_dense_paths_agree(mode):
         assert rel_err(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("mode", ["reverse_kl", "jsd", "topk", "sampled_token"])
+def test_teacher_temperature_reaches_every_teacher_logit(mode):
+    """loss.teacher_temperature τ_t divides the teacher's logits only: the same loss as the teacher's head scaled by
+    τ/τ_t at one shared temperature τ (the divergences, the top-k support and the sampled-token reward)."""
+    hs, ws, ht, wt = make_pair(lead=(2, 5), vocab=37)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    batch = SimpleNamespace(completion_mask=mask, targets=torch.randint(0, 37, (2, 5)))
+    tau, tau_t = 1.5, 0.6
+    own = LossConfig(mode=mode, beta=0.3, top_k=5, temperature=tau, teacher_temperature=tau_t)
+    shared = dataclasses.replace(own, teacher_temperature=None)
+    ours = compute_loss(own, batch, hs, LMHead(ws), ht, LMHead(wt.detach()), 37)[0]
+    scaled = compute_loss(shared, batch, hs, LMHead(ws), ht, LMHead(wt.detach() * (tau / tau_t)), 37)[0]
+    unscaled = compute_loss(shared, batch, hs, LMHead(ws), ht, LMHead(wt.detach()), 37)[0]
+    assert rel_err(ours, scaled) < 1e-10 and rel_err(ours, unscaled) > 1e-3
+    for a, b in zip(grads(ours, (hs, ws)), grads(scaled, (hs, ws))):
+        assert rel_err(a, b) < 1e-8
+
+
 def test_every_loss_mode_has_a_loss_function():
     assert set(LOSS_FUNCTIONS) == set(LOSS_MODES)
 

@@ -402,7 +402,11 @@ def test_config_takes_one_url_or_a_list(tmp_path):
         (["teacher.server=a:1", "loss.mode=topk"], "teacher.server must be http"),
         (["teacher.server=[]", "loss.mode=topk"], "teacher.server is an empty list"),
         (["teacher.server=http://a:1", "teacher.engine=vllm", "teacher.path=/t", "loss.mode=topk"], "set one of"),
-        (["teacher.server=http://a:1", "loss.mode=topk", "loss.temperature=2"], "use loss.temperature=1"),
+        (["teacher.server=http://a:1", "loss.mode=topk", "loss.temperature=2"], r"not at loss.temperature=2.0 \(loss"),
+        (
+            ["teacher.server=http://a:1", "loss.mode=topk", "loss.teacher_temperature=0.5"],
+            "set loss.teacher_temperature=1",
+        ),
         (["teacher.server=http://a:1", "loss.mode=topk", "rollout.source=teacher"], "rollout.source=teacher needs"),
         (["teacher.server=http://a:1", "loss.mode=topk", "train.cold_start_steps=2"], "cold_start_steps > 0 needs"),
         (["teacher.server=http://a:1", "loss.mode=topk", "teacher.retries=-1"], r"teacher.retries must be in \[0"),

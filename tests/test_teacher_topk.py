@@ -252,7 +252,9 @@ def test_topk_dir_configuration_errors(models, shards, tmp_path):
         _config(models, shards, tmp_path, "loss.mode=reverse_kl")
     with pytest.raises(ConfigError, match=r"is its cold start: set train.cold_start_steps"):
         _config(models, shards, tmp_path, f"teacher.path={models['teacher']}")
-    with pytest.raises(ConfigError, match=r"loss.temperature=1"):
+    with pytest.raises(ConfigError, match=r"not at loss.temperature=2.0 .*set loss.teacher_temperature=1"):
         _config(models, shards, tmp_path, "loss.temperature=2.0")
+    student_only = _config(models, shards, tmp_path, "loss.temperature=2.0", "loss.teacher_temperature=1")
+    assert (student_only.loss.temperature, student_only.loss.resolved_teacher_temperature) == (2.0, 1.0)
     with pytest.raises(TopKShardError, match=r"holds no manifest.json"):
         Trainer(_config(models, tmp_path, tmp_path / "run"), progress=False)

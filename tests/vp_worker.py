@@ -45,14 +45,15 @@ def cases():
                 (
                     f"div-{divergence}-{reduction}",
                     "divergence",
-                    dict(divergence=divergence, beta=0.3, reduction=reduction, temperature=1.3),
+                    dict(divergence=divergence, beta=0.3, reduction=reduction, temperature=1.3)
+                    | ({"teacher_temperature": 0.7} if reduction == "none" else {}),
                 )
             )
     out.append(("div-vocab_size", "divergence", dict(reduction="sum", vocab_size=41)))
     for divergence in ("reverse_kl", "jsd"):  # vocab_size=18 leaves some ranks' shards empty
         out.append((f"div-empty-shards-{divergence}", "divergence", dict(divergence=divergence, vocab_size=18)))
     out.append(("tokens", "tokens", dict(temperature=0.8)))
-    out.append(("topk-overlap", "overlap", dict(k=6)))
+    out.append(("topk-overlap", "overlap", dict(k=6, teacher_temperature=0.9)))
     for support in ("student", "union", "intersection"):
         for renormalize in (True, False):
             out.append((f"topk-{support}-{renormalize}", "topk", dict(k=5, support=support, renormalize=renormalize)))

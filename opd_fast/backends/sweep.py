@@ -665,14 +665,19 @@ class Sweep:
 
     # -- the ops -------------------------------------------------------------------------------------------------
 
-    def _operands(self, sides: list[Side], temperature: float, fold: bool = True) -> list[Operand]:
-        return [self.epilogue.prepare(side, temperature, fold) for side in sides]
+    def _operands(self, sides: list[Side], temperatures: list[float], fold: bool = True) -> list[Operand]:
+        """Each model's operand, its logits divided by its own temperature."""
+        return [self.epilogue.prepare(side, tau, fold) for side, tau in zip(sides, temperatures, strict=True)]
+
+    def _pair(self, s: Side, t: Side, spec: DivergenceSpec) -> list[Operand]:
+        """The student's and the teacher's operands at τ and τ_t."""
+        return self._operands([s, t], [spec.temperature, spec.teacher_temperature])
 
     def divergence(
         self, s: Side, t: Side, spec: DivergenceSpec, row_weight: Tensor | None, need: Need
     ) -> tuple[DivergenceStats, Grads]:
         """Per-token statistics and, when ``row_weight`` [N] is given, the gradients of Σ_n w_n D_n."""
-        ops = self._operands([s, t], spec.temperature)
+        ops = self._pair(s, t, spec)
         filter_eps = spec.filter_eps or 0.0
         stats, grads = self._sweep(spec.kind, ops, None, spec.beta, row_weight, None, need, filter_eps)
         return stats, grads
@@ -681,7 +686,7 @@ class Sweep:
         self, s: Side, t: Side, spec: DivergenceSpec, stats: DivergenceStats, row_weight: Tensor, need: Need
     ) -> Grads:
         """Gradients of Σ_n w_n D_n from given (e.g. global) statistics; recomputes the logits."""
-        ops = self._operands([s, t], spec.temperature)
+        ops = self._pair(s, t, spec)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         given = DivergenceStats(*(None if x is None else x.to(dtype) for x in stats))
         return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, spec.filter_eps or 0.0)[1]
@@ -689,7 +694,7 @@ class Sweep:
     def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor) -> Tensor:
         """JSD's terms [3, N] (see :func:`jsd_loss`) summed over these vocabulary rows, given the rows' (global)
         lse."""
-        ops = self._operands([s, t], spec.temperature)
+        ops = self._pair(s, t, spec)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         lse = (lse_s.to(dtype), lse_t.to(dtype))
         return self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)[0]
@@ -697,12 +702,12 @@ class Sweep:
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """(z_y [N], lse [N], lse_lo [N]): the logit of each row's token (0 where ``ids`` is outside these rows,
         e.g. −1), the row's log-sum-exp and its residual."""
-        ops = self._operands([side], temperature)
+        ops = self._operands([side], [temperature])
         stats, _ = self._sweep("token_logprob", ops, ids, 0.0, None, None, Need(), 0.0)
         return stats.loss, stats.student_lse, lse_lo(stats)[0]
 
     def logsumexp(self, side: Side, temperature: float) -> Tensor:
-        ops = self._operands([side], temperature)
+        ops = self._operands([side], [temperature])
         return self._sweep("logsumexp", ops, None, 0.0, None, None, Need(), 0.0)[0].student_lse
 
     def logits_backward(
@@ -720,7 +725,7 @@ class Sweep:
         lies outside these rows: only the −p part). ``lse_lo``: the rows' lse residuals from :meth:`token_logits`
         (None: 0, where only the lse is known); with them p = e^{(z − lse) − lse_lo} is accurate to ~ulp(log p),
         without them to ~ulp(lse)."""
-        ops = self._operands([side], temperature)
+        ops = self._operands([side], [temperature])
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         lse = lse.to(dtype)
         zeros = torch.zeros_like(lse)
@@ -731,7 +736,7 @@ class Sweep:
 
     def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(ids int64 [N, k], log-probs [N, k] descending with ties by the smaller id, lse [N], entropy [N])."""
-        (op,) = self._operands([side], temperature, fold=False)
+        (op,) = self._operands([side], [temperature], fold=False)
         n_rows, vocab, device = op.hidden.shape[0], op.weight.shape[0], op.hidden.device
         plan = self._plan(n_rows, vocab, device)
         dtype = torch.promote_types(op.hidden.dtype, torch.float32)

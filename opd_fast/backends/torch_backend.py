@@ -468,10 +468,10 @@ class TorchOps(Sweep):
     def __init__(self, plan: str = "chunked"):
         super().__init__("torch", TorchEpilogue(), plan)
 
-    def _operands(self, sides: list[Side], temperature: float, fold: bool = True) -> list[Operand]:
+    def _operands(self, sides: list[Side], temperatures: list[float], fold: bool = True) -> list[Operand]:
         """The models' operands; the teacher's weight (the second model's, which enters only its logits GEMM) in
         the layout that GEMM runs fastest from (:func:`_logits_layout`)."""
-        ops = super()._operands(sides, temperature, fold)
+        ops = super()._operands(sides, temperatures, fold)
         return [ops[0], *(dataclasses.replace(op, weight=_logits_layout(op.weight)) for op in ops[1:])]
 
     def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
@@ -488,7 +488,7 @@ class TorchOps(Sweep):
         """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped, :func:`_clipped_terms_grad`)
         from each token chunk's logits; a whole vocabulary row per chunk (the clip needs every term of a row)."""
         epi = self.epilogue
-        op_s, op_t = epi.prepare(s, spec.temperature), epi.prepare(t, spec.temperature)
+        op_s, op_t = epi.prepare(s, spec.temperature), epi.prepare(t, spec.teacher_temperature)
         head_s, head_t = op_s.tile(slice(None)), op_t.tile(slice(None))
         n_tokens, vocab = op_s.hidden.shape[0], op_s.weight.shape[0]
         rows_per_chunk = max(1, get_chunk_budget(op_s.hidden.device) // vocab)

@@ -184,19 +184,19 @@ class TritonStreamingOps:
         return Grads(dh, dw, db)
 
     def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
-        ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.temperature)
+        ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature)
         stats = self._stats(ps, pt, spec)
         if row_weight is None or not need.any:
             return stats, Grads()
         return stats, self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
 
     def divergence_backward(self, s: Side, t: Side, spec: DivergenceSpec, stats, row_weight, need: Need) -> Grads:
-        ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.temperature)
+        ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature)
         return self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
 
     def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor):
         stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s))  # lse only
-        return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.temperature), spec, stats)
+        return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature), spec, stats)
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float):
         p = _Prepared(side, temperature)

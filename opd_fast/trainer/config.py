@@ -148,6 +148,8 @@ class LossConfig:
     mode: str = "reverse_kl"
     beta: float = 0.5
     temperature: float = 1.0
+    # The teacher's logits' temperature (after its head's scale and softcap, as TRL orders it); None: loss.temperature.
+    teacher_temperature: float | None = None
     top_k: int = 16
     support: str = "student"
     renormalize: bool = True
@@ -170,6 +172,17 @@ class LossConfig:
     # completion on every token. reward: None (the task's verifier, 1/0) or "module:function".
     reward_mix: float = 1.0
     reward: str | None = None
+
+    @property
+    def resolved_teacher_temperature(self) -> float:
+        """τ_t: teacher_temperature, or temperature when it is None."""
+        return self.temperature if self.teacher_temperature is None else self.teacher_temperature
+
+    def teacher_temperature_setting(self) -> str:
+        """The setting that gives τ_t, for messages."""
+        if self.teacher_temperature is None:
+            return f"loss.temperature={self.temperature} (loss.teacher_temperature unset)"
+        return f"loss.teacher_temperature={self.teacher_temperature}"
 
 
 @dataclass
@@ -253,6 +266,9 @@ class TrainConfig:
         _choice("loss.mode", self.loss.mode, LOSS_MODES)
         _range("loss.beta", self.loss.beta, 0.0, 1.0)
         _range("loss.temperature", self.loss.temperature, 0.0, math.inf, low_open=True, high_open=True)
+        if self.loss.teacher_temperature is not None:
+            tau_t = self.loss.teacher_temperature
+            _range("loss.teacher_temperature", tau_t, 0.0, math.inf, low_open=True, high_open=True)
         _positive("loss.top_k", self.loss.top_k)
         _choice("loss.support", self.loss.support, TOPK_SUPPORTS)
         _choice("loss.topk_divergence", self.loss.topk_divergence, ("reverse_kl", "forward_kl"))
@@ -360,10 +376,11 @@ class TrainConfig:
                 f"{which} gives only the teacher's top-k log-probs: use loss.mode=topk (the top-k target loss, "
                 f"tail bucket by loss.add_tail), not {self.loss.mode}"
             )
-        if self.loss.temperature != 1.0:
+        if self.loss.resolved_teacher_temperature != 1.0:
             raise ConfigError(
-                f"{which}: the teacher's log-probs come at temperature 1 (vLLM's prompt_logprobs), while "
-                f"loss.temperature={self.loss.temperature} would scale only the student's: use loss.temperature=1"
+                f"{which}: the teacher's log-probs come at temperature 1 (vLLM's prompt_logprobs), not at "
+                f"{self.loss.teacher_temperature_setting()}: set loss.teacher_temperature=1 (loss.temperature stays "
+                "the student's)"
             )
         needs_weights = {
             "teacher.self_distill": teacher.self_distill,
@@ -385,10 +402,11 @@ class TrainConfig:
         teacher = self.teacher
         if teacher.topk_dir is None:
             return
-        if self.loss.temperature != 1.0:
+        if self.loss.resolved_teacher_temperature != 1.0:
             raise ConfigError(
-                "teacher.topk_dir: the stored log-probs are the teacher's at temperature 1, while "
-                f"loss.temperature={self.loss.temperature} would scale only the student's: use loss.temperature=1"
+                "teacher.topk_dir: the stored log-probs are the teacher's at temperature 1, not at "
+                f"{self.loss.teacher_temperature_setting()}: set loss.teacher_temperature=1 (loss.temperature stays "
+                "the student's)"
             )
         if not teacher.offline:
             if self.train.cold_start_steps == 0:

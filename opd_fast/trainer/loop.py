@@ -419,6 +419,7 @@ class Trainer:
             batch.completion_mask,
             k=self.overlap_k,
             temperature=cfg.loss.temperature,
+            teacher_temperature=cfg.loss.teacher_temperature,
             backend=cfg.loss.backend,
             vocab_size=self.vocab_size,
         )

@@ -117,6 +117,7 @@ def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
         reduction="none" if sparse else "mean",
         entry_clip=cfg.entry_clip,
         temperature=cfg.temperature,
+        teacher_temperature=cfg.teacher_temperature,
         backend=cfg.backend,
     )
     if not sparse:
@@ -157,15 +158,20 @@ def topk_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
         mask=x.mask,
         reduction="none",
         temperature=cfg.temperature,
+        teacher_temperature=cfg.teacher_temperature,
         backend=cfg.backend,
     )
     kept = sparsify(x.mask, per_token, cfg.token_keep, cfg.token_select)
     return _masked_mean(per_token, kept), kept, {}
 
 
-def _token_logprobs(cfg: LossConfig, hidden: torch.Tensor, head: LMHead, x: LossInputs) -> torch.Tensor:
+def _token_logprobs(
+    cfg: LossConfig, hidden: torch.Tensor, head: LMHead, x: LossInputs, temperature: float | None = None
+) -> torch.Tensor:
+    """log p(y) of the sampled tokens at ``temperature`` (None: the student's, loss.temperature)."""
     head = head.vocab_slice(0, x.vocab_size)
-    return linear_token_logprobs(hidden, head, x.batch.targets, temperature=cfg.temperature, backend=cfg.backend)
+    tau = cfg.temperature if temperature is None else temperature
+    return linear_token_logprobs(hidden, head, x.batch.targets, temperature=tau, backend=cfg.backend)
 
 
 def sft_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
@@ -180,7 +186,9 @@ def sampled_token_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
     mask, metrics = x.mask, {}
     logprobs = _token_logprobs(cfg, x.student_hidden, x.student_head, x)
     with torch.no_grad():
-        teacher_logprobs = _token_logprobs(cfg, x.teacher_hidden, x.teacher_head, x)
+        teacher_logprobs = _token_logprobs(
+            cfg, x.teacher_hidden, x.teacher_head, x, temperature=cfg.resolved_teacher_temperature
+        )
     old = logprobs.detach() if x.behaviour_logprobs is None else x.behaviour_logprobs
     estimate = old - teacher_logprobs  # one-sample reverse KL at the sampled token
     advantage = discounted_advantage(-estimate, mask, cfg.discount)
@@ -239,7 +247,17 @@ def compute_loss(
 
 @torch.no_grad()
 def overlap_statistics(
-    student_hidden, student_head, teacher_hidden, teacher_head, mask, *, k, temperature, backend, vocab_size
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask,
+    *,
+    k,
+    temperature,
+    backend,
+    vocab_size,
+    teacher_temperature=None,
 ):
     """Per-token top-k agreement (linear_topk_overlap) at the completion positions."""
     return linear_topk_overlap(
@@ -252,6 +270,7 @@ def overlap_statistics(
         temperature=temperature,
         backend=backend,
         vocab_size=vocab_size,
+        teacher_temperature=teacher_temperature,
     )
 
 
