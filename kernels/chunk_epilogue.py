@@ -476,7 +476,7 @@ def logit_grad(zs, zt, ids, stats, row_weight, head_s, head_t, v_lo: int, mode: 
     g = zs if out is None else out
     if rows == 0:
         return g
-    loss, lse_s, lse_t, center, lo_s, lo_t = _row_vectors(*stats)
+    loss, lse_s, lse_t, center, lo_s, lo_t = _row_vectors(*stats[:6])
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     block = _block(width)

@@ -20,13 +20,14 @@ from opd_fast.topk import (
     linear_topk_target_divergence,
     overlap_averages,
 )
-from opd_fast.types import TopKOverlap
+from opd_fast.types import LossWithEntropy, TopKOverlap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "LMHead",
+    "LossWithEntropy",
     "OPDLoss",
     "OverlapAverages",
     "TopKOverlap",

@@ -305,6 +305,7 @@ class DivergenceSpec:
     filter_eps: float | None = None
     entry_clip: float | None = None
     teacher_temperature: float | None = None
+    entropy: bool = False  # also the student's per-token entropy, from the same sweep
 
     def __post_init__(self) -> None:
         if self.teacher_temperature is None:

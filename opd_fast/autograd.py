@@ -32,14 +32,16 @@ def _wants_grad(*tensors: Tensor | None) -> list[bool]:
     return [grad_on and t is not None and t.requires_grad for t in tensors]
 
 
-def linear_divergence(pair: CheckedPair, route, spec: DivergenceSpec, reduction: str) -> Tensor:
-    """The divergence of a checked pair, reduced: a scalar, or ``[N]`` for ``reduction="none"``."""
-    return library.divergence(
+def linear_divergence(pair: CheckedPair, route, spec: DivergenceSpec, reduction: str) -> tuple[Tensor, Tensor]:
+    """The divergence of a checked pair, reduced (a scalar, or ``[N]`` for ``reduction="none"``), and the student's
+    entropy ``[N]`` where ``spec.entropy`` asks for it (else empty)."""
+    out = library.divergence(
         pair.hs, pair.ws, pair.bs, pair.ht, pair.wt, pair.bt, pair.mask, *route.args,
         head_args(pair.heads[0]), head_args(pair.heads[1]),
         spec.kind, spec.beta, spec.temperature, spec.teacher_temperature, spec.filter_eps, spec.entry_clip,
-        reduction, _wants_grad(pair.hs, pair.ws, pair.bs), pair.cut,
-    )[0]  # fmt: skip
+        reduction, _wants_grad(pair.hs, pair.ws, pair.bs), pair.cut, spec.entropy,
+    )  # fmt: skip
+    return out[0], out[5]
 
 
 def linear_token_logprobs(

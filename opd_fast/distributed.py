@@ -199,7 +199,7 @@ class VocabParallelOps:
             if shard.rows:
                 terms.copy_(inner.jsd_terms(s, t, spec, lse_s, lse_t))
             loss, center = jsd_loss(_all_reduce(terms, shard), spec.beta)
-            return DivergenceStats(loss, lse_s, lse_t, center)
+            return DivergenceStats(loss, lse_s, lse_t, center, student_entropy=self._entropy(local_lse, lse_s, spec))
         stats = local(spec)
         gathered = _gather(torch.stack([stats.loss, stats.student_lse, stats.teacher_lse]).to(dtype), shard)
         loss_r, lse_s_r, lse_t_r = gathered.unbind(1)  # [R, N] each
@@ -211,7 +211,20 @@ class VocabParallelOps:
             weight, terms = log_u.exp(), loss_r + log_u - log_w
         loss = torch.where(weight > 0, weight * terms, 0.0).sum(dim=0)
         center = loss if spec.kind == "reverse_kl" else torch.zeros_like(loss)
-        return DivergenceStats(loss, lse_s, lse_t, center)
+        return DivergenceStats(loss, lse_s, lse_t, center, student_entropy=self._entropy(stats, lse_s, spec))
+
+    def _entropy(self, local_stats: DivergenceStats, lse: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor | None:
+        """The student's global entropy from each shard's own (over its rows, relative to its lse_k), with the
+        shard's mass w_k = e^{lse_k − lse}: H = −Σ_k Σ_{v∈k} p log p = Σ_k w_k (H_k − log w_k), a sum of
+        non-negative terms (empty shards add 0). None unless ``spec.entropy``."""
+        if not spec.entropy:
+            return None
+        local_lse = local_stats.student_lse.to(lse.dtype)
+        local_entropy = local_stats.student_entropy
+        local_entropy = torch.zeros_like(lse) if local_entropy is None else local_entropy.to(lse.dtype)
+        log_w = local_lse - lse
+        term = torch.where(log_w > -torch.inf, log_w.exp() * (local_entropy - log_w), 0.0)
+        return _all_reduce(term, self.shard)
 
     def divergence_backward(self, s: Side, t: Side, spec, stats: DivergenceStats, row_weight, need: Need) -> Grads:
         """This shard's logit gradients from the global statistics; dh summed over the shards."""

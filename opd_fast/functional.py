@@ -6,12 +6,15 @@ differentiable op of :mod:`opd_fast.autograd`; none of them ever builds the [tok
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from opd_fast import _validation as check
 from opd_fast import autograd
 from opd_fast._dispatch import Placement, checked_pair
 from opd_fast.heads import LMHead
+from opd_fast.types import LossWithEntropy
 
 
 def linear_divergence(
@@ -33,7 +36,8 @@ def linear_divergence(
     entry_clip: float | None = None,
     plan: str = "chunked",
     teacher_temperature: float | None = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | LossWithEntropy:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
     With z_s = h_s W_sᵀ / τ and z_t = h_t W_tᵀ / τ_t (docs/design.md §2; with an :class:`opd_fast.LMHead`,
@@ -79,13 +83,19 @@ def linear_divergence(
             :mod:`opd_fast.chunking`.
         teacher_temperature: τ_t > 0 dividing the teacher's logits (after its head's scale and softcap, as TRL
             orders it); None (default) = ``temperature``.
+        return_entropy: also return the student's per-token entropy −Σ_v p_s log p_s (at τ, nats), from the
+            same sweep over the vocabulary (no extra GEMM): a :class:`opd_fast.LossWithEntropy`.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
         w.r.t. ``student_hidden`` and ``student_weight``; the memory used beyond the inputs and gradients is
-        bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary).
+        bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary). With
+        ``return_entropy``, ``(loss, student_entropy)``: the entropy ``[...]`` in the loss's dtype, 0 at tokens
+        the mask leaves out, detached (a statistic to log, e.g. to catch a collapsing student).
     """
     spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip, teacher_temperature)
+    if check.check_flag("return_entropy", return_entropy):
+        spec = dataclasses.replace(spec, entropy=True)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     if spec.entry_clip is not None:
         if backend not in ("auto", "torch"):
@@ -97,8 +107,9 @@ def linear_divergence(
     pair, route = checked_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
-    loss = autograd.linear_divergence(pair, route, spec, reduction)
-    return loss.view(pair.lead) if reduction == "none" else loss
+    loss, entropy = autograd.linear_divergence(pair, route, spec, reduction)
+    loss = loss.view(pair.lead) if reduction == "none" else loss
+    return LossWithEntropy(loss, entropy.view(pair.lead).detach()) if spec.entropy else loss
 
 
 def linear_reverse_kl(
@@ -117,7 +128,8 @@ def linear_reverse_kl(
     filter_eps: float | None = None,
     plan: str = "chunked",
     teacher_temperature: float | None = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | LossWithEntropy:
     """Reverse KL(p_s ‖ p_t), the standard OPD loss; :func:`linear_divergence` with ``divergence="reverse_kl"``."""
     return linear_divergence(
         student_hidden,
@@ -135,6 +147,7 @@ def linear_reverse_kl(
         filter_eps=filter_eps,
         plan=plan,
         teacher_temperature=teacher_temperature,
+        return_entropy=return_entropy,
     )
 
 

@@ -151,6 +151,9 @@ def _fake_grads(need: list[bool], h: Tensor, w: Tensor, b: Tensor | None, dtype=
 
 # ---- divergence -------------------------------------------------------------------------------------------------
 
+# The statistics rows the backward of reduction="none" needs: DivergenceStats' first six fields.
+STATS_ROWS = 6
+
 
 def _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab: int | None = None) -> tuple[Side, Side]:
     """Both models' sides for the counted ``rows``, the student's head cut to its first ``vocab`` rows (None:
@@ -197,7 +200,8 @@ def divergence(
     reduction: str,
     need: list[bool],
     vocab: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    entropy: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, statistics, dH, dW, db) of the divergence ``kind`` between student (s) and teacher (t), over the
     first ``vocab`` rows of the student's head (None: all; the teacher's come cut to them).
 
@@ -205,27 +209,30 @@ def divergence(
     (0 at rows left out). statistics: for "none", ``[6, N]`` (loss, lse_s, lse_t, center, lse_lo_s, lse_lo_t) for
     the backward, else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs and the ``vocab``
     rows of ws, bs where ``need`` says, else empty (:func:`_forward_grad_layout`); the backward scales them and
-    makes the full-size gradients.
+    makes the full-size gradients. entropy: with ``entropy``, the student's entropy ``[N]`` from the same sweep (0
+    at rows left out; not differentiable), else empty.
     """
     ops = _ops(backend, plan, shard, hs.device)
-    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature)
+    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature, entropy)
     rows = counted_rows(mask)
     s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab)
     n_rows, count = hs.shape[0], s.hidden.shape[0]
     out_dtype = acc_dtype(hs, ws, ht, wt)
     none = _empty(hs, out_dtype)
+    no_entropy = hs.new_zeros(n_rows if entropy else 0, dtype=out_dtype)
     if reduction == "none":
-        stats = hs.new_zeros((len(DivergenceStats._fields), n_rows), dtype=out_dtype)
+        stats = hs.new_zeros((STATS_ROWS, n_rows), dtype=out_dtype)
         if count:
             per_token = ops.divergence(s, t, spec, None, Need())[0]
             rows_stats = torch.stack((*per_token[:4], *lse_lo(per_token))).to(out_dtype)
             stats = scatter_rows(rows_stats.T, rows, n_rows).T.contiguous()
-        return stats[0].clone(), stats, none, none.clone(), none.clone()
+            return stats[0].clone(), stats, none, none.clone(), none.clone(), _entropy(per_token, rows, n_rows)
+        return stats[0].clone(), stats, none, none.clone(), none.clone(), no_entropy
     wanted = Need(*need)
     layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
     if not count:
         zeros = (hs.new_zeros(shape, dtype=dtype) for shape, dtype in layout)
-        return hs.new_zeros((), dtype=out_dtype), none, *zeros
+        return hs.new_zeros((), dtype=out_dtype), none, *zeros, no_entropy
     weight = 1.0 / count if reduction == "mean" else 1.0
     row_weight = s.hidden.new_full((count,), weight, dtype=out_dtype) if wanted.any else None
     stats, grads = ops.divergence(s, t, spec, row_weight, wanted)
@@ -234,19 +241,28 @@ def divergence(
     loss = stats.loss.to(out_dtype).sum() * weight
     # .to: a no-op but where a mask leaves one chunk of the rows the layout planned several for (or the reverse)
     outputs = (hs.new_empty(0, dtype=dtype) if g is None else g.to(dtype) for g, (_, dtype) in zip(grads, layout))
-    return loss, none, *outputs
+    return loss, none, *outputs, _entropy(stats, rows, n_rows)
+
+
+def _entropy(stats: DivergenceStats, rows: Tensor | None, n_rows: int) -> Tensor:
+    """The student's entropy of the counted rows put back at their rows (0 elsewhere), empty when not asked."""
+    if stats.student_entropy is None:
+        return stats.student_lse.new_empty(0)
+    entropy = stats.student_entropy.to(stats.student_lse.dtype)
+    return scatter_rows(entropy, rows, n_rows)
 
 
 @divergence.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, beta, temperature,
-      teacher_temperature, filter_eps, entry_clip, reduction, need, vocab=None):  # fmt: skip
+      teacher_temperature, filter_eps, entry_clip, reduction, need, vocab=None, entropy=False):  # fmt: skip
     out_dtype = acc_dtype(hs, ws, ht, wt)
+    student_entropy = hs.new_empty(hs.shape[0] if entropy else 0, dtype=out_dtype)
     if reduction == "none":
-        stats = hs.new_empty((len(DivergenceStats._fields), hs.shape[0]), dtype=out_dtype)
-        return stats[0].clone(), stats, *(_empty(hs, out_dtype) for _ in range(3))
+        stats = hs.new_empty((STATS_ROWS, hs.shape[0]), dtype=out_dtype)
+        return stats[0].clone(), stats, *(_empty(hs, out_dtype) for _ in range(3)), student_entropy
     layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
     grads = (hs.new_empty(shape, dtype=dtype) for shape, dtype in layout)
-    return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *grads
+    return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *grads, student_entropy
 
 
 @_custom_op("divergence_backward")
@@ -299,7 +315,7 @@ def _(hs, ws, bs, ht, wt, bt, mask, stats, grad_out, backend, plan, shard, head_
 
 
 def _divergence_context(ctx, inputs, output) -> None:
-    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need, vocab = inputs
+    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need, vocab, _ = inputs  # _: entropy, an output only
     # options: backend, plan, shard, head_s, head_t, kind, beta, temperature, teacher_temperature, filter_eps,
     # entry_clip
     ctx.options, ctx.reduction, ctx.need, ctx.vocab = options, reduction, need, vocab
@@ -310,12 +326,12 @@ def _divergence_context(ctx, inputs, output) -> None:
     if reduction == "none":
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask, output[1])
     else:
-        ctx.save_for_backward(*output[2:])  # dH, dW, db made in the forward
+        ctx.save_for_backward(*output[2:5])  # dH, dW, db made in the forward
     ctx.spent = False
 
 
 def _divergence_backward(ctx, grad_loss, *unused):
-    not_inputs = [None] * 18  # ht, wt, bt, mask and the plain values
+    not_inputs = [None] * 19  # ht, wt, bt, mask and the plain values
     if grad_loss is None:  # only outputs other than the loss reached the graph's ends
         return None, None, None, *not_inputs
     if ctx.reduction == "none":

@@ -102,6 +102,14 @@ def materialized_token_logprobs(
     return _log_softmax(hidden, weight, temperature).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
+def materialized_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor | LMHead, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """−Σ_v p log p of softmax(z/τ) per token, from materialized logits."""
+    log_probs = _log_softmax(hidden, weight, temperature)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
 def _top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k set of each row in the canonical order (log-prob descending, ties to the smaller id):
     (ids [..., k], their log-probs [..., k], membership bool [..., V]).

@@ -28,8 +28,18 @@ class TopKOverlap(NamedTuple):
     teacher_entropy: torch.Tensor
 
 
+class LossWithEntropy(NamedTuple):
+    """:func:`opd_fast.linear_divergence` with ``return_entropy=True``: the loss as it returns it, and the student's
+    per-token entropy −Σ_v p_s log p_s ``[...]`` (nats, at the student's temperature; 0 at tokens the mask leaves
+    out; detached) from the same sweep."""
+
+    loss: torch.Tensor
+    student_entropy: torch.Tensor
+
+
 class DivergenceStats(NamedTuple):
-    """Per-token results of a divergence forward, all fp32 ``[N]``; O(N) is all the backward needs.
+    """Per-token results of a divergence forward, all fp32 ``[N]``; O(N) is all the backward needs (the first six:
+    ``student_entropy`` is an output only).
 
     ``center`` is Σ_v p_s,v g_v where g = ∂D/∂p_s, so that ∂D/∂z_s = p_s ⊙ (g − center): D itself for
     reverse KL, (1 − β)·KL(p_s ‖ m) for JSD, and unused (zero) for forward KL, whose logit gradient is
@@ -48,6 +58,8 @@ class DivergenceStats(NamedTuple):
     center: torch.Tensor
     student_lse_lo: torch.Tensor | None = None
     teacher_lse_lo: torch.Tensor | None = None
+    # The student's entropy −Σ_v p_s log p_s per row, when the spec asked for it (DivergenceSpec.entropy), else None.
+    student_entropy: torch.Tensor | None = None
 
 
 class HeadTransform(NamedTuple):

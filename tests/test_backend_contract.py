@@ -38,6 +38,7 @@ from opd_fast import (
 from opd_fast.backends import triton_backend
 from opd_fast.reference import (
     materialized_divergence,
+    materialized_entropy,
     materialized_token_logprobs,
     materialized_topk_divergence,
     materialized_topk_overlap,
@@ -214,6 +215,32 @@ def test_teacher_temperature_divides_only_the_teachers_logits(backend, divergenc
         ours = linear_topk_overlap(hs, student, ht, teacher, k=5, backend=backend.name, plan=plan, **temperatures)
     ref = materialized_topk_overlap(x_hs, x_student, x_ht, x_teacher, k=5, **temperatures)
     _assert_topk_matches(ours, ref, tol=max(tol, 1e-6))
+
+
+@pytest.mark.parametrize(("plan", "budget"), [("chunked", WHOLE_ROWS), ("chunked", 400), ("streaming", 400)])
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_return_entropy_gives_the_students_entropy_and_changes_nothing_else(backend, divergence, beta, plan, budget):
+    """return_entropy=True: the student's entropy at τ (0 at masked tokens) against the float64 reference, in
+    whole rows and over vocabulary tiles, peaked and flat rows; the loss and its gradients bitwise those without."""
+    dtype, tol = next(iter(backend.exact.items()))
+    hs, ws, ht, wt = backend.inputs((2, 9), 16, 24, 131, dtype, scale=6.0)
+    student = LMHead(ws, scale=0.8, softcap=4.0)
+    mask = _mask((2, 9), backend.device)
+    kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=1.3, teacher_temperature=0.7)
+    for reduction in ("mean", "none"):
+        with chunk_budget(budget):
+            plain = linear_divergence(hs, student, ht, wt, backend=backend.name, plan=plan, reduction=reduction, **kw)
+            both = linear_divergence(
+                hs, student, ht, wt, backend=backend.name, plan=plan, reduction=reduction, return_entropy=True, **kw
+            )
+        assert torch.equal(both.loss, plain)
+        weights = torch.rand(plain.shape, dtype=plain.dtype, device=plain.device)
+        for a, b in zip(grads(both.loss, (hs, ws), weights), grads(plain, (hs, ws), weights)):
+            assert torch.equal(a, b)
+        assert not both.student_entropy.requires_grad and both.student_entropy.shape == (2, 9)
+        x_hs, x_ws = _exact(hs, ws)
+        ref = torch.where(mask, materialized_entropy(x_hs, LMHead(x_ws, scale=0.8, softcap=4.0), temperature=1.3), 0.0)
+        assert rel_err(both.student_entropy, ref) < tol
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -195,10 +195,18 @@ def test_distillation_trainer_same_loss_and_grads(pair, tokenizer, tmp_path):
             trainer.model.train()
         # In training, num_items_in_batch is the generated completions' token count carried in the batch.
         assert_same_loss_and_grads(parent, fused, inputs)
+        assert_same_entropy_logged(parent, fused, "train")
         # Without it (the evaluation path), both take the mean over the completion tokens.
         parent.model.eval()
         fused.model.eval()
         assert_same_loss_and_grads(parent, fused, inputs)
+        assert_same_entropy_logged(parent, fused, "eval")
+
+
+def assert_same_entropy_logged(parent, fused, mode: str) -> None:
+    """The student's mean entropy each trainer logged for its last loss (the parent's from its chunked pass)."""
+    expected, actual = parent._metrics[mode]["entropy"][-1], fused._metrics[mode]["entropy"][-1]
+    assert expected > 0.1 and abs(actual - expected) <= TOLERANCE * expected, (actual, expected)
 
 
 @pytest.mark.parametrize("on_policy", [False, True], ids=["dataset", "student-samples"])

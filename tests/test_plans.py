@@ -47,13 +47,14 @@ def test_forward_backward_costs_exactly_the_floor(sweep_backend, divergence, bet
     hs, ws = hs.detach().requires_grad_(), ws.detach().requires_grad_()
     assert plan_tiles(n, vocab, 16 * vocab).rows == 14  # 3 balanced chunks: 14, 14, 12
 
-    def step():
-        loss = linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend=sweep_backend)
-        loss.backward()
+    def step(**options):
+        loss = linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend=sweep_backend, **options)
+        (loss.loss if options else loss).backward()
 
     with chunk_budget(16 * vocab), dw_gemm(mode):
         flops = _gemm_flops(step)
-    assert flops == 2 * n * vocab * (hs_dim + ht_dim) + 4 * n * vocab * hs_dim
+        with_entropy = _gemm_flops(lambda: step(return_entropy=True))  # the entropy comes from the same sweep
+    assert flops == with_entropy == 2 * n * vocab * (hs_dim + ht_dim) + 4 * n * vocab * hs_dim
 
 
 def test_streaming_plan_recomputes_the_logits():

@@ -42,7 +42,10 @@ def _losses(out_dir: Path) -> list[float]:
         pytest.param(["loss.mode=sampled_token", "rollout.reuse=2", "loss.ratio_clip=2.0"], id="sampled_token-stale"),
         pytest.param(["loss.mode=sft", "rollout.source=teacher"], id="sft-teacher-samples"),
         pytest.param(["loss.mode=sft", "rollout.source=reference", "teacher.path=null"], id="sft-references"),
-        pytest.param(["loss.temperature=2.0", "optim.grad_accum=2", "optim.schedule=linear"], id="temperature-accum"),
+        pytest.param(
+            ["loss.temperature=2.0", "loss.teacher_temperature=1.5", "optim.grad_accum=2", "optim.schedule=linear"],
+            id="temperatures-accum",
+        ),
     ],
 )
 def test_every_loss_mode_trains(models, tmp_path, overrides):
@@ -54,6 +57,8 @@ def test_every_loss_mode_trains(models, tmp_path, overrides):
     assert records[0] == {"step": 0, "eval/student_accuracy": records[0]["eval/student_accuracy"]}
     if config.rollout.source != "reference":
         assert all("overlap/mass_student" in r and 0 <= r["overlap/ratio"] <= 1 for r in records if "loss" in r)
+    if config.loss.mode in ("reverse_kl", "forward_kl", "jsd"):  # the student's entropy from the loss's sweep
+        assert all(0 < r["entropy"] < 10 for r in records if "loss" in r)
     assert set(summary) >= {"teacher_accuracy", "student_accuracy_before", "student_accuracy_after"}
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "training_curves.png").is_file()
     assert (tmp_path / "student_final" / "config.json").is_file()

@@ -109,9 +109,10 @@ class Epilogue(Protocol):
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         """dtype of the logit gradient G handed to the gradient GEMMs."""
 
-    # Optional: ``full_rows(zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> (DivergenceStats, G | None)``,
-    # the statistics and (with ``row_weight``) the logit gradient of tiles that span the whole vocabulary, in
-    # one pass; the sweep uses it instead of stats_update + jsd_update + grad when a chunk is one tile.
+    # Optional: ``full_rows(zs, zt, ids, hs, ht, mode, beta, row_weight, out, entropy) -> (DivergenceStats,
+    # G | None)``, the statistics (with ``entropy``, the student's entropy too) and (with ``row_weight``) the logit
+    # gradient of tiles that span the whole vocabulary, in one pass; the sweep uses it instead of stats_update +
+    # jsd_update + entropy_update + grad when a chunk is one tile.
 
     def stats_update(
         self,
@@ -125,6 +126,10 @@ class Epilogue(Protocol):
         mode: str,
     ) -> None:
         """Merge the tile into ``state`` [5, r] = (m_s, s_s, m_t, s_t, acc) (see :func:`finalize`)."""
+
+    def entropy_update(self, state: Tensor, zs: Tensor, hs: TileHead) -> None:
+        """Merge the student's tile into the entropy state [3, r] (see :func:`finalize_entropy`), leaving ``zs``
+        as it is (the stats pass reads the same tile)."""
 
     def jsd_update(
         self,
@@ -261,6 +266,20 @@ def finalize(state: Tensor, mode: str) -> DivergenceStats:
         loss = acc / s_t - (s_t.log() - s_s.log())
         return DivergenceStats(loss, lse_s, lse_t, zeros, lo_s, lo_t)
     return DivergenceStats(zeros, lse_s, lse_t, zeros, lo_s, lo_t)
+
+
+def new_entropy_state(rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Fresh entropy state [3, rows]: m = −inf, s = 0, a = 0 (see :func:`finalize_entropy`)."""
+    state = torch.zeros((3, rows), device=device, dtype=dtype)
+    state[0] = -math.inf
+    return state
+
+
+def finalize_entropy(state: Tensor) -> Tensor:
+    """The student's entropy from its state (m, s, a) with s = Σ e^{z − m}, a = Σ e^{z − m}(z − m):
+    H = −Σ p log p = log s − a / s, a sum of terms of the size of H (no lse of size |z| cancels)."""
+    _, s, a = state
+    return s.log() - a / s
 
 
 def kl_shift(m: Tensor, s: Tensor, m_other: Tensor, acc: Tensor, m_new: Tensor, m_other_new: Tensor) -> Tensor:
@@ -436,6 +455,13 @@ class _Accumulator:
         return Grads(dh, self.dw, db)
 
 
+def _store_rows(out: DivergenceStats, stats: DivergenceStats, rows: slice) -> None:
+    """Write a chunk's statistics into ``rows`` of the sweep's outputs (those it has: the entropy when asked)."""
+    for field, value in zip(out, stats):
+        if field is not None:
+            field[rows] = value
+
+
 def _select(stats: DivergenceStats, rows: slice) -> DivergenceStats:
     return DivergenceStats(*(None if t is None else t[rows] for t in stats))
 
@@ -528,16 +554,22 @@ class Sweep:
             (cols, [self._logits(op, rows, cols, buf, plan) for op, buf in zip(ops, bufs)]) for cols in plan.col_tiles()
         )
 
-    def _chunk_stats(self, mode, s, t, tiles, ids, beta, r, dtype) -> DivergenceStats:
-        """One token chunk's statistics: a sweep of online-softmax merges, plus JSD's mixture pass."""
+    def _chunk_stats(self, mode, s, t, tiles, ids, beta, r, dtype, entropy: bool = False) -> DivergenceStats:
+        """One token chunk's statistics: a sweep of online-softmax merges (with ``entropy``, the student's entropy
+        from the same tiles), plus JSD's mixture pass."""
         epi = self.epilogue
         state = new_state(r, s.hidden.device, dtype)
+        entropy_state = new_entropy_state(r, s.hidden.device, dtype) if entropy else None
         for cols, zz in tiles():
             zt = zz[1] if t is not None else None
             epi.stats_update(
                 state, zz[0], zt, ids, s.tile(cols), t.tile(cols) if t is not None else None, cols.start, mode
             )
+            if entropy:
+                epi.entropy_update(entropy_state, zz[0], s.tile(cols))
         stats = finalize(state, mode)
+        if entropy:
+            stats = stats._replace(student_entropy=finalize_entropy(entropy_state))
         if mode != "jsd":
             return stats
         terms = torch.zeros((3, r), device=s.hidden.device, dtype=dtype)
@@ -559,8 +591,10 @@ class Sweep:
         need: Need,
         filter_eps: float,
         jsd_lse: tuple[Tensor, Tensor] | None = None,
+        entropy: bool = False,
     ) -> tuple[DivergenceStats | None, Grads]:
-        """Statistics (unless ``given``) and, with ``row_weight``, the first model's gradients.
+        """Statistics (unless ``given``; with ``entropy``, the first model's entropy too) and, with ``row_weight``,
+        the first model's gradients.
 
         ``jsd_lse`` (vocabulary parallelism): the rows' global log-sum-exps; the sweep then only adds up the
         JSD terms of these vocabulary rows and returns them ([3, N], see :func:`jsd_loss`) in place of the stats.
@@ -585,9 +619,8 @@ class Sweep:
         if jsd_lse is not None:
             out = torch.zeros((3, n_rows), device=device, dtype=acc_dtype)
         elif want_stats:
-            out = DivergenceStats(
-                *(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in DivergenceStats._fields)
-            )
+            fields = DivergenceStats._fields[: len(DivergenceStats._fields) - (0 if entropy else 1)]
+            out = DivergenceStats(*(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in fields))
         if n_rows == 0 or vocab == 0:
             return out, Grads() if acc is None else acc.result()
         bufs = self._workspace(plan, len(ops), device, acc_dtype)
@@ -628,16 +661,14 @@ class Sweep:
                     ((cols, zz),) = tiles()
                     g_to = g_out(i, rows, plan.vocab) if want_grad else None
                     zt, ht = (zz[1], t.tile(cols)) if t is not None else (None, None)
-                    stats, g = epi.full_rows(zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_to)
-                    for field, value in zip(out, stats):
-                        field[rows] = value
+                    stats, g = epi.full_rows(zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_to, entropy)
+                    _store_rows(out, stats, rows)
                     if g is not None:
                         pending = self._emit(g, rows, cols, weight_r, acc, overlap)
                     continue
                 if want_stats:
-                    stats = self._chunk_stats(mode, s, t, tiles, ids_r, beta, r, acc_dtype)
-                    for field, value in zip(out, stats):
-                        field[rows] = value
+                    stats = self._chunk_stats(mode, s, t, tiles, ids_r, beta, r, acc_dtype, entropy)
+                    _store_rows(out, stats, rows)
                 else:
                     stats = _select(given, rows)
                 if not want_grad:
@@ -679,8 +710,7 @@ class Sweep:
         """Per-token statistics and, when ``row_weight`` [N] is given, the gradients of Σ_n w_n D_n."""
         ops = self._pair(s, t, spec)
         filter_eps = spec.filter_eps or 0.0
-        stats, grads = self._sweep(spec.kind, ops, None, spec.beta, row_weight, None, need, filter_eps)
-        return stats, grads
+        return self._sweep(spec.kind, ops, None, spec.beta, row_weight, None, need, filter_eps, entropy=spec.entropy)
 
     def divergence_backward(
         self, s: Side, t: Side, spec: DivergenceSpec, stats: DivergenceStats, row_weight: Tensor, need: Need

@@ -191,6 +191,19 @@ def _merge_kl(lead: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], acc: Te
     _merge_online(m_o, s_o, tile_mo, tile_so)
 
 
+def merge_entropy(state: Tensor, z: Tensor) -> None:
+    """Merge final logits ``z`` [r, c] into an entropy state [3, r] = (m, s, a = Σ e^{z − m}(z − m)) in place. a is
+    a KL accumulator against a model whose logits are all 0 (:func:`opd_fast.backends.sweep.kl_shift` with the other
+    max 0 before and after): when m grows, every term moves by m − m_new and its weight by e^{m − m_new}."""
+    m, s, a = state
+    tile_m, shifted = _shifted(z)
+    e = shifted.exp()
+    tile_s, tile_a = e.sum(dim=-1), _rowdot(e, shifted)
+    m_new, zero = torch.maximum(m, tile_m), torch.zeros_like(m)
+    a.copy_(kl_shift(m, s, zero, a, m_new, zero) + kl_shift(tile_m, tile_s, zero, tile_a, m_new, zero))
+    _merge_online(m, s, tile_m, tile_s)
+
+
 class TorchEpilogue:
     """The per-tile math in torch ops (see the module docstring)."""
 
@@ -251,7 +264,9 @@ class TorchEpilogue:
             buf = self._tiles[slot] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
         return buf[: like.numel()].view(like.shape)
 
-    def full_rows(self, zs, zt, ids, hs, ht, mode, beta, row_weight, out) -> tuple[DivergenceStats, Tensor | None]:
+    def full_rows(
+        self, zs, zt, ids, hs, ht, mode, beta, row_weight, out, entropy: bool = False
+    ) -> tuple[DivergenceStats, Tensor | None]:
         """Statistics and logit gradient of whole vocabulary rows, with a few passes over each model's tile and no
         temporary beyond two scratch tiles (fewer passes than the online merge + grad path the tiled plan needs).
 
@@ -262,6 +277,7 @@ class TorchEpilogue:
 
         reverse KL  D = Σ p_s d − c,   G = p_s (d − Σ p_s d) = (e_s d − (Σ p_s d) e_s) / s_s  (c drops out)
         forward KL  D = Σ p_t d' + c with d' = −d,   G = p_s − p_t = e_s / s_s − e_t / s_t
+        entropy     H = −Σ p_s log p_s = log s_s − Σ e_s (z_s − m_s) / s_s  (``entropy``: one row dot more)
         """
         a = final_logits(zs, hs)
         chain = head_chain(a, hs) if row_weight is not None else None
@@ -270,8 +286,9 @@ class TorchEpilogue:
         e_s = self._tile(0, a)
         m_s, s_s = _shift_exp_sum(a, e_s)
         lse_s, lo_s = split_lse(m_s, s_s)
+        student_entropy = s_s.log() - _rowdot(e_s, a) / s_s if entropy else None
         if mode not in TWO_MODEL_MODES:
-            stats = DivergenceStats(token, lse_s, lse_s, zeros, lo_s, lo_s)
+            stats = DivergenceStats(token, lse_s, lse_s, zeros, lo_s, lo_s, student_entropy)
             if row_weight is None:
                 return stats, None
             g = torch.div(e_s, s_s[:, None], out=a)  # p
@@ -317,7 +334,12 @@ class TorchEpilogue:
                 residual = g.sum(dim=-1) / mass
                 g = self._finish_grad(g.addcmul_(p_s, -residual[:, None]), chain, row_weight, out)
                 center = center + residual
-        return DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t), g
+        return DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t, student_entropy), g
+
+    def entropy_update(self, state: Tensor, zs: Tensor, hs: TileHead) -> None:
+        """Merge the student's tile into an entropy state [3, r] = (m, s, a): the max, Σ e^{z − m} and
+        a = Σ e^{z − m}(z − m) (:func:`opd_fast.backends.sweep.finalize_entropy`); ``zs`` is left as it is."""
+        merge_entropy(state, final_logits(zs, hs))
 
     @staticmethod
     def _finish_grad(g: Tensor, chain: Tensor | float, row_scale: Tensor, out: Tensor | None) -> Tensor:
@@ -493,6 +515,8 @@ class TorchOps(Sweep):
         n_tokens, vocab = op_s.hidden.shape[0], op_s.weight.shape[0]
         rows_per_chunk = max(1, get_chunk_budget(op_s.hidden.device) // vocab)
         out = DivergenceStats(*(op_s.hidden.new_zeros(n_tokens) for _ in range(4)))
+        if spec.entropy:
+            out = out._replace(student_entropy=op_s.hidden.new_zeros(n_tokens))
         want_grad = row_weight is not None and need.any
         dh = op_s.hidden.new_zeros(op_s.hidden.shape) if want_grad and need.hidden else None
         dw = op_s.weight.new_zeros(op_s.weight.shape) if want_grad and need.weight else None
@@ -510,6 +534,8 @@ class TorchOps(Sweep):
             out.loss[rows] = loss
             out.student_lse[rows] = torch.logsumexp(zs, dim=-1)
             out.teacher_lse[rows] = torch.logsumexp(zt, dim=-1)
+            if spec.entropy:
+                out.student_entropy[rows] = -_rowdot(lps.exp(), lps)
             if want_grad:
                 if dh is not None:
                     dh[rows] = g @ op_s.weight

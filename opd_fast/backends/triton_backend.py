@@ -186,6 +186,9 @@ class TritonStreamingOps:
     def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
         ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature)
         stats = self._stats(ps, pt, spec)
+        if spec.entropy:  # one more streamed pass on this plan: the top-k kernel's entropy (k = 1)
+            entropy = topk_stats(ps.hidden, ps.weight, 1, ps.head, precision=ps.precision)[3]
+            stats = stats._replace(student_entropy=entropy)
         if row_weight is None or not need.any:
             return stats, Grads()
         return stats, self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)

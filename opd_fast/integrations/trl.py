@@ -88,7 +88,8 @@ def trl_divergence_loss(
     beta: float,
     temperature: float,
     num_items_in_batch: torch.Tensor | int | float | None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The divergence TRL's distillation trainers compute, reduced as they reduce it.
 
     Args:
@@ -102,29 +103,36 @@ def trl_divergence_loss(
         num_items_in_batch: the number of counted tokens the sum is divided by (TRL's count over the global
             batch, for gradient accumulation), or None for the mean over the counted tokens here.
 
+        return_entropy: also the student's per-token entropy ``[B, T]`` (0 where ``mask`` is 0), from the same
+            sweep.
+
     Returns:
-        fp32 scalar loss (fp64 for fp64 inputs), differentiable w.r.t. the student's hidden states and head.
+        fp32 scalar loss (fp64 for fp64 inputs), differentiable w.r.t. the student's hidden states and head; with
+        ``return_entropy``, ``(loss, entropy)``.
     """
     divergence, beta = divergence_for_trl_beta(beta)
     device = student_head.weight.device
     kwargs = dict(divergence=divergence, beta=beta, temperature=temperature, mask=mask.to(device) != 0)
+    kwargs["return_entropy"] = return_entropy
     # Backbones may end on another device than the head (device_map) or, under autocast, in another dtype.
     student_hidden = student_hidden.to(device=device, dtype=student_head.weight.dtype)
     teacher_hidden = teacher_hidden.to(device=device, dtype=teacher_head.weight.dtype)
-    if num_items_in_batch is None:
-        return linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head, reduction="mean", **kwargs)
-    total = linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head, reduction="sum", **kwargs)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    out = linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head, reduction=reduction, **kwargs)
+    loss, entropy = out if return_entropy else (out, None)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return (loss, entropy) if return_entropy else loss
 
 
 class FusedDistillationTrainer(DistillationTrainer):
     """``trl.DistillationTrainer`` whose loss is :func:`opd_fast.linear_divergence` (same arguments and config).
 
     The parent's backbone calls, on-policy generation, masks and ``num_items_in_batch`` are kept; only the
-    projection through both lm_heads and the divergence are replaced. The parent also logs the student's mean
-    entropy, which needs one more pass over the vocabulary; this trainer does not log it.
+    projection through both lm_heads and the divergence are replaced. The student's mean entropy over the counted
+    tokens is logged as the parent logs it (``entropy``), from the same sweep as the loss.
 
     Override :meth:`lm_head` for a model class :meth:`opd_fast.LMHead.from_model` does not know.
     """
@@ -140,10 +148,18 @@ class FusedDistillationTrainer(DistillationTrainer):
             num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         student = self.accelerator.unwrap_model(model)
         # Through the wrapper's forward, so DDP/FSDP see a forward (gradient sync, unsharded parameters).
-        loss = self._forward_redirection(model, student, self._fused_loss, student, inputs, num_items_in_batch)
+        loss, entropy_sum, counted = self._forward_redirection(
+            model, student, self._fused_loss, student, inputs, num_items_in_batch
+        )
+        # The parent's entropy metric: gathered outside the wrapped forward (a collective inside it may hang).
+        mode = "train" if self.model.training else "eval"
+        counted = self.accelerator.gather_for_metrics(counted).sum()
+        entropy_sum = self.accelerator.gather_for_metrics(entropy_sum).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / counted).item() if counted > 0 else 0.0)
         return (loss, None) if return_outputs else loss
 
-    def _fused_loss(self, student, inputs, num_items_in_batch) -> torch.Tensor:
+    def _fused_loss(self, student, inputs, num_items_in_batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, the student's entropy summed over the counted tokens, their count)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mask = inputs["completion_mask"]
@@ -165,7 +181,7 @@ class FusedDistillationTrainer(DistillationTrainer):
                 *hidden_inputs,
                 **multimodal,
             )
-        return trl_divergence_loss(
+        loss, entropy = trl_divergence_loss(
             student_hidden,
             self.lm_head(student),
             teacher_hidden,
@@ -174,7 +190,10 @@ class FusedDistillationTrainer(DistillationTrainer):
             beta=self.beta,
             temperature=self.temperature,
             num_items_in_batch=num_items_in_batch,
+            return_entropy=True,
         )
+        counted = (mask != 0).sum().to(entropy.device)
+        return loss, entropy.sum(), counted
 
 
 def __getattr__(name: str):

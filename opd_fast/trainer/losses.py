@@ -103,9 +103,11 @@ LossResult = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
     """reverse_kl / forward_kl / jsd over the full vocabulary. Without token sparsification the op returns the
-    mean itself (its gradients then come out of the forward sweep); with it, the per-token values to rank."""
+    mean itself (its gradients then come out of the forward sweep); with it, the per-token values to rank. The
+    student's mean entropy over the completion tokens comes from the same sweep (metric ``entropy``, as TRL's
+    DistillationTrainer logs it)."""
     sparse = cfg.token_keep < 1.0
-    divergence = linear_divergence(
+    divergence, entropy = linear_divergence(
         x.student_hidden,
         x.student_head,
         x.teacher_hidden,
@@ -119,11 +121,13 @@ def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
         temperature=cfg.temperature,
         teacher_temperature=cfg.teacher_temperature,
         backend=cfg.backend,
+        return_entropy=True,
     )
+    metrics = {"entropy": _masked_mean(entropy, x.mask).item()}
     if not sparse:
-        return divergence, x.mask, {}
+        return divergence, x.mask, metrics
     kept = sparsify(x.mask, divergence, cfg.token_keep, cfg.token_select)
-    return _masked_mean(divergence, kept), kept, {}
+    return _masked_mean(divergence, kept), kept, metrics
 
 
 def topk_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
