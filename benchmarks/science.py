@@ -1,21 +1,22 @@
 """Reproduce the OPD papers' findings on a small pretrained model, in one command on the CPU.
 
     python benchmarks/science.py --out runs/science [--docs docs/science]   # the full run (see README)
-    python benchmarks/science.py --quick --out /tmp/science-quick           # every measurement, tiny (about a minute)
+    python benchmarks/science.py --quick --out /tmp/science-quick           # every measurement, tiny (a minute or two)
     python benchmarks/science.py --report-only --out runs/science --docs docs/science   # redo verdicts and report
 
-Pretrains (once, cached) a small Llama on a synthetic corpus of three skills in two answer styles plus answers
-given in context, derives a stronger teacher, an incompatible (always-thinking) one and a same-data one (the base
-pretrained longer). Accuracy runs, from the same base at one learning rate and token budget, the main ones over
-several seeds: SFT on teacher samples, OPD (reverse KL on opd_fast's fused losses), RLVR as GRPO (several samples
-per prompt, group-normalised 0/1 reward), OPSD with the answer as privileged context and its off-policy
-counterpart; OPD from the incompatible teacher and its two recoveries (cold start, data.select_pool prompt
-selection), OPD from the same-data teacher, and subspace-locked OPD and SFT. Geometry runs, the geometry paper's
-protocol: OPD, RLVR and three controls (sparsified tokens, off-policy rollouts, an RLVR-dominated mix) from the SFT
-run's checkpoint at lr 1e-6. It measures held-out accuracy, the top-k overlap at student-visited states, drift and
-the update geometry with ``opd-fast diagnose``, and writes ``results.json``, plots and ``claims.md``: each claim,
-the paper's words, our protocol and rule, our numbers (mean ± standard error over seeds) and the verdict from the
-registry in benchmarks/opd_science/claims.py. See benchmarks/opd_science/.
+Pretrains (once, cached) a small Llama on a synthetic corpus of three skills, each answered by a worked trace (a
+chain of steps, about 34 tokens, where an early error is carried to the answer) in two thinking patterns, plus
+traces with the answer given in context; derives a stronger teacher, an incompatible one (that always thinks in the
+other pattern) and a same-data one (the base pretrained longer). Accuracy runs, from the same base at one learning
+rate and token budget, the main ones over several seeds: SFT on teacher samples, OPD (reverse KL on opd_fast's fused
+losses), RLVR as GRPO (several samples per prompt, group-normalised 0/1 reward), OPSD with the answer as privileged
+context and its off-policy counterpart; OPD from the incompatible teacher and its two recoveries (cold start,
+data.select_pool prompt selection), OPD from the same-data teacher, and subspace-locked OPD and SFT. Geometry runs,
+the geometry paper's protocol: OPD, RLVR and three controls (sparsified tokens, off-policy rollouts, an
+RLVR-dominated mix) from the SFT run's checkpoint at lr 1e-6. It measures held-out accuracy, the top-k overlap at
+student-visited states, drift and the update geometry with ``opd-fast diagnose``, and writes ``results.json``, plots
+and ``claims.md``: each claim, the paper's words, our protocol and rule, our numbers (mean ± standard error over
+seeds) and the verdict from the registry in benchmarks/opd_science/claims.py. See benchmarks/opd_science/.
 """
 
 from __future__ import annotations

@@ -18,8 +18,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 # the script's subprocesses import this checkout's opd_fast, whatever (or wherever) the installed one is
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
-from opd_science import claims, report  # noqa: E402
-from opd_science.corpus import SkillTask, draw_problem, final_answer, render  # noqa: E402
+from opd_science import claims, models, report  # noqa: E402
+from opd_science.corpus import (  # noqa: E402
+    MAX_COMPLETION_TOKENS,
+    Problem,
+    SkillTask,
+    draw_problem,
+    final_answer,
+    mean_reference_tokens,
+    render,
+    trace,
+)
 from opd_science.measure import paired_difference, paired_interaction  # noqa: E402
 from opd_science.pipeline import PRESETS  # noqa: E402
 from opd_science.runs import RUNS  # noqa: E402
@@ -52,6 +61,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+# The tests that read the quick run (about 95 s alone on 2 cores): outside README's quick tier (-m "not slow"), run
+# by .ci/run as its own step.
+QUICK_RUN = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("science")
@@ -74,6 +88,7 @@ def _check_geometry(run, geometry: dict, checkpoints: int) -> None:
         assert _number(overall[key]), (run.name, key, overall[key])
 
 
+@QUICK_RUN
 def test_quick_run_measures_everything(quick):
     root, _ = quick
     data = report.from_json(json.loads((root / "docs" / "results.json").read_text()))
@@ -113,6 +128,7 @@ def test_quick_run_measures_everything(quick):
             assert run.group > 1 or seed["geometry"]["overall"]["sim_k"][-1] == pytest.approx(1.0)
 
 
+@QUICK_RUN
 def test_quick_run_reports_every_claim(quick):
     root, stdout = quick
     data = json.loads((root / "docs" / "results.json").read_text())
@@ -130,6 +146,7 @@ def test_quick_run_reports_every_claim(quick):
         assert (root / "docs" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@QUICK_RUN
 def test_report_only_reproduces_the_table(quick):
     root, _ = quick
     command = [sys.executable, str(REPO / "benchmarks" / "science.py"), "--report-only", "--out", str(root / "out")]
@@ -168,6 +185,60 @@ def test_styles_share_problems_and_answers():
     task = SkillTask("think")
     assert [e.prompt[:-1] for e in task.eval_set(9)] == [e.prompt[:-1] for e in SkillTask("direct").eval_set(9)]
     assert task.verify(task.eval_set(1)[0], final_answer(task.eval_set(1)[0].answer))
+
+
+def test_traces_are_long_chains_in_two_patterns():
+    """Completions are worked traces: about 34 tokens on average (issue 32 asks for ≥ 30), each step written from the
+    one before, in the direct pattern and the incompatible teacher's think pattern (the same steps worded the other
+    way), checked on the answer after the last ``>``."""
+    import itertools
+    import random
+
+    cases = {
+        Problem("R", "cabd", "dbac"): ("d,db,dba,dbac>dbac", "c,ac,bac,dbac>dbac"),
+        Problem("S", "cabd", "abcd"): ("a,ab,abc,abcd>abcd", "c,ac,abc,abcd>abcd"),
+        Problem("A", "275+348", "326"): ("5+8+0=31,7+4+1=21,2+3+1=60>326", "0+8+5=13,1+4+7=12,1+3+2=06>326"),
+        Problem("A", "5+999", "4001"): ("5+9+0=41,0+9+1=01,0+9+1=01>4001", "0+9+5=14,1+9+0=10,1+9+0=10>4001"),
+    }
+    for problem, (direct, think) in cases.items():
+        assert (trace(problem, "direct"), trace(problem, "think")) == (direct, think)
+    assert render(Problem("R", "cabd", "dbac"), "hinted").prompt == "dbac|Rcabd="
+    assert render(Problem("R", "cabd", "dbac"), "answer").answer == "dbac"
+    assert mean_reference_tokens("direct") >= 30 and mean_reference_tokens("think") == mean_reference_tokens("direct")
+    rng = random.Random(1)
+    lengths = []
+    for _ in range(300):
+        problem = draw_problem(rng, rng.choice("RSA"))
+        for pattern in ("direct", "think"):
+            text = trace(problem, pattern)
+            assert final_answer(text) == problem.answer and len(text) + 1 <= MAX_COMPLETION_TOKENS
+            steps = text.rsplit(">", 1)[0].split(",")
+            if problem.skill != "A":
+                # a chain: each step is the one before with one letter more (an early error is carried to the end)
+                assert steps[-1] == problem.answer and all(len(b) == len(a) + 1 for a, b in itertools.pairwise(steps))
+                if pattern == "direct":
+                    assert all(b.startswith(a) for a, b in itertools.pairwise(steps))
+            else:
+                # each column's carry in is the previous column's carry out
+                carries = [(s[4], s[7]) if pattern == "direct" else (s[0], s[6]) for s in steps]
+                assert carries[0][0] == "0"
+                assert all(c_in == c_out for (_, c_out), (c_in, _) in itertools.pairwise(carries))
+        lengths.append(len(trace(problem, "direct")) + 1)
+    assert max(lengths) <= MAX_COMPLETION_TOKENS and sum(lengths) / len(lengths) >= 30
+    # the two patterns disagree on the first token of most steps (the incompatible teacher's wording)
+    direct, think = trace(Problem("R", "cabd", "dbac"), "direct"), trace(Problem("R", "cabd", "dbac"), "think")
+    assert [s[0] for s in direct.split(">")[0].split(",")] != [s[0] for s in think.split(">")[0].split(",")]
+    # OPSD's tasks carry the bare answer for the privileged context; the others the whole trace
+    opsd = next(run for run in RUNS if run.name == "opsd").task.eval_set(3)
+    assert [e.answer for e in opsd] == [final_answer(e.answer) for e in SkillTask("direct").eval_set(3)]
+
+
+def test_base_cache_key_names_the_corpus(monkeypatch):
+    """A base pretrained on another corpus (round 1's bare answers) is never reused: the key names the corpus."""
+    spec = PRESETS["full"].base
+    key = models.base_cache_key(spec)
+    monkeypatch.setattr(models, "CORPUS_VERSION", "answers-0")
+    assert models.base_cache_key(spec) != key
 
 
 def test_full_preset_configs_are_valid(tmp_path):

@@ -38,6 +38,10 @@ History of the rules (every change after seeing a result, and why):
   checkpoint; OPD and RLVR from it at lr 1e-6); RLVR is GRPO-style; seeds enter the accuracy margins. New rows:
   the OPD-success paper's second condition, the normalised spectral shift and the geometry paper's three
   controls.
+* round 2, worked traces (issue 32's last item, before any full run on them): completions became step-by-step
+  traces of about 34 tokens (round 1's averaged 6), with a newly pretrained base and teachers. No rule or threshold
+  changed; the drift row's protocol text now describes the traces, and the overlap row's vocabulary is 33 tokens
+  (the traces' comma).
 """
 
 from __future__ import annotations
@@ -734,8 +738,9 @@ REGISTRY: tuple[Claim, ...] = (
         "its own; OPD removes that gap",
         "GKD (Agarwal et al., 2024): train/inference mismatch of off-policy distillation",
         "qualitative",
-        "the final students' KL on their own rollouts vs on the teacher's samples of the same prompts (completions "
-        "here are short, so drift has little room to compound)",
+        "the final students' KL on their own rollouts vs on the teacher's samples of the same prompts; completions "
+        "are worked traces (34 tokens on average, 64 at most) whose every step is written from the one before, so "
+        "an early off-policy error is carried into the rest",
         "reproduced if SFT's KL on its own rollouts exceeds its KL on teacher samples (RELATIVE_MARGIN and Z "
         "standard errors) and OPD's own-minus-teacher gap is smaller than SFT's",
         ("RELATIVE_MARGIN", "Z"),
@@ -750,7 +755,7 @@ REGISTRY: tuple[Claim, ...] = (
         RETHINKING,
         "97–99% (k = 16 of ~152k tokens; averaged over positions with a non-empty intersection)",
         "the student's overlap mass at its own rollouts at the end of OPD and of the failing (incompatible-teacher) "
-        "run, at the same step; k = 2 of the 32-token vocabulary",
+        "run, at the same step; k = 2 of the 33-token vocabulary",
         "uninformative if the student's top-k holds ≥ TOPK_SATURATION of its mass at step 0 or the failing run "
         "improved too; reproduced if OPD (above the base by Z standard errors) ends ≥ OVERLAP_MASS_CLAIM and the "
         "failing run below it; uninformative if both reach it",

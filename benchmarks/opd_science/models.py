@@ -1,13 +1,14 @@
 """The models of the reproduction: a small base LM pretrained on the synthetic corpus, and teachers derived from it.
 
 * **Base**: a transformers Llama (a few layers, hidden 128 in the full run) pretrained from random weights by
-  next-token prediction on whole documents of :func:`corpus.pretraining_document` (prompt and completion
+  next-token prediction on whole documents of :func:`corpus.pretraining_document` (prompt and worked trace
   alike, as pretraining does), with its own short loop: the trainer only trains on completions.
 * **Teachers**, each the base trained further by the trainer's SFT on reference completions
   (``rollout.source=reference``), at the pretraining learning rate:
-  - ``teacher``: direct-style answers to direct prompts: the same "thinking pattern" as the base, stronger;
-  - ``incompatible_teacher``: thought-out answers (``operands>answer``) to prompts of both templates: a
-    teacher that always thinks, the paper's incompatible pattern, as accurate but differently worded.
+  - ``teacher``: direct-pattern traces to direct prompts: the same "thinking pattern" as the base, stronger;
+  - ``incompatible_teacher``: think-pattern traces (the same steps worded the other way, see :mod:`.corpus`) to
+    prompts of both templates: a teacher that always thinks its own way, the paper's incompatible pattern, as
+    accurate but differently worded.
 * ``same_data_teacher``: the base pretrained further on its own corpus (:class:`ContinuedPretrainingSpec`):
   stronger by more of the same data only, nothing the student has not seen (the OPD-success paper's second
   condition: Qwen3-4B (non-thinking) shares its student's training distribution and transfers little).
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from opd_fast.trainer import Trainer, load_config
 from opd_fast.trainer.demo import build_tokenizer
 
-from .corpus import CHARACTERS, MAX_COMPLETION_TOKENS, SkillTask, pretraining_document
+from .corpus import CHARACTERS, CORPUS_VERSION, MAX_COMPLETION_TOKENS, SkillTask, pretraining_document
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,19 @@ class ContinuedPretrainingSpec:
 
 
 TEACHERS = ("teacher", "incompatible_teacher", "same_data_teacher")
+# Positions of the model: the longest sequence is a hinted prompt (21 characters and BOS) and the longest trace
+# (corpus.MAX_COMPLETION_TOKENS = 64), 86 tokens.
+MAX_POSITIONS = 128
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def base_cache_key(spec: BaseSpec) -> str:
+    """The base's cache key: its spec, the characters, the corpus's version and the positions, so a base pretrained
+    on another corpus (round 1's bare answers) is never reused; the teachers' keys include it."""
+    return _key(asdict(spec), CHARACTERS, CORPUS_VERSION, MAX_POSITIONS)
 
 
 def _done(directory: Path) -> dict | None:
@@ -108,7 +118,7 @@ def _llama_config(spec: BaseSpec, tokenizer):
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.heads,
-        max_position_embeddings=64,
+        max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -207,7 +217,7 @@ def prepare(
     log=print,
 ) -> Models:
     """The base and the teachers, each trained once and cached under ``cache_dir`` by a hash of its settings."""
-    base_key = _key(asdict(base_spec), CHARACTERS)
+    base_key = base_cache_key(base_spec)
     base_dir = cache_dir / f"base-{base_key}"
     info = {"base": _done(base_dir)}
     if info["base"] is None:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from . import claims, measure, models, report, runs
-from .corpus import SkillTask
+from .corpus import MAX_COMPLETION_TOKENS, SkillTask, mean_reference_tokens
 from .models import BaseSpec, ContinuedPretrainingSpec, TeacherSpec
 from .runs import RUNS, FinetuneSpec
 
@@ -57,29 +57,34 @@ SUBSPACE_K = 2
 
 PRESETS = {
     "full": Preset(
-        base=BaseSpec(hidden=128, layers=4, heads=4, steps=1000, batch=64, lr=1e-3),
+        # round 2's traces are about 6× longer than round 1's bare answers (34 tokens on average, 64 at most), and a
+        # rollout's cost grows with its length: the base is pretrained on 32 documents a step (1.5× the tokens of
+        # round 1's 64 short ones), and a fine-tuning run trains on 80 steps × 16 rollouts, about 44k completion
+        # tokens (round 1: 200 × 64 rollouts of 6 tokens, 75k), at the same learning rate. The whole run: 31 minutes
+        # with the models cached, 47 from an empty cache, on the shared 2-core machine
+        base=BaseSpec(hidden=128, layers=4, heads=4, steps=1000, batch=32, lr=1e-3),
         teacher_steps=400,
         finetune=FinetuneSpec(
-            steps=200,
-            batch=64,
+            steps=80,
+            batch=16,
             lr=3e-5,
-            eval_every=20,
-            eval_size=384,
+            eval_every=10,
+            eval_size=128,
             checkpoints=5,
             overlap_k=2,
             lock_rank=SUBSPACE_K,
             geometry_lr=1e-6,
-            geometry_steps=100,
+            geometry_steps=50,
         ),
-        final_eval_size=1536,
-        analysis_size=256,
+        final_eval_size=768,
+        analysis_size=128,
         sim_k=SUBSPACE_K,
         seeds=3,
         same_data_steps=400,
     ),
     "quick": Preset(
         base=BaseSpec(hidden=64, layers=2, heads=4, steps=200, batch=32, lr=3e-3),
-        teacher_steps=60,
+        teacher_steps=150,  # the teachers clearly stronger than the base (traces take more steps to learn)
         finetune=FinetuneSpec(
             steps=2,
             batch=16,
@@ -118,7 +123,9 @@ def _teacher_accuracies(preset: Preset, prepared: models.Models, tokenizer, log)
     out = {
         "base": measure.correctness(base, tokenizer, direct, size),
         "base_think_prompts": measure.correctness(base, tokenizer, think, size),
-        "base_with_answer_in_context": measure.correctness(base, tokenizer, direct, size, runs.PRIVILEGED_TEMPLATE),
+        "base_with_answer_in_context": measure.correctness(
+            base, tokenizer, SkillTask("direct", "answer"), size, runs.PRIVILEGED_TEMPLATE
+        ),
     }
     for name in models.TEACHERS:
         out[name] = measure.correctness(measure.load_model(prepared.teachers[name]), tokenizer, direct, size)
@@ -150,7 +157,7 @@ def _measure_run(run: runs.RunSpec, trained: dict, preset: Preset, start: Path, 
     )
     if run.regime == "geometry":
         return {**trained, "geometry": geometry}
-    task = SkillTask(run.prompt_style)
+    task = run.task
     teacher_dir = start if run.teacher == "self" else prepared.teachers[run.teacher]
     teacher = measure.load_model(teacher_dir)
     common = dict(teacher_template=run.teacher_template, k=preset.finetune.overlap_k)
@@ -183,6 +190,7 @@ def run(preset_name: str, out: Path, cache: Path, docs: Path | None, *, threads:
     preset = PRESETS[preset_name]
     started = time.perf_counter()
     prepared = models.prepare(preset.base, preset.teacher_specs, cache, progress=progress, log=log)
+    prepare_seconds = round(time.perf_counter() - started, 1)
     tokenizer = AutoTokenizer.from_pretrained(prepared.base, local_files_only=True)
     reference = _teacher_accuracies(preset, prepared, tokenizer, log)
     jobs = [(spec, seed) for spec in RUNS for seed in range(preset.seeds if spec.seeded else 1)]
@@ -221,6 +229,10 @@ def run(preset_name: str, out: Path, cache: Path, docs: Path | None, *, threads:
             "rlvr_mix_alpha": runs.RLVR_MIX_ALPHA,
             "threads": threads,
             "vocab_size": len(tokenizer),
+            "max_completion_tokens": MAX_COMPLETION_TOKENS,
+            "reference_completion_tokens": {
+                style: round(mean_reference_tokens(style, preset.final_eval_size), 2) for style in ("direct", "think")
+            },
         },
         "env": {
             "python": platform.python_version(),
@@ -232,6 +244,7 @@ def run(preset_name: str, out: Path, cache: Path, docs: Path | None, *, threads:
         "reference_correct": reference,
         "runs": results,
         "seconds": round(time.perf_counter() - started, 1),
+        "prepare_seconds": prepare_seconds,  # pretraining and deriving the models (about 0 with a warm cache)
     }
     # the measurements first: a failure in the verdicts leaves them for --report-only
     out.mkdir(parents=True, exist_ok=True)

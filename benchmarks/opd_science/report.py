@@ -64,6 +64,46 @@ def _mean_pm(values: list[float], scale: float = 100.0, digits: int = 1, unit: s
     return f"{scale * mean:.{digits}f}" + ("" if se is None else f" ± {scale * se:.{digits}f}") + unit
 
 
+def rollout_tokens(data: dict, name: str) -> list[float]:
+    """Mean completion tokens per rollout of run ``name``, per seed (its completions over steps × batch)."""
+    finetune = data["settings"]["finetune"]
+    steps = finetune["geometry_steps"] if data["runs"][name]["regime"] == "geometry" else finetune["steps"]
+    return [s["completion_tokens"] / (steps * finetune["batch"]) for s in data["runs"][name]["seeds"]]
+
+
+def _time_note(data: dict) -> str:
+    """How much of the total went into the models, and the time from an empty cache (stage times recorded when each
+    model was trained)."""
+    if "prepare_seconds" not in data:
+        return ""
+    stages = sum((info or {}).get("seconds", 0.0) for info in data["models"].values())
+    warm = data["seconds"] - data["prepare_seconds"]
+    return (
+        f", of which {data['prepare_seconds']:.0f} s preparing the base and the teachers; with every model cached "
+        f"about {warm:.0f} s, from an empty cache about {warm + stages:.0f} s (their training took {stages:.0f} s)"
+    )
+
+
+def completion_summary(data: dict) -> str:
+    """One sentence: the completions' length in the references and in the accuracy runs' rollouts."""
+    settings = data["settings"]
+    reference = settings.get("reference_completion_tokens")
+    main = [name for name, run in data["runs"].items() if run["regime"] == "main"]
+    per_run = {name: sum(rollout_tokens(data, name)) / len(data["runs"][name]["seeds"]) for name in main}
+    every = [t for name in main for t in rollout_tokens(data, name)]
+    shortest, longest = min(per_run, key=per_run.get), max(per_run, key=per_run.get)
+    text = "Completions are worked traces"
+    if reference:
+        text += (
+            f" ({reference['direct']:.1f} tokens on average in the direct pattern's references, "
+            f"{reference['think']:.1f} in the think pattern's, {settings['max_completion_tokens']} at most)"
+        )
+    return (
+        text + f"; the accuracy runs' rollouts averaged {sum(every) / len(every):.1f} tokens (per run from "
+        f"{per_run[shortest]:.1f}, `{shortest}`, to {per_run[longest]:.1f}, `{longest}`)."
+    )
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -85,9 +125,9 @@ def runs_table(data: dict) -> str:
     """One line per run: seeds, final accuracy (mean ± standard error over seeds), completion tokens, the overlap
     and the update geometry at its end (seed 0), training time (all seeds)."""
     lines = [
-        "| Run | seeds | final accuracy | completion tokens | overlap ratio, step 0 → end | bf16 sparsity | srank ΔW "
-        "| train time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Run | seeds | final accuracy | completion tokens | tokens per rollout | overlap ratio, step 0 → end "
+        "| bf16 sparsity | srank ΔW | train time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, run in data["runs"].items():
         seeds = run["seeds"]
@@ -100,7 +140,8 @@ def runs_table(data: dict) -> str:
             accuracy, overlap = "(geometry run)", "n/a"
         lines.append(
             f"| {run['label'].strip()} (`{name}`) | {len(seeds)} | {accuracy} "
-            f"| {_mean_pm([s['completion_tokens'] for s in seeds], 1.0, 0, '')} | {overlap} "
+            f"| {_mean_pm([s['completion_tokens'] for s in seeds], 1.0, 0, '')} "
+            f"| {_mean_pm(rollout_tokens(data, name), 1.0, 1, '')} | {overlap} "
             f"| {100 * geometry['update_sparsity']:.1f}% | {geometry['stable_rank']:.2f} "
             f"| {sum(s['seconds'] for s in seeds):.0f} s |"
         )
@@ -131,7 +172,9 @@ def markdown(data: dict) -> str:
             f"{settings['final_eval_size']} problems (greedy). Geometry runs (the geometry paper's protocol): OPD, "
             f"RLVR and the controls for {finetune['geometry_steps']} steps from the SFT run's final checkpoint at lr "
             f"{finetune['geometry_lr']:g}. RLVR is GRPO with {settings['grpo_group']} samples per prompt. "
-            f"Total time {data['seconds']:.0f} s.",
+            f"Total time {data['seconds']:.0f} s{_time_note(data)}.",
+            "",
+            completion_summary(data),
             "",
             "Held-out accuracy of the base and the teachers (the held-out set cycles through the skills):",
             "",

@@ -19,9 +19,10 @@ Two regimes, each the protocol of the papers it tests:
 Common settings: constant learning rate, no warm-up, Adam β = (0.9, 0.98) and no weight decay (the geometry
 paper's OPD run: constant 1e-6, β = (0.9, 0.98), weight decay 0.1, whose shrinkage 1e-7 per step is negligible
 over a run), gradient clipping 1, rollouts of ``batch`` prompts per step sampled at temperature 1 with at most
-:data:`corpus.MAX_COMPLETION_TOKENS` new tokens, the loss on completion tokens only. RLVR is GRPO-style
-(:mod:`.grpo`): :data:`GRPO_GROUP` samples per prompt, group-normalised advantages, the same number of
-completions per step as every other method.
+:data:`corpus.MAX_COMPLETION_TOKENS` new tokens (worked traces, about 34 tokens on average), the loss on
+completion tokens only. OPSD's examples carry the bare answer for its privileged context (:attr:`RunSpec.task`).
+RLVR is GRPO-style (:mod:`.grpo`): :data:`GRPO_GROUP` samples per prompt, group-normalised advantages, the same
+number of completions per step as every other method.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from opd_fast.trainer.plots import read_metrics
 from .corpus import MAX_COMPLETION_TOKENS, SkillTask
 from .grpo import GroupBaselineTrainer, GroupedTask
 
-PRIVILEGED_TEMPLATE = "{answer}|{prompt}"  # OPSD: the reference answer before the question
+PRIVILEGED_TEMPLATE = "{answer}|{prompt}"  # OPSD: the final answer before the question (RunSpec.task)
 GRPO_GROUP = 4  # samples per prompt (Rethinking OPD's default; OPSD's GRPO baseline uses 8)
 TOKEN_KEEP = 0.5  # the geometry paper's sparsification control keeps ρ ∈ {0.25, 0.5} of the tokens
 RLVR_MIX_ALPHA = 0.05  # its objective mix α·A_OPD + (1 − α)·A_RLVR, α ∈ {0.75, …, 0.05, 0.01}: RLVR-dominated
@@ -80,6 +81,12 @@ class RunSpec:
     @property
     def teacher_template(self) -> str:
         return PRIVILEGED_TEMPLATE if self.teacher == "self" else "{prompt}"
+
+    @property
+    def task(self) -> SkillTask:
+        """The run's prompts; OPSD's examples carry the bare answer, which :data:`PRIVILEGED_TEMPLATE` puts before
+        the question (the reference completion is a whole trace, not a hint)."""
+        return SkillTask(self.prompt_style, "answer" if self.teacher == "self" else None)
 
 
 SFT = ("loss.mode=sft", "rollout.source=teacher")
@@ -232,7 +239,7 @@ def train(
     if not marker.is_file() or json.loads(marker.read_text())["config"] != config.to_dict():
         shutil.rmtree(out_dir, ignore_errors=True)
         started = time.perf_counter()
-        task = SkillTask(run.prompt_style)
+        task = run.task
         if run.group > 1:
             ScienceGroupTrainer(config, task=GroupedTask(task, run.group), progress=progress).train()
         else:
