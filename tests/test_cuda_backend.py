@@ -93,9 +93,9 @@ def test_cuda_sources_use_no_torch_cuda_headers():
                 assert "#include <torch" not in text and "#include <ATen" not in text, path
 
 
+@pytest.mark.slow  # 60-150 s; .ci/run runs csrc/compile_check.sh as its own step
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_compile_check_builds_every_kernel_for_sm80_and_sm90a():
-    """About 8–13 s on the 2-core CI machine, so it stays in the default (not slow) tier."""
     out = subprocess.run([str(CSRC / "compile_check.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     for source in CSRC.glob("*.cu"):

@@ -16,7 +16,8 @@ models' fp32 workspace rows) needs more than 128 registers (four 128-thread bloc
 where the row stride is a multiple of 16 elements (the sweep pads it to 64 on CUDA), or takes more than one
 exponential per model and element.
 
-The CI tier compiles the default configuration of every kernel for every MODE (about 100 compiles, 1–2 s each).
+CI compiles the default configuration of every kernel for every MODE (about 100 compiles, 1–2 s each) in its own
+step of .ci/run (marked slow: outside README's quick tier).
 ``OPD_FAST_AOT=all`` compiles every autotune configuration (bf16 and fp32 inputs, top-k at every power of two
 up to MAX_K) and also fails on spilling configurations and on configurations that compile to the same code
 as an earlier one of the list (the autotuner would time the same kernel twice). The report without pytest:
@@ -523,6 +524,10 @@ def _every_config() -> bool:
     return os.environ.get(AOT_ENV, "") == "all"
 
 
+# Every test here but the last reads the compile report (2-4 minutes on 2 cores).
+COMPILES = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def report(request):
     from triton.backends.nvidia.compiler import get_ptxas
@@ -540,6 +545,7 @@ def report(request):
     return listing, results
 
 
+@COMPILES
 def test_every_kernel_is_covered(report):
     listing, _ = report
     assert not listing["uncovered"], f"Triton kernels without a KernelSpec here: {listing['uncovered']}"
@@ -547,6 +553,7 @@ def test_every_kernel_is_covered(report):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("kernel", KERNELS)
+@COMPILES
 def test_default_config_compiles_cleanly(report, kernel, arch):
     """The default configuration of each kernel compiles in bounded time, without spills, within shared memory."""
     _, results = report
@@ -562,6 +569,7 @@ def test_default_config_compiles_cleanly(report, kernel, arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+@COMPILES
 def test_chunk_stats_kernel_is_occupancy_friendly(report, arch):
     """The chunked plan's statistics pass reads both models' fp32 workspace rows once and is memory-bound: per
     variant (mode; row stride a multiple of 16 elements or not) at most 128 registers and no spills, 128-bit loads
@@ -583,6 +591,7 @@ def test_chunk_stats_kernel_is_occupancy_friendly(report, arch):
 
 
 @pytest.mark.skipif(not _every_config(), reason=f"every autotune configuration: {AOT_ENV}=all")
+@COMPILES
 def test_autotune_lists_are_clean(report):
     """No configuration of an autotune list spills, overflows shared memory or repeats an earlier one's code."""
     _, results = report
