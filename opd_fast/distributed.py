@@ -16,6 +16,8 @@ shard; this module turns their local, per-token statistics into global ones with
   all-reduced so every rank holds the full one.
 * **top-k**: local top-k candidates with global ids and global log-probs are all-gathered (N·k per
   rank) and merged; the entropy combines as H = Σ_r w_r (H_r − log w_r).
+* **the student's entropy** of a divergence (``return_entropy``): the same combination of each shard's own, one
+  all-reduce of N more floats.
 
 Bytes per call (fp32, N tokens, k top-k, H hidden, R ranks): the forward of a divergence all-gathers
 3·N·R floats (JSD: 2·N·R + 2·N); a token log-prob or log-sum-exp N·R + N; the top-k 2·N·k·R + 2·N·R;
@@ -152,6 +154,13 @@ def _empty_stats(n_rows: int, like: torch.Tensor, dtype: torch.dtype) -> Diverge
     return DivergenceStats(zero, lse, lse.clone(), zero)
 
 
+def _entropy_share(log_w: torch.Tensor, local_entropy: torch.Tensor) -> torch.Tensor:
+    """A shard's share w_k (H_k − log w_k) of the entropy −Σ_v p log p, from its mass w_k = e^{lse_k − lse} and its
+    entropy H_k over its own rows (relative to lse_k); the shares add up to the entropy (all ≥ 0; 0 for a shard
+    without mass, log w_k = −inf)."""
+    return torch.where(log_w > -torch.inf, log_w.exp() * (local_entropy - log_w), 0.0)
+
+
 def _zero_grads(side: Side, need: Need) -> Grads:
     """A shard without rows contributes nothing (its weight and bias gradients are empty slices)."""
     dtype = _stat_dtype(side.hidden, side.weight)
@@ -214,17 +223,13 @@ class VocabParallelOps:
         return DivergenceStats(loss, lse_s, lse_t, center, student_entropy=self._entropy(stats, lse_s, spec))
 
     def _entropy(self, local_stats: DivergenceStats, lse: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor | None:
-        """The student's global entropy from each shard's own (over its rows, relative to its lse_k), with the
-        shard's mass w_k = e^{lse_k − lse}: H = −Σ_k Σ_{v∈k} p log p = Σ_k w_k (H_k − log w_k), a sum of
-        non-negative terms (empty shards add 0). None unless ``spec.entropy``."""
+        """The student's global entropy, the shards' :func:`_entropy_share` summed (one all-reduce); None unless
+        ``spec.entropy``."""
         if not spec.entropy:
             return None
-        local_lse = local_stats.student_lse.to(lse.dtype)
         local_entropy = local_stats.student_entropy
         local_entropy = torch.zeros_like(lse) if local_entropy is None else local_entropy.to(lse.dtype)
-        log_w = local_lse - lse
-        term = torch.where(log_w > -torch.inf, log_w.exp() * (local_entropy - log_w), 0.0)
-        return _all_reduce(term, self.shard)
+        return _all_reduce(_entropy_share(local_stats.student_lse.to(lse.dtype) - lse, local_entropy), self.shard)
 
     def divergence_backward(self, s: Side, t: Side, spec, stats: DivergenceStats, row_weight, need: Need) -> Grads:
         """This shard's logit gradients from the global statistics; dh summed over the shards."""
@@ -299,9 +304,7 @@ class VocabParallelOps:
         all_ids = _gather(ids, shard).permute(1, 0, 2).reshape(n_rows, -1)
         all_lp, order = all_lp.sort(dim=-1, descending=True, stable=True)
         ids, logprobs = all_ids.gather(1, order[:, :k]), all_lp[:, :k]
-        log_w = lse_r - lse
-        entropy_r = _gather(local_entropy, shard)
-        entropy = torch.where(log_w > -torch.inf, log_w.exp() * (entropy_r - log_w), 0.0).sum(dim=0)
+        entropy = _entropy_share(lse_r - lse, _gather(local_entropy, shard)).sum(dim=0)
         return ids, logprobs, lse, entropy
 
 
