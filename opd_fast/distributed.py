@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from opd_fast._validation import DivergenceSpec, check_int, check_process_group, check_weight
-from opd_fast.backends.sweep import jsd_loss
+from opd_fast.backends.sweep import jsd_loss, lse_lo, split_lse
 from opd_fast.types import DivergenceStats, Grads, Need, Side
 
 
@@ -139,6 +139,17 @@ def global_lse(local_lse: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor
     return torch.logsumexp(gathered, dim=0), gathered
 
 
+def merge_lse(lse_r: torch.Tensor, lo_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global (lse, lse_lo) [N] of every rank's local (lse_r, lo_r) [R, N], each shard's log Σ e^z being
+    lse_r + lo_r: shifted by the largest lse_r, m, the global one is m + log Σ_r e^{(lse_r − m) + lo_r}, split as
+    opd_fast.backends.sweep.split_lse does, so that log p = (z − lse) − lse_lo keeps ~ulp(log p) across ranks
+    (z − lse alone carries ~ulp(lse)). Empty shards (lse_r = −inf) add nothing."""
+    m = lse_r.amax(dim=0)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    mass = torch.where(lse_r > -torch.inf, torch.exp((lse_r - m) + lo_r), 0.0).sum(dim=0)
+    return split_lse(m, mass)
+
+
 def _stat_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Statistics are fp32, or fp64 for fp64 inputs (as the backends compute them)."""
     dtype = torch.float32
@@ -202,34 +213,41 @@ class VocabParallelOps:
 
         if spec.kind == "jsd":
             local_lse = local(dataclasses.replace(spec, kind="reverse_kl", entry_clip=None))
-            lse_s = global_lse(local_lse.student_lse.to(dtype), shard)[0]
-            lse_t = global_lse(local_lse.teacher_lse.to(dtype), shard)[0]
+            fields = [*local_lse[1:3], *lse_lo(local_lse)]
+            lse_s_r, lse_t_r, lo_s_r, lo_t_r = _gather(torch.stack(fields).to(dtype), shard).unbind(1)  # [R, N]
+            (lse_s, lo_s), (lse_t, lo_t) = merge_lse(lse_s_r, lo_s_r), merge_lse(lse_t_r, lo_t_r)
             terms = torch.zeros((3, n_rows), dtype=dtype, device=s.hidden.device)
             if shard.rows:
-                terms.copy_(inner.jsd_terms(s, t, spec, lse_s, lse_t))
+                terms.copy_(inner.jsd_terms(s, t, spec, lse_s, lse_t, lo_s, lo_t))
             loss, center = jsd_loss(_all_reduce(terms, shard), spec.beta)
-            return DivergenceStats(loss, lse_s, lse_t, center, student_entropy=self._entropy(local_lse, lse_s, spec))
+            entropy = self._entropy(local_lse, lse_s, lo_s, spec)
+            return DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t, entropy)
         stats = local(spec)
-        gathered = _gather(torch.stack([stats.loss, stats.student_lse, stats.teacher_lse]).to(dtype), shard)
-        loss_r, lse_s_r, lse_t_r = gathered.unbind(1)  # [R, N] each
-        lse_s, lse_t = torch.logsumexp(lse_s_r, dim=0), torch.logsumexp(lse_t_r, dim=0)
-        log_w, log_u = lse_s_r - lse_s, lse_t_r - lse_t
+        fields = [stats.loss, stats.student_lse, stats.teacher_lse, *lse_lo(stats)]
+        loss_r, lse_s_r, lse_t_r, lo_s_r, lo_t_r = _gather(torch.stack(fields).to(dtype), shard).unbind(1)  # [R, N]
+        (lse_s, lo_s), (lse_t, lo_t) = merge_lse(lse_s_r, lo_s_r), merge_lse(lse_t_r, lo_t_r)
+        # the shards' masses from the lse's with their residuals: log w_r = (lse_r − lse) + (lo_r − lo)
+        log_w, log_u = (lse_s_r - lse_s) + (lo_s_r - lo_s), (lse_t_r - lse_t) + (lo_t_r - lo_t)
         if spec.kind == "reverse_kl":
             weight, terms = log_w.exp(), loss_r + log_w - log_u
         else:
             weight, terms = log_u.exp(), loss_r + log_u - log_w
         loss = torch.where(weight > 0, weight * terms, 0.0).sum(dim=0)
         center = loss if spec.kind == "reverse_kl" else torch.zeros_like(loss)
-        return DivergenceStats(loss, lse_s, lse_t, center, student_entropy=self._entropy(stats, lse_s, spec))
+        return DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t, self._entropy(stats, lse_s, lo_s, spec))
 
-    def _entropy(self, local_stats: DivergenceStats, lse: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor | None:
+    def _entropy(
+        self, local_stats: DivergenceStats, lse: torch.Tensor, lo: torch.Tensor, spec: DivergenceSpec
+    ) -> torch.Tensor | None:
         """The student's global entropy, the shards' :func:`_entropy_share` summed (one all-reduce); None unless
         ``spec.entropy``."""
         if not spec.entropy:
             return None
         local_entropy = local_stats.student_entropy
         local_entropy = torch.zeros_like(lse) if local_entropy is None else local_entropy.to(lse.dtype)
-        return _all_reduce(_entropy_share(local_stats.student_lse.to(lse.dtype) - lse, local_entropy), self.shard)
+        local_lo = lse_lo(local_stats)[0].to(lse.dtype)
+        log_w = (local_stats.student_lse.to(lse.dtype) - lse) + (local_lo - lo)
+        return _all_reduce(_entropy_share(log_w, local_entropy), self.shard)
 
     def divergence_backward(self, s: Side, t: Side, spec, stats: DivergenceStats, row_weight, need: Need) -> Grads:
         """This shard's logit gradients from the global statistics; dh summed over the shards."""
@@ -252,24 +270,25 @@ class VocabParallelOps:
         return global_lse(local, self.shard)[0]
 
     def token_logits(self, side: Side, ids: torch.Tensor, temperature: float):
-        """(z_y, global lse, 0): z_y from the shard that owns y (0 elsewhere), all-reduced; the lse crossed the
-        ranks as one number, so its residual is 0."""
+        """(z_y, global lse, its residual): z_y from the shard that owns y (0 elsewhere), all-reduced; the lse
+        merged from the shards' (lse, residual) by :func:`merge_lse`."""
         dtype = _stat_dtype(side.hidden, side.weight)
         n_rows = side.hidden.shape[0]
         if self.shard.rows:
-            picked, local_lse, _ = self.inner.token_logits(side, self._local_ids(ids), temperature)
-            picked, local_lse = picked.to(dtype), local_lse.to(dtype)
+            picked, local_lse, local_lo = self.inner.token_logits(side, self._local_ids(ids), temperature)
+            picked, local_lse, local_lo = picked.to(dtype), local_lse.to(dtype), local_lo.to(dtype)
         else:
             picked = side.hidden.new_zeros(n_rows, dtype=dtype)
             local_lse = side.hidden.new_full((n_rows,), -torch.inf, dtype=dtype)
-        lse = global_lse(local_lse, self.shard)[0]
-        return _all_reduce(picked.contiguous(), self.shard), lse, torch.zeros_like(lse)
+            local_lo = torch.zeros_like(local_lse)
+        lse, residual = merge_lse(*_gather(torch.stack([local_lse, local_lo]), self.shard).unbind(1))
+        return _all_reduce(picked.contiguous(), self.shard), lse, residual
 
     def logits_backward(
         self, side: Side, ids, lse, row_weight, temperature, need: Need, filter_eps=None, lse_lo=None
     ) -> Grads:
         """∂lse/∂z_v = p_v on this shard's columns, plus [v = y] where this shard owns y; dh summed over
-        the shards (``lse_lo``: the global lse's residual, 0 from :meth:`token_logits`)."""
+        the shards (``lse_lo``: the global lse's residual from :meth:`token_logits`)."""
         if self.shard.rows:
             local_ids = None if ids is None else self._local_ids(ids)
             grads = self.inner.logits_backward(

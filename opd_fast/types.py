@@ -48,8 +48,8 @@ class DivergenceStats(NamedTuple):
     ``student_lse_lo`` / ``teacher_lse_lo`` (or None: 0) are the log-sum-exps' fp32 rounding residuals,
     lse_lo = (m − lse) + log Σ_v e^{z_v − m} with m the row max: the pair keeps the row's shift and log Σ apart,
     so that a log-probability is (z − lse) − lse_lo, accurate to ~ulp(log p) rather than ~ulp(lse) (z − lse
-    is exact by Sterbenz's lemma wherever p is not negligible). Where only an lse is known (it crossed ranks,
-    or the API saved just it), the residual is None and log p is z − lse.
+    is exact by Sterbenz's lemma wherever p is not negligible). Where only an lse is known (the API saved just
+    it), the residual is None and log p is z − lse.
     """
 
     loss: torch.Tensor

@@ -590,14 +590,15 @@ class Sweep:
         given: DivergenceStats | None,
         need: Need,
         filter_eps: float,
-        jsd_lse: tuple[Tensor, Tensor] | None = None,
+        jsd_lse: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
         entropy: bool = False,
     ) -> tuple[DivergenceStats | None, Grads]:
         """Statistics (unless ``given``; with ``entropy``, the first model's entropy too) and, with ``row_weight``,
         the first model's gradients.
 
-        ``jsd_lse`` (vocabulary parallelism): the rows' global log-sum-exps; the sweep then only adds up the
-        JSD terms of these vocabulary rows and returns them ([3, N], see :func:`jsd_loss`) in place of the stats.
+        ``jsd_lse`` (vocabulary parallelism): the rows' global (lse_s, lse_t, lse_lo_s, lse_lo_t); the sweep then
+        only adds up the JSD terms of these vocabulary rows and returns them ([3, N], see :func:`jsd_loss`) in place
+        of the stats.
         """
         epi, s = self.epilogue, ops[0]
         t = ops[1] if len(ops) > 1 else None
@@ -650,7 +651,9 @@ class Sweep:
             if jsd_lse is not None:
                 terms = torch.zeros((3, r), device=device, dtype=acc_dtype)
                 zeros = terms[0].clone()
-                row_lse = DivergenceStats(zeros, jsd_lse[0][rows], jsd_lse[1][rows], zeros)  # lse only: no residual
+                row_lse = DivergenceStats(
+                    zeros, *(x[rows] for x in jsd_lse[:2]), zeros, *(x[rows] for x in jsd_lse[2:])
+                )
                 for cols, (zs, zt) in tiles():
                     epi.jsd_update(terms, zs, zt, row_lse, s.tile(cols), t.tile(cols), beta)
                 out[:, rows] = terms
@@ -721,12 +724,15 @@ class Sweep:
         given = DivergenceStats(*(None if x is None else x.to(dtype) for x in stats))
         return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, spec.filter_eps or 0.0)[1]
 
-    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor) -> Tensor:
+    def jsd_terms(
+        self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor, lo_s=None, lo_t=None
+    ) -> Tensor:
         """JSD's terms [3, N] (see :func:`jsd_loss`) summed over these vocabulary rows, given the rows' (global)
-        lse."""
+        lse and, when known, their residuals (None: 0)."""
         ops = self._pair(s, t, spec)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
-        lse = (lse_s.to(dtype), lse_t.to(dtype))
+        zeros = torch.zeros_like(lse_s, dtype=dtype)
+        lse = tuple(zeros if x is None else x.to(dtype) for x in (lse_s, lse_t, lo_s, lo_t))
         return self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)[0]
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

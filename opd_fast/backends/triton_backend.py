@@ -197,8 +197,8 @@ class TritonStreamingOps:
         ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature)
         return self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
 
-    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor):
-        stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s))  # lse only
+    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor, lo_s=None, lo_t=None):
+        stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
         return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature), spec, stats)
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float):
