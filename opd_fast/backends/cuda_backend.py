@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 
 from opd_fast.backends.sweep import MODES, Operand, Sweep, TileHead, kernel_operand, lse_lo
-from opd_fast.backends.torch_backend import TorchEpilogue, final_logits, merge_entropy
+from opd_fast.backends.torch_backend import TorchEpilogue
 from opd_fast.types import DivergenceStats, Side
 
 # Longest top-k list the kernel keeps in shared memory (csrc/epilogue.h kMaxTopK); longer ones are
@@ -244,9 +244,10 @@ class CudaEpilogue:
         softmax_stats_update(_rows(zs), _rows(zt), ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht))
 
     def entropy_update(self, state, zs, hs) -> None:
-        """The student's entropy state (m, s, Σ e^{z − m}(z − m)), csrc/epilogue.h's EntropyAcc, by torch ops on the
-        tile: one more read of it, only when the entropy is asked for."""
-        merge_entropy(state, final_logits(zs, hs))
+        """The student's entropy state (m, s, Σ e^{z − m}(z − m)) is csrc/epilogue.h's EntropyAcc, which the top-k
+        kernel keeps: its k = 1 pass over the tile (one more read of it, only when the entropy is asked for)."""
+        best = torch.zeros((zs.shape[0], 1), dtype=torch.int64, device=zs.device)
+        topk_update(_rows(zs), best, state, 0, *_head(hs))
 
     def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
         lse_s, lse_t = _row_lse(stats)
