@@ -1,0 +1,53 @@
+"""pytest-benchmark suite: what ``return_entropy=True`` adds to a reverse-KL forward+backward.
+
+The student's entropy comes from the divergence's own sweep (no GEMM; the torch backend's whole rows take one row
+dot more, the Triton and CUDA epilogues one more read of each student tile). Each entropy benchmark records, in
+``extra_info``, its median over the plain loss's median on the same inputs. Run:
+
+    pytest benchmarks/bench_entropy.py --benchmark-enable -m "slow or not slow"
+"""
+
+import pytest
+import torch
+
+from opd_fast import bench, linear_reverse_kl
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+SHAPES = [pytest.param(dict(tokens=256, hidden=32, teacher_hidden=32, vocab=4096, dtype="fp32"), id="smoke")]
+if DEVICE.type == "cuda":
+    SHAPES += [
+        pytest.param(dict(tokens=n, hidden=4096, teacher_hidden=5120, vocab=151936, dtype="bf16"), id=f"N{n}-qwen3")
+        for n in (4096, 8192)
+    ]
+else:
+    SHAPES.append(
+        pytest.param(
+            dict(tokens=4096, hidden=64, teacher_hidden=64, vocab=32768, dtype="fp32"), id="cpu", marks=pytest.mark.slow
+        )
+    )
+
+_plain_median: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss+entropy"])
+def test_entropy_next_to_the_loss(benchmark, entropy, shape, backend):
+    reason = bench.unavailable_reason(backend, DEVICE)
+    if reason:
+        pytest.skip(reason)
+    case = bench.Case(backend=backend, mode="fwd+bwd", **shape)
+    inputs = list(bench.make_inputs(case, DEVICE).values())
+
+    def step():
+        out = linear_reverse_kl(*inputs, backend=backend, return_entropy=entropy)
+        (out.loss if entropy else out).backward()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    if benchmark.stats is not None:
+        key, median = f"{backend}-{shape}", benchmark.stats.stats.median
+        if not entropy:
+            _plain_median[key] = median
+        elif key in _plain_median:
+            benchmark.extra_info["ratio_to_loss_alone"] = median / _plain_median[key]
