@@ -219,7 +219,7 @@ def divergence(
     n_rows, count = hs.shape[0], s.hidden.shape[0]
     out_dtype = acc_dtype(hs, ws, ht, wt)
     none = _empty(hs, out_dtype)
-    no_entropy = hs.new_zeros(n_rows if entropy else 0, dtype=out_dtype)
+    zero_entropy = hs.new_zeros(n_rows if entropy else 0, dtype=out_dtype)
     if reduction == "none":
         stats = hs.new_zeros((STATS_ROWS, n_rows), dtype=out_dtype)
         if count:
@@ -227,12 +227,12 @@ def divergence(
             rows_stats = torch.stack((*per_token[:4], *lse_lo(per_token))).to(out_dtype)
             stats = scatter_rows(rows_stats.T, rows, n_rows).T.contiguous()
             return stats[0].clone(), stats, none, none.clone(), none.clone(), _entropy(per_token, rows, n_rows)
-        return stats[0].clone(), stats, none, none.clone(), none.clone(), no_entropy
+        return stats[0].clone(), stats, none, none.clone(), none.clone(), zero_entropy
     wanted = Need(*need)
     layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
     if not count:
         zeros = (hs.new_zeros(shape, dtype=dtype) for shape, dtype in layout)
-        return hs.new_zeros((), dtype=out_dtype), none, *zeros, no_entropy
+        return hs.new_zeros((), dtype=out_dtype), none, *zeros, zero_entropy
     weight = 1.0 / count if reduction == "mean" else 1.0
     row_weight = s.hidden.new_full((count,), weight, dtype=out_dtype) if wanted.any else None
     stats, grads = ops.divergence(s, t, spec, row_weight, wanted)
