@@ -1,6 +1,6 @@
 """Reproduce the OPD papers' findings on a small pretrained model, in one command on the CPU.
 
-    python benchmarks/science.py --out runs/science [--docs docs/science]   # the full run (see README)
+    python benchmarks/science.py --out runs/science [--docs docs/science]   # the full run (see docs/papers.md)
     python benchmarks/science.py --quick --out /tmp/science-quick           # every measurement, tiny (a minute or two)
     python benchmarks/science.py --report-only --out runs/science --docs docs/science   # redo verdicts and report
 
