@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -50,10 +51,13 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t, at::Sca
               ".contiguous()");
 }
 
-const at::Tensor& required(const char* op, const char* name, const OptionalTensor& t, const char* when) {
+const at::Tensor& required(const char* op, const char* name, const OptionalTensor& t, const std::string& when) {
   TORCH_CHECK(t.has_value(), "opd_fast._C.", op, ": ", name, " is required ", when, ", got None");
   return *t;
 }
+
+constexpr const char* kTwoModelModes =
+    "in two-model modes (reverse_kl, forward_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd)";
 
 // A [N, width] tile (logits or gradient): row-major with unit column stride and a row stride >= width, so a view
 // of the first columns of a padded buffer passes as is. Returns the row stride in elements (launchers.h: ld).
@@ -86,10 +90,29 @@ std::tuple<int64_t, int64_t, int64_t> check_chunk(const char* op, const char* na
   return {z.size(0), z.size(1), ld};
 }
 
+// The op codes' names (epilogue.h: Mode; opd_fast.backends.sweep.MODES), exported as _C.MODES.
+constexpr const char* kModeNames[] = {"reverse_kl", "forward_kl",    "jsd",       "skew_forward_kl", "skew_reverse_kl",
+                                      "tvd",        "token_logprob", "logsumexp", "entropy"};
+static_assert(sizeof(kModeNames) / sizeof(kModeNames[0]) == kEntropy + 1, "a name for every Mode");
+
 void check_mode(const char* op, int64_t mode) {
-  TORCH_CHECK(mode >= kReverseKL && mode <= kLogSumExp, "opd_fast._C.", op,
-              ": mode must be 0 (reverse_kl), 1 (forward_kl), 2 (jsd), 3 (token_logprob) or 4 (logsumexp), got ",
+  TORCH_CHECK(mode >= kReverseKL && mode <= kEntropy, "opd_fast._C.", op,
+              ": mode must be 0 (reverse_kl), 1 (forward_kl), 2 (jsd), 3 (skew_forward_kl), 4 (skew_reverse_kl), "
+              "5 (tvd), 6 (token_logprob), 7 (logsumexp) or 8 (entropy), got ",
               mode);
+}
+
+// "in <mode> mode", for the messages of arguments only some modes read.
+std::string in_mode(int64_t mode) { return std::string("in ") + kModeNames[mode] + " mode"; }
+
+// β is the teacher's weight in the mixture m = β p_t + (1 − β) p_s of jsd and the skew KLs; tvd and the KLs ignore
+// it. The spec (opd_fast._validation) turns the ends into the divergences they are.
+void check_beta(const char* op, int64_t mode, double beta) {
+  if (!has_terms(static_cast<int>(mode)) || mode == kTVD) return;
+  TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op, ": beta must be in (0, 1) ", in_mode(mode),
+              " (the teacher's weight in the mixture beta p_t + (1 - beta) p_s; the API maps the ends to other "
+              "divergences), got ",
+              beta);
 }
 
 // A model's output head from Python: its bias for the chunk's columns (fp32 [width] or None) and the
@@ -120,17 +143,21 @@ void check_launch(const char* op, const char* error) {
 
 void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& ids, at::Tensor& state,
                           int64_t v_lo, int64_t mode, const OptionalTensor& bias_s, const std::vector<double>& head_s,
-                          const OptionalTensor& bias_t, const std::vector<double>& head_t, int64_t stream) {
+                          const OptionalTensor& bias_t, const std::vector<double>& head_t,
+                          const OptionalTensor& entropy, int64_t stream) {
   const char* op = "softmax_stats_update";
   const auto [n, width, ld_s] = check_chunk(op, "zs", zs);
   check_mode(op, mode);
+  TORCH_CHECK(mode != kEntropy, "opd_fast._C.", op,
+              ": mode 8 (entropy) has only a gradient pass; the student's entropy statistics come with any other "
+              "mode's statistics (pass the entropy state as `entropy`)");
   const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
   const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
   const float* zt_ptr = nullptr;
   int64_t ld_t = width;
   if (two_models(static_cast<int>(mode))) {
-    const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    const at::Tensor& t = required(op, "zt", zt, kTwoModelModes);
     ld_t = check_rows(op, "zt", t, at::kFloat, n, width, zs.device());
     zt_ptr = t.data_ptr<float>();
   }
@@ -141,28 +168,37 @@ void softmax_stats_update(const at::Tensor& zs, const OptionalTensor& zt, const 
     ids_ptr = t.data_ptr<int64_t>();
   }
   check_tensor(op, "state", state, at::kFloat, {5, n}, zs.device());
+  float* entropy_ptr = nullptr;  // the student's (m, s, a), merged in the same read when given
+  if (entropy.has_value()) {
+    check_tensor(op, "entropy", *entropy, at::kFloat, {3, n}, zs.device());
+    entropy_ptr = entropy->data_ptr<float>();
+  }
   check_launch(op, launch_softmax_stats_update(zs.data_ptr<float>(), ld_s, zt_ptr, ld_t, ids_ptr,
                                                state.data_ptr<float>(), n, width, v_lo, hs, ht, static_cast<int>(mode),
-                                               static_cast<std::intptr_t>(stream)));
+                                               entropy_ptr, static_cast<std::intptr_t>(stream)));
 }
 
-void jsd_terms_update(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& lse_s, const at::Tensor& lse_t,
-                      at::Tensor& terms, double beta, const OptionalTensor& bias_s, const std::vector<double>& head_s,
-                      const OptionalTensor& bias_t, const std::vector<double>& head_t, int64_t stream) {
-  const char* op = "jsd_terms_update";
+void terms_update(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                  at::Tensor& terms, int64_t mode, double beta, const OptionalTensor& bias_s,
+                  const std::vector<double>& head_s, const OptionalTensor& bias_t, const std::vector<double>& head_t,
+                  int64_t stream) {
+  const char* op = "terms_update";
   const auto [n, width, ld_s] = check_chunk(op, "zs", zs);
+  TORCH_CHECK(has_terms(static_cast<int>(mode)), "opd_fast._C.", op,
+              ": mode must be 2 (jsd), 3 (skew_forward_kl), 4 (skew_reverse_kl) or 5 (tvd), the divergences with a "
+              "terms pass, got ",
+              mode);
+  check_beta(op, mode, beta);
   const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
   const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
-  TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
-              ": beta must be in (0, 1) (0 and 1 are forward and reverse KL), got ", beta);
   const int64_t ld_t = check_rows(op, "zt", zt, at::kFloat, n, width, zs.device());
   check_tensor(op, "lse_s", lse_s, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "lse_t", lse_t, at::kFloat, {2, n}, zs.device());
   check_tensor(op, "terms", terms, at::kFloat, {3, n}, zs.device());
-  check_launch(op, launch_jsd_terms_update(zs.data_ptr<float>(), ld_s, zt.data_ptr<float>(), ld_t,
-                                           lse_s.data_ptr<float>(), lse_t.data_ptr<float>(), terms.data_ptr<float>(),
-                                           n, width, hs, ht, static_cast<float>(beta),
-                                           static_cast<std::intptr_t>(stream)));
+  check_launch(op, launch_terms_update(zs.data_ptr<float>(), ld_s, zt.data_ptr<float>(), ld_t, lse_s.data_ptr<float>(),
+                                       lse_t.data_ptr<float>(), terms.data_ptr<float>(), n, width, hs, ht,
+                                       static_cast<float>(beta), static_cast<int>(mode),
+                                       static_cast<std::intptr_t>(stream)));
 }
 
 int grad_dtype_code(const char* op, const at::Tensor& g) {
@@ -180,11 +216,12 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
   const char* op = "logit_grad";
   const auto [n, width, ld_s] = check_chunk(op, "zs", zs);
   check_mode(op, mode);
+  check_beta(op, mode, beta);
   const Head hs = make_head(op, "head_s", bias_s, head_s, width, zs.device());
   const Head ht = make_head(op, "head_t", bias_t, head_t, width, zs.device());
   TORCH_CHECK(v_lo >= 0, "opd_fast._C.", op, ": v_lo (first vocabulary column of the chunk) must be >= 0, got ", v_lo);
-  const auto vec = [&](const char* name, const OptionalTensor& t, const char* when) {
-    const at::Tensor& r = required(op, name, t, when);
+  const auto vec = [&](const char* name, const OptionalTensor& t) {
+    const at::Tensor& r = required(op, name, t, in_mode(mode));
     check_tensor(op, name, r, at::kFloat, {n}, zs.device());
     return r.data_ptr<float>();
   };
@@ -194,20 +231,15 @@ void logit_grad(at::Tensor& zs, const OptionalTensor& zt, const OptionalTensor& 
   int64_t ld_t = width;
   const float* lse_t_ptr = nullptr;
   if (two_models(static_cast<int>(mode))) {
-    const at::Tensor& t = required(op, "zt", zt, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    const at::Tensor& t = required(op, "zt", zt, kTwoModelModes);
     ld_t = check_rows(op, "zt", t, at::kFloat, n, width, zs.device());
     zt_ptr = t.data_ptr<float>();
-    const at::Tensor& lse = required(op, "lse_t", lse_t, "in two-model modes (reverse_kl, forward_kl, jsd)");
+    const at::Tensor& lse = required(op, "lse_t", lse_t, kTwoModelModes);
     check_tensor(op, "lse_t", lse, at::kFloat, {2, n}, zs.device());
     lse_t_ptr = lse.data_ptr<float>();
   }
-  const float* loss_ptr = mode == kReverseKL ? vec("loss", loss, "in reverse_kl mode") : nullptr;
-  const float* center_ptr = nullptr;
-  if (mode == kJSD) {
-    TORCH_CHECK(beta > 0 && beta < 1, "opd_fast._C.", op,
-                ": beta must be in (0, 1) in jsd mode (0 and 1 are forward and reverse KL), got ", beta);
-    center_ptr = vec("center", center, "in jsd mode");
-  }
+  const float* loss_ptr = mode == kReverseKL ? vec("loss", loss) : nullptr;
+  const float* center_ptr = reads_center(static_cast<int>(mode)) ? vec("center", center) : nullptr;
   const int64_t* ids_ptr = nullptr;
   if (mode == kTokenLogprob) {
     const at::Tensor& t = required(op, "ids", ids, "in token_logprob mode");
@@ -281,14 +313,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "opd_fast fused epilogue kernels (see csrc/README.md); called through opd_fast.backends.cuda_backend";
   m.attr("MAX_TOPK") = opd_fast::kMaxTopK;
   m.attr("HOST_BUILD") = opd_fast::kDevice == c10::DeviceType::CPU;
+  py::dict modes;
+  for (int mode = 0; mode <= opd_fast::kEntropy; ++mode) modes[opd_fast::kModeNames[mode]] = mode;
+  m.attr("MODES") = modes;  // must equal opd_fast.backends.sweep.MODES
   m.def("softmax_stats_update", &opd_fast::softmax_stats_update, py::arg("zs"), py::arg("zt"), py::arg("ids"),
         py::arg("state"), py::arg("v_lo"), py::arg("mode"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"),
+        py::arg("head_t"), py::arg("entropy"), py::arg("stream"),
+        "Merge the chunk's online-softmax statistics into state [5, N] and, when entropy [3, N] is given, the "
+        "student's entropy statistics (m, s, a) into it.");
+  m.def("terms_update", &opd_fast::terms_update, py::arg("zs"), py::arg("zt"), py::arg("lse_s"), py::arg("lse_t"),
+        py::arg("terms"), py::arg("mode"), py::arg("beta"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"),
         py::arg("head_t"), py::arg("stream"),
-        "Merge the chunk's online-softmax statistics into state [5, N].");
-  m.def("jsd_terms_update", &opd_fast::jsd_terms_update, py::arg("zs"), py::arg("zt"), py::arg("lse_s"),
-        py::arg("lse_t"), py::arg("terms"), py::arg("beta"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"),
-        py::arg("head_t"), py::arg("stream"),
-        "Add the chunk's JSD terms to terms [3, N].");
+        "Add the chunk's divergence terms (jsd, skew KLs, tvd) to terms [3, N].");
   m.def("logit_grad", &opd_fast::logit_grad, py::arg("zs"), py::arg("zt"), py::arg("ids"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("loss"), py::arg("center"), py::arg("row_weight"), py::arg("g"), py::arg("v_lo"),
         py::arg("beta"), py::arg("mode"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"), py::arg("head_t"),

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define OPD_HD __host__ __device__ __forceinline__
@@ -39,8 +40,21 @@
 
 namespace opd_fast {
 
-// Op codes: the numbers of MODES in kernels/_common.py and opd_fast/backends/cuda_backend.py.
-enum Mode : int { kReverseKL = 0, kForwardKL = 1, kJSD = 2, kTokenLogprob = 3, kLogSumExp = 4 };
+// Op codes: the numbers of MODES in kernels/_common.py and opd_fast/backends/sweep.py. The codes below
+// kTokenLogprob are two-model divergences; kJSD to kTVD (has_terms) take a second pass for their terms. kEntropy
+// is only a gradient (of the student's entropy; its statistics come with any other mode's statistics pass,
+// row_softmax_stats with kWithEntropy, or from the top-k kernel's EntropyAcc).
+enum Mode : int {
+  kReverseKL = 0,
+  kForwardKL = 1,
+  kJSD = 2,
+  kSkewForwardKL = 3,
+  kSkewReverseKL = 4,
+  kTVD = 5,
+  kTokenLogprob = 6,
+  kLogSumExp = 7,
+  kEntropy = 8
+};
 
 // Output dtypes of the logit gradient (the student weight's dtype, so dH and dW GEMMs take it as is).
 enum GradDtype : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
@@ -49,8 +63,13 @@ enum GradDtype : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
 // torch backend.
 constexpr int64_t kMaxTopK = 1024;
 
-OPD_HD constexpr bool two_models(int mode) { return mode == kReverseKL || mode == kForwardKL || mode == kJSD; }
+OPD_HD constexpr bool two_models(int mode) { return mode >= kReverseKL && mode < kTokenLogprob; }
 OPD_HD constexpr bool is_kl(int mode) { return mode == kReverseKL || mode == kForwardKL; }
+// The divergences whose per-element terms need both rows' final log-sum-exps (row_divergence_terms): their
+// statistics pass keeps only each model's online (m, s).
+OPD_HD constexpr bool has_terms(int mode) { return mode >= kJSD && mode <= kTVD; }
+// The modes whose logit gradient reads the row's center (logit_grad_element).
+OPD_HD constexpr bool reads_center(int mode) { return mode == kForwardKL || has_terms(mode) || mode == kEntropy; }
 
 // A model's output head on one chunk: z = post · c·tanh(pre · (x + b_j) / c), with no tanh when c = 0 (no
 // softcap) and no bias when `bias` is null (else it points at the chunk's first column). post is 1/τ, so
@@ -112,6 +131,15 @@ OPD_HD float min_nan(float a, float b) {
 // update of a tile with its own max (docs/design.md §7), with no data-dependent branch. The empty state
 // (m = −inf, s = 0) needs no special case where e^{−inf} = 0 suffices; where a product with s would be
 // 0 · (−inf) it is selected away. A NaN logit makes the max NaN (max_nan) and with it every sum.
+//
+// The statistics pass may also keep the student's entropy sum t = Σ e^{z − m}(z − m) (EntropyAcc's t) relative to
+// the student's own online (m, s), which are then EntropyAcc's m and s: one more accumulator per thread and one FMA
+// per logit, the exponential shared. The adds below take it through a pointer `t` (a template flag, or kTrack, says
+// whether; without it the code is the plain (m, s) update). When the max grows from m to m', t moves by the kl_shift
+// rule against a model whose logits are all 0: t → e^{m − m'}(t + s (m − m')), 0 for an empty state.
+
+// Which of a PairAcc's online states also keeps the entropy sum t (PairAcc::add_kl).
+enum Track : int { kTrackNone = 0, kTrackLead = 1, kTrackOther = 2 };
 
 // Online softmax: m = max z, s = Σ e^{z−m}, always relative to the current max. s = 0 marks an empty state (a
 // non-empty one holds e^0 = 1 for its max).
@@ -120,17 +148,24 @@ struct OnlineAcc {
 
   OPD_HD static OnlineAcc empty() { return {-INFINITY, 0.f}; }
 
-  template <int kN>
-  OPD_HD void add(const float (&z)[kN]) {
+  // kWithEntropy: *t is the entropy sum of the same logits, moved and added to alongside s.
+  template <int kN, bool kWithEntropy = false>
+  OPD_HD void add(const float (&z)[kN], float* t = nullptr) {
     float top = m;
     OPD_UNROLL
     for (int e = 0; e < kN; ++e) top = max_nan(top, z[e]);
     // While every logit so far is −inf the state stays empty (shift 0: each e^{−inf} adds 0), where e^{−inf − (−inf)}
     // would be NaN.
     const float shift = top == -INFINITY ? 0.f : top;
-    s *= expf(m - shift);
+    const float f = expf(m - shift);
+    if (kWithEntropy) *t = f * (*t + (s == 0.f ? 0.f : s * (m - shift)));
+    s *= f;
     OPD_UNROLL
-    for (int e = 0; e < kN; ++e) s += expf(z[e] - shift);
+    for (int e = 0; e < kN; ++e) {
+      const float d = z[e] - shift, ex = expf(d);
+      s += ex;
+      if (kWithEntropy) *t += ex * d;
+    }
     m = top;
   }
 };
@@ -154,8 +189,9 @@ struct PairAcc {
   OnlineAcc lead, other;
   float kl;
 
-  template <int kN>
-  OPD_HD void add_kl(const float (&x)[kN], const float (&y)[kN]) {
+  // kTrack: which state's logits (x: lead, y: other) *t is the entropy sum of.
+  template <int kN, int kTrack = kTrackNone>
+  OPD_HD void add_kl(const float (&x)[kN], const float (&y)[kN], float* t = nullptr) {
     float top = lead.m, top_o = other.m;
     OPD_UNROLL
     for (int e = 0; e < kN; ++e) {
@@ -165,6 +201,10 @@ struct PairAcc {
     const float f = expf(lead.m - top);
     // An empty state has nothing to move (and its (m − m') − (m_o − m_o') is −inf − (−inf)).
     const float moved = lead.s == 0.f ? 0.f : lead.s * ((lead.m - top) - (other.m - top_o));
+    if (kTrack == kTrackLead) *t = f * (*t + (lead.s == 0.f ? 0.f : lead.s * (lead.m - top)));
+    if (kTrack == kTrackOther) {
+      *t = expf(other.m - top_o) * (*t + (other.s == 0.f ? 0.f : other.s * (other.m - top_o)));
+    }
     kl = f * (kl + moved);
     lead.s *= f;
     other.s *= expf(other.m - top_o);
@@ -175,7 +215,10 @@ struct PairAcc {
       const float ex = expf(x[e] - top);
       kl += ex * ((x[e] - top) - (y[e] - top_o));
       lead.s += ex;
-      other.s += expf(y[e] - top_o);
+      const float ey = expf(y[e] - top_o);
+      other.s += ey;
+      if (kTrack == kTrackLead) *t += ex * (x[e] - top);
+      if (kTrack == kTrackOther) *t += ey * (y[e] - top_o);
     }
   }
 };
@@ -230,6 +273,36 @@ OPD_HD EntropyAcc merge(const EntropyAcc& p, const EntropyAcc& q) {
 
 struct MergeEntropyAcc {
   OPD_HD EntropyAcc operator()(const EntropyAcc& p, const EntropyAcc& q) const { return merge(p, q); }
+};
+
+// The statistics pass's state with the student's entropy (row_softmax_stats with kWithEntropy): the pair of online
+// states and t = Σ e^{z_s − m_s}(z_s − m_s) of the student's final logits relative to the student's online
+// (m_s, s_s), which with t make the student's EntropyAcc.
+struct PairEntropyAcc {
+  PairAcc pair;
+  float t;
+};
+
+// The student's online state in a mode's PairAcc: the other model in forward KL, else the lead.
+template <int kMode>
+OPD_HD const OnlineAcc& student_of(const PairAcc& p) {
+  return kMode == kForwardKL ? p.other : p.lead;
+}
+
+template <int kMode>
+OPD_HD EntropyAcc student_entropy(const PairEntropyAcc& p) {
+  const OnlineAcc& st = student_of<kMode>(p.pair);
+  return {st.m, st.s, p.t};
+}
+
+// The pairs merge as MergePairAcc merges them, t as EntropyAcc's merge does (its m and s are the student's merged
+// ones).
+template <int kMode>
+struct MergePairEntropyAcc {
+  OPD_HD PairEntropyAcc operator()(const PairEntropyAcc& p, const PairEntropyAcc& q) const {
+    const EntropyAcc student = merge(student_entropy<kMode>(p), student_entropy<kMode>(q));
+    return {MergePairAcc<is_kl(kMode)>()(p.pair, q.pair), student.t};
+  }
 };
 
 struct Sum3 {
@@ -361,11 +434,13 @@ OPD_HD void walk_row(const Group& g, const float* a, const float* b, int64_t wid
   visit_columns<kTwo>(g, a, b, tail, width, visit);
 }
 
-// A thread's share of a row's forward statistics: the heads applied, then the group added to the online state.
-template <int kMode, bool kPlain>
+// A thread's share of a row's forward statistics: the heads applied, then the group added to the online state (with
+// kWithEntropy, t the student's entropy sum next to its (m, s): PairEntropyAcc; unused, and no register, without it).
+template <int kMode, bool kPlain, bool kWithEntropy>
 struct StatsVisit {
   Head hs, ht;
   PairAcc acc;
+  float t;
 
   template <int kN>
   OPD_HD void add(int64_t col, int64_t step, const float (&x)[kN], const float (&y)[kN]) {
@@ -377,22 +452,37 @@ struct StatsVisit {
       if (two_models(kMode)) b[e] = ht.apply<kPlain>(y[e], j);
     }
     if (kMode == kReverseKL) {
-      acc.add_kl(a, b);
+      acc.add_kl<kN, kWithEntropy ? kTrackLead : kTrackNone>(a, b, &t);  // the student leads
     } else if (kMode == kForwardKL) {
-      acc.add_kl(b, a);
+      acc.add_kl<kN, kWithEntropy ? kTrackOther : kTrackNone>(b, a, &t);  // the teacher leads
     } else {
-      acc.lead.add(a);
-      if (kMode == kJSD) acc.other.add(b);
+      acc.lead.add<kN, kWithEntropy>(a, &t);
+      if (has_terms(kMode)) acc.other.add(b);
     }
   }
 };
 
-template <int kMode, bool kPlain, class Group>
-OPD_HD PairAcc stats_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
-                               const Head& ht) {
-  StatsVisit<kMode, kPlain> visit = {hs, ht, {OnlineAcc::empty(), OnlineAcc::empty(), 0.f}};
+template <int kMode, bool kPlain, bool kWithEntropy, class Group>
+OPD_HD PairEntropyAcc stats_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
+                                      const Head& ht) {
+  StatsVisit<kMode, kPlain, kWithEntropy> visit = {hs, ht, {OnlineAcc::empty(), OnlineAcc::empty(), 0.f}, 0.f};
   walk_row<two_models(kMode)>(g, zs, zt, width, visit);
-  return visit.acc;
+  return {visit.acc, visit.t};
+}
+
+// The group-shared scratch of row_softmax_stats: one state per thread (20 or 24 bytes).
+template <bool kWithEntropy>
+using StatsScratch = typename std::conditional<kWithEntropy, PairEntropyAcc, PairAcc>::type;
+
+// The group's merge of its threads' states; without the entropy, of the pairs alone (t stays 0).
+template <int kMode, bool kWithEntropy, class Group>
+OPD_HD PairEntropyAcc all_reduce_stats(const Group& g, const PairEntropyAcc& local,
+                                       StatsScratch<kWithEntropy>* scratch) {
+  if constexpr (kWithEntropy) {
+    return all_reduce(g, local, MergePairEntropyAcc<kMode>(), scratch);
+  } else {
+    return {all_reduce(g, local.pair, MergePairAcc<is_kl(kMode)>(), scratch), 0.f};
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -402,16 +492,32 @@ OPD_HD PairAcc stats_of_thread(const Group& g, const float* zs, const float* zt,
 //     reverse KL:  acc = Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t))   D = acc/s_s − log s_s + log s_t
 //     forward KL:  acc = Σ e^{z_t − m_t}((z_t − m_t) − (z_s − m_s))   D = acc/s_t − log s_t + log s_s
 //     token:       acc = z_y, the logit of the row's token (from the one chunk that holds it)
-//     JSD, logsumexp: acc unused (JSD's terms need the final lse: row_jsd_terms, a second pass)
+//     JSD, skew KLs, TVD, logsumexp: acc unused (the divergences' terms need the final lse: row_divergence_terms,
+//                     a second pass)
 // Each chunk's row state is reduced over the group, then merged into the running state by rank 0.
-template <int kMode, class Group>
+//
+// With kWithEntropy, the same read also merges the student's final logits into its entropy state [m, s, a] at
+// `entropy` (same stride; fresh: −inf, 0, 0; opd_fast.backends.sweep.finalize_entropy: H = log s − a / s), an
+// EntropyAcc (m, s, t = a) reduced and merged exactly as the top-k kernel's: every mode but kEntropy may ask for it.
+// The stats state is bitwise the same with and without it (the student's (m, s) are computed as they are without t).
+template <int kMode, bool kWithEntropy, class Group>
 OPD_HD void row_softmax_stats(const Group& g, const float* zs, const float* zt, int64_t width, int64_t y_col,
-                              const Head& hs, const Head& ht, float* state, int64_t stride, PairAcc* scratch) {
-  const PairAcc local = hs.plain() && ht.plain() ? stats_of_thread<kMode, true>(g, zs, zt, width, hs, ht)
-                                                 : stats_of_thread<kMode, false>(g, zs, zt, width, hs, ht);
-  const MergePairAcc<is_kl(kMode)> merge_rows;
-  const PairAcc row = all_reduce(g, local, merge_rows, scratch);
+                              const Head& hs, const Head& ht, float* state, int64_t stride, float* entropy,
+                              StatsScratch<kWithEntropy>* scratch) {
+  const PairEntropyAcc local = hs.plain() && ht.plain()
+                                   ? stats_of_thread<kMode, true, kWithEntropy>(g, zs, zt, width, hs, ht)
+                                   : stats_of_thread<kMode, false, kWithEntropy>(g, zs, zt, width, hs, ht);
+  const PairEntropyAcc reduced = all_reduce_stats<kMode, kWithEntropy>(g, local, scratch);
   if (g.rank() != 0) return;
+  if (kWithEntropy) {
+    const EntropyAcc merged =
+        merge(EntropyAcc{entropy[0], entropy[stride], entropy[2 * stride]}, student_entropy<kMode>(reduced));
+    entropy[0] = merged.m;
+    entropy[stride] = merged.s;
+    entropy[2 * stride] = merged.t;
+  }
+  const MergePairAcc<is_kl(kMode)> merge_rows;
+  const PairAcc& row = reduced.pair;
   float* lead = kMode == kForwardKL ? state + 2 * stride : state;  // (m, s) of the lead model, then the other's
   float* other = kMode == kForwardKL ? state : state + 2 * stride;
   const PairAcc old = {OnlineAcc{lead[0], lead[stride]}, OnlineAcc{other[0], other[stride]},
@@ -441,9 +547,9 @@ OPD_HD float x_minus_log1p(float x) {
 // JSD(β) of one element without cancellation at any β (opd_fast/backends/torch_backend.py: jsd_parts):
 // with d = lp_t − lp_s, m/p_s = 1 + x, x = β·expm1(d), and m/p_t = 1 + y, y = (1 − β)·expm1(−d). Since
 // Σ p_s x = Σ p_t y = 0, KL(p_s ‖ m) = Σ p_s (x − log1p x) and KL(p_t ‖ m) = Σ p_t (y − log1p y): terms ≥ 0,
-// O(β²) as β → 0, where p_s log(p_s/m) would cancel. Returns (p_s, log(p_s / m), fs, ft).
+// O(β²) as β → 0, where p_s log(p_s/m) would cancel. Returns (p_s, p_t, log(p_s / m), log(p_t / m), fs, ft).
 struct JsdParts {
-  float p_s, log_s, fs, ft;
+  float p_s, p_t, log_s, log_t, fs, ft;
 };
 
 // log(e^a + e^b) for a, b not both −inf.
@@ -464,7 +570,44 @@ OPD_HD JsdParts jsd_parts(float lp_s, float lp_t, float beta) {
   if (d < -30.f) log_t = log_s + d;
   const float fs = fabsf(x) <= 0.5f ? p_s * x_minus_log1p(x) : beta * (p_t - p_s) + p_s * log_s;
   const float ft = fabsf(y) <= 0.5f ? p_t * x_minus_log1p(y) : (1.f - beta) * (p_s - p_t) + p_t * log_t;
-  return {p_s, log_s, fs, ft};
+  return {p_s, p_t, log_s, log_t, fs, ft};
+}
+
+// sign(d), 0 at ±0, NaN at NaN (d · 0), so that a NaN logit reaches TVD's gradient as it reaches the others.
+OPD_HD float sign_nan(float d) { return d > 0.f ? 1.f : d < 0.f ? -1.f : d * 0.f; }
+
+// One element of a divergence with a terms pass (has_terms), from the final log-probs: (p_s, a, b, pg), where Σ a and
+// Σ b make the row's D (sweep.terms_loss) and pg = p_s · ∂D/∂p_s up to a per-row constant, so that the gradient is
+// ∂D/∂z_s = pg − p_s · center with center = Σ pg. With m = β p_t + (1 − β) p_s (0 < β < 1; skew_forward_kl(α) =
+// KL(p_t ‖ m) is β = α, skew_reverse_kl(α) = KL(p_s ‖ m) is β = 1 − α), fs and ft from jsd_parts and
+// r = e^{log(p_t / m)} − 1 (expm1; log(p_t / m) ≤ log(1 / β), so nothing overflows):
+//     mode             a              b    pg                           D
+//     JSD(β)           fs             ft   (1 − β) p_s log(p_s / m)     β Σ ft + (1 − β) Σ fs
+//     skew forward KL  fs             ft   −(1 − β) p_s r               Σ ft
+//     skew reverse KL  fs             ft   p_s (log(p_s / m) + β r)     Σ fs
+//     TVD              ½ |p_s − p_t|  0    ½ p_s sign(p_s − p_t)        Σ a     (β unused)
+// (∂/∂p_s of −Σ p_t log m is −(1 − β) p_t / m; of Σ p_s log(p_s / m) it is log(p_s / m) + 1 − (1 − β) p_s / m =
+// log(p_s / m) + β p_t / m, as m − (1 − β) p_s = β p_t; JSD's β and 1 − β mix of the two leaves (1 − β) log(p_s / m).
+// The skew KLs' constants, −(1 − β) and β, are left out of pg (the centering removes them) so that every pg
+// vanishes where p_s = p_t: subtracting a constant from itself in G = pg − p_s Σ pg left ~(Σ p_s − 1)·β per element
+// on near-uniform rows.)
+// Summing pg separately, rather than taking D as the center, keeps the center consistent with the per-element pg
+// (sweep.terms_loss says why that matters).
+struct TermsParts {
+  float p_s, a, b, pg;
+};
+
+template <int kMode>
+OPD_HD TermsParts terms_parts(float lp_s, float lp_t, float beta) {
+  if (kMode == kTVD) {
+    const float p_s = expf(lp_s), diff = p_s - expf(lp_t);
+    return {p_s, 0.5f * fabsf(diff), 0.f, 0.5f * p_s * sign_nan(diff)};
+  }
+  const JsdParts e = jsd_parts(lp_s, lp_t, beta);
+  const float pg = kMode == kJSD             ? (1.f - beta) * e.p_s * e.log_s
+                   : kMode == kSkewForwardKL ? -(1.f - beta) * e.p_s * expm1f(e.log_t)
+                                             : e.p_s * (e.log_s + beta * expm1f(e.log_t));
+  return {e.p_s, e.fs, e.ft, pg};
 }
 
 // A row's log-sum-exp as the pair (lse, lo): lse rounded to fp32 and its residual lo = (m − lse) + log Σ e^{z − m}
@@ -479,9 +622,10 @@ struct RowLse {
 
 OPD_HD RowLse row_lse(const float* lse, int64_t i_n, int64_t n_rows) { return {lse[i_n], lse[n_rows + i_n]}; }
 
-// A thread's share of a row's JSD terms (row_jsd_terms).
-template <bool kPlain>
-struct JsdVisit {
+// A thread's share of a row's divergence terms (row_divergence_terms). Registers: the round's 16 logits (walk_row)
+// plus one element's terms_parts at a time and the three sums.
+template <int kMode, bool kPlain>
+struct TermsVisit {
   Head hs, ht;
   RowLse lse_s, lse_t;
   float beta;
@@ -493,30 +637,31 @@ struct JsdVisit {
     for (int e = 0; e < kN; ++e) {
       const int64_t j = group_column(col, step, e);
       const float lp_s = lse_s.log_prob(hs.apply<kPlain>(x[e], j));
-      const JsdParts part = jsd_parts(lp_s, lse_t.log_prob(ht.apply<kPlain>(y[e], j)), beta);
-      sum.a += part.fs;
-      sum.b += part.ft;
-      sum.c += part.p_s * part.log_s;
+      const TermsParts part = terms_parts<kMode>(lp_s, lse_t.log_prob(ht.apply<kPlain>(y[e], j)), beta);
+      sum.a += part.a;
+      sum.b += part.b;
+      sum.c += part.pg;
     }
   }
 };
 
-template <bool kPlain, class Group>
-OPD_HD Sum3 jsd_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
-                          const Head& ht, RowLse lse_s, RowLse lse_t, float beta) {
-  JsdVisit<kPlain> visit = {hs, ht, lse_s, lse_t, beta, {0.f, 0.f, 0.f}};
+template <int kMode, bool kPlain, class Group>
+OPD_HD Sum3 terms_of_thread(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
+                            const Head& ht, RowLse lse_s, RowLse lse_t, float beta) {
+  TermsVisit<kMode, kPlain> visit = {hs, ht, lse_s, lse_t, beta, {0.f, 0.f, 0.f}};
   walk_row<true>(g, zs, zt, width, visit);
   return visit.sum;
 }
 
-// Second JSD pass: adds this chunk's Σ fs to terms[0], Σ ft to terms[stride] and Σ p_s log(p_s / m) to
-// terms[2 · stride] (the gradient's center, consistent with the per-element log(p_s / m): sweep.jsd_loss).
-template <class Group>
-OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
-                          const Head& ht, RowLse lse_s, RowLse lse_t, float beta, float* terms, int64_t stride,
-                          Sum3* scratch) {
-  const Sum3 local = hs.plain() && ht.plain() ? jsd_of_thread<true>(g, zs, zt, width, hs, ht, lse_s, lse_t, beta)
-                                              : jsd_of_thread<false>(g, zs, zt, width, hs, ht, lse_s, lse_t, beta);
+// The second pass of the has_terms modes, once both rows' lse are final: adds this chunk's Σ a to terms[0], Σ b to
+// terms[stride] and Σ pg to terms[2 · stride] (terms_parts; sweep.terms_loss turns them into D and the center).
+template <int kMode, class Group>
+OPD_HD void row_divergence_terms(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
+                                 const Head& ht, RowLse lse_s, RowLse lse_t, float beta, float* terms, int64_t stride,
+                                 Sum3* scratch) {
+  const Sum3 local = hs.plain() && ht.plain()
+                         ? terms_of_thread<kMode, true>(g, zs, zt, width, hs, ht, lse_s, lse_t, beta)
+                         : terms_of_thread<kMode, false>(g, zs, zt, width, hs, ht, lse_s, lse_t, beta);
   const Sum3 row = all_reduce(g, local, MergeSum3(), scratch);
   if (g.rank() != 0) return;
   terms[0] += row.a;
@@ -526,21 +671,27 @@ OPD_HD void row_jsd_terms(const Group& g, const float* zs, const float* zt, int6
 
 // ---------------------------------------------------------------------------------------------------
 // Logit gradients (the formulas of kernels/linear_grad.py), given the forward's per-row statistics:
-//     reverse KL:  p_s (lp_s − lp_t − D)
-//     forward KL:  p_s − p_t
-//     JSD(β):      p_s ((1 − β) log(p_s / m) − center), log(p_s / m) = −log1p(x) from jsd_parts
-//     token:       [v = y] − p_s
-//     logsumexp:   p_s
+//     reverse KL:            p_s (lp_s − lp_t − D)
+//     forward KL:            p_s − p_t − p_s · center
+//     JSD, skew KLs, TVD:    pg − p_s · center, pg from terms_parts
+//     token:                 [v = y] − p_s
+//     logsumexp:             p_s
+//     entropy:               p_s (lp_s − center)
+// The statistics give center = Σ pg (has_terms) and 0 (forward KL); the entropy's gradient pass gets center = −H and
+// the row weight −w, so that G = w ∂H/∂z = −w p_s (lp_s + H). A hard-label cross-entropy term of weight w is
+// folded in by the sweep: it scales the row weights by (1 − w) and lowers the center (reverse KL: D) by w / (1 − w),
+// which adds CE's p_s part to G; its one-hot part is added outside the kernels.
 template <int kMode>
 OPD_HD float logit_grad_element(float lp_s, float lp_t, bool hit, float loss, float center, float beta) {
+  if (has_terms(kMode)) {
+    const TermsParts e = terms_parts<kMode>(lp_s, lp_t, beta);
+    return e.pg - e.p_s * center;
+  }
   const float p_s = expf(lp_s);
   if (kMode == kReverseKL) return p_s * (lp_s - lp_t - loss);
-  if (kMode == kForwardKL) return p_s - expf(lp_t);
-  if (kMode == kJSD) {
-    const JsdParts e = jsd_parts(lp_s, lp_t, beta);
-    return e.p_s * ((1.f - beta) * e.log_s - center);
-  }
+  if (kMode == kForwardKL) return p_s - expf(lp_t) - p_s * center;
   if (kMode == kTokenLogprob) return (hit ? 1.f : 0.f) - p_s;
+  if (kMode == kEntropy) return p_s * (lp_s - center);
   return p_s;
 }
 

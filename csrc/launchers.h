@@ -19,22 +19,26 @@ namespace opd_fast {
 // Every op takes each model's output head (epilogue.h: Head, bias pointing at the chunk's first column,
 // temperature folded into `post`).
 //
-// state [5, N] fp32 (m_s, s_s, m_t, s_t, acc), merged with chunk [v_lo, v_lo + width).
+// state [5, N] fp32 (m_s, s_s, m_t, s_t, acc), merged with chunk [v_lo, v_lo + width); every mode but kEntropy.
 // zt: [N, width] in two-model modes, else unused (ld_t then too); ids: [N] int64 in token mode, else unused.
+// entropy: null, or [3, N] fp32 (m, s, a) of the student (epilogue.h: EntropyAcc, a = its t), merged with the chunk's
+// final student logits in the same read.
 const char* launch_softmax_stats_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t,
                                         const int64_t* ids, float* state, int64_t n_rows, int64_t width, int64_t v_lo,
-                                        Head hs, Head ht, int mode, std::intptr_t stream);
+                                        Head hs, Head ht, int mode, float* entropy, std::intptr_t stream);
 
 // lse_s, lse_t: [2, N] fp32, each row's final log-sum-exp and its residual (epilogue.h: RowLse).
 //
-// terms [3, N] fp32 += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s/m)) over the chunk, given the final lse.
-const char* launch_jsd_terms_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const float* lse_s,
-                                    const float* lse_t, float* terms, int64_t n_rows, int64_t width, Head hs, Head ht,
-                                    float beta, std::intptr_t stream);
+// terms [3, N] fp32 += (Σ a, Σ b, Σ pg) over the chunk (epilogue.h: terms_parts), given the final lse, for a mode
+// with a terms pass (has_terms: jsd, skew_forward_kl, skew_reverse_kl, tvd); beta unused in tvd.
+const char* launch_terms_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const float* lse_s,
+                                const float* lse_t, float* terms, int64_t n_rows, int64_t width, Head hs, Head ht,
+                                float beta, int mode, std::intptr_t stream);
 
 // g [N, width] at row stride ld_g (GradDtype g_dtype; may be zs itself, ld_g = ld_s, when fp32) = row_weight ·
 // gradient w.r.t. the raw logits. Unused per mode: zt, ld_t and lse_t (one-model modes), ids (outside token mode),
-// loss (outside reverse KL), center (outside JSD).
+// loss (outside reverse KL), center (outside forward KL, the terms modes and entropy: reads_center), beta (outside
+// jsd and the skew KLs).
 const char* launch_logit_grad(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const int64_t* ids,
                               const float* lse_s, const float* lse_t, const float* loss, const float* center,
                               const float* row_weight, void* g, int64_t ld_g, int g_dtype, int64_t n_rows,

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
                      two ? row_lse(lse_t, i_n, gridDim.x) : RowLse{0.f, 0.f},
                      kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1,
                      kMode == kReverseKL ? loss[i_n] : 0.f,
-                     kMode == kJSD ? center[i_n] : 0.f,
+                     reads_center(kMode) ? center[i_n] : 0.f,
                      beta,
                      row_weight[i_n]};
   row_logit_grad<kMode>(BlockGroup(), zs + i_n * ld_s, two ? zt + i_n * ld_t : nullptr, width, r,
@@ -144,10 +144,18 @@ const char* launch_logit_grad(const float* zs, int64_t ld_s, const float* zt, in
       return launch_mode<kForwardKL>(a, g, g_dtype, s);
     case kJSD:
       return launch_mode<kJSD>(a, g, g_dtype, s);
+    case kSkewForwardKL:
+      return launch_mode<kSkewForwardKL>(a, g, g_dtype, s);
+    case kSkewReverseKL:
+      return launch_mode<kSkewReverseKL>(a, g, g_dtype, s);
+    case kTVD:
+      return launch_mode<kTVD>(a, g, g_dtype, s);
     case kTokenLogprob:
       return launch_mode<kTokenLogprob>(a, g, g_dtype, s);
     case kLogSumExp:
       return launch_mode<kLogSumExp>(a, g, g_dtype, s);
+    case kEntropy:
+      return launch_mode<kEntropy>(a, g, g_dtype, s);
     default:
       return "unknown mode";
   }

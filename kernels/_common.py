@@ -14,14 +14,32 @@ import torch
 import triton
 import triton.language as tl
 
-# Op codes, passed to the kernels as constexpr MODE. The first three involve two models.
+# Op codes, passed to the kernels as constexpr MODE (the same as opd_fast.backends.sweep.MODES and csrc/epilogue.h's
+# enum Mode). Those below TOKEN_LOGPROB involve two models; JSD to TVD are the "terms modes": their statistics pass
+# keeps each model's online (max, Σ e^{z − max}) only, and a second pass over the tile sums their per-element terms
+# (:func:`terms_parts`) once both rows' lse are final. ENTROPY is a gradient pass only (of the student's entropy).
 REVERSE_KL: tl.constexpr = tl.constexpr(0)
 FORWARD_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
-TOKEN_LOGPROB: tl.constexpr = tl.constexpr(3)
-LOGSUMEXP: tl.constexpr = tl.constexpr(4)
+SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(3)
+SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(4)
+TVD: tl.constexpr = tl.constexpr(5)
+TOKEN_LOGPROB: tl.constexpr = tl.constexpr(6)
+LOGSUMEXP: tl.constexpr = tl.constexpr(7)
+ENTROPY: tl.constexpr = tl.constexpr(8)
 
-MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
+MODES = {
+    "reverse_kl": 0,
+    "forward_kl": 1,
+    "jsd": 2,
+    "skew_forward_kl": 3,
+    "skew_reverse_kl": 4,
+    "tvd": 5,
+    "token_logprob": 6,
+    "logsumexp": 7,
+    "entropy": 8,
+}
+TERMS_MODES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 def is_interpreter() -> bool:
@@ -177,8 +195,7 @@ def logaddexp(a, b):
 def log_ratio_to_mixture(d, beta):
     """log(p / m) for m = (1 − β) p + β q and d = log q − log p: −log1p(x) with x = β·expm1(d) where that is
     accurate (x ≥ −1/2, d ≤ 30), else the log-add-exp of log(1 − β) and log β + d (exact where 1 + x would
-    cancel, and for large d, where expm1 would overflow). The JSD gradient needs only this for the student,
-    (d, β); the teacher's is (−d, 1 − β)."""
+    cancel, and for large d, where expm1 would overflow). For the student, (d, β); for the teacher, (−d, 1 − β)."""
     x = beta * expm1(tl.minimum(d, 30.0, propagate_nan=tl.PropagateNan.ALL))
     direct = (x >= -0.5) & (d <= 30.0)
     return tl.where(direct, -log1p(x), -logaddexp(tl.log(1.0 - beta), tl.log(beta) + d))
@@ -188,8 +205,7 @@ def log_ratio_to_mixture(d, beta):
 def jsd_parts(lp_s, lp_t, beta):
     """JSD(β) per element, cancellation-free for every β (the closed forms of opd_fast.backends.jsd_math):
     (p_s, log(p_s / m), fs = p_s (x − log1p x), ft = p_t (y − log1p y)) with d = lp_t − lp_s, x = β·expm1(d),
-    y = (1 − β)·expm1(−d); Σ fs = KL(p_s ‖ m) and Σ ft = KL(p_t ‖ m) since Σ p_s x = Σ p_t y = 0. The logit
-    gradient is p_s ((1 − β) log(p_s / m) − center)."""
+    y = (1 − β)·expm1(−d); Σ fs = KL(p_s ‖ m) and Σ ft = KL(p_t ‖ m) since Σ p_s x = Σ p_t y = 0."""
     p_s = tl.exp(lp_s)
     p_t = tl.exp(lp_t)
     d = lp_t - lp_s
@@ -207,6 +223,93 @@ def jsd_parts(lp_s, lp_t, beta):
     fs = tl.where(tl.abs(x) <= 0.5, p_s * x_minus_log1p(x), beta * (p_t - p_s) + p_s * log_s)
     ft = tl.where(tl.abs(y) <= 0.5, p_t * x_minus_log1p(y), (1.0 - beta) * (p_s - p_t) + p_t * log_t)
     return p_s, log_s, fs, ft
+
+
+@triton.jit
+def sign(x):
+    """−1, 0 or 1 as the sign of x; NaN stays NaN (as torch.sign), so that a NaN logit reaches TVD's gradient."""
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x))
+
+
+@triton.jit
+def expm1_poly(x):
+    """e^x − 1 without a logarithm or a division (:func:`expm1` takes both, and their registers): for |x| ≤ 1/2 its
+    Taylor series through x⁸/8! (the rest is below 2e-8 relative), else e^x − 1 (at most ~2 ulps lost there, where
+    |e^x − 1| ≥ 0.39). NaN stays NaN; −inf gives −1."""
+    p = 1.0 / 40320
+    p = 1.0 / 5040 + x * p
+    p = 1.0 / 720 + x * p
+    p = 1.0 / 120 + x * p
+    p = 1.0 / 24 + x * p
+    p = 1.0 / 6 + x * p
+    p = 0.5 + x * p
+    p = x + (x * x) * p
+    return tl.where(tl.abs(x) <= 0.5, p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def mixture_factor(d, log_s, beta, MODE: tl.constexpr):
+    """f = ∂D/∂p_s up to a constant (which the gradient's center removes) of the divergences through the mixture
+    m = β p_t + (1 − β) p_s (MODE JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL), from log(p_s / m) = ``log_s`` and
+    d = lp_t − lp_s, with log(p_t / m) = log_s + d ≤ log(1 / β) (nothing overflows):
+
+        JSD(β)           D = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m)   f = (1 − β) log(p_s / m)
+        skew forward KL  D = KL(p_t ‖ m)                            f = −(1 − β) expm1(log(p_t / m))
+        skew reverse KL  D = KL(p_s ‖ m)                            f = log(p_s / m) + β expm1(log(p_t / m))
+
+    The skew KLs' derivatives, −(1 − β) p_t / m and log(p_s / m) + 1 − (1 − β) p_s / m = log(p_s / m) + β p_t / m,
+    lose their constants (−(1 − β) and β): like JSD's, each f then vanishes where p_s = p_t, so that on
+    near-uniform rows the centering does not subtract a constant of size β from itself (which left ~(Σ p_s − 1) β,
+    a few 1e-9, in every G where plain fp32 gives ~2e-10). The same definitions as
+    opd_fast.backends.torch_backend.terms_parts and csrc/epilogue.h; expm1 as :func:`expm1_poly`, one exponential as
+    p_t / m took (the terms pass of the streaming plan spilled on sm_80 with :func:`expm1`'s logarithm and
+    division). e^{log_s + d} is as accurate as e^{log(p_t / m)}: where |d| is large its rounding, ~ulp(|d|), is what
+    any fp32 log-ratio of log-probabilities of that size carries."""
+    if MODE == JSD:
+        f = (1.0 - beta) * log_s
+    elif MODE == SKEW_FORWARD_KL:
+        f = -(1.0 - beta) * expm1_poly(log_s + d)
+    else:
+        f = log_s + beta * expm1_poly(log_s + d)
+    return f
+
+
+@triton.jit
+def terms_parts(lp_s, lp_t, beta, MODE: tl.constexpr):
+    """The terms pass of JSD, the skew KLs and TVD (MODE) per element, from the final log-probs lp_s, lp_t:
+    (p_s, pg, fs, ft). The pass sums (fs, ft, pg) per row into terms[0..2], and opd_fast.backends.sweep.terms_loss
+    makes the row's D of them (JSD β Σ ft + (1 − β) Σ fs, skew forward KL Σ ft, skew reverse KL and TVD Σ fs) and
+    its center Σ pg. fs and ft are jsd_parts' (Σ fs = KL(p_s ‖ m), Σ ft = KL(p_t ‖ m)), TVD's ½ |p_s − p_t| and 0;
+    pg = p_s f with f = ∂D/∂p_s up to a constant (:func:`mixture_factor`; TVD ½ sign(p_s − p_t)), so that the logit
+    gradient is p_s (f − center) (:func:`terms_grad`). pg is (1 − β) p_s log(p_s / m) (JSD), −(1 − β) p_s
+    expm1(log(p_t / m)) (skew forward KL), p_s (log(p_s / m) + β expm1(log(p_t / m))) (skew reverse KL) and
+    ½ p_s sign(p_s − p_t) (TVD)."""
+    if MODE == TVD:
+        p_s = tl.exp(lp_s)
+        diff = p_s - tl.exp(lp_t)
+        fs = 0.5 * tl.abs(diff)
+        ft = tl.zeros_like(fs)
+        f = 0.5 * sign(diff)
+    else:
+        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
+        f = mixture_factor(lp_t - lp_s, log_s, beta, MODE)
+    return p_s, p_s * f, fs, ft
+
+
+@triton.jit
+def terms_grad(lp_s, lp_t, p_s, center, beta, MODE: tl.constexpr):
+    """The logit gradient pg − p_s · center = p_s (f − center) of JSD, the skew KLs and TVD (before the head's chain
+    factor and the row weight), ``center`` the row's Σ pg broadcast to the tile. Factored, the center meets the part
+    of f it cancels against before any rounding by p_s; and f is the terms pass's own (log_ratio_to_mixture takes
+    jsd_parts' branches where d ≤ 30, and alone it keeps the gradient kernels' registers in bounds: they hold a
+    logits tile, both log-probs and the teacher's tile at once), so where a row's mass sits on one column in fp32
+    (p_s = 1 there, 0 elsewhere) the center is that column's f to the last bit and G is exactly 0, as autograd's."""
+    if MODE == TVD:
+        f = 0.5 * sign(p_s - tl.exp(lp_t))
+    else:
+        d = lp_t - lp_s
+        f = mixture_factor(d, log_ratio_to_mixture(d, beta), beta, MODE)
+    return p_s * (f - center)
 
 
 @triton.jit

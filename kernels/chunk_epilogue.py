@@ -14,9 +14,14 @@ and 1/τ turn them into final logits z on the fly (:func:`opd_fast.kernels._comm
   the row's running state [5, r] from earlier tiles, its accumulator relative to both models' maxes. Same layout
   and meaning as csrc/epilogue.h and opd_fast.backends.sweep.finalize. Full blocks load without a mask (128-bit
   loads where the row stride is a multiple of 16 elements: the sweep pads it to 64 on CUDA), the row's last
-  partial block with one.
-* ``jsd_update`` (one program per row) adds Σ p_s (x − log1p x) and Σ p_t (y − log1p y) — KL(p_s‖m) and
-  KL(p_t‖m) in a cancellation-free form (:func:`opd_fast.kernels._common.jsd_parts`) — given the final lse.
+  partial block with one. Given an entropy state [3, r] (WITH_ENTROPY), the same read also merges the student's
+  tile into it: per lane one more sum a = Σ e^{z_s − m_s}(z_s − m_s) next to the student's own (m_s, s_s), moved
+  with them at no exponential of its own (:func:`_entropy_lane_add`), combined across lanes and merged into the
+  row's (m, s, a) (:func:`_entropy_row_merge`; H = log s − a / s, opd_fast.backends.sweep.finalize_entropy). Without
+  it the kernel compiles to the same code as before the entropy came in.
+* ``terms_update`` (one program per row; JSD, the skew KLs and TVD, whose terms need the final lse) adds the row's
+  Σ fs, Σ ft and Σ pg of :func:`opd_fast.kernels._common.terms_parts` — for the mixture m = β p_t + (1 − β) p_s,
+  KL(p_s‖m) and KL(p_t‖m) in a cancellation-free form and the gradient's center; TVD's ½ Σ|p_s − p_t|.
 * ``logit_grad`` (grid: rows × column blocks, purely elementwise) writes G = w · ∂D/∂x: the per-token
   weight and the head's chain rule folded in, in the gradient buffer's dtype (bf16 for the GEMMs).
 
@@ -30,31 +35,33 @@ import triton
 import triton.language as tl
 
 from opd_fast.kernels._common import (
+    ENTROPY,
     FORWARD_KL,
-    JSD,
     MODES,
     REVERSE_KL,
+    TERMS_MODES,
     TOKEN_LOGPROB,
     apply_head,
     head_args,
     head_chain,
     is_interpreter,
-    jsd_parts,
-    log_ratio_to_mixture,
     on_device,
+    terms_grad,
+    terms_parts,
 )
 
 
 def _block(width: int) -> int:
-    """Columns per step of the JSD and gradient passes: one wide vector per row (2048 on a GPU, 256 under the
+    """Columns per step of the terms and gradient passes: one wide vector per row (2048 on a GPU, 256 under the
     interpreter, whose cost is per operation, not per element)."""
     return min(256 if is_interpreter() else 2048, triton.next_power_of_2(max(width, 16)))
 
 
 def _stats_block(width: int) -> int:
     """Columns per step of the statistics pass: 1024 on a GPU, 8 per thread of its 4 warps, two 128-bit loads per
-    model and step, the lanes' state (six values for KL) and a step in flight within 128 registers (four blocks of
-    128 threads per SM); 256 under the interpreter."""
+    model and step, the lanes' state (six values for KL, seven with the student's entropy) and a step in flight
+    within 128 registers (four blocks of 128 threads per SM; tests/test_triton_aot.py holds every mode to it, with
+    and without the entropy); 256 under the interpreter."""
     return min(256 if is_interpreter() else 1024, triton.next_power_of_2(max(width, 16)))
 
 
@@ -75,38 +82,58 @@ def _kl_shift(m, s, m_other, acc, m_new, m_other_new):
 def _online_step(m, x):
     """One element x per lane into an online (max m, Σ e^{z − m}) state with a single exponential: of m and x the
     larger becomes the max and e^{−|x − m|} weighs the smaller — the old sum when x is the new max (``grow``),
-    x's own term otherwise. Returns (new max, grow, factor of the old sum, weight of x). An empty state (m = −inf)
-    or x = −inf gives weight 0 (the shift is 0 when both are −inf, never −inf + inf); NaN in m or x makes the max
-    and x's weight NaN, and a NaN max stays (``propagate_nan``)."""
+    x's own term otherwise. Returns (new max, grow, factor of the old sum, weight of x, and the exponent −|x − m|
+    itself, m − x or x − m). An empty state (m = −inf) or x = −inf gives weight 0 (the shift is 0 when both are
+    −inf, never −inf + inf); NaN in m or x makes the max and x's weight NaN, and a NaN max stays
+    (``propagate_nan``)."""
     m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     grow = x > m
-    t = tl.exp(tl.where(grow, m, x) - tl.where(m_new == -float("inf"), 0.0, m_new))
-    return m_new, grow, tl.where(grow, t, 1.0), tl.where(grow, 1.0, t)
+    shift = tl.where(grow, m, x) - tl.where(m_new == -float("inf"), 0.0, m_new)
+    t = tl.exp(shift)
+    return m_new, grow, tl.where(grow, t, 1.0), tl.where(grow, 1.0, t), shift
 
 
 @triton.jit
 def _lane_add(m, s, x):
     """Per lane: add one block of logits x (−inf past the row's end) to the online state (m, s)."""
-    m_new, _, old, new = _online_step(m, x)
+    m_new, _, old, new, _ = _online_step(m, x)
     return m_new, s * old + new
 
 
 @triton.jit
-def _kl_lane_add(m, s, r, acc, m_o, s_o, x, y, valid, MASKED: tl.constexpr):
+def _entropy_lane_add(a, s, grow, old, new, shift):
+    """Per lane: the entropy sum a = Σ e^{x − m}(x − m) of logits x (weights s = Σ e^{x − m}) after the online step
+    of :func:`_online_step` that gave (grow, old, new, shift): no exponential of its own. When x is the new max the
+    old terms move by m − x = shift and are weighed by old = e^{shift} (the rule of :func:`_kl_shift` against a
+    model whose logits are all 0) and x's own term is 0; else a gains x's term new · (x − m), x − m = shift. An
+    exponent of −inf (an empty state, or x = −inf past the row's end) has weight 0: taken as −FLT_MAX there, its
+    product is 0, not NaN. NaN stays."""
+    d = tl.maximum(shift, -3.4028234663852886e38, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(grow, old * (a + s * d), a + new * d)
+
+
+@triton.jit
+def _kl_lane_add(m, s, r, acc, m_o, s_o, x, y, valid, t, MASKED: tl.constexpr, TRACK: tl.constexpr):
     """Per lane: add one block of the lead model's logits x and the other's y to the KL state: the lead's (m, s),
     the other's (m_o, s_o) and acc = Σ e^{x − m}((x − m) − (y − r)), relative to the lead's max m and to r, the
     other's logit where the lead's max is (not the other's max: the lead's dominant term is then exactly 0 and
     stays so, and moving to the other's row max later is one rounding, :func:`_kl_row_merge`). When x is a new
     max, the old terms move by (m − x) − (r − y) and x's own term is 0. MASKED: lanes past the row's end
-    (valid = False, x = y = −inf) add nothing."""
-    m_new, grow, old, new = _online_step(m, x)
+    (valid = False, x = y = −inf) add nothing. TRACK (1: the lead's logits x, 2: the other's y, 0: none): t is the
+    entropy sum of those logits (:func:`_entropy_lane_add`), moved along with their (m, s); returned unchanged
+    otherwise."""
+    m_new, grow, old, new, shift = _online_step(m, x)
     r_new = tl.where(grow, y, r)
     moved = tl.where(m == -float("inf"), 0.0, old * (acc + s * ((m - m_new) - (r - r_new))))
     term = new * ((x - m_new) - (y - r_new))
     if MASKED:
         term = tl.where(valid, term, 0.0)
-    mo_new, _, old_o, new_o = _online_step(m_o, y)
-    return m_new, s * old + new, r_new, moved + term, mo_new, s_o * old_o + new_o
+    mo_new, grow_o, old_o, new_o, shift_o = _online_step(m_o, y)
+    if TRACK == 1:
+        t = _entropy_lane_add(t, s, grow, old, new, shift)
+    elif TRACK == 2:
+        t = _entropy_lane_add(t, s_o, grow_o, old_o, new_o, shift_o)
+    return m_new, s * old + new, r_new, moved + term, mo_new, s_o * old_o + new_o, t
 
 
 @triton.jit
@@ -125,6 +152,22 @@ def _row_merge(state, n_state, row_m, row_s):
     new_m = tl.maximum(old_m, row_m, propagate_nan=tl.PropagateNan.ALL)
     tl.store(state, new_m)
     tl.store(state + n_state, _rescaled(old_m, tl.load(state + n_state), new_m) + _rescaled(row_m, row_s, new_m))
+
+
+@triton.jit
+def _entropy_row_merge(p_entropy, n_entropy, m, s, a):
+    """Lanes → row, then merged into the row's running entropy state (m, s, a) at ``p_entropy`` (stride
+    n_entropy; opd_fast.backends.sweep.finalize_entropy): every lane's a moved to the row's max (the rule of
+    :func:`_kl_shift` against a zero model) and summed in a tree, then the row's and the state's moved to their
+    common max (opd_fast.backends.torch_backend.merge_entropy). (m, s) merge as :func:`_row_merge` merges the
+    statistics' own: from the same lanes, the same bits."""
+    row_m, row_s = _lanes_to_row(m, s)
+    row_a = tl.sum(_kl_shift(m, s, 0.0, a, row_m, 0.0), 0)
+    old_m = tl.load(p_entropy)
+    new_m = tl.maximum(old_m, row_m, propagate_nan=tl.PropagateNan.ALL)
+    old_a = _kl_shift(old_m, tl.load(p_entropy + n_entropy), 0.0, tl.load(p_entropy + 2 * n_entropy), new_m, 0.0)
+    tl.store(p_entropy + 2 * n_entropy, old_a + _kl_shift(row_m, row_s, 0.0, row_a, new_m, 0.0))
+    _row_merge(p_entropy, n_entropy, row_m, row_s)
 
 
 @triton.jit
@@ -186,29 +229,41 @@ def _stats_step(
     s_t,
     r,
     acc,
+    a_e,
     MODE: tl.constexpr,
     HAS_BIAS_S: tl.constexpr,
     HAS_SOFTCAP_S: tl.constexpr,
     HAS_BIAS_T: tl.constexpr,
     HAS_SOFTCAP_T: tl.constexpr,
     MASKED: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
 ):
-    """One block of columns o_c into the lanes' state (m_s, s_s, m_t, s_t, r, acc) of ``_stats_update_kernel``."""
+    """One block of columns o_c into the lanes' state (m_s, s_s, m_t, s_t, r, acc) of ``_stats_update_kernel`` and,
+    WITH_ENTROPY, the student's entropy sum a_e (relative to the lanes' own (m_s, s_s), its exponential theirs)."""
     valid = o_c < width
     a = _final_logits(p_zs, bias_s_ptr, o_c, valid, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S, MASKED)
-    if MODE <= JSD:  # two models
+    if MODE < TOKEN_LOGPROB:  # two models
         b = _final_logits(p_zt, bias_t_ptr, o_c, valid, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T, MASKED)
-    if MODE == REVERSE_KL:
-        m_s, s_s, r, acc, m_t, s_t = _kl_lane_add(m_s, s_s, r, acc, m_t, s_t, a, b, valid, MASKED)
-    elif MODE == FORWARD_KL:
-        m_t, s_t, r, acc, m_s, s_s = _kl_lane_add(m_t, s_t, r, acc, m_s, s_s, b, a, valid, MASKED)
+    if MODE == REVERSE_KL:  # the student leads
+        m_s, s_s, r, acc, m_t, s_t, a_e = _kl_lane_add(
+            m_s, s_s, r, acc, m_t, s_t, a, b, valid, a_e, MASKED, 1 if WITH_ENTROPY else 0
+        )
+    elif MODE == FORWARD_KL:  # the teacher leads
+        m_t, s_t, r, acc, m_s, s_s, a_e = _kl_lane_add(
+            m_t, s_t, r, acc, m_s, s_s, b, a, valid, a_e, MASKED, 2 if WITH_ENTROPY else 0
+        )
     else:
-        m_s, s_s = _lane_add(m_s, s_s, a)
-        if MODE == JSD:
+        if WITH_ENTROPY:
+            m_new, grow, old, new, shift = _online_step(m_s, a)  # _lane_add's step, shared with a_e
+            a_e = _entropy_lane_add(a_e, s_s, grow, old, new, shift)
+            m_s, s_s = m_new, s_s * old + new
+        else:
+            m_s, s_s = _lane_add(m_s, s_s, a)
+        if MODE < TOKEN_LOGPROB:  # the terms modes: each model's (m, s) alone
             m_t, s_t = _lane_add(m_t, s_t, b)
         if MODE == TOKEN_LOGPROB:
             acc += tl.where((o_c == col) & valid, a, 0.0)
-    return m_s, s_s, m_t, s_t, r, acc
+    return m_s, s_s, m_t, s_t, r, acc, a_e
 
 
 @triton.jit
@@ -229,11 +284,14 @@ def _stats_update_kernel(
     pre_t,
     cap_t,
     post_t,
+    entropy_ptr,
+    n_entropy,
     MODE: tl.constexpr,
     HAS_BIAS_S: tl.constexpr,
     HAS_SOFTCAP_S: tl.constexpr,
     HAS_BIAS_T: tl.constexpr,
     HAS_SOFTCAP_T: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
     BV: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
@@ -242,25 +300,27 @@ def _stats_update_kernel(
     col = 0
     if MODE == TOKEN_LOGPROB:
         col = tl.load(ids_ptr + i_n) - v_lo  # the token's column in this tile (outside [0, width): not here)
-    # Per-lane online state: lane j sees columns j, j + BV, …; combined once at the end. r: KL's reference.
+    # Per-lane online state: lane j sees columns j, j + BV, …; combined once at the end. r: KL's reference. a_e:
+    # WITH_ENTROPY, the student's Σ e^{z − m_s}(z − m_s) (without it, never changed: the loop does not carry it).
     m_s = tl.full([BV], -float("inf"), tl.float32)
     s_s = tl.zeros([BV], tl.float32)
     m_t = tl.full([BV], -float("inf"), tl.float32)
     s_t = tl.zeros([BV], tl.float32)
     r = tl.zeros([BV], tl.float32)
     acc = tl.zeros([BV], tl.float32)
+    a_e = tl.zeros([BV], tl.float32)
     full = width - width % BV
     for c0 in range(0, full, BV):
-        m_s, s_s, m_t, s_t, r, acc = _stats_step(
+        m_s, s_s, m_t, s_t, r, acc, a_e = _stats_step(
             p_zs, p_zt, c0 + tl.arange(0, BV), width, col, bias_s_ptr, bias_t_ptr,
-            pre_s, cap_s, post_s, pre_t, cap_t, post_t, m_s, s_s, m_t, s_t, r, acc,
-            MODE, HAS_BIAS_S, HAS_SOFTCAP_S, HAS_BIAS_T, HAS_SOFTCAP_T, False,
+            pre_s, cap_s, post_s, pre_t, cap_t, post_t, m_s, s_s, m_t, s_t, r, acc, a_e,
+            MODE, HAS_BIAS_S, HAS_SOFTCAP_S, HAS_BIAS_T, HAS_SOFTCAP_T, False, WITH_ENTROPY,
         )  # fmt: skip
     if full < width:
-        m_s, s_s, m_t, s_t, r, acc = _stats_step(
+        m_s, s_s, m_t, s_t, r, acc, a_e = _stats_step(
             p_zs, p_zt, full + tl.arange(0, BV), width, col, bias_s_ptr, bias_t_ptr,
-            pre_s, cap_s, post_s, pre_t, cap_t, post_t, m_s, s_s, m_t, s_t, r, acc,
-            MODE, HAS_BIAS_S, HAS_SOFTCAP_S, HAS_BIAS_T, HAS_SOFTCAP_T, True,
+            pre_s, cap_s, post_s, pre_t, cap_t, post_t, m_s, s_s, m_t, s_t, r, acc, a_e,
+            MODE, HAS_BIAS_S, HAS_SOFTCAP_S, HAS_BIAS_T, HAS_SOFTCAP_T, True, WITH_ENTROPY,
         )  # fmt: skip
 
     # Lanes → row (a tree reduction), then merge into the running state of earlier tiles.
@@ -271,20 +331,28 @@ def _stats_update_kernel(
         _kl_row_merge(p_state + 2 * n_state, p_state, p_state + 4 * n_state, n_state, m_t, s_t, r, acc, m_s, s_s)
     else:
         _row_merge(p_state, n_state, *_lanes_to_row(m_s, s_s))
-        if MODE == JSD:
+        if MODE < TOKEN_LOGPROB:
             _row_merge(p_state + 2 * n_state, n_state, *_lanes_to_row(m_t, s_t))
         if MODE == TOKEN_LOGPROB:
             tl.store(p_state + 4 * n_state, tl.load(p_state + 4 * n_state) + tl.sum(acc, 0))
+    if WITH_ENTROPY:
+        _entropy_row_merge(entropy_ptr + i_n, n_entropy, m_s, s_s, a_e)
 
 
-def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> None:
-    """Merge a tile into ``state`` [5, r] (m_s, s_s, m_t, s_t, acc); see the module docstring. ``zs`` and ``zt``
-    share their row stride (the sweep's workspace)."""
+def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str, entropy=None) -> None:
+    """Merge a tile into ``state`` [5, r] (m_s, s_s, m_t, s_t, acc) and, when given, the student's tile into the
+    ``entropy`` state [3, r] (m, s, a = Σ e^{z − m}(z − m); opd_fast.backends.sweep.finalize_entropy) in the same
+    read; see the module docstring. ``zs`` and ``zt`` share their row stride (the sweep's workspace)."""
     rows, width = zs.shape
     if rows == 0:
         return
     if zt is not None and zt.stride() != zs.stride():
         raise ValueError(f"the two models' tiles must share their strides, got {zs.stride()} and {zt.stride()}")
+    if entropy is not None and (entropy.shape != (3, rows) or entropy.stride(1) != 1 or entropy.dtype != state.dtype):
+        raise ValueError(
+            f"the entropy state must be [3, {rows}] with unit column stride in the state's dtype {state.dtype}, got "
+            f"{list(entropy.shape)} with strides {entropy.stride()} in {entropy.dtype}"
+        )
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     with on_device(zs):
@@ -305,17 +373,20 @@ def stats_update(state, zs, zt, ids, head_s, head_t, v_lo: int, mode: str) -> No
             pre_t,
             cap_t,
             post_t,
+            state if entropy is None else entropy,  # the entropy state (unread without it)
+            0 if entropy is None else entropy.stride(0),
             MODE=MODES[mode],
             HAS_BIAS_S=has_bias_s,
             HAS_SOFTCAP_S=has_cap_s,
             HAS_BIAS_T=has_bias_t,
             HAS_SOFTCAP_T=has_cap_t,
+            WITH_ENTROPY=entropy is not None,
             BV=_stats_block(width),
         )
 
 
 @triton.jit
-def _jsd_update_kernel(
+def _terms_update_kernel(
     zs_ptr,
     zt_ptr,
     lse_s_ptr,
@@ -335,6 +406,7 @@ def _jsd_update_kernel(
     pre_t,
     cap_t,
     post_t,
+    MODE: tl.constexpr,
     HAS_BIAS_S: tl.constexpr,
     HAS_SOFTCAP_S: tl.constexpr,
     HAS_BIAS_T: tl.constexpr,
@@ -346,9 +418,9 @@ def _jsd_update_kernel(
     lse_t = tl.load(lse_t_ptr + i_n)
     lo_s = tl.load(lo_s_ptr + i_n)
     lo_t = tl.load(lo_t_ptr + i_n)
-    b_ks = tl.zeros([BV], tl.float32)
-    b_kt = tl.zeros([BV], tl.float32)
-    b_gs = tl.zeros([BV], tl.float32)
+    b_fs = tl.zeros([BV], tl.float32)
+    b_ft = tl.zeros([BV], tl.float32)
+    b_pg = tl.zeros([BV], tl.float32)
     for c0 in range(0, width, BV):
         o_c = c0 + tl.arange(0, BV)
         m_c = o_c < width
@@ -356,13 +428,13 @@ def _jsd_update_kernel(
         y = tl.load(zt_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
         lp_s = (apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S) - lse_s) - lo_s
         lp_t = (apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T) - lse_t) - lo_t
-        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
-        b_ks += tl.where(m_c, fs, 0.0)
-        b_kt += tl.where(m_c, ft, 0.0)
-        b_gs += tl.where(m_c, p_s * log_s, 0.0)
-    tl.store(terms_ptr + i_n, tl.load(terms_ptr + i_n) + tl.sum(b_ks, 0))
-    tl.store(terms_ptr + n_terms + i_n, tl.load(terms_ptr + n_terms + i_n) + tl.sum(b_kt, 0))
-    tl.store(terms_ptr + 2 * n_terms + i_n, tl.load(terms_ptr + 2 * n_terms + i_n) + tl.sum(b_gs, 0))
+        _, pg, fs, ft = terms_parts(lp_s, lp_t, beta, MODE)
+        b_fs += tl.where(m_c, fs, 0.0)
+        b_ft += tl.where(m_c, ft, 0.0)
+        b_pg += tl.where(m_c, pg, 0.0)
+    tl.store(terms_ptr + i_n, tl.load(terms_ptr + i_n) + tl.sum(b_fs, 0))
+    tl.store(terms_ptr + n_terms + i_n, tl.load(terms_ptr + n_terms + i_n) + tl.sum(b_ft, 0))
+    tl.store(terms_ptr + 2 * n_terms + i_n, tl.load(terms_ptr + 2 * n_terms + i_n) + tl.sum(b_pg, 0))
 
 
 def _row_vectors(*vectors):
@@ -370,10 +442,13 @@ def _row_vectors(*vectors):
     return tuple(t.float().contiguous() for t in vectors)
 
 
-def jsd_update(terms, zs, zt, lse, head_s, head_t, beta: float) -> None:
-    """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, given the rows' final
-    ``lse`` = (lse_s, lse_t, lse_lo_s, lse_lo_t): log p = (z − lse) − lse_lo (opd_fast.backends.sweep.split_lse;
-    see :func:`opd_fast.backends.sweep.jsd_loss` for why the last term is kept apart from the first)."""
+def terms_update(terms, zs, zt, lse, head_s, head_t, mode: str, beta: float) -> None:
+    """terms [3, r] += (Σ fs, Σ ft, Σ pg) over the tile for ``mode`` (one of TERMS_MODES; the per-element parts of
+    :func:`opd_fast.kernels._common.terms_parts`), given the rows' final ``lse`` = (lse_s, lse_t, lse_lo_s,
+    lse_lo_t): log p = (z − lse) − lse_lo (opd_fast.backends.sweep.split_lse; :func:`opd_fast.backends.sweep.
+    terms_loss` makes the loss and the gradient's center of the sums)."""
+    if mode not in TERMS_MODES:
+        raise ValueError(f"the terms pass serves {TERMS_MODES}, not {mode!r}")
     rows, width = zs.shape
     if rows == 0:
         return
@@ -381,7 +456,7 @@ def jsd_update(terms, zs, zt, lse, head_s, head_t, beta: float) -> None:
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, zs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, zs)
     with on_device(zs):
-        _jsd_update_kernel[(rows,)](
+        _terms_update_kernel[(rows,)](
             zs,
             zt,
             lse_s,
@@ -401,6 +476,7 @@ def jsd_update(terms, zs, zt, lse, head_s, head_t, beta: float) -> None:
             pre_t,
             cap_t,
             post_t,
+            MODE=MODES[mode],
             HAS_BIAS_S=has_bias_s,
             HAS_SOFTCAP_S=has_cap_s,
             HAS_BIAS_T=has_bias_t,
@@ -448,23 +524,25 @@ def _logit_grad_kernel(
     x = tl.load(zs_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
     a = apply_head(x, bias_s_ptr, o_c, m_c, pre_s, cap_s, post_s, HAS_BIAS_S, HAS_SOFTCAP_S)
     lp_s = (a - tl.load(lse_s_ptr + i_n)) - tl.load(lo_s_ptr + i_n)  # shift and log Σ apart
-    if MODE <= JSD:
+    p_s = tl.exp(lp_s)
+    if MODE < TOKEN_LOGPROB:  # two models
         y = tl.load(zt_ptr + i_n * stride_z + o_c, mask=m_c, other=0.0)
         lp_t = apply_head(y, bias_t_ptr, o_c, m_c, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
         lp_t = (lp_t - tl.load(lse_t_ptr + i_n)) - tl.load(lo_t_ptr + i_n)
     if MODE == REVERSE_KL:
-        p_s = tl.exp(lp_s)
         grad = p_s * (lp_s - lp_t - tl.load(loss_ptr + i_n))
     elif MODE == FORWARD_KL:
-        grad = tl.exp(lp_s) - tl.exp(lp_t)
-    elif MODE == JSD:
-        log_s = log_ratio_to_mixture(lp_t - lp_s, beta)  # the gradient needs only log(p_s / m)
-        grad = tl.exp(lp_s) * ((1.0 - beta) * log_s - tl.load(center_ptr + i_n))
+        # The center is 0 from the statistics; the sweep shifts it (as reverse KL's loss) for a hard-label term.
+        grad = (p_s - tl.exp(lp_t)) - p_s * tl.load(center_ptr + i_n)
+    elif MODE < TOKEN_LOGPROB:
+        grad = terms_grad(lp_s, lp_t, p_s, tl.load(center_ptr + i_n), beta, MODE)
     elif MODE == TOKEN_LOGPROB:
         hit = o_c == tl.load(ids_ptr + i_n) - v_lo
-        grad = tl.where(hit, 1.0, 0.0) - tl.exp(lp_s)
+        grad = tl.where(hit, 1.0, 0.0) - p_s
+    elif MODE == ENTROPY:  # center −H and row weight −w: w ∂H/∂z = −w p_s (log p_s + H)
+        grad = p_s * (lp_s - tl.load(center_ptr + i_n))
     else:
-        grad = tl.exp(lp_s)
+        grad = p_s
     grad = grad * head_chain(a, pre_s, cap_s, post_s, HAS_SOFTCAP_S) * tl.load(row_w_ptr + i_n)
     tl.store(g_ptr + i_n * stride_g + o_c, grad.to(g_ptr.dtype.element_ty), mask=m_c)
 

@@ -8,9 +8,10 @@ budget (never N · V). For each chunk three kernels run:
    scale, softcap, 1/τ), forms the gradient G w.r.t. the raw logits in registers — per-token weight and
    the head's chain rule folded in — and stores it, in the weights' dtype, into the chunk workspace, with
    the tile's column sums (for the bias gradient) beside it. **Gradient filtering** (opt-in,
-   ``filter_eps > 0``): G is proportional to p_s (reverse KL, JSD) or to max(p_s, p_t) (forward KL), so
-   when every such probability of a tile is below ``filter_eps`` the tile is marked skipped: nothing is
-   stored and, for reverse KL and JSD, the teacher's logits tile is not even computed.
+   ``filter_eps > 0``): G is proportional to p_s (reverse KL, JSD, the skew KLs, TVD: their q = p_s p_t / m
+   is at most p_s / β; entropy) or to max(p_s, p_t) (forward KL), so when every such probability of a tile is
+   below ``filter_eps`` the tile is marked skipped: nothing is stored and, but for forward KL, the teacher's
+   logits tile is not even computed.
 2. the kept tiles are compacted on the host into per-row-block and per-column-block lists, so that
 3. ``_grad_hidden_kernel`` (grid: token blocks × H blocks) runs dH[rows] += Σ_j G[rows, j] W[j] over the
    block's kept tiles only — a branch-free loop that the compiler pipelines — with one read-modify-write
@@ -25,10 +26,12 @@ and its fp32 rounding residual kept apart (linear_softmax), D and ``center`` fro
 weight, χ = dz/dx the head's chain factor):
 
     reverse KL:  G = w χ p_s (lp_s − lp_t − D)
-    forward KL:  G = w χ (p_s − p_t)
-    JSD(β):      G = w χ p_s ((1 − β) log(p_s / m) − center)   (_common.log_ratio_to_mixture)
+    forward KL:  G = w χ (p_s − p_t − p_s · center)           (center 0 but for a hard-label term: the sweep
+                                                              shifts it, as reverse KL's D)
+    JSD, skew KLs, TVD:  G = w χ (pg − p_s · center)          (_common.terms_grad; center = Σ pg, the terms pass's)
     token:       G = w χ ([v = y] − p_s)                      (never skipped where a row's token lies)
     logsumexp:   G = w χ p_s
+    entropy:     G = w χ p_s (lp_s − center)                  (center −H and w the negated row weight: ∂H/∂z)
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import triton
 import triton.language as tl
 
 from opd_fast.kernels._common import (
+    ENTROPY,
     FORWARD_KL,
     JSD,
     LOGSUMEXP,
     MODES,
     REVERSE_KL,
+    TERMS_MODES,
     TOKEN_LOGPROB,
     apply_head,
     configs,
@@ -50,10 +55,10 @@ from opd_fast.kernels._common import (
     head_args,
     head_chain,
     is_interpreter,
-    log_ratio_to_mixture,
     logits_tile,
     on_device,
     row_log_probs,
+    terms_grad,
 )
 from opd_fast.kernels.linear_softmax import GROUP_N
 
@@ -61,12 +66,12 @@ from opd_fast.kernels.linear_softmax import GROUP_N
 def tile_shape(mode: str | None = None) -> tuple[int, int]:
     """(BN, BV) of the gradient tiles; fixed per platform and mode because the skip flags index these tiles.
 
-    JSD's gradient keeps more tile-sized values live than the other modes (both log-probabilities and
-    log(p_s / m)'s two branches while the teacher's tile is computed): over 64 × 128 it spilled 448-536 B per
-    thread at 8 warps on sm_90a and sm_80 (tests/test_triton_aot.py), so it takes 64 × 64 tiles."""
+    The terms modes' gradients keep more tile-sized values live than the other modes (both log-probabilities and
+    log(p_s / m)'s two branches while the teacher's tile is computed): JSD's over 64 × 128 spilled 448-536 B per
+    thread at 8 warps on sm_90a and sm_80 (tests/test_triton_aot.py), so they take 64 × 64 tiles."""
     if is_interpreter():
         return (16, 32)
-    return (64, 64) if mode == "jsd" else (64, 128)
+    return (64, 64) if mode in TERMS_MODES else (64, 128)
 
 
 @triton.jit
@@ -77,7 +82,8 @@ def _tile_peak(p):
 
 
 @triton.autotune(
-    # 4 warps spill in token mode (240-430 B per thread, tests/test_triton_aot.py); JSD needs its smaller tile.
+    # 4 warps spill in token mode (240-430 B per thread, tests/test_triton_aot.py); the terms modes need their
+    # smaller tile.
     configs=configs({"BH": [64, 32]}, warps=[8], stages=[3], interpreter={"BH": 16}),
     key=["HS", "HT", "MODE", "PRECISION"],
 )
@@ -144,7 +150,7 @@ def _logit_grad_kernel(
     b_w = tl.load(row_w_ptr + o_n, mask=m_n, other=0.0)
     peak = _tile_peak(p_s)
 
-    if MODE == FORWARD_KL:  # G = p_s − p_t is small only where both are: the teacher tile is always needed
+    if MODE == FORWARD_KL:  # G = p_s (1 − center) − p_t is small only where both are: the teacher tile is needed
         x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
         z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
         lp_t = row_log_probs(z_t, lse_t_ptr, lo_t_ptr, o_n, m_n)
@@ -164,18 +170,21 @@ def _logit_grad_kernel(
             b_loss = tl.load(loss_ptr + o_n, mask=m_n, other=0.0)
             grad = p_s * (lp_s - lp_t - b_loss[:, None])
         if MODE == FORWARD_KL:
-            grad = p_s - p_t
-        if MODE == JSD:
+            b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
+            grad = (p_s - p_t) - p_s * b_center[:, None]
+        if (MODE >= JSD) & (MODE < TOKEN_LOGPROB):
             x_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(x_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
             lp_t = row_log_probs(z_t, lse_t_ptr, lo_t_ptr, o_n, m_n)
-            log_s = log_ratio_to_mixture(lp_t - lp_s, beta)  # the gradient needs only log(p_s / m)
             b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
-            grad = p_s * ((1.0 - beta) * log_s - b_center[:, None])
+            grad = terms_grad(lp_s, lp_t, p_s, b_center[:, None], beta, MODE)
         if MODE == TOKEN_LOGPROB:
             grad = tl.where(hit, 1.0, 0.0) - p_s
         if MODE == LOGSUMEXP:
             grad = p_s
+        if MODE == ENTROPY:  # center −H and row weight −w: w ∂H/∂z = −w p_s (log p_s + H)
+            b_center = tl.load(center_ptr + o_n, mask=m_n, other=0.0)
+            grad = p_s * (lp_s - b_center[:, None])
         grad = grad * head_chain(z_s, pre_s, cap_s, post_s, HAS_SOFTCAP_S)
         grad = tl.where(m_nv, grad * b_w[:, None], 0.0)
         p_g = g_ptr + o_n[:, None] * stride_g + (o_v - v_lo)[None, :]
@@ -304,7 +313,7 @@ def logit_grad_backward(
 
     ``lse_s``/``lse_t`` are each row's (lse, lse_lo), fp32 [N] each (linear_softmax.softmax_stats). ``ht``/``wt``/
     ``lse_t``/``head_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode, ``center``
-    outside JSD. Heads are (bias | None, pre, softcap | None, post = 1/τ).
+    but for forward KL, the terms modes and entropy. Heads are (bias | None, pre, softcap | None, post = 1/τ).
     """
     (lse_s, lo_s), (lse_t, lo_t) = lse_s, lse_t if lse_t is not None else lse_s
     n_rows, hidden = hs.shape

@@ -13,8 +13,8 @@ for the student (and the teacher), plus one accumulator that depends on MODE:
     forward KL:  B = Σ e^{z_t − m_t} ((z_t − m_t) − (z_s − r))   →  D = B / S_t + (m_s − r) − log S_t + log S_s
     token:       z_y, the logit of the row's token  →  log p(y) = z_y − lse
     logsumexp:   nothing (one model, lse only)
-    JSD:         nothing: its terms need the final lse (second pass, ``jsd_terms``, in the
-                 cancellation-free form of ``_common.jsd_parts``)
+    JSD, skew KLs, TVD:  nothing: their terms need the final lse (second pass, ``divergence_terms``, the
+                 per-element parts of ``_common.terms_parts``)
 
 The KL accumulators are kept relative to the lead model's running max m and to r, the other model's logit at the
 column of that max (when the max grows, every earlier term moves by the change of both: opd_fast.backends.sweep.
@@ -22,10 +22,13 @@ kl_shift), so the divergence is a sum of small numbers and never the difference 
 lse_s − lse_t, which cancel to ~ulp(|z|) when the two heads' logits sit far apart; and the dominant term of a row
 whose lead is one-hot in fp32 is exactly 0, so that D = fl(m_other − r) + … is the very difference the gradient
 pass's log-probabilities form (its G = p (log p_s − log p_t − D) is then ~0, as autograd's, not ~ulp(D)).
-Partial results per split land in a [6, splits, N] buffer and are merged on the host side with the same rescaling
-(O(N · splits) work). Each lse comes with its fp32 rounding residual lse_lo = (m − lse) + log S, so
-that later passes take log p = (z − lse) − lse_lo: the row's shift and log S kept apart, accurate to
-~ulp(log p), where z − lse would carry ~ulp(lse). Memory: O(N) per output; no [N, V] tensor exists.
+With WITH_ENTROPY (``softmax_stats(..., entropy=True)``, a divergence's ``return_entropy``) the pass also keeps the
+student's A = Σ e^{z_s − m_s}(z_s − m_s) (moved by m_old − m_new as its max grows, against its own S), so that
+H = log S − A / S needs no pass of its own. Partial results per split land in a [6, splits, N] buffer ([7, …] with
+the entropy) and are merged on the host side with the same rescaling (O(N · splits) work). Each lse comes with its
+fp32 rounding residual lse_lo = (m − lse) + log S, so that later passes take log p = (z − lse) − lse_lo: the row's
+shift and log S kept apart, accurate to ~ulp(log p), where z − lse would carry ~ulp(lse). Memory: O(N) per output;
+no [N, V] tensor exists.
 """
 
 from __future__ import annotations
@@ -36,17 +39,17 @@ import triton.language as tl
 
 from opd_fast.kernels._common import (
     FORWARD_KL,
-    JSD,
     MODES,
     REVERSE_KL,
+    TERMS_MODES,
     TOKEN_LOGPROB,
     apply_head,
     configs,
     grouped_pid,
     head_args,
-    jsd_parts,
     logits_tile,
     on_device,
+    terms_parts,
 )
 
 # Token blocks per rasterization group (see grouped_pid).
@@ -115,6 +118,7 @@ def _softmax_stats_fwd_kernel(
     HAS_SOFTCAP_S: tl.constexpr,
     HAS_BIAS_T: tl.constexpr,
     HAS_SOFTCAP_T: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
     BH: tl.constexpr,
@@ -125,6 +129,7 @@ def _softmax_stats_fwd_kernel(
     v_start = i_s * v_per_split
     v_stop = tl.minimum(v_start + v_per_split, V)
 
+    b_as = tl.zeros([BN], tl.float32)  # WITH_ENTROPY: the student's Σ e^{z − m_s}(z − m_s)
     b_ms = tl.full([BN], -float("inf"), tl.float32)
     b_ss = tl.zeros([BN], tl.float32)
     b_mt = tl.full([BN], -float("inf"), tl.float32)
@@ -147,7 +152,10 @@ def _softmax_stats_fwd_kernel(
         e_s = tl.exp(zm_s - ms_new[:, None])
         b_ss_old = b_ss
         b_ss = b_ss * alpha_s + tl.sum(e_s, 1)
-        if MODE <= JSD:  # two models
+        if WITH_ENTROPY:  # earlier terms move by m_old − m_new (none on the first tile); masked columns' e_s is 0
+            moved = b_as + b_ss_old * tl.where(b_ms == -float("inf"), 0.0, b_ms - ms_new)
+            b_as = moved * alpha_s + tl.sum(e_s * (z_s - ms_new[:, None]), 1)
+        if MODE < TOKEN_LOGPROB:  # two models (the terms modes keep each one's (m, S) alone)
             z_t = logits_tile(ht_ptr, wt_ptr, stride_ht, stride_wt, o_n, o_v, m_n, m_v, HT, BN, BV, BH, PRECISION)
             z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
             zm_t = tl.where(m_v[None, :], z_t, -float("inf"))
@@ -179,6 +187,8 @@ def _softmax_stats_fwd_kernel(
     tl.store(p_out + 3 * stride_k, b_st, mask=m_n)
     tl.store(p_out + 4 * stride_k, b_acc, mask=m_n)
     tl.store(p_out + 5 * stride_k, b_r, mask=m_n)
+    if WITH_ENTROPY:
+        tl.store(p_out + 6 * stride_k, b_as, mask=m_n)
 
 
 def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | None) -> tuple[int, int]:
@@ -193,17 +203,20 @@ def vocab_splits(n_rows: int, vocab: int, device: torch.device, n_splits: int | 
     return triton.cdiv(vocab, per_split), per_split
 
 
-def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: str, n_splits: int | None = None):
+def softmax_stats(
+    hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: str, n_splits: int | None = None, entropy=False
+):
     """Per-row ((lse_s, lse_lo_s), (lse_t, lse_lo_t), value) of the module docstring; ``ht``/``wt``/``head_t`` are
     None in one-model modes.
 
     Heads are (bias | None, pre, softcap | None, post = 1/τ) of the whole vocabulary. Returns fp32 [N]
     tensors: each model's lse and its residual (one model: the teacher's pair is None), and the value: the
-    divergence D for the two KLs, z_y for tokens, zeros otherwise.
+    divergence D for the two KLs, z_y for tokens, zeros otherwise (the terms modes: see :func:`divergence_terms`).
+    With ``entropy``, a fourth: the student's entropy H from the same pass (:func:`_merged_entropy`).
     """
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
-    part = torch.empty((6, splits, n_rows), device=hs.device, dtype=torch.float32)
+    part = torch.empty((7 if entropy else 6, splits, n_rows), device=hs.device, dtype=torch.float32)
     teacher = ht is not None
     (bias_s, pre_s, cap_s, post_s), (has_bias_s, has_cap_s) = head_args(head_s, hs)
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
@@ -240,11 +253,13 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
             HAS_SOFTCAP_S=has_cap_s,
             HAS_BIAS_T=has_bias_t,
             HAS_SOFTCAP_T=has_cap_t,
+            WITH_ENTROPY=entropy,
         )
-    m_s, s_s, m_t, s_t, acc, ref = part
+    m_s, s_s, m_t, s_t, acc, ref = part[:6]
     (lse_s, lo_s), m_all_s, log_s_s = _merge(m_s, s_s)
+    extra = (_merged_entropy(m_s, s_s, part[6], m_all_s),) if entropy else ()
     if mode in ("token_logprob", "logsumexp"):
-        return (lse_s, lo_s), None, acc.sum(0)
+        return (lse_s, lo_s), None, acc.sum(0), *extra
     (lse_t, lo_t), m_all_t, log_s_t = _merge(m_t, s_t)
     if mode == "reverse_kl":
         value = _merged_kl(m_s, s_s, ref, acc, m_all_s, m_all_t) - (log_s_s - log_s_t)
@@ -252,7 +267,7 @@ def softmax_stats(hs, ws, ht, wt, ids, head_s, head_t, *, mode: str, precision: 
         value = _merged_kl(m_t, s_t, ref, acc, m_all_t, m_all_s) - (log_s_t - log_s_s)
     else:
         value = torch.zeros_like(lse_s)
-    return (lse_s, lo_s), (lse_t, lo_t), value
+    return (lse_s, lo_s), (lse_t, lo_t), value, *extra
 
 
 def _merge(m: torch.Tensor, s: torch.Tensor):
@@ -263,6 +278,17 @@ def _merge(m: torch.Tensor, s: torch.Tensor):
     log_sum = torch.log(torch.where(m == -torch.inf, 0.0, torch.exp(m - m_all) * s).sum(0))
     lse = m_all + log_sum
     return (lse, torch.where(torch.isfinite(lse), (m_all - lse) + log_sum, 0.0)), m_all, log_sum
+
+
+def _merged_entropy(m, s, a, m_all):
+    """The student's entropy H = log S − A / S from the splits' (max m, Σ e^{z − m}, A = Σ e^{z − m}(z − m)): each
+    split's A moved to the row max (opd_fast.backends.sweep.kl_shift against a zero model: + S (m − m_all), weighed
+    by e^{m − m_all}; 0 for an empty split), as opd_fast.backends.sweep.finalize_entropy takes it."""
+    empty = m == -torch.inf
+    scale = torch.where(empty, 0.0, torch.exp(m - m_all))
+    s_all = (scale * s).sum(0)
+    a_all = (scale * (a + s * torch.where(empty, 0.0, m - m_all))).sum(0)
+    return s_all.log() - a_all / s_all
 
 
 def _merged_kl(m, s, ref, acc, m_all, m_other_all):
@@ -276,7 +302,7 @@ def _merged_kl(m, s, ref, acc, m_all, m_other_all):
     return (scale * moved).sum(0) / (scale * s).sum(0) + (m_other_all - ref_all)
 
 
-def _jsd_configs():
+def _terms_configs():
     # Two logits tiles, both rows' (lse, residual) and jsd_parts' temporaries: BN = 64 × BV = 64 at 8 warps spills
     # 52-84 B per thread on sm_90a and sm_80 since the residuals came in (tests/test_triton_aot.py; wider tiles
     # and 4 warps spill 1.4-27 KB), BV = 32 compiles to ~130-140 registers without spilling.
@@ -285,9 +311,9 @@ def _jsd_configs():
     )
 
 
-@triton.autotune(configs=_jsd_configs(), key=["HS", "HT", "PRECISION"])
+@triton.autotune(configs=_terms_configs(), key=["HS", "HT", "MODE", "PRECISION"])
 @triton.jit
-def _jsd_terms_kernel(
+def _divergence_terms_kernel(
     hs_ptr,
     ws_ptr,
     ht_ptr,
@@ -316,6 +342,7 @@ def _jsd_terms_kernel(
     pre_t,
     cap_t,
     post_t,
+    MODE: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_BIAS_S: tl.constexpr,
     HAS_SOFTCAP_S: tl.constexpr,
@@ -325,7 +352,7 @@ def _jsd_terms_kernel(
     BV: tl.constexpr,
     BH: tl.constexpr,
 ):
-    """Second JSD pass: KL(p_s ‖ m), KL(p_t ‖ m) and Σ p_s log(p_s / m) per row, m = β p_t + (1−β) p_s."""
+    """The terms pass of JSD, the skew KLs and TVD: Σ fs, Σ ft and Σ pg of ``_common.terms_parts`` per row."""
     i_n, i_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BN), n_splits, GROUP_N)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
@@ -335,9 +362,9 @@ def _jsd_terms_kernel(
     b_lse_t = tl.load(lse_t_ptr + o_n, mask=m_n, other=0.0)
     b_lo_s = tl.load(lo_s_ptr + o_n, mask=m_n, other=0.0)
     b_lo_t = tl.load(lo_t_ptr + o_n, mask=m_n, other=0.0)
-    b_kl_s = tl.zeros([BN], tl.float32)
-    b_kl_t = tl.zeros([BN], tl.float32)
-    b_grad_s = tl.zeros([BN], tl.float32)
+    b_fs = tl.zeros([BN], tl.float32)
+    b_ft = tl.zeros([BN], tl.float32)
+    b_pg = tl.zeros([BN], tl.float32)
     for v0 in range(v_start, v_stop, BV):
         o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
         m_v = o_v < v_stop
@@ -348,19 +375,23 @@ def _jsd_terms_kernel(
         z_t = apply_head(z_t, bias_t_ptr, o_v, m_v, pre_t, cap_t, post_t, HAS_BIAS_T, HAS_SOFTCAP_T)
         lp_s = (z_s - b_lse_s[:, None]) - b_lo_s[:, None]  # the rows' lse and residual apart: ~ulp(log p)
         lp_t = (z_t - b_lse_t[:, None]) - b_lo_t[:, None]
-        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
-        b_kl_s += tl.sum(tl.where(m_nv, fs, 0.0), 1)
-        b_kl_t += tl.sum(tl.where(m_nv, ft, 0.0), 1)
-        b_grad_s += tl.sum(tl.where(m_nv, p_s * log_s, 0.0), 1)
+        _, pg, fs, ft = terms_parts(lp_s, lp_t, beta, MODE)
+        b_fs += tl.sum(tl.where(m_nv, fs, 0.0), 1)
+        b_ft += tl.sum(tl.where(m_nv, ft, 0.0), 1)
+        b_pg += tl.sum(tl.where(m_nv, pg, 0.0), 1)
     p_out = part_ptr + i_s * N + o_n
-    tl.store(p_out, b_kl_s, mask=m_n)
-    tl.store(p_out + n_splits * N, b_kl_t, mask=m_n)
-    tl.store(p_out + 2 * n_splits * N, b_grad_s, mask=m_n)
+    tl.store(p_out, b_fs, mask=m_n)
+    tl.store(p_out + n_splits * N, b_ft, mask=m_n)
+    tl.store(p_out + 2 * n_splits * N, b_pg, mask=m_n)
 
 
-def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, precision: str, n_splits=None):
-    """JSD's terms (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) per row, fp32 [3, N], given both rows'
-    (lse, lse_lo), fp32 [N] each (see opd_fast.backends.sweep.jsd_loss)."""
+def divergence_terms(
+    hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, mode: str, beta: float, precision: str, n_splits=None
+):
+    """The terms (Σ fs, Σ ft, Σ pg) of ``mode`` (one of TERMS_MODES) per row, fp32 [3, N], given both rows'
+    (lse, lse_lo), fp32 [N] each (see opd_fast.backends.sweep.terms_loss)."""
+    if mode not in TERMS_MODES:
+        raise ValueError(f"the terms pass serves {TERMS_MODES}, not {mode!r}")
     (lse_s, lo_s), (lse_t, lo_t) = lse_s, lse_t
     n_rows, vocab = hs.shape[0], ws.shape[0]
     splits, v_per_split = vocab_splits(n_rows, vocab, hs.device, n_splits)
@@ -369,7 +400,7 @@ def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, prec
     (bias_t, pre_t, cap_t, post_t), (has_bias_t, has_cap_t) = head_args(head_t, hs)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BN"]) * splits,)  # noqa: E731
     with on_device(hs):
-        _jsd_terms_kernel[grid](
+        _divergence_terms_kernel[grid](
             hs,
             ws,
             ht,
@@ -398,6 +429,7 @@ def jsd_terms(hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, beta: float, prec
             pre_t,
             cap_t,
             post_t,
+            MODE=MODES[mode],
             PRECISION=precision,
             HAS_BIAS_S=has_bias_s,
             HAS_SOFTCAP_S=has_cap_s,

@@ -11,7 +11,9 @@ import torch
 
 from opd_fast.types import IDENTITY_HEAD, HeadTransform
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# The default skew α of the skew KLs: DistiLLM's (Ko et al., 2024), which found 0.1 best for both directions.
+DEFAULT_SKEW = 0.1
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Teacher log-probs from a server are rounded: allow this much above 0, and this much total mass above 1.
@@ -47,6 +49,15 @@ def check_beta(beta: object) -> float:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta!r}")
     return float(beta)
+
+
+def check_skew(skew: object) -> float:
+    """The skew α of the skew KLs, in [0, 1): at 1 the mixture is the distribution itself and the divergence 0."""
+    if isinstance(skew, bool) or not isinstance(skew, (int, float)):
+        raise TypeError(f"skew must be a number in [0, 1), got {type(skew).__name__}")
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1) (0 = the plain KL; at 1 the skew KL is identically 0), got {skew!r}")
+    return float(skew)
 
 
 def check_filter_eps(filter_eps: object) -> float | None:
@@ -222,6 +233,63 @@ def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
             )
 
 
+IGNORE_INDEX = -100  # a label that takes no cross-entropy (transformers' convention)
+
+
+def check_hard_label_weight(hard_label_weight: object) -> float:
+    """w of w · CE(p_s, labels) + (1 − w) · D, in [0, 1)."""
+    if isinstance(hard_label_weight, bool) or not isinstance(hard_label_weight, (int, float)):
+        raise TypeError(f"hard_label_weight must be a number in [0, 1), got {type(hard_label_weight).__name__}")
+    if not 0.0 <= hard_label_weight < 1.0:
+        raise ValueError(
+            f"hard_label_weight must be in [0, 1) (the loss is w · CE + (1 − w) · divergence), got "
+            f"{hard_label_weight!r}; at 1 the loss is the cross-entropy alone: −opd_fast.linear_token_logprobs(hidden, "
+            "weight, labels) averaged over the labelled tokens, without the teacher's logits"
+        )
+    return float(hard_label_weight)
+
+
+def check_labels_given(hard_label_weight: float, labels: object) -> None:
+    """``labels`` are given exactly when the cross-entropy has a weight."""
+    if hard_label_weight > 0 and labels is None:
+        raise ValueError(
+            "hard_label_weight > 0 mixes in the cross-entropy with labels=: pass the target token ids "
+            f"([...], {IGNORE_INDEX} where a token has none)"
+        )
+    if hard_label_weight == 0 and labels is not None:
+        raise ValueError(
+            "labels= are the targets of the hard-label cross-entropy: pass hard_label_weight > 0 with them "
+            "(the loss is w · CE + (1 − w) · divergence), or leave labels out"
+        )
+
+
+def check_labels(labels: object, lead_shape: torch.Size) -> torch.Tensor:
+    """Type and shape of ``labels`` ``[...]``; their values are checked by :func:`check_label_range`."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
+    if labels.layout != torch.strided:
+        raise TypeError(f"labels must be a dense (strided) tensor, got layout {labels.layout}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (e.g. int64), got {labels.dtype}; pass .long()")
+    if labels.shape != lead_shape:
+        raise ValueError(
+            f"labels must have the leading shape of the hidden states {tuple(lead_shape)}, got {tuple(labels.shape)}"
+        )
+    return labels
+
+
+def check_label_range(labels: torch.Tensor, vocab: int) -> None:
+    """Every label in [0, vocab) or −100 (no target: the token does not count)."""
+    valid = labels[labels != IGNORE_INDEX]
+    if valid.numel():
+        low, high = int(valid.min()), int(valid.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) (the vocabulary) or be {IGNORE_INDEX} (no target), found values in "
+                f"[{low}, {high}]; check the tokenizer matches this lm_head"
+            )
+
+
 def check_teacher_topk(ids: object, logprobs: object, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """A teacher's top-K ids and log-probs (e.g. from a vLLM server): types and shapes ``[..., K]``."""
     if not isinstance(ids, torch.Tensor):
@@ -290,13 +358,17 @@ def check_process_group(process_group: object) -> None:
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """What a backend computes per token: the divergence kind, β (JSD only) and the temperatures: τ divides the
-    student's logits and τ_t (``teacher_temperature``; τ when not given) the teacher's.
+    """What a backend computes per token: the divergence kind, β and the temperatures: τ divides the student's
+    logits and τ_t (``teacher_temperature``; τ when not given) the teacher's.
 
-    ``kind`` is already resolved: JSD with β = 0 is forward KL and with β = 1 reverse KL (TRL's and
-    Liger-Kernel's convention), so backends only ever see ``jsd`` with 0 < β < 1. ``filter_eps`` is the
-    gradient-filtering threshold of the kernel backends (None = their default, 0 = exact); the torch
-    backend is always exact. ``entry_clip`` (torch backend only) caps each vocabulary entry's term.
+    ``kind`` is already resolved, and ``beta`` is the teacher's weight in the mixture m = β p_t + (1 − β) p_s of
+    the kinds that have one: JSD's β; α for ``skew_forward_kl`` = KL(p_t ‖ α p_t + (1 − α) p_s) and 1 − α for
+    ``skew_reverse_kl`` = KL(p_s ‖ α p_s + (1 − α) p_t) (``skew`` α); unused by the KLs and ``tvd``. The ends
+    where a mixture divergence is a plain KL are resolved to it (JSD with β = 0 is forward KL and with β = 1
+    reverse KL, TRL's and Liger-Kernel's convention; a skew of 0 is the plain KL of its direction), so backends
+    only ever see a mixture with 0 < β < 1. ``filter_eps`` is the gradient-filtering threshold of the kernel
+    backends (None = their default, 0 = exact); the torch backend is always exact. ``entry_clip`` (torch backend
+    only) caps each vocabulary entry's term.
     """
 
     kind: str
@@ -306,6 +378,9 @@ class DivergenceSpec:
     entry_clip: float | None = None
     teacher_temperature: float | None = None
     entropy: bool = False  # also the student's per-token entropy, from the same sweep
+    entropy_grad: bool = False  # ... differentiable (its backward sweeps the student's logits once more)
+    # w of a loss w · CE(p_s, labels) + (1 − w) · D, in [0, 1) (sweep.HardLabels); the ops take the labels
+    hard_label_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.teacher_temperature is None:
@@ -320,9 +395,11 @@ class DivergenceSpec:
         filter_eps: object = None,
         entry_clip: object = None,
         teacher_temperature: object = None,
+        skew: object = DEFAULT_SKEW,
     ) -> DivergenceSpec:
         kind = check_choice("divergence", divergence, DIVERGENCES)
         beta = check_beta(beta)
+        skew = check_skew(skew)
         temperature = check_temperature(temperature)
         teacher_temperature = check_teacher_temperature(teacher_temperature, temperature)
         filter_eps = check_filter_eps(filter_eps)
@@ -334,9 +411,13 @@ class DivergenceSpec:
                     f"entry_clip must be a finite number > 0 (or None for no clipping), got {entry_clip!r}"
                 )
             entry_clip = float(entry_clip)
-        if kind == "jsd" and beta == 0.0:
+        if kind == "skew_forward_kl":
+            beta = skew
+        elif kind == "skew_reverse_kl":
+            beta = 1.0 - skew
+        if kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and beta == 0.0:
             kind = "forward_kl"
-        elif kind == "jsd" and beta == 1.0:
+        elif kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and beta == 1.0:
             kind = "reverse_kl"
         return cls(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature)
 

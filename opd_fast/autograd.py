@@ -32,14 +32,18 @@ def _wants_grad(*tensors: Tensor | None) -> list[bool]:
     return [grad_on and t is not None and t.requires_grad for t in tensors]
 
 
-def linear_divergence(pair: CheckedPair, route, spec: DivergenceSpec, reduction: str) -> tuple[Tensor, Tensor]:
+def linear_divergence(
+    pair: CheckedPair, route, spec: DivergenceSpec, reduction: str, labels: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The divergence of a checked pair, reduced (a scalar, or ``[N]`` for ``reduction="none"``), and the student's
-    entropy ``[N]`` where ``spec.entropy`` asks for it (else empty)."""
+    entropy ``[N]`` where ``spec.entropy`` asks for it (else empty). With ``labels`` (int64 ``[N]``, every counted
+    token's in the vocabulary), the loss is w · CE + (1 − w) · D for w = ``spec.hard_label_weight``."""
     out = library.divergence(
         pair.hs, pair.ws, pair.bs, pair.ht, pair.wt, pair.bt, pair.mask, *route.args,
         head_args(pair.heads[0]), head_args(pair.heads[1]),
         spec.kind, spec.beta, spec.temperature, spec.teacher_temperature, spec.filter_eps, spec.entry_clip,
-        reduction, _wants_grad(pair.hs, pair.ws, pair.bs), pair.cut, spec.entropy,
+        reduction, _wants_grad(pair.hs, pair.ws, pair.bs), pair.cut, spec.entropy, labels, spec.hard_label_weight,
+        spec.entropy_grad,
     )  # fmt: skip
     return out[0], out[5]
 

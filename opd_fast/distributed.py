@@ -9,8 +9,9 @@ shard; this module turns their local, per-token statistics into global ones with
   u_r = e^{lse_t,r − lse_t} (teacher), the local divergence D_r of the two renormalized shard
   distributions combines exactly: D_rev = Σ_r w_r (D_r + log w_r − log u_r) and
   D_fwd = Σ_r u_r (D_r + log u_r − log w_r). One sweep over the shard, then an all-gather of 3 × N.
-* **JSD** needs the global log-sum-exps inside its mixture: a first sweep for them, then the shard's
-  KL(p_s‖m), KL(p_t‖m) terms with the global values, all-reduced (2 × N).
+* **JSD, the skew KLs, TVD** need the global log-sum-exps inside every term: a first sweep for them, then
+  the shard's terms (sweep.terms_loss: KL(p_s‖m), KL(p_t‖m) or ½|p_s − p_t|, and the gradient's center) with the
+  global values, all-reduced (3 × N).
 * **gradients**: each rank forms the logit gradient of its own columns from the global statistics, so
   its weight gradient is exactly its shard's slice; the hidden-state gradient is the sum over shards,
   all-reduced so every rank holds the full one.
@@ -20,7 +21,7 @@ shard; this module turns their local, per-token statistics into global ones with
   all-reduce of N more floats.
 
 Bytes per call (fp32, N tokens, k top-k, H hidden, R ranks): the forward of a divergence all-gathers
-3·N·R floats (JSD: 2·N·R + 2·N); a token log-prob or log-sum-exp N·R + N; the top-k 2·N·k·R + 2·N·R;
+3·N·R floats (JSD, skew KLs, TVD: 4·N·R + 3·N); a token log-prob or log-sum-exp N·R + N; the top-k 2·N·k·R + 2·N·R;
 the backward all-reduces the [N, H] hidden-state gradient (as Megatron's vocabulary-parallel
 cross-entropy does). Nothing is ever O(N·V).
 """
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from opd_fast._validation import DivergenceSpec, check_int, check_process_group, check_weight
-from opd_fast.backends.sweep import jsd_loss, lse_lo, split_lse
+from opd_fast.backends.sweep import TERMS_MODES, lse_lo, split_lse, terms_loss
 from opd_fast.types import DivergenceStats, Grads, Need, Side
 
 
@@ -196,11 +197,15 @@ class VocabParallelOps:
             return grads
         return grads._replace(hidden=_all_reduce(grads.hidden.contiguous(), self.shard))
 
-    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need, labels=None):
         stats = self._divergence_stats(s, t, spec)
+        if labels is not None:  # the label's logit from the shard that holds it (the others give 0)
+            z_y = self.inner.divergence_label_logits(s, spec, self._local_ids(labels)) if self.shard.rows else None
+            z_y = torch.zeros_like(stats.loss) if z_y is None else z_y.to(stats.loss.dtype)
+            stats = stats._replace(label_logit=_all_reduce(z_y, self.shard))
         if row_weight is None or not need.any:
             return stats, Grads()
-        return stats, self.divergence_backward(s, t, spec, stats, row_weight, need)
+        return stats, self.divergence_backward(s, t, spec, stats, row_weight, need, labels)
 
     def _divergence_stats(self, s: Side, t: Side, spec: DivergenceSpec) -> DivergenceStats:
         shard, inner = self.shard, self.inner
@@ -211,15 +216,15 @@ class VocabParallelOps:
                 return _empty_stats(n_rows, s.hidden, dtype)
             return inner.divergence(s, t, local_spec, None, Need())[0]
 
-        if spec.kind == "jsd":
+        if spec.kind in TERMS_MODES:
             local_lse = local(dataclasses.replace(spec, kind="reverse_kl", entry_clip=None))
             fields = [*local_lse[1:3], *lse_lo(local_lse)]
             lse_s_r, lse_t_r, lo_s_r, lo_t_r = _gather(torch.stack(fields).to(dtype), shard).unbind(1)  # [R, N]
             (lse_s, lo_s), (lse_t, lo_t) = merge_lse(lse_s_r, lo_s_r), merge_lse(lse_t_r, lo_t_r)
             terms = torch.zeros((3, n_rows), dtype=dtype, device=s.hidden.device)
             if shard.rows:
-                terms.copy_(inner.jsd_terms(s, t, spec, lse_s, lse_t, lo_s, lo_t))
-            loss, center = jsd_loss(_all_reduce(terms, shard), spec.beta)
+                terms.copy_(inner.divergence_terms(s, t, spec, lse_s, lse_t, lo_s, lo_t))
+            loss, center = terms_loss(_all_reduce(terms, shard), spec.kind, spec.beta)
             entropy = self._entropy(local_lse, lse_s, lo_s, spec)
             return DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t, entropy)
         stats = local(spec)
@@ -249,10 +254,14 @@ class VocabParallelOps:
         log_w = (local_stats.student_lse.to(lse.dtype) - lse) + (local_lo - lo)
         return _all_reduce(_entropy_share(log_w, local_entropy), self.shard)
 
-    def divergence_backward(self, s: Side, t: Side, spec, stats: DivergenceStats, row_weight, need: Need) -> Grads:
-        """This shard's logit gradients from the global statistics; dh summed over the shards."""
+    def divergence_backward(
+        self, s: Side, t: Side, spec, stats: DivergenceStats, row_weight, need: Need, labels=None
+    ) -> Grads:
+        """This shard's logit gradients from the global statistics (with ``labels``, the cross-entropy's one-hot
+        part on the shard that holds each label); dh summed over the shards."""
         if self.shard.rows:
-            grads = self.inner.divergence_backward(s, t, spec, stats, row_weight, need)
+            local = None if labels is None else self._local_ids(labels)
+            grads = self.inner.divergence_backward(s, t, spec, stats, row_weight, need, local)
         else:
             grads = _zero_grads(s, need)
         return self._reduce_hidden(grads)
@@ -294,6 +303,17 @@ class VocabParallelOps:
             grads = self.inner.logits_backward(
                 side, local_ids, lse, row_weight, temperature, need, filter_eps, lse_lo=lse_lo
             )
+        else:
+            grads = _zero_grads(side, need)
+        return self._reduce_hidden(grads)
+
+    def entropy_backward(
+        self, side: Side, lse, lse_lo, entropy, row_weight, temperature, need: Need, filter_eps=None
+    ) -> Grads:
+        """∂H/∂z_v = −p_v (log p_v + H) on this shard's columns from the global (lse, lse_lo, H); dh summed over
+        the shards."""
+        if self.shard.rows:
+            grads = self.inner.entropy_backward(side, lse, lse_lo, entropy, row_weight, temperature, need, filter_eps)
         else:
             grads = _zero_grads(side, need)
         return self._reduce_hidden(grads)

@@ -37,6 +37,10 @@ def linear_divergence(
     plan: str = "chunked",
     teacher_temperature: float | None = None,
     return_entropy: bool = False,
+    skew: float = check.DEFAULT_SKEW,
+    labels: torch.Tensor | None = None,
+    hard_label_weight: float = 0.0,
+    entropy_grad: bool = False,
 ) -> torch.Tensor | LossWithEntropy:
     r"""Divergence between the student's and the teacher's next-token distributions, per token then reduced.
 
@@ -46,7 +50,12 @@ def linear_divergence(
     * ``"reverse_kl"``: Σ_v p_s (log p_s − log p_t), the usual OPD loss;
     * ``"forward_kl"``: Σ_v p_t (log p_t − log p_s);
     * ``"jsd"``: β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m) with m = β p_t + (1 − β) p_s (TRL's convention:
-      β = 0 is forward KL and β = 1 reverse KL).
+      β = 0 is forward KL and β = 1 reverse KL);
+    * ``"skew_forward_kl"``: KL(p_t ‖ α p_t + (1 − α) p_s) and ``"skew_reverse_kl"``: KL(p_s ‖ α p_s + (1 − α) p_t)
+      with α = ``skew`` (DistiLLM's skew KLs; α = 0 is the plain KL, and both stay finite where the other model
+      puts no mass);
+    * ``"tvd"``: the total variation distance ½ Σ_v |p_s − p_t| (in [0, 1]; its gradient is a subgradient,
+      ½ p_s (sign(p_s − p_t) − Σ_v p_s sign(p_s − p_t)), 0 where the two are equal).
 
     Args:
         student_hidden: ``[..., Hs]`` final hidden states of the student (fp32/bf16/fp16/fp64).
@@ -55,8 +64,9 @@ def linear_divergence(
         teacher_hidden: ``[..., Ht]`` the teacher's final hidden states at the same positions.
         teacher_weight: ``[V, Ht]`` the teacher's lm_head weight or :class:`opd_fast.LMHead`. The teacher never
             receives gradients.
-        divergence: ``"reverse_kl"`` | ``"forward_kl"`` | ``"jsd"``.
-        beta: JSD interpolation in [0, 1] (ignored by the KLs).
+        divergence: ``"reverse_kl"`` | ``"forward_kl"`` | ``"jsd"`` | ``"skew_forward_kl"`` |
+            ``"skew_reverse_kl"`` | ``"tvd"``.
+        beta: JSD interpolation in [0, 1] (ignored by the others).
         mask: bool ``[...]``, True where the token counts (e.g. completion tokens); None = all count.
         temperature: τ > 0 dividing the student's logits, and the teacher's unless ``teacher_temperature``.
         reduction: ``"mean"`` over counted tokens (0 when none count), ``"sum"``, or ``"none"`` (``[...]``,
@@ -85,17 +95,32 @@ def linear_divergence(
             orders it); None (default) = ``temperature``.
         return_entropy: also return the student's per-token entropy −Σ_v p_s log p_s (at τ, nats), from the
             same sweep over the vocabulary (no extra GEMM): a :class:`opd_fast.LossWithEntropy`.
+        skew: the skew KLs' α in [0, 1) (default 0.1, DistiLLM's; ignored by the other divergences).
+        labels: integer ``[...]`` target ids in [0, V), or -100 where a token has none (transformers'
+            convention; such tokens do not count, as if the mask left them out), for ``hard_label_weight``.
+        hard_label_weight: w in [0, 1): the per-token loss becomes w · CE(p_s, labels) + (1 − w) · D (Liger-Kernel's
+            hard/soft mix, NeMo's ``kd_ratio``), with CE = −log p_s(label) at the student's temperature, from the same
+            sweep (no second pass over the vocabulary; the label's logit is one dot per token).
+        entropy_grad: with ``return_entropy``, make the entropy differentiable w.r.t. the student's hidden states,
+            weight and bias (∂H/∂z = −p (log p + H)), for an entropy bonus or penalty in the loss. Its gradient
+            needs the final lse, so a backward that reaches it sweeps the student's logits once more (one student
+            GEMM and the gradient GEMMs); the loss's own gradients are unchanged.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``. Differentiable
         w.r.t. ``student_hidden`` and ``student_weight``; the memory used beyond the inputs and gradients is
         bounded by the chunk budget (:mod:`opd_fast.chunking`), never O(tokens × vocabulary). With
         ``return_entropy``, ``(loss, student_entropy)``: the entropy ``[...]`` in the loss's dtype, 0 at tokens
-        the mask leaves out, detached (a statistic to log, e.g. to catch a collapsing student).
+        the mask leaves out, detached (a statistic to log, e.g. to catch a collapsing student) unless
+        ``entropy_grad``.
     """
-    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip, teacher_temperature)
+    spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, entry_clip, teacher_temperature, skew)
     if check.check_flag("return_entropy", return_entropy):
         spec = dataclasses.replace(spec, entropy=True)
+    if check.check_flag("entropy_grad", entropy_grad):
+        if not spec.entropy:
+            raise ValueError("entropy_grad=True makes the returned entropy differentiable: pass return_entropy=True")
+        spec = dataclasses.replace(spec, entropy_grad=True)
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     if spec.entry_clip is not None:
         if backend not in ("auto", "torch"):
@@ -104,12 +129,24 @@ def linear_divergence(
             )
         backend = "torch"
     where = Placement.make(backend, plan, process_group)
+    hard_label_weight = check.check_hard_label_weight(hard_label_weight)
+    check.check_labels_given(hard_label_weight, labels)
     pair, route = checked_pair(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
-    loss, entropy = autograd.linear_divergence(pair, route, spec, reduction)
+    flat_labels = None
+    if labels is not None:
+        spec = dataclasses.replace(spec, hard_label_weight=hard_label_weight)
+        flat_labels = check.check_labels(labels, pair.lead).reshape(-1).long()
+        check.check_same_device(student_hidden=pair.hs, labels=flat_labels)
+        labelled = flat_labels != check.IGNORE_INDEX
+        pair = pair._replace(mask=labelled if pair.mask is None else pair.mask & labelled)
+    loss, entropy = autograd.linear_divergence(pair, route, spec, reduction, flat_labels)
     loss = loss.view(pair.lead) if reduction == "none" else loss
-    return LossWithEntropy(loss, entropy.view(pair.lead).detach()) if spec.entropy else loss
+    if not spec.entropy:
+        return loss
+    entropy = entropy.view(pair.lead)
+    return LossWithEntropy(loss, entropy if spec.entropy_grad else entropy.detach())
 
 
 def linear_reverse_kl(

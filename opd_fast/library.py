@@ -36,7 +36,7 @@ import torch
 from torch.utils import flop_counter
 
 from opd_fast._rows import counted_rows, scatter_add_rows, scatter_rows, select_rows
-from opd_fast._validation import DivergenceSpec, check_token_range
+from opd_fast._validation import DivergenceSpec, check_label_range, check_token_range
 from opd_fast.backends import get_backend
 from opd_fast.backends.sweep import lse_lo, weight_grad_dtype
 from opd_fast.chunking import get_chunk_budget
@@ -201,6 +201,9 @@ def divergence(
     need: list[bool],
     vocab: int | None = None,
     entropy: bool = False,
+    labels: Tensor | None = None,
+    hard_label_weight: float = 0.0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, statistics, dH, dW, db) of the divergence ``kind`` between student (s) and teacher (t), over the
     first ``vocab`` rows of the student's head (None: all; the teacher's come cut to them).
@@ -210,12 +213,22 @@ def divergence(
     the backward, else empty. dH, dW, db: for "mean"/"sum", the gradients of the loss w.r.t. hs and the ``vocab``
     rows of ws, bs where ``need`` says, else empty (:func:`_forward_grad_layout`); the backward scales them and
     makes the full-size gradients. entropy: with ``entropy``, the student's entropy ``[N]`` from the same sweep (0
-    at rows left out; not differentiable), else empty.
+    at rows left out; not differentiable), else empty. labels: int64 ``[N]`` (global ids in the counted rows) for a
+    loss w · CE(p_s, labels) + (1 − w) · D with w = ``hard_label_weight`` (the statistics keep D alone); their range
+    is checked here, on real values: a compiled graph cannot read them. entropy_grad: the entropy is differentiable
+    (its backward is :func:`entropy_backward`, one more sweep over the student's logits), and the statistics
+    ``[6, N]`` come out for every reduction (its backward needs the rows' lse).
     """
+    if labels is not None:
+        check_label_range(labels, _SHARDS[shard].vocab if shard else ws.shape[0] if vocab is None else vocab)
     ops = _ops(backend, plan, shard, hs.device)
-    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature, entropy)
+    spec = DivergenceSpec(
+        kind, beta, temperature, filter_eps, entry_clip, teacher_temperature, entropy=entropy,
+        hard_label_weight=hard_label_weight,
+    )  # fmt: skip
     rows = counted_rows(mask)
     s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab)
+    row_labels = None if labels is None else select_rows(labels, rows)
     n_rows, count = hs.shape[0], s.hidden.shape[0]
     out_dtype = acc_dtype(hs, ws, ht, wt)
     none = _empty(hs, out_dtype)
@@ -223,25 +236,44 @@ def divergence(
     if reduction == "none":
         stats = hs.new_zeros((STATS_ROWS, n_rows), dtype=out_dtype)
         if count:
-            per_token = ops.divergence(s, t, spec, None, Need())[0]
-            rows_stats = torch.stack((*per_token[:4], *lse_lo(per_token))).to(out_dtype)
-            stats = scatter_rows(rows_stats.T, rows, n_rows).T.contiguous()
-            return stats[0].clone(), stats, none, none.clone(), none.clone(), _entropy(per_token, rows, n_rows)
+            per_token = ops.divergence(s, t, spec, None, Need(), row_labels)[0]
+            stats = _stats_rows(per_token, rows, n_rows, out_dtype)
+            loss = scatter_rows(_with_hard_labels(per_token, spec).to(out_dtype), rows, n_rows)
+            return loss, stats, none, none.clone(), none.clone(), _entropy(per_token, rows, n_rows)
         return stats[0].clone(), stats, none, none.clone(), none.clone(), zero_entropy
     wanted = Need(*need)
     layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
     if not count:
         zeros = (hs.new_zeros(shape, dtype=dtype) for shape, dtype in layout)
-        return hs.new_zeros((), dtype=out_dtype), none, *zeros, zero_entropy
+        stats = hs.new_zeros((STATS_ROWS, n_rows), dtype=out_dtype) if entropy_grad else none
+        return hs.new_zeros((), dtype=out_dtype), stats, *zeros, zero_entropy
     weight = 1.0 / count if reduction == "mean" else 1.0
     row_weight = s.hidden.new_full((count,), weight, dtype=out_dtype) if wanted.any else None
-    stats, grads = ops.divergence(s, t, spec, row_weight, wanted)
+    stats, grads = ops.divergence(s, t, spec, row_weight, wanted, row_labels)
     if grads.hidden is not None:
         grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, n_rows))
-    loss = stats.loss.to(out_dtype).sum() * weight
+    loss = _with_hard_labels(stats, spec).to(out_dtype).sum() * weight
     # .to: a no-op but where a mask leaves one chunk of the rows the layout planned several for (or the reverse)
     outputs = (hs.new_empty(0, dtype=dtype) if g is None else g.to(dtype) for g, (_, dtype) in zip(grads, layout))
-    return loss, none, *outputs, _entropy(stats, rows, n_rows)
+    kept = _stats_rows(stats, rows, n_rows, out_dtype) if entropy_grad else none
+    return loss, kept, *outputs, _entropy(stats, rows, n_rows)
+
+
+def _stats_rows(stats: DivergenceStats, rows: Tensor | None, n_rows: int, dtype: torch.dtype) -> Tensor:
+    """The statistics ``[6, N]`` the backwards read (loss, lse_s, lse_t, center, lse_lo_s, lse_lo_t), of the counted
+    rows put back at their rows (0 elsewhere)."""
+    counted = torch.stack((*stats[:4], *lse_lo(stats))).to(dtype)
+    return scatter_rows(counted.T, rows, n_rows).T.contiguous()
+
+
+def _with_hard_labels(stats: DivergenceStats, spec: DivergenceSpec) -> Tensor:
+    """The per-row loss: D, or (1 − w) D + w CE with CE = −log p_s(y) = (lse_s − z_y) + lse_lo_s when the op took
+    labels (the statistics hold the label's logit)."""
+    if stats.label_logit is None:
+        return stats.loss
+    weight = spec.hard_label_weight
+    cross_entropy = (stats.student_lse - stats.label_logit) + lse_lo(stats)[0]
+    return (1.0 - weight) * stats.loss + weight * cross_entropy
 
 
 def _entropy(stats: DivergenceStats, rows: Tensor | None, n_rows: int) -> Tensor:
@@ -254,7 +286,8 @@ def _entropy(stats: DivergenceStats, rows: Tensor | None, n_rows: int) -> Tensor
 
 @divergence.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, beta, temperature,
-      teacher_temperature, filter_eps, entry_clip, reduction, need, vocab=None, entropy=False):  # fmt: skip
+      teacher_temperature, filter_eps, entry_clip, reduction, need, vocab=None, entropy=False, labels=None,
+      hard_label_weight=0.0, entropy_grad=False):  # fmt: skip
     out_dtype = acc_dtype(hs, ws, ht, wt)
     student_entropy = hs.new_empty(hs.shape[0] if entropy else 0, dtype=out_dtype)
     if reduction == "none":
@@ -262,7 +295,8 @@ def _(hs, ws, bs, ht, wt, bt, mask, backend, plan, shard, head_s, head_t, kind, 
         return stats[0].clone(), stats, *(_empty(hs, out_dtype) for _ in range(3)), student_entropy
     layout = _forward_grad_layout(hs, ws, out_dtype, backend, plan, filter_eps, vocab, need)
     grads = (hs.new_empty(shape, dtype=dtype) for shape, dtype in layout)
-    return hs.new_empty((), dtype=out_dtype), _empty(hs, out_dtype), *grads, student_entropy
+    stats = hs.new_empty((STATS_ROWS, hs.shape[0]), dtype=out_dtype) if entropy_grad else _empty(hs, out_dtype)
+    return hs.new_empty((), dtype=out_dtype), stats, *grads, student_entropy
 
 
 @_custom_op("divergence_backward")
@@ -289,20 +323,25 @@ def divergence_backward(
     entry_clip: float | None,
     need: list[bool],
     vocab: int | None = None,
+    labels: Tensor | None = None,
+    hard_label_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dH, dW, db) of Σ_n grad_out_n D_n, in the inputs' dtypes and shapes (empty where ``need`` is False; zero
-    past the first ``vocab`` rows of the student's head), from the statistics ``[6, N]`` of :func:`divergence`
-    with reduction "none"."""
+    """(dH, dW, db) of Σ_n grad_out_n L_n (L = D, or w · CE + (1 − w) · D with ``labels``), in the inputs' dtypes
+    and shapes (empty where ``need`` is False; zero past the first ``vocab`` rows of the student's head), from the
+    statistics ``[6, N]`` of :func:`divergence` with reduction "none"."""
     wanted = Need(*need)
     rows = counted_rows(mask)
     s, t = _sides(hs, ws, bs, ht, wt, bt, rows, head_s, head_t, vocab)
     if not s.hidden.shape[0]:
         return _grad_outputs(_zero_grads(wanted, hs, ws, bs), hs, ws, bs)
     ops = _ops(backend, plan, shard, hs.device)
-    spec = DivergenceSpec(kind, beta, temperature, filter_eps, entry_clip, teacher_temperature)
+    spec = DivergenceSpec(
+        kind, beta, temperature, filter_eps, entry_clip, teacher_temperature, hard_label_weight=hard_label_weight
+    )
     counted = select_rows(stats.T, rows).T
     row_weight = select_rows(grad_out, rows).contiguous()
-    grads = ops.divergence_backward(s, t, spec, DivergenceStats(*counted), row_weight, wanted)
+    row_labels = None if labels is None else select_rows(labels, rows)
+    grads = ops.divergence_backward(s, t, spec, DivergenceStats(*counted), row_weight, wanted, row_labels)
     if grads.hidden is not None:
         grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, hs.shape[0]))
     return _grad_outputs(grads, hs, ws, bs)
@@ -310,40 +349,64 @@ def divergence_backward(
 
 @divergence_backward.register_fake
 def _(hs, ws, bs, ht, wt, bt, mask, stats, grad_out, backend, plan, shard, head_s, head_t, kind, beta, temperature,
-      teacher_temperature, filter_eps, entry_clip, need, vocab=None):  # fmt: skip
+      teacher_temperature, filter_eps, entry_clip, need, vocab=None, labels=None, hard_label_weight=0.0):  # fmt: skip
     return _fake_grads(need, hs, ws, bs)
 
 
 def _divergence_context(ctx, inputs, output) -> None:
-    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need, vocab, _ = inputs  # _: entropy, an output only
+    hs, ws, bs, ht, wt, bt, mask, *options, reduction, need, vocab, _, labels, hard_label_weight, entropy_grad = inputs
     # options: backend, plan, shard, head_s, head_t, kind, beta, temperature, teacher_temperature, filter_eps,
-    # entry_clip
+    # entry_clip; _: entropy, an output only
     ctx.options, ctx.reduction, ctx.need, ctx.vocab = options, reduction, need, vocab
+    ctx.hard_label_weight, ctx.entropy_grad = hard_label_weight, entropy_grad
     ctx.in_dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
     ctx.in_rows = (hs.shape[0], ws.shape[0], None if bs is None else bs.shape[0])
     # The statistics and gradient outputs are never differentiated: no zero-filled [V, H] "gradient" for dW.
     ctx.set_materialize_grads(False)
     if reduction == "none":
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask, output[1])
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, mask, output[1], labels, output[5])
+    elif entropy_grad:
+        ctx.save_for_backward(*output[2:5], hs, ws, bs, mask, output[1], output[5])  # the forward's dH, dW, db
     else:
         ctx.save_for_backward(*output[2:5])  # dH, dW, db made in the forward
     ctx.spent = False
 
 
-def _divergence_backward(ctx, grad_loss, *unused):
-    not_inputs = [None] * 19  # ht, wt, bt, mask and the plain values
-    if grad_loss is None:  # only outputs other than the loss reached the graph's ends
-        return None, None, None, *not_inputs
-    if ctx.reduction == "none":
-        hs, ws, bs, ht, wt, bt, mask, stats = ctx.saved_tensors
+def _divergence_backward(ctx, grad_loss, grad_stats, grad_dh, grad_dw, grad_db, grad_entropy):
+    not_inputs = [None] * 22  # ht, wt, bt, mask, labels and the plain values
+    grad_entropy = grad_entropy if ctx.entropy_grad else None
+    saved = ctx.saved_tensors  # once: the forward's gradients are then scaled in place
+    grads = None
+    if grad_loss is not None and ctx.reduction == "none":
+        hs, ws, bs, ht, wt, bt, mask, stats, labels, _ = saved
         grad_loss = grad_loss.contiguous()
-        grads = divergence_backward(hs, ws, bs, ht, wt, bt, mask, stats, grad_loss, *ctx.options, ctx.need, ctx.vocab)
-    else:
+        grads = divergence_backward(
+            hs, ws, bs, ht, wt, bt, mask, stats, grad_loss, *ctx.options, ctx.need, ctx.vocab, labels,
+            ctx.hard_label_weight,
+        )  # fmt: skip
+    elif grad_loss is not None:
         if ctx.spent:
             raise RuntimeError(_SECOND_BACKWARD)
         ctx.spent = True
-        grads = _scaled(ctx.saved_tensors, ctx.need, grad_loss, ctx.in_dtypes, ctx.in_rows)
+        grads = _scaled(saved[:3], ctx.need, grad_loss, ctx.in_dtypes, ctx.in_rows)
+    if grad_entropy is not None:
+        if ctx.reduction == "none":
+            hs, ws, bs, _, _, _, mask, stats, _, entropy = saved
+        else:
+            hs, ws, bs, mask, stats, entropy = saved[3:]
+        backend, plan, shard, head_s, _, _, _, temperature, _, filter_eps, _ = ctx.options
+        more = entropy_backward(
+            hs, ws, bs, mask, stats, entropy, grad_entropy.contiguous(), backend, plan, shard, head_s, temperature,
+            filter_eps, ctx.need, ctx.vocab,
+        )  # fmt: skip
+        grads = more if grads is None else tuple(_add(a, b) for a, b in zip(grads, more))
+    if grads is None:  # only outputs other than the loss and a differentiable entropy reached the graph's ends
+        return None, None, None, *not_inputs
     return *_input_grads(grads, ctx.need), *not_inputs
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None or b.numel() == 0 else a + b
 
 
 def _scaled(grads, need: list[bool], scale: Tensor, dtypes, rows) -> tuple:
@@ -382,6 +445,48 @@ def _tracing(t: Tensor) -> bool:
 
 def _input_grads(grads, need: list[bool]) -> tuple:
     return tuple(grad if wanted else None for grad, wanted in zip(grads, need))
+
+
+@_custom_op("entropy_backward")
+def entropy_backward(
+    hs: Tensor,
+    ws: Tensor,
+    bs: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    entropy: Tensor,
+    grad_entropy: Tensor,
+    backend: str,
+    plan: str,
+    shard: str,
+    head_s: list[float],
+    temperature: float,
+    filter_eps: float | None,
+    need: list[bool],
+    vocab: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dH, dW, db) of Σ_n grad_entropy_n H_n, H the student's entropy ``[N]`` of :func:`divergence` (0 at rows
+    left out), from its statistics ``[6, N]`` (the rows' lse and residual); in the inputs' dtypes and shapes, empty
+    where ``need`` is False."""
+    wanted = Need(*need)
+    rows = counted_rows(mask)
+    cut_w, cut_b = (ws, bs) if vocab is None else (ws[:vocab], None if bs is None else bs[:vocab])
+    side = Side(select_rows(hs, rows), cut_w, cut_b, _head(head_s))
+    if not side.hidden.shape[0]:
+        return _grad_outputs(_zero_grads(wanted, hs, ws, bs), hs, ws, bs)
+    ops = _ops(backend, plan, shard, hs.device)
+    lse, lo = select_rows(stats[1], rows), select_rows(stats[4], rows)
+    row_weight = select_rows(grad_entropy, rows).contiguous()
+    grads = ops.entropy_backward(side, lse, lo, select_rows(entropy, rows), row_weight, temperature, wanted, filter_eps)
+    if grads.hidden is not None:
+        grads = grads._replace(hidden=scatter_rows(grads.hidden, rows, hs.shape[0]))
+    return _grad_outputs(grads, hs, ws, bs)
+
+
+@entropy_backward.register_fake
+def _(hs, ws, bs, mask, stats, entropy, grad_entropy, backend, plan, shard, head_s, temperature, filter_eps, need,
+      vocab=None):  # fmt: skip
+    return _fake_grads(need, hs, ws, bs)
 
 
 divergence.register_autograd(_divergence_backward, setup_context=_divergence_context)

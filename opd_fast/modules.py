@@ -18,6 +18,8 @@ class OPDLoss(torch.nn.Module):
 
         loss_fn = OPDLoss(divergence="reverse_kl", temperature=1.0)
         loss = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask)
+
+    With ``hard_label_weight`` w > 0, ``forward`` takes ``labels`` too and the loss is w · CE + (1 − w) · D.
     """
 
     def __init__(
@@ -30,10 +32,14 @@ class OPDLoss(torch.nn.Module):
         filter_eps: float | None = None,
         plan: str = "chunked",
         teacher_temperature: float | None = None,
+        skew: float = check.DEFAULT_SKEW,
+        hard_label_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, None, teacher_temperature)
+        spec = check.DivergenceSpec.make(divergence, beta, temperature, filter_eps, None, teacher_temperature, skew)
         self.divergence, self.beta, self.temperature = divergence, float(beta), float(temperature)
+        self.skew = float(skew)
+        self.hard_label_weight = check.check_hard_label_weight(hard_label_weight)
         self.teacher_temperature = None if teacher_temperature is None else spec.teacher_temperature
         self.filter_eps = filter_eps
         self.plan = check_plan(plan)
@@ -47,7 +53,10 @@ class OPDLoss(torch.nn.Module):
         teacher_hidden: torch.Tensor,
         teacher_weight: torch.Tensor | LMHead,
         mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        check.check_labels_given(self.hard_label_weight, labels)
+        hard = dict(labels=labels, hard_label_weight=self.hard_label_weight) if labels is not None else {}
         return linear_divergence(
             student_hidden,
             student_weight,
@@ -62,10 +71,14 @@ class OPDLoss(torch.nn.Module):
             filter_eps=self.filter_eps,
             plan=self.plan,
             teacher_temperature=self.teacher_temperature,
+            skew=self.skew,
+            **hard,
         )
 
     def extra_repr(self) -> str:
         beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
+        beta += f", skew={self.skew}" if self.divergence.startswith("skew") else ""
+        beta += f", hard_label_weight={self.hard_label_weight}" if self.hard_label_weight else ""
         teacher = "" if self.teacher_temperature is None else f", teacher_temperature={self.teacher_temperature}"
         return (
             f"divergence={self.divergence!r}{beta}, temperature={self.temperature}{teacher}, "

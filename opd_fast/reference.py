@@ -19,7 +19,7 @@ import torch
 from opd_fast.heads import LMHead
 from opd_fast.types import TopKOverlap
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 def _log_softmax(hidden: torch.Tensor, weight: torch.Tensor | LMHead, temperature: float) -> torch.Tensor:
@@ -70,16 +70,24 @@ def materialized_divergence(
     temperature: float = 1.0,
     reduction: str = "mean",
     teacher_temperature: float | None = None,
+    skew: float = 0.1,
+    labels: torch.Tensor | None = None,
+    hard_label_weight: float = 0.0,
 ) -> torch.Tensor:
     """The divergence of docs/design.md §2 from materialized logits; hidden states ``[..., H]``, weights ``[V, H]``.
 
-    JSD(β) with β = 0 is forward KL and with β = 1 reverse KL (TRL's and Liger-Kernel's convention). The teacher's
-    logits are divided by ``teacher_temperature`` (``temperature`` when None).
+    JSD(β) with β = 0 is forward KL and with β = 1 reverse KL (TRL's and Liger-Kernel's convention). The skew KLs
+    (DistiLLM's) are KL(p_t ‖ α p_t + (1 − α) p_s) (``skew_forward_kl``) and KL(p_s ‖ α p_s + (1 − α) p_t)
+    (``skew_reverse_kl``), α = ``skew``; ``tvd`` is ½ Σ |p_s − p_t|. The teacher's logits are divided by
+    ``teacher_temperature`` (``temperature`` when None). With ``labels`` (ids ``[...]``, −100 = none, such tokens
+    not counted), the per-token loss is w · CE + (1 − w) · D, CE = −log p_s(label), w = ``hard_label_weight``.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if divergence == "jsd" and not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if divergence.startswith("skew") and not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1), got {skew!r}")
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     lps = _log_softmax(student_hidden, student_weight, temperature)
@@ -89,10 +97,28 @@ def materialized_divergence(
         per_token = _kl(lps, lpt)
     elif divergence == "forward_kl":
         per_token = _kl(lpt, lps)
-    else:  # the mixture m = β p_t + (1 − β) p_s, in log space
-        log_m = torch.logsumexp(torch.stack([lpt + math.log(beta), lps + math.log(1 - beta)]), dim=0)
+    elif divergence == "tvd":
+        per_token = 0.5 * (lps.exp() - lpt.exp()).abs().sum(dim=-1)
+    elif divergence == "skew_forward_kl":
+        per_token = _kl(lpt, _log_mix(lpt, lps, skew))
+    elif divergence == "skew_reverse_kl":
+        per_token = _kl(lps, _log_mix(lps, lpt, skew))
+    else:
+        log_m = _log_mix(lpt, lps, beta)
         per_token = beta * _kl(lpt, log_m) + (1 - beta) * _kl(lps, log_m)
+    if labels is not None:
+        labelled = labels != -100
+        cross_entropy = -lps.gather(-1, torch.where(labelled, labels, 0).unsqueeze(-1)).squeeze(-1)
+        per_token = hard_label_weight * cross_entropy + (1 - hard_label_weight) * per_token
+        mask = labelled if mask is None else mask & labelled
     return _reduce(per_token, mask, reduction)
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(w p + (1 − w) q), in log space (a weight of 0 or 1 drops its term)."""
+    parts = [log_p + math.log(weight)] if weight > 0 else []
+    parts += [log_q + math.log(1 - weight)] if weight < 1 else []
+    return torch.logsumexp(torch.stack(parts), dim=0)
 
 
 def materialized_token_logprobs(

@@ -39,7 +39,7 @@ class LossWithEntropy(NamedTuple):
 
 class DivergenceStats(NamedTuple):
     """Per-token results of a divergence forward, all fp32 ``[N]``; O(N) is all the backward needs (the first six:
-    ``student_entropy`` is an output only).
+    ``student_entropy`` and ``label_logit`` are outputs only).
 
     ``center`` is Σ_v p_s,v g_v where g = ∂D/∂p_s, so that ∂D/∂z_s = p_s ⊙ (g − center): D itself for
     reverse KL, (1 − β)·KL(p_s ‖ m) for JSD, and unused (zero) for forward KL, whose logit gradient is
@@ -60,6 +60,9 @@ class DivergenceStats(NamedTuple):
     teacher_lse_lo: torch.Tensor | None = None
     # The student's entropy −Σ_v p_s log p_s per row, when the spec asked for it (DivergenceSpec.entropy), else None.
     student_entropy: torch.Tensor | None = None
+    # The student's final logit at each row's hard label (0 where another vocabulary shard holds it), when the op
+    # was given labels (DivergenceSpec.hard_label_weight), else None.
+    label_logit: torch.Tensor | None = None
 
 
 class HeadTransform(NamedTuple):

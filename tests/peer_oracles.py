@@ -111,6 +111,61 @@ def liger_triton_jsd(hs, ws, ht, wt, *, divergence, beta, mask, temperature, red
     return liger_fused_linear_jsd(hs, ws, ht, wt, _labels(mask), peer_beta(divergence, beta), IGNORE_INDEX, temperature)
 
 
+def liger_chunked_hard_soft(hs, ws, ht, wt, *, labels, divergence, beta, weight_hard, weight_soft):
+    """Liger-Kernel's ``LigerFusedLinearJSDLoss`` with both of its terms: ``weight_hard`` × the cross-entropy on
+    ``labels`` (−100 skipped) of the raw logits (τ = 1: Liger divides only the distillation logits by its
+    temperature, so the two conventions meet at τ = 1) + ``weight_soft`` × the JSD, each a mean over the labelled
+    tokens."""
+    loss = LigerFusedLinearJSDLoss(
+        weight_hard_loss=weight_hard,
+        weight_soft_loss=weight_soft,
+        beta=peer_beta(divergence, beta),
+        temperature=1.0,
+        compiled=False,
+    )
+    return loss(hs, ws, ht, wt, labels)
+
+
+def trl_hard_soft(hs, ws, ht, wt, *, labels, divergence, beta, weight_hard, weight_soft):
+    """The same mix from TRL's ``generalized_jsd_loss`` (batchmean over the labelled tokens) and torch's
+    cross-entropy on materialized logits: the float64 reference of the comparison with Liger's."""
+    labelled = labels != IGNORE_INDEX
+    soft = trl_generalized_jsd(
+        hs, ws, ht, wt, divergence=divergence, beta=beta, mask=labelled, temperature=1.0, reduction="mean"
+    )
+    hard = torch.nn.functional.cross_entropy(_logits(hs, ws), labels, ignore_index=IGNORE_INDEX)
+    return weight_hard * hard + weight_soft * soft
+
+
+def liger_triton_ce_tvd(hs, ws, ht, wt, *, labels, temperature, hard_label_weight):
+    """Liger-Kernel's Triton ``LigerFusedCETVDLoss``, per token (cross-entropy on ``labels``, ½ Σ |p_s − p_t|) from
+    logits, 0 at −100, mixed as w · CE + (1 − w) · TVD and averaged over the labelled tokens. It takes no
+    temperature, so both models' logits are divided by τ first (autograd carries the 1/τ). On CPU tensors it needs
+    Triton's interpreter. (Its plain ``LigerTVDLoss`` on probabilities does not run in the interpreter: its kernel
+    calls ``.to`` on a Python float.)"""
+    from liger_kernel.transformers.fused_ce_tvd import LigerFusedCETVDLoss
+
+    student_logits = _logits(hs, ws).float() / temperature
+    with torch.no_grad():
+        teacher_logits = _logits(ht, wt).float() / temperature
+    cross_entropy, tvd = LigerFusedCETVDLoss()(student_logits, teacher_logits, labels)
+    per_token = hard_label_weight * cross_entropy + (1 - hard_label_weight) * tvd
+    return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def ce_tvd_reference(hs, ws, ht, wt, *, labels, temperature, hard_label_weight):
+    """The same from torch's softmax and cross-entropy of materialized logits."""
+    logits = _logits(hs, ws) / temperature
+    p = torch.softmax(logits, dim=-1)
+    with torch.no_grad():
+        q = torch.softmax(_logits(ht, wt) / temperature, dim=-1)
+    labelled = labels != IGNORE_INDEX
+    tvd = 0.5 * (p - q).abs().sum(dim=-1)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    per_token = torch.where(labelled, hard_label_weight * cross_entropy + (1 - hard_label_weight) * tvd, 0.0)
+    return per_token.sum() / labelled.sum().clamp_min(1)
+
+
 DIVERGENCE_PEERS = {
     "trl_generalized_jsd": trl_generalized_jsd,
     "trl_chunked": trl_chunked_divergence,

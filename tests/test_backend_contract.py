@@ -51,6 +51,9 @@ DIVERGENCES = [
     pytest.param("reverse_kl", 0.5, id="reverse_kl"),
     pytest.param("forward_kl", 0.5, id="forward_kl"),
     pytest.param("jsd", 0.3, id="jsd"),
+    pytest.param("skew_forward_kl", 0.5, id="skew_forward_kl"),  # skew α = 0.1: the mixture's β = 0.1
+    pytest.param("skew_reverse_kl", 0.5, id="skew_reverse_kl"),  # β = 0.9, the other branch of terms_parts' q
+    pytest.param("tvd", 0.5, id="tvd"),
 ]
 WHOLE_ROWS = 1 << 22  # the CPU's default chunk budget: small inputs fit in one chunk of whole rows
 
@@ -241,6 +244,63 @@ def test_return_entropy_gives_the_students_entropy_and_changes_nothing_else(back
         x_hs, x_ws = _exact(hs, ws)
         ref = torch.where(mask, materialized_entropy(x_hs, LMHead(x_ws, scale=0.8, softcap=4.0), temperature=1.3), 0.0)
         assert rel_err(both.student_entropy, ref) < tol
+
+
+@pytest.mark.parametrize(("plan", "budget"), [("chunked", WHOLE_ROWS), ("chunked", 400), ("streaming", 400)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_entropy_grad_differentiates_the_students_entropy(backend, reduction, plan, budget):
+    """return_entropy=True, entropy_grad=True: gradients flow from the entropy (weighted per token, as an entropy
+    bonus would) and from the loss together, through a biased softcapped head, in whole rows and over vocabulary
+    tiles, against the float64 reference; the entropy alone too (the loss unused)."""
+    dtype, tol = next(iter(backend.exact.items()))
+    hs, ws, ht, wt = backend.inputs((2, 9), 16, 24, 131, dtype, scale=6.0)
+    bias = (torch.randn(131, dtype=torch.float64) * 0.5).to(device=backend.device, dtype=dtype).requires_grad_()
+    x_hs, x_ws, x_bias, x_ht, x_wt = _exact(hs, ws, bias, ht, wt)
+    student, x_student = LMHead(ws, bias, scale=0.8, softcap=4.0), LMHead(x_ws, x_bias, scale=0.8, softcap=4.0)
+    mask = _mask((2, 9), backend.device)
+    weights = torch.randn(2, 9, dtype=torch.float64).to(backend.device)
+    kw = dict(divergence="jsd", beta=0.3, mask=mask, temperature=1.3, reduction=reduction)
+
+    def reference(with_loss: bool):
+        entropy = torch.where(mask, materialized_entropy(x_hs, x_student, temperature=1.3), 0.0)
+        total = (entropy * weights).sum()
+        return total + materialized_divergence(x_hs, x_student, x_ht, x_wt, **kw).sum() if with_loss else total
+
+    for with_loss in (True, False):
+        with chunk_budget(budget):
+            out = linear_divergence(
+                hs, student, ht, wt, backend=backend.name, plan=plan, return_entropy=True, entropy_grad=True, **kw
+            )
+            total = (out.student_entropy * weights.to(out.loss.dtype)).sum()
+            total = total + out.loss.sum() if with_loss else total
+            ours = grads(total, (hs, ws, bias))
+        for a, b in zip(ours, grads(reference(with_loss), (x_hs, x_ws, x_bias))):
+            assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize(("plan", "budget"), [("chunked", WHOLE_ROWS), ("chunked", 400), ("streaming", 400)])
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_hard_labels_mix_the_cross_entropy_into_the_sweep(backend, divergence, beta, plan, budget):
+    """hard_label_weight = w with labels (−100 = none: the token does not count): w · CE + (1 − w) · D per token and
+    its gradients w.r.t. hidden states, weight and bias, through a biased softcapped head at τ ≠ τ_t, in whole rows
+    and over vocabulary tiles, per token and reduced, against the float64 reference."""
+    dtype, tol = next(iter(backend.exact.items()))
+    hs, ws, ht, wt = backend.inputs((2, 9), 16, 24, 131, dtype)
+    bias = (torch.randn(131, dtype=torch.float64) * 0.5).to(device=backend.device, dtype=dtype).requires_grad_()
+    x_hs, x_ws, x_bias, x_ht, x_wt = _exact(hs, ws, bias, ht, wt)
+    student, x_student = LMHead(ws, bias, scale=0.8, softcap=4.0), LMHead(x_ws, x_bias, scale=0.8, softcap=4.0)
+    labels = torch.randint(0, 131, (2, 9), device=backend.device)
+    labels[0, :3] = -100
+    mask = _mask((2, 9), backend.device)
+    kw = dict(divergence=divergence, beta=beta, mask=mask, temperature=1.3, teacher_temperature=0.7)
+    kw.update(labels=labels, hard_label_weight=0.3)
+    for reduction in ("none", "mean"):
+        with chunk_budget(budget):
+            ours = linear_divergence(hs, student, ht, wt, backend=backend.name, plan=plan, reduction=reduction, **kw)
+        ref = materialized_divergence(x_hs, x_student, x_ht, x_wt, reduction=reduction, **kw)
+        _check(ours, ref, (hs, ws, bias), (x_hs, x_ws, x_bias), tol)
+        if reduction == "none":
+            assert not ours[0, :3].any()  # the unlabelled tokens count for nothing
 
 
 @pytest.mark.parametrize("plan", PLANS)

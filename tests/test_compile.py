@@ -53,7 +53,7 @@ class StudentLosses(torch.nn.Module):
         )
         jsd_per_token = opd_fast.linear_divergence(
             hidden, weight, teacher_hidden, teacher_weight, divergence="jsd", beta=0.3, mask=mask, reduction="none",
-            backend=backend,
+            backend=backend, labels=input_ids, hard_label_weight=0.2,
         )  # fmt: skip
         logprobs = opd_fast.linear_token_logprobs(hidden, weight, input_ids, temperature=0.8, backend=backend)
         topk = opd_fast.linear_topk_divergence(
@@ -144,6 +144,7 @@ def _op_cases(backend: str, device):
     lse = torch.randn(n, device=device)
     grad_out = torch.rand(n, device=device)
     stats = torch.randn(4, n, device=device)
+    stats6, entropy = torch.randn(6, n, device=device), torch.rand(n, device=device)  # entropy_backward's
     # The backward ops run inside a backward (no double backward) and top-k under no_grad: detached inputs.
     hs_, ws_, bs_ = hs.detach(), ws.detach(), bs.detach()
     few_ids = torch.randint(-1, vocab, (n, 3), device=device)
@@ -157,10 +158,17 @@ def _op_cases(backend: str, device):
         (library.divergence, divergence("reverse_kl", 0.5, "mean")),
         (library.divergence, divergence("jsd", 0.3, "sum", with_mask=False, b=None)),
         (library.divergence, divergence("forward_kl", 0.5, "none")),
+        (library.divergence, (*divergence("tvd", 0.5, "mean"), None, False, ids, 0.3)),  # hard labels
+        (library.divergence, (*divergence("skew_reverse_kl", 0.9, "none"), None, True, ids, 0.3)),
+        (
+            library.divergence_backward,
+            (hs_, ws_, bs_, ht, wt, None, mask, stats, grad_out, *route, head_s, head_t, *jsd, need, None, ids, 0.3),
+        ),
         (
             library.divergence_backward,
             (hs_, ws_, bs_, ht, wt, None, mask, stats, grad_out, *route, head_s, head_t, *jsd, need),
         ),
+        (library.entropy_backward, (hs_, ws_, bs_, mask, stats6, entropy, grad_out, *route, head_s, 0.9, None, need)),
         (library.token_logprobs, (hs, ws, bs, ids, *route, head_s, 0.7, None)),
         (library.logsumexp, (hs, ws, None, *route, head_t, 1.1, None)),
         (library.logits_backward, (hs_, ws_, bs_, ids, lse, grad_out, *route, head_s, 0.7, None, need)),

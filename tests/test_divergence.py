@@ -10,7 +10,16 @@ from opd_fast import OPDLoss, chunk_budget, linear_divergence, linear_reverse_kl
 from opd_fast.backends import torch_backend
 from opd_fast.reference import materialized_divergence
 
-DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
+DIVERGENCES = [
+    ("reverse_kl", 0.5),
+    ("forward_kl", 0.5),
+    ("jsd", 0.5),
+    ("jsd", 0.1),
+    ("jsd", 0.9),
+    ("skew_forward_kl", 0.5),
+    ("skew_reverse_kl", 0.5),
+    ("tvd", 0.5),
+]
 # Budgets: one that fits whole vocabulary rows (single-tile path) and one that forces vocabulary tiling.
 BUDGETS = [pytest.param(1 << 22, id="rows"), pytest.param(48, id="tiled")]
 
@@ -93,7 +102,7 @@ def test_masked_tokens_get_no_gradient():
 
 def test_identical_models_have_zero_divergence():
     hs, ws, _, _ = make_pair(lead=(5,), hs_dim=8, ht_dim=8)
-    for divergence in ("reverse_kl", "forward_kl", "jsd"):
+    for divergence in ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
         loss = linear_divergence(hs, ws, hs.detach(), ws.detach(), divergence=divergence, backend="torch")
         assert abs(loss.item()) < 1e-12
         dh, dw = grads(loss, (hs, ws))
@@ -107,6 +116,37 @@ def test_jsd_endpoints_are_forward_and_reverse_kl():
     rkl = linear_divergence(hs, ws, ht, wt, divergence="reverse_kl", **kw)
     assert torch.equal(linear_divergence(hs, ws, ht, wt, divergence="jsd", beta=0.0, **kw), fkl)
     assert torch.equal(linear_divergence(hs, ws, ht, wt, divergence="jsd", beta=1.0, **kw), rkl)
+
+
+def test_skew_kl_endpoints_and_definition():
+    """skew = 0 is the plain KL of each direction (resolved to it: bitwise); at 0 < α < 1 the values are DistiLLM's
+    KL(p ‖ α p + (1 − α) q) straight from the softmaxes, with the teacher as p (forward) or the student (reverse)."""
+    hs, ws, ht, wt = make_pair(lead=(6,))
+    kw = dict(reduction="none", backend="torch")
+    fkl = linear_divergence(hs, ws, ht, wt, divergence="forward_kl", **kw)
+    rkl = linear_divergence(hs, ws, ht, wt, divergence="reverse_kl", **kw)
+    assert torch.equal(linear_divergence(hs, ws, ht, wt, divergence="skew_forward_kl", skew=0.0, **kw), fkl)
+    assert torch.equal(linear_divergence(hs, ws, ht, wt, divergence="skew_reverse_kl", skew=0.0, **kw), rkl)
+    p_s, p_t = torch.softmax(hs @ ws.T, dim=-1), torch.softmax(ht @ wt.T, dim=-1)
+    for alpha in (0.1, 0.5, 0.95):
+        forward = (p_t * (p_t / (alpha * p_t + (1 - alpha) * p_s)).log()).sum(-1)
+        reverse = (p_s * (p_s / (alpha * p_s + (1 - alpha) * p_t)).log()).sum(-1)
+        ours_forward = linear_divergence(hs, ws, ht, wt, divergence="skew_forward_kl", skew=alpha, **kw)
+        ours_reverse = linear_divergence(hs, ws, ht, wt, divergence="skew_reverse_kl", skew=alpha, **kw)
+        assert rel_err(ours_forward, forward) < 1e-12 and rel_err(ours_reverse, reverse) < 1e-12
+
+
+def test_skew_kls_stay_finite_where_the_other_model_has_no_mass():
+    """Where the teacher puts (numerically) no mass on the student's tokens, the reverse KL is huge while the skew
+    reverse KL is bounded by log(1 / α), and TVD by 1, with finite gradients."""
+    hs, ws, ht, wt = make_pair(lead=(4,), vocab=31)
+    with torch.no_grad():
+        wt.mul_(60.0)  # a teacher peaked far from the student
+    kw = dict(reduction="none", backend="torch")
+    for divergence, bound in (("skew_reverse_kl", -torch.log(torch.tensor(0.1))), ("tvd", 1.0)):
+        loss = linear_divergence(hs, ws, ht, wt, divergence=divergence, **kw)
+        assert bool((loss <= bound + 1e-12).all()) and bool(torch.isfinite(loss).all())
+        assert all(torch.isfinite(g).all() for g in grads(loss, (hs, ws), torch.ones_like(loss)))
 
 
 def test_non_contiguous_inputs():
@@ -136,7 +176,7 @@ def test_only_needed_gradients_are_computed(monkeypatch):
         original = getattr(torch_backend.TorchOps, name)
 
         def spy(self, s, t, spec, *rest, _name=name, _original=original):
-            row_weight, need = rest[-2:]
+            row_weight, need, _labels = rest[-3:]
             calls.append((_name, row_weight is not None, tuple(need)))
             return _original(self, s, t, spec, *rest)
 

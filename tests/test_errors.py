@@ -65,7 +65,30 @@ DIVERGENCE_CASES = [
     (dict(temperature=math.nan), ValueError, r"temperature must be a finite number > 0"),
     (dict(temperature=math.inf), ValueError, r"temperature must be a finite number > 0"),
     (dict(temperature="1"), TypeError, r"temperature must be a number"),
-    (dict(divergence="kl"), ValueError, r"divergence must be one of 'reverse_kl', 'forward_kl', 'jsd', got 'kl'"),
+    (
+        dict(divergence="kl"),
+        ValueError,
+        r"divergence must be one of 'reverse_kl', 'forward_kl', 'jsd', 'skew_forward_kl', 'skew_reverse_kl', 'tvd', "
+        r"got 'kl'",
+    ),
+    (dict(divergence="skew_reverse_kl", skew=1.0), ValueError, r"skew must be in \[0, 1\).*identically 0"),
+    (dict(skew=-0.1), ValueError, r"skew must be in \[0, 1\)"),
+    (dict(entropy_grad=True), ValueError, r"entropy_grad=True makes the returned entropy .* return_entropy=True"),
+    (dict(skew="0.1"), TypeError, r"skew must be a number"),
+    (dict(hard_label_weight=0.3), ValueError, r"hard_label_weight > 0 .* labels=: pass the target token ids"),
+    (dict(labels=torch.zeros(2, 3, dtype=torch.long)), ValueError, r"labels= .* pass hard_label_weight > 0"),
+    (
+        dict(labels=torch.zeros(2, 3, dtype=torch.long), hard_label_weight=1.0),
+        ValueError,
+        r"hard_label_weight must be in \[0, 1\).*linear_token_logprobs",
+    ),
+    (dict(labels=torch.zeros(2, 3), hard_label_weight=0.5), TypeError, r"labels must be an integer tensor"),
+    (dict(labels=torch.zeros(3, 2, dtype=torch.long), hard_label_weight=0.5), ValueError, r"labels must have the"),
+    (
+        dict(labels=torch.full((2, 3), 50), hard_label_weight=0.5),
+        ValueError,
+        r"labels must lie in \[0, 50\) .* or be -100.*\[50, 50\]",
+    ),
     (dict(divergence="jsd", beta=1.5), ValueError, r"beta must be in \[0, 1\]"),
     (dict(beta=-0.1), ValueError, r"beta must be in \[0, 1\]"),
     (dict(reduction="avg"), ValueError, r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
@@ -151,7 +174,9 @@ def test_topk_checks_pair_inputs(pair):
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        (dict(divergence="tvd"), "divergence must be one of"),
+        (dict(divergence="tv"), "divergence must be one of"),
+        (dict(skew=1.0), r"skew must be in \[0, 1\)"),
+        (dict(hard_label_weight=1.0), r"hard_label_weight must be in \[0, 1\)"),
         (dict(beta=2.0), r"beta must be in \[0, 1\]"),
         (dict(temperature=0.0), "temperature must be"),
         (dict(reduction="mean_tokens"), "reduction must be one of"),
@@ -468,9 +493,8 @@ def test_bad_beta(function, value):
 
 @pytest.mark.parametrize(("function", "value"), _options("divergence", ["kl", None, "JSD"]))
 def test_unknown_divergence(function, value):
-    with pytest.raises(
-        ValueError, match=rf"divergence must be one of 'reverse_kl', 'forward_kl', 'jsd', got {value!r}"
-    ):
+    names = "'reverse_kl', 'forward_kl', 'jsd', 'skew_forward_kl', 'skew_reverse_kl', 'tvd'"
+    with pytest.raises(ValueError, match=rf"divergence must be one of {names}, got {value!r}"):
         _call(function, divergence=value)
 
 

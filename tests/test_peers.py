@@ -441,6 +441,82 @@ def test_error_independent_of_vocabulary_tiles(divergence, beta):
         check_against_peer(ours, trl, f"{divergence}: {tiles} vs TRL's materialized fp32")
 
 
+# ---- hard labels and TVD (issue 33) ----------------------------------------------------------------------------
+
+# Liger's (weight_hard_loss, weight_soft_loss): its default, and an unnormalized pair (opd_fast's w = 1/6, times 1.2)
+HARD_SOFT_WEIGHTS = [(0.5, 0.5), (0.2, 1.0)]
+
+
+def _hard_soft_errors(who: str, case: Case, divergence: str, beta: float, weights: tuple[float, float]):
+    """(value, d hidden, d weight) errors of a hard/soft mix at τ = 1 (Liger's convention for its hard term) with
+    labels on the masked-in tokens, against TRL's JSD and torch's cross-entropy in float64."""
+    x = draw(case)
+    labels = torch.where(x.mask, x.token_ids, peers.IGNORE_INDEX)
+    weight_hard, weight_soft = weights
+    kw = dict(labels=labels, divergence=divergence, beta=beta, weight_hard=weight_hard, weight_soft=weight_soft)
+    if who in ("torch", "triton"):
+
+        def loss(hs, ws, ht, wt):
+            mixed = linear_divergence(
+                hs.view(*x.lead, -1),
+                ws,
+                ht.view(*x.lead, -1),
+                wt,
+                divergence=divergence,
+                beta=beta,
+                labels=labels.view(x.lead),
+                hard_label_weight=weight_hard / (weight_hard + weight_soft),
+                backend=who,
+            )
+            return (weight_hard + weight_soft) * mixed
+
+    else:
+        loss = functools.partial(peers.liger_chunked_hard_soft, **kw)
+    reference = evaluate(functools.partial(peers.trl_hard_soft, **kw), x, torch.float64)
+    return evaluate(loss, x, torch.float32).errors(reference)
+
+
+@pytest.mark.parametrize("weights", HARD_SOFT_WEIGHTS, ids=["0.5-0.5", "0.2-1.0"])
+@pytest.mark.parametrize(("divergence", "beta"), [("jsd", 0.5), ("reverse_kl", 0.5)], ids=["jsd0.5", "reverse_kl"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_label_mix_within_twice_liger_error(backend, divergence, beta, weights):
+    """hard_label_weight with labels against Liger-Kernel's chunked loss with both of its terms (its hard/soft mix):
+    the same loss once the weights are mapped (w = hard / (hard + soft), times hard + soft), within 2× Liger's own
+    fp32 error against a float64 reference built from TRL's JSD and torch's cross-entropy."""
+    cases = [dataclasses.replace(c, temperature=1.0) for c in CASES[backend]]
+    ours = median_errors([_hard_soft_errors(backend, c, divergence, beta, weights) for c in cases])
+    theirs = median_errors([_hard_soft_errors("liger_chunked", c, divergence, beta, weights) for c in cases])
+    check_against_peer(ours, theirs, f"{divergence} + hard labels {weights} on {backend} vs liger_chunked")
+
+
+def _ce_tvd_errors(who: str, case: Case, hard_label_weight: float):
+    x = draw(case)
+    labels = torch.where(x.mask, x.token_ids, peers.IGNORE_INDEX)
+    kw = dict(labels=labels, temperature=case.temperature, hard_label_weight=hard_label_weight)
+    if who in ("torch", "triton"):
+
+        def loss(hs, ws, ht, wt):
+            mix = dict(labels=labels.view(x.lead), hard_label_weight=hard_label_weight) if hard_label_weight else {}
+            kw = dict(divergence="tvd", mask=x.mask.view(x.lead), temperature=case.temperature, backend=who, **mix)
+            return linear_divergence(hs.view(*x.lead, -1), ws, ht.view(*x.lead, -1), wt, **kw)
+
+    else:
+        loss = functools.partial(peers.liger_triton_ce_tvd, **kw)
+    reference = evaluate(functools.partial(peers.ce_tvd_reference, **kw), x, torch.float64)
+    return evaluate(loss, x, torch.float32).errors(reference)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("hard_label_weight", [0.0, 0.3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tvd_within_twice_liger_error(backend, hard_label_weight):
+    """divergence="tvd" (½ Σ |p_s − p_t|), alone and mixed with hard labels, against Liger-Kernel's
+    LigerFusedCETVDLoss (per-token cross-entropy and TVD from logits) mixed and averaged the same way."""
+    ours = median_errors([_ce_tvd_errors(backend, c, hard_label_weight) for c in TRITON_CASES])
+    theirs = median_errors([_ce_tvd_errors("liger_triton", c, hard_label_weight) for c in TRITON_CASES])
+    check_against_peer(ours, theirs, f"tvd (hard labels {hard_label_weight}) on {backend} vs LigerFusedCETVDLoss")
+
+
 # ---- bf16 ----------------------------------------------------------------------------------------------------
 
 BF16_PEERS = [("trl_generalized_jsd", "none"), ("liger_chunked", "mean"), ("trl_chunked", "none")]

@@ -165,7 +165,7 @@ def test_streaming_costs_the_recomputed_logits_and_peers_are_modeled():
     for method in perf_model.METHODS:
         p = predict(method, HEADLINE, "h100")
         assert p.ms > p.floor_ms > 0 and p.peak_extra_bytes > 0 and p.as_dict()["kernels"]
-    with pytest.raises(ValueError, match="not JSD"):
+    with pytest.raises(ValueError, match="not jsd"):
         predict("liger_chunked", Workload(8, 4, 4, 16, divergence="jsd"), "h200")
 
 

@@ -49,12 +49,14 @@ def test_forward_backward_costs_exactly_the_floor(sweep_backend, divergence, bet
 
     def step(**options):
         loss = linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, backend=sweep_backend, **options)
-        (loss.loss if options else loss).backward()
+        (loss.loss if isinstance(loss, tuple) else loss).backward()
 
+    labels = torch.randint(0, vocab, (n,), device=DEVICE)
     with chunk_budget(16 * vocab), dw_gemm(mode):
         flops = _gemm_flops(step)
         with_entropy = _gemm_flops(lambda: step(return_entropy=True))  # the entropy comes from the same sweep
-    assert flops == with_entropy == 2 * n * vocab * (hs_dim + ht_dim) + 4 * n * vocab * hs_dim
+        with_labels = _gemm_flops(lambda: step(labels=labels, hard_label_weight=0.3))  # so does the cross-entropy
+    assert flops == with_entropy == with_labels == 2 * n * vocab * (hs_dim + ht_dim) + 4 * n * vocab * hs_dim
 
 
 def test_streaming_plan_recomputes_the_logits():

@@ -99,24 +99,51 @@ def test_self_distillation_with_lora_disables_the_adapters_for_the_teacher(model
     assert not torch.allclose(adapted.last_hidden_state, plain.last_hidden_state)
 
 
-@pytest.mark.parametrize(("divergence", "beta"), [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.4)])
-def test_entry_clip_matches_autograd_on_clipped_terms(divergence, beta):
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(w p + (1 − w) q)."""
+    weight = torch.tensor(weight, dtype=log_p.dtype)
+    return torch.logaddexp(log_p + torch.log(weight), log_q + torch.log1p(-weight))
+
+
+@pytest.mark.parametrize(
+    ("divergence", "beta"),
+    [
+        ("reverse_kl", 0.5),
+        ("forward_kl", 0.5),
+        ("jsd", 0.4),
+        ("skew_forward_kl", 0.5),
+        ("skew_reverse_kl", 0.5),
+        ("tvd", 0.5),
+    ],
+)
+@pytest.mark.parametrize("hard_label_weight", [0.0, 0.25])
+def test_entry_clip_matches_autograd_on_clipped_terms(divergence, beta, hard_label_weight):
+    """Per-entry clipping against autograd on the clipped terms, alone and mixed with hard labels."""
     hs, ws, ht, wt = make_pair(lead=(9,), vocab=41)
-    clip = 0.02
-    ours = linear_divergence(hs, ws, ht, wt, divergence=divergence, beta=beta, entry_clip=clip, reduction="none")
+    clip, skew = 0.02, 0.3
+    labels = torch.randint(0, 41, (9,))
+    hard = dict(labels=labels, hard_label_weight=hard_label_weight) if hard_label_weight else {}
+    kw = dict(divergence=divergence, beta=beta, skew=skew, entry_clip=clip, reduction="none")
+    ours = linear_divergence(hs, ws, ht, wt, **kw, **hard)
     lps = torch.log_softmax(hs @ ws.T, dim=-1)
     lpt = torch.log_softmax((ht @ wt.T).detach(), dim=-1)
     if divergence == "reverse_kl":
         terms = lps.exp() * (lps - lpt)
     elif divergence == "forward_kl":
         terms = lpt.exp() * (lpt - lps)
+    elif divergence == "tvd":
+        terms = 0.5 * (lps.exp() - lpt.exp()).abs()
+    elif divergence == "skew_forward_kl":
+        terms = lpt.exp() * (lpt - _log_mix(lpt, lps, skew))
+    elif divergence == "skew_reverse_kl":
+        terms = lps.exp() * (lps - _log_mix(lps, lpt, skew))
     else:
-        log_m = torch.logaddexp(
-            lpt + torch.log(torch.tensor(beta, dtype=lpt.dtype)),
-            lps + torch.log1p(torch.tensor(-beta, dtype=lpt.dtype)),
-        )
+        log_m = _log_mix(lpt, lps, beta)
         terms = beta * lpt.exp() * (lpt - log_m) + (1 - beta) * lps.exp() * (lps - log_m)
     ref = terms.clamp(max=clip).sum(-1)
+    if hard_label_weight:
+        cross_entropy = -lps.gather(-1, labels[:, None]).squeeze(-1)
+        ref = hard_label_weight * cross_entropy + (1 - hard_label_weight) * ref
     assert (terms > clip).any()  # the clip is active
     assert rel_err(ours, ref) < 1e-12
     weights = torch.randn(9, dtype=torch.float64)
@@ -124,14 +151,15 @@ def test_entry_clip_matches_autograd_on_clipped_terms(divergence, beta):
         assert rel_err(a, b) < 1e-10
 
 
-@pytest.mark.parametrize("mode", ["reverse_kl", "forward_kl", "jsd"])
-def test_divergence_loss_sparse_and_dense_paths_agree(mode):
+@pytest.mark.parametrize("hard_label_weight", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
+def test_divergence_loss_sparse_and_dense_paths_agree(mode, hard_label_weight):
     """The one divergence call returns the mean (dense) or per-token values (sparse): keeping every token, the
     two give the same loss and gradients."""
     hs, ws, ht, wt = make_pair(lead=(2, 5), vocab=37)
     mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
-    batch = SimpleNamespace(completion_mask=mask)
-    dense_cfg = LossConfig(mode=mode, beta=0.3)
+    batch = SimpleNamespace(completion_mask=mask, targets=torch.randint(0, 37, (2, 5)))
+    dense_cfg = LossConfig(mode=mode, beta=0.3, skew=0.2, hard_label_weight=hard_label_weight)
     sparse_cfg = dataclasses.replace(dense_cfg, token_keep=0.99)  # ⌈0.99·8⌉ = 8: every token kept
     results = [compute_loss(cfg, batch, hs, ws, ht, wt.detach(), 37) for cfg in (dense_cfg, sparse_cfg)]
     (dense, dense_metrics), (sparse, sparse_metrics) = results
@@ -157,6 +185,22 @@ def test_teacher_temperature_reaches_every_teacher_logit(mode):
     assert rel_err(ours, scaled) < 1e-10 and rel_err(ours, unscaled) > 1e-3
     for a, b in zip(grads(ours, (hs, ws)), grads(scaled, (hs, ws))):
         assert rel_err(a, b) < 1e-8
+
+
+def test_hard_label_weight_mixes_the_completion_tokens_cross_entropy():
+    """loss.hard_label_weight w: the divergence modes' loss is w · CE on the completion tokens (the batch's targets,
+    as loss.mode=sft takes them) + (1 − w) · the divergence, with the gradients of that mix."""
+    hs, ws, ht, wt = make_pair(lead=(2, 5), vocab=37)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    batch = SimpleNamespace(completion_mask=mask, targets=torch.randint(0, 37, (2, 5)))
+    heads = (hs, LMHead(ws), ht, LMHead(wt.detach()), 37)
+    mixed = compute_loss(LossConfig(mode="jsd", beta=0.3, hard_label_weight=0.4), batch, *heads)[0]
+    divergence = compute_loss(LossConfig(mode="jsd", beta=0.3), batch, *heads)[0]
+    cross_entropy = compute_loss(LossConfig(mode="sft"), batch, *heads)[0]
+    expected = 0.4 * cross_entropy + 0.6 * divergence
+    assert rel_err(mixed, expected) < 1e-12
+    for a, b in zip(grads(mixed, (hs, ws)), grads(expected, (hs, ws))):
+        assert rel_err(a, b) < 1e-10
 
 
 def test_every_loss_mode_has_a_loss_function():
@@ -297,6 +341,9 @@ def test_reward_mixing_advantage(models, tmp_path):
         (["loss.mode=sampled_token", "rollout.on_policy_fraction=0.5"], "on_policy_fraction < 1 mixes in teacher"),
         (["loss.reward_mix=0.5"], "reward_mix mixes advantages: it needs loss.mode=sampled_token"),
         (["loss.mode=topk", "loss.entry_clip=0.1"], "entry_clip clips full-vocabulary divergence terms"),
+        (["loss.mode=topk", "loss.hard_label_weight=0.3"], "hard_label_weight mixes the cross-entropy into"),
+        (["loss.hard_label_weight=1"], r"loss.hard_label_weight must be in \[0.0, 1.0\)"),
+        (["loss.mode=skew_reverse_kl", "loss.skew=1.0"], r"loss.skew must be in \[0.0, 1.0\)"),
         (["data.teacher_template={answer}"], "must contain {prompt}"),
         (["loss.token_keep=0"], r"loss.token_keep must be in \(0.0, 1.0\]"),
         (["train.cold_start_steps=9"], r"train.cold_start_steps must be in \[0, 4\]"),

@@ -12,9 +12,9 @@ list, the one ``OPD_FAST_TRITON_FIXED_CONFIG=1`` runs)
 * needs more shared memory than the architecture offers per block (227 KiB sm_90a, 163 KiB sm_80);
 
 and when the chunked plan's statistics pass (``chunk_epilogue._stats_update_kernel``, which streams both
-models' fp32 workspace rows) needs more than 128 registers (four 128-thread blocks per SM), lacks 128-bit loads
-where the row stride is a multiple of 16 elements (the sweep pads it to 64 on CUDA), or takes more than one
-exponential per model and element.
+models' fp32 workspace rows), with or without the student's entropy fused in, needs more than 128 registers (four
+128-thread blocks per SM), lacks 128-bit loads where the row stride is a multiple of 16 elements (the sweep pads it
+to 64 on CUDA), or takes more than one exponential per model and element.
 
 CI compiles the default configuration of every kernel for every MODE (about 100 compiles, 1–2 s each) in its own
 step of .ci/run (marked slow: outside README's quick tier).
@@ -62,7 +62,21 @@ WORKERS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIS
 # Default configurations that fail for a reason the config lists cannot fix: kernel -> (variant prefix, why).
 # The test xfails on exactly these and fails once they are clean, so that the entry is removed.
 KNOWN_PROBLEMS: dict[str, tuple[str, str]] = {}
-MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
+MODES = {
+    "reverse_kl": 0,
+    "forward_kl": 1,
+    "jsd": 2,
+    "skew_forward_kl": 3,
+    "skew_reverse_kl": 4,
+    "tvd": 5,
+    "token_logprob": 6,
+    "logsumexp": 7,
+    "entropy": 8,
+}
+# The modes of the statistics passes ("entropy" is a gradient pass only) and of the terms passes (JSD, the skew KLs,
+# TVD), which the gradient also runs on its smaller tile.
+STATS_MODES = {name: code for name, code in MODES.items() if name != "entropy"}
+TERMS_MODES = {name: MODES[name] for name in ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")}
 # Scalar float arguments of the kernels; every other non-pointer, non-constexpr argument is an i32.
 FLOAT_ARGS = {"pre", "softcap", "post", "pre_s", "cap_s", "post_s", "pre_t", "cap_t", "post_t", "beta", "filter_eps"}
 # Arguments that the launchers pass as multiples of 16 (pointers from torch allocations, hidden sizes and row
@@ -95,6 +109,14 @@ def _by_mode(modes=MODES) -> dict[str, dict]:
     return {name: {"MODE": code} for name, code in modes.items()}
 
 
+def _with_entropy(variants: dict[str, dict]) -> dict[str, dict]:
+    """``variants`` as launched without the student's entropy, then each again with it (WITH_ENTROPY, labelled
+    "<variant> entropy"): the statistics passes that fuse it (TritonEpilogue.stats_update's entropy state,
+    TritonStreamingOps' spec.entropy)."""
+    plain = {name: {**v, "WITH_ENTROPY": False} for name, v in variants.items()}
+    return {**plain, **{f"{name} entropy": {**v, "WITH_ENTROPY": True} for name, v in variants.items()}}
+
+
 def _topk_variants(max_k: int, every_k: bool) -> dict[str, dict]:
     ks = [16, max_k] if not every_k else [1 << i for i in range(4, max_k.bit_length())]
     # BV as topk_stats picks it on a GPU: at least K columns per tile.
@@ -105,8 +127,8 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
     """Every Triton kernel with the launch arguments of opd_fast/kernels/*.py's host functions on a GPU."""
     two_inputs = {"hs_ptr": INPUT, "ws_ptr": INPUT, "ht_ptr": INPUT, "wt_ptr": INPUT}
     grad_tile = {"BN": 64, "BV": 128}  # linear_grad.tile_shape() on a GPU
-    jsd_grad_tile = {"BN": 64, "BV": 64}  # linear_grad.tile_shape("jsd")
-    grad_tiles = {"": {}, "jsd tile": jsd_grad_tile}  # the gradient GEMMs run on either
+    terms_grad_tile = {"BN": 64, "BV": 64}  # linear_grad.tile_shape(mode) of the TERMS_MODES
+    grad_tiles = {"": {}, "terms tile": terms_grad_tile}  # the gradient GEMMs run on either
     epilogue_bv = {"BV": 2048}  # chunk_epilogue._block() for chunks of ≥ 2048 columns on a GPU
     stats_bv = {"BV": 1024}  # chunk_epilogue._stats_block() for chunks of ≥ 1024 columns on a GPU
     return [
@@ -115,17 +137,18 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
             "_softmax_stats_fwd_kernel",
             {**two_inputs, "ids_ptr": "i64", "part_ptr": "fp32", "bias_s_ptr": "fp32", "bias_t_ptr": "fp32"},
             NO_HEAD,
-            _by_mode(),
+            _with_entropy(_by_mode(STATS_MODES)),
         ),
         KernelSpec(
             "linear_softmax",
-            "_jsd_terms_kernel",
+            "_divergence_terms_kernel",
             {
                 **two_inputs,
                 **dict.fromkeys(["lse_s_ptr", "lse_t_ptr", "lo_s_ptr", "lo_t_ptr", "part_ptr"], "fp32"),
                 **dict.fromkeys(["bias_s_ptr", "bias_t_ptr"], "fp32"),
             },
             NO_HEAD,
+            _by_mode(TERMS_MODES),
         ),
         KernelSpec(
             "linear_grad",
@@ -142,7 +165,10 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
                 "bias_t_ptr": "fp32",
             },
             {**NO_HEAD, **grad_tile},
-            {**_by_mode(), "jsd": {"MODE": MODES["jsd"], **jsd_grad_tile}},
+            {
+                name: {**variant, **(terms_grad_tile if name in TERMS_MODES else {})}
+                for name, variant in _by_mode().items()
+            },
         ),
         KernelSpec(
             "linear_grad",
@@ -173,16 +199,17 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
                 "zt_ptr": "fp32",
                 "ids_ptr": "i64",
                 "state_ptr": "fp32",
+                "entropy_ptr": "fp32",
                 "bias_s_ptr": "fp32",
                 "bias_t_ptr": "fp32",
             },
             {**NO_HEAD, **stats_bv},
-            _by_mode(),
-            unaligned=tuple(MODES),
+            _with_entropy(_by_mode(STATS_MODES)),
+            unaligned=tuple(_with_entropy(_by_mode(STATS_MODES))),
         ),
         KernelSpec(
             "chunk_epilogue",
-            "_jsd_update_kernel",
+            "_terms_update_kernel",
             dict.fromkeys(
                 [
                     "zs_ptr",
@@ -198,6 +225,7 @@ def kernel_specs(max_k: int, every_k: bool) -> list[KernelSpec]:
                 "fp32",
             ),
             {**NO_HEAD, **epilogue_bv},
+            _by_mode(TERMS_MODES),
         ),
         KernelSpec(
             "chunk_epilogue",
@@ -572,18 +600,22 @@ def test_default_config_compiles_cleanly(report, kernel, arch):
 @COMPILES
 def test_chunk_stats_kernel_is_occupancy_friendly(report, arch):
     """The chunked plan's statistics pass reads both models' fp32 workspace rows once and is memory-bound: per
-    variant (mode; row stride a multiple of 16 elements or not) at most 128 registers and no spills, 128-bit loads
-    of both tiles where the stride allows them (the sweep pads it to 64 elements on CUDA), and in its loop one
-    exponential per model and element (the online max and sum of ``_online_step``)."""
+    variant (mode; with the student's entropy or without; row stride a multiple of 16 elements or not) at most 128
+    registers and no spills, 128-bit loads of both tiles where the stride allows them (the sweep pads it to 64
+    elements on CUDA), and in its loop one exponential per model and element (the online max and sum of
+    ``_online_step``, whose exponential the entropy's sum shares)."""
     _, results = report
     mine = [r for r in results if r["kernel"] == STATS_KERNEL and r["arch"] == arch and r["config_index"] == 0]
-    assert {r["variant"].split()[0] for r in mine} == set(MODES)
+    assert {r["variant"].split()[0] for r in mine} == set(STATS_MODES)
+    assert {(r["variant"].split()[0], r["constexprs"]["WITH_ENTROPY"]) for r in mine} == {
+        (mode, fused) for mode in STATS_MODES for fused in (False, True)
+    }
     for r in mine:
         assert not r["error"], r["error"]
         name = f"{r['variant']} on {arch}"
         assert r["regs"] <= STATS_MAX_REGISTERS, f"{name}: {r['regs']} registers > {STATS_MAX_REGISTERS}"
         assert r["spill_stores"] == r["spill_loads"] == 0, f"{name} spills"
-        models = 2 if r["constexprs"]["MODE"] <= MODES["jsd"] else 1
+        models = 2 if r["constexprs"]["MODE"] < MODES["token_logprob"] else 1
         per_thread = r["constexprs"]["BV"] // (32 * r["options"]["num_warps"])
         assert r["loop_ex2"] <= models * per_thread, f"{name}: {r['loop_ex2']} ex2 per {per_thread} columns"
         if UNALIGNED not in r["variant"]:

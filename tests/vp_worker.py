@@ -49,6 +49,14 @@ def cases():
                     | ({"teacher_temperature": 0.7, "return_entropy": True} if reduction == "none" else {}),
                 )
             )
+    for divergence in ("skew_forward_kl", "skew_reverse_kl", "tvd"):
+        for reduction in ("mean", "none"):
+            kw = dict(divergence=divergence, skew=0.3, reduction=reduction, temperature=1.3, teacher_temperature=0.7)
+            out.append((f"div-{divergence}-{reduction}", "divergence", kw))
+    for divergence in ("reverse_kl", "forward_kl", "jsd"):  # hard labels: the label's logit on one shard only
+        for reduction in ("mean", "none"):
+            kw = dict(divergence=divergence, beta=0.3, reduction=reduction, hard_label_weight=0.3)
+            out.append((f"labels-{divergence}-{reduction}", "labelled", kw))
     out.append(("div-vocab_size", "divergence", dict(reduction="sum", vocab_size=41)))
     for divergence in ("reverse_kl", "jsd"):  # vocab_size=18 leaves some ranks' shards empty
         out.append(
@@ -77,6 +85,9 @@ def run_case(kind, kwargs, hs, ws, ht, wt, mask, ids, grad, process_group=None, 
         out = linear_divergence(hs, ws, ht, wt, mask=mask, **common, **kwargs)
         if kwargs.get("return_entropy"):
             out, extra["entropy"] = out
+    elif kind == "labelled":
+        labels = torch.where(torch.arange(N) % 4 == 0, -100, ids)
+        out = linear_divergence(hs, ws, ht, wt, mask=mask, labels=labels, **common, **kwargs)
     elif kind == "tokens":
         out = linear_token_logprobs(hs, ws, ids, **common, **kwargs)
     elif kind == "overlap":

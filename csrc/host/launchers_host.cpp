@@ -77,14 +77,60 @@ struct RowStore {
   }
 };
 
+// The statistics launcher's arguments (entropy: null, or the student's [3, N] entropy state).
+struct StatsArgs {
+  const float* zs;
+  int64_t ld_s;
+  const float* zt;
+  int64_t ld_t;
+  const int64_t* ids;
+  float* state;
+  int64_t n_rows, width, v_lo;
+  Head hs, ht;
+  float* entropy;
+};
+
+template <int kMode, bool kWithEntropy>
+void stats_rows(const StatsArgs& a) {
+  StatsScratch<kWithEntropy> scratch[kHostThreads];
+  for_each_row(a.n_rows, [&](const ThreadGroup& g, int64_t i_n) {
+    const int64_t y_col = kMode == kTokenLogprob ? token_column(a.ids, i_n, a.v_lo, a.width) : -1;
+    row_softmax_stats<kMode, kWithEntropy>(g, a.zs + i_n * a.ld_s, two_models(kMode) ? a.zt + i_n * a.ld_t : nullptr,
+                                           a.width, y_col, a.hs, a.ht, a.state + i_n, a.n_rows,
+                                           kWithEntropy ? a.entropy + i_n : nullptr, scratch);
+  });
+}
+
+// The GPU's two instantiations per mode, picked the same way.
 template <int kMode>
-void stats_rows(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const int64_t* ids, float* state,
-                int64_t n_rows, int64_t width, int64_t v_lo, Head hs, Head ht) {
-  PairAcc scratch[kHostThreads];
-  for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
-    const int64_t y_col = kMode == kTokenLogprob ? token_column(ids, i_n, v_lo, width) : -1;
-    row_softmax_stats<kMode>(g, zs + i_n * ld_s, two_models(kMode) ? zt + i_n * ld_t : nullptr, width, y_col, hs, ht,
-                             state + i_n, n_rows, scratch);
+void stats_mode(const StatsArgs& a) {
+  if (a.entropy != nullptr) {
+    stats_rows<kMode, true>(a);
+  } else {
+    stats_rows<kMode, false>(a);
+  }
+}
+
+// The terms launcher's arguments.
+struct TermsArgs {
+  const float* zs;
+  int64_t ld_s;
+  const float* zt;
+  int64_t ld_t;
+  const float *lse_s, *lse_t;
+  float* terms;
+  int64_t n_rows, width;
+  Head hs, ht;
+  float beta;
+};
+
+template <int kMode>
+void terms_rows(const TermsArgs& a) {
+  Sum3 scratch[kHostThreads];
+  for_each_row(a.n_rows, [&](const ThreadGroup& g, int64_t i_n) {
+    row_divergence_terms<kMode>(g, a.zs + i_n * a.ld_s, a.zt + i_n * a.ld_t, a.width, a.hs, a.ht,
+                                row_lse(a.lse_s, i_n, a.n_rows), row_lse(a.lse_t, i_n, a.n_rows), a.beta,
+                                a.terms + i_n, a.n_rows, scratch);
   });
 }
 
@@ -111,7 +157,7 @@ void grad_rows(const GradArgs& a, T* g) {
                        two ? row_lse(a.lse_t, i_n, a.n_rows) : RowLse{0.f, 0.f},
                        kMode == kTokenLogprob ? token_column(a.ids, i_n, a.v_lo, a.width) : -1,
                        kMode == kReverseKL ? a.loss[i_n] : 0.f,
-                       kMode == kJSD ? a.center[i_n] : 0.f,
+                       reads_center(kMode) ? a.center[i_n] : 0.f,
                        a.beta,
                        a.row_weight[i_n]};
     row_logit_grad<kMode>(group, a.zs + i_n * a.ld_s, two ? a.zt + i_n * a.ld_t : nullptr, a.width, r,
@@ -140,43 +186,58 @@ const char* grad_mode(const GradArgs& a, void* g, int g_dtype) {
 
 const char* launch_softmax_stats_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t,
                                         const int64_t* ids, float* state, int64_t n_rows, int64_t width, int64_t v_lo,
-                                        Head hs, Head ht, int mode, std::intptr_t) {
+                                        Head hs, Head ht, int mode, float* entropy, std::intptr_t) {
   if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
   if (two_models(mode)) {
     if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
   }
+  const StatsArgs a = {zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht, entropy};
   switch (mode) {
     case kReverseKL:
-      stats_rows<kReverseKL>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_mode<kReverseKL>(a);
       return nullptr;
     case kForwardKL:
-      stats_rows<kForwardKL>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_mode<kForwardKL>(a);
       return nullptr;
-    case kJSD:
-      stats_rows<kJSD>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
+    case kJSD:  // the terms modes share JSD's statistics pass, as on the GPU
+    case kSkewForwardKL:
+    case kSkewReverseKL:
+    case kTVD:
+      stats_mode<kJSD>(a);
       return nullptr;
     case kTokenLogprob:
-      stats_rows<kTokenLogprob>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_mode<kTokenLogprob>(a);
       return nullptr;
     case kLogSumExp:
-      stats_rows<kLogSumExp>(zs, ld_s, zt, ld_t, ids, state, n_rows, width, v_lo, hs, ht);
+      stats_mode<kLogSumExp>(a);
       return nullptr;
     default:
       return "unknown mode";
   }
 }
 
-const char* launch_jsd_terms_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const float* lse_s,
-                                    const float* lse_t, float* terms, int64_t n_rows, int64_t width, Head hs, Head ht,
-                                    float beta, std::intptr_t) {
+const char* launch_terms_update(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const float* lse_s,
+                                const float* lse_t, float* terms, int64_t n_rows, int64_t width, Head hs, Head ht,
+                                float beta, int mode, std::intptr_t) {
   if (const char* error = check_row_stride(ld_s, width, n_rows)) return error;
   if (const char* error = check_row_stride(ld_t, width, n_rows)) return error;
-  Sum3 scratch[kHostThreads];
-  for_each_row(n_rows, [&](const ThreadGroup& g, int64_t i_n) {
-    row_jsd_terms(g, zs + i_n * ld_s, zt + i_n * ld_t, width, hs, ht, row_lse(lse_s, i_n, n_rows),
-                  row_lse(lse_t, i_n, n_rows), beta, terms + i_n, n_rows, scratch);
-  });
-  return nullptr;
+  const TermsArgs a = {zs, ld_s, zt, ld_t, lse_s, lse_t, terms, n_rows, width, hs, ht, beta};
+  switch (mode) {
+    case kJSD:
+      terms_rows<kJSD>(a);
+      return nullptr;
+    case kSkewForwardKL:
+      terms_rows<kSkewForwardKL>(a);
+      return nullptr;
+    case kSkewReverseKL:
+      terms_rows<kSkewReverseKL>(a);
+      return nullptr;
+    case kTVD:
+      terms_rows<kTVD>(a);
+      return nullptr;
+    default:
+      return "mode has no terms pass";
+  }
 }
 
 const char* launch_logit_grad(const float* zs, int64_t ld_s, const float* zt, int64_t ld_t, const int64_t* ids,
@@ -197,10 +258,18 @@ const char* launch_logit_grad(const float* zs, int64_t ld_s, const float* zt, in
       return grad_mode<kForwardKL>(a, g, g_dtype);
     case kJSD:
       return grad_mode<kJSD>(a, g, g_dtype);
+    case kSkewForwardKL:
+      return grad_mode<kSkewForwardKL>(a, g, g_dtype);
+    case kSkewReverseKL:
+      return grad_mode<kSkewReverseKL>(a, g, g_dtype);
+    case kTVD:
+      return grad_mode<kTVD>(a, g, g_dtype);
     case kTokenLogprob:
       return grad_mode<kTokenLogprob>(a, g, g_dtype);
     case kLogSumExp:
       return grad_mode<kLogSumExp>(a, g, g_dtype);
+    case kEntropy:
+      return grad_mode<kEntropy>(a, g, g_dtype);
     default:
       return "unknown mode";
   }

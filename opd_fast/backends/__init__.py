@@ -41,15 +41,29 @@ class Ops(Protocol):
     plan: str
 
     def divergence(
-        self, s: Side, t: Side, spec: DivergenceSpec, row_weight: Tensor | None, need: Need
+        self,
+        s: Side,
+        t: Side,
+        spec: DivergenceSpec,
+        row_weight: Tensor | None,
+        need: Need,
+        labels: Tensor | None = None,
     ) -> tuple[DivergenceStats, Grads]:
-        """Per-token statistics (fp32 [N] each) and, with ``row_weight``, the gradients of Σ w_n D_n made in
-        the same sweep."""
+        """Per-token statistics (fp32 [N] each) and, with ``row_weight``, the gradients of Σ w_n L_n made in the
+        same sweep: L = D, or with ``labels`` (int64 [N], global ids) w · CE + (1 − w) · D for w =
+        ``spec.hard_label_weight`` (the statistics then hold the label's logit; their loss stays D)."""
 
     def divergence_backward(
-        self, s: Side, t: Side, spec: DivergenceSpec, stats: DivergenceStats, row_weight: Tensor, need: Need
+        self,
+        s: Side,
+        t: Side,
+        spec: DivergenceSpec,
+        stats: DivergenceStats,
+        row_weight: Tensor,
+        need: Need,
+        labels: Tensor | None = None,
     ) -> Grads:
-        """Gradients of Σ w_n D_n from the statistics of an earlier forward."""
+        """Gradients of Σ w_n L_n from the statistics of an earlier forward."""
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """(z_y [N], lse [N], lse_lo [N]); log p(y) = (z_y − lse) − lse_lo, the residual keeping log p(y) accurate
@@ -71,6 +85,19 @@ class Ops(Protocol):
     ) -> Grads:
         """Gradients of Σ w_n lse_n (``ids`` None) or Σ w_n log p(ids_n); ``lse_lo`` the lse residuals of
         :meth:`token_logits` (None: 0)."""
+
+    def entropy_backward(
+        self,
+        side: Side,
+        lse: Tensor,
+        lse_lo: Tensor,
+        entropy: Tensor,
+        row_weight: Tensor,
+        temperature: float,
+        need: Need,
+        filter_eps: float | None = None,
+    ) -> Grads:
+        """Gradients of Σ w_n H_n, the entropy H [N] of the rows with the given (lse, lse_lo)."""
 
     def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(ids int64 [N, k], log-probs [N, k] descending, ties by the smaller id; lse [N]; entropy [N])."""

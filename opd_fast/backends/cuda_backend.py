@@ -7,8 +7,8 @@ Memory plan (the chunked plan, :mod:`opd_fast.chunking`). Token chunks of C rows
   (bf16/fp16 inputs accumulate and land in fp32: ``out_dtype=torch.float32``); the kernels take each tile's
   row stride, so [C, V] views of workspaces with padded rows (row stride ≥ V) pass as is;
 * ``softmax_stats_update`` (csrc/softmax_stats.cu) reads them once for each row's log-sum-exps and
-  divergence (JSD: one more read, ``jsd_terms_update``), applying the bias, the head's scale and softcap
-  and 1/τ on the fly;
+  divergence (JSD, the skew KLs and TVD: one more read, ``terms_update``), and, when asked, the student's entropy in
+  the same read, applying the bias, the head's scale and softcap and 1/τ on the fly;
 * ``logit_grad`` (csrc/logit_grad.cu) reads them once more and writes the logit gradient G, with the
   per-token weight and the head's chain rule folded in, in the student weight's dtype;
 * dH[chunk] = G · W (written once) and dW += Gᵀ · H (an fp32 accumulator) by cuBLAS.
@@ -17,7 +17,8 @@ At the default budget (2**28 elements per model) and V = 151936 that is 1536-row
 logits workspace for both models plus 0.47 GB for a bf16 G; forward + backward do exactly the floor's GEMM
 FLOPs. With the streaming plan the same kernels run on vocabulary tiles of all tokens, and the gradient
 sweep recomputes the logits. Top-k streams each tile through a per-row shared-memory buffer of packed
-(logit, id) keys with the row's entropy statistics (csrc/topk.cu).
+(logit, id) keys with the row's entropy statistics (csrc/topk.cu); a divergence's or log-prob's student entropy comes
+from its statistics pass.
 
 Inputs: fp32, bf16 or fp16 (each model's hidden states and weight are brought to a common dtype); fp64
 is refused with a pointer to ``backend='torch'``. The raw kernels are registered as torch.library
@@ -79,7 +80,7 @@ def _launch(name: str, like: torch.Tensor, *args):
 # ---- custom ops: the raw kernels as torch.library ops, with fake (meta) implementations ----------------
 
 
-@torch.library.custom_op("opd_fast::softmax_stats_update", mutates_args=("state",))
+@torch.library.custom_op("opd_fast::softmax_stats_update", mutates_args=("state", "entropy"))
 def softmax_stats_update(
     zs: Tensor,
     zt: Tensor | None,
@@ -91,42 +92,47 @@ def softmax_stats_update(
     head_s: list[float],
     bias_t: Tensor | None,
     head_t: list[float],
+    entropy: Tensor | None = None,
 ) -> None:
-    """Merge a chunk's online-softmax statistics into ``state`` (fp32 [5, N]: m_s, s_s, m_t, s_t, acc).
+    """Merge a chunk's online-softmax statistics into ``state`` (fp32 [5, N]: m_s, s_s, m_t, s_t, acc) and, when
+    ``entropy`` (fp32 [3, N], contiguous: the student's m, s, a = Σ e^{z − m}(z − m); fresh: −inf, 0, 0) is given,
+    the student's final logits into it in the same read (csrc/epilogue.h: EntropyAcc; ``state`` is bitwise the same).
 
     ``zs``/``zt``: fp32 [N, width] raw logits of vocabulary columns [v_lo, v_lo + width) (``zt`` in two-model
     modes), unit column stride and any row stride ≥ width; ``ids``: int64 [N] in token mode; ``kind``: the op
-    code (``MODES``); each model's head as its bias for these columns (fp32 [width] or None) and (pre, softcap
-    or 0, post = 1/τ). See csrc/epilogue.h.
+    code (``MODES``, any but entropy); each model's head as its bias for these columns (fp32 [width] or None) and
+    (pre, softcap or 0, post = 1/τ). See csrc/epilogue.h.
     """
-    _launch("softmax_stats_update", zs, zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t)
+    _launch("softmax_stats_update", zs, zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t, entropy)
 
 
 @softmax_stats_update.register_fake
-def _(zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t) -> None:
+def _(zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t, entropy=None) -> None:
     return None
 
 
-@torch.library.custom_op("opd_fast::jsd_terms_update", mutates_args=("terms",))
-def jsd_terms_update(
+@torch.library.custom_op("opd_fast::terms_update", mutates_args=("terms",))
+def terms_update(
     zs: Tensor,
     zt: Tensor,
     lse_s: Tensor,
     lse_t: Tensor,
     terms: Tensor,
+    kind: int,
     beta: float,
     bias_s: Tensor | None,
     head_s: list[float],
     bias_t: Tensor | None,
     head_t: list[float],
 ) -> None:
-    """Add a chunk's JSD terms (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m); sweep.jsd_loss) to ``terms``
-    (fp32 [3, N]) given the final lse and its residual (fp32 [2, N] each: :func:`_row_lse`)."""
-    _launch("jsd_terms_update", zs, zs, zt, lse_s, lse_t, terms, beta, bias_s, head_s, bias_t, head_t)
+    """Add a chunk's terms (Σ fs, Σ ft, Σ pg; sweep.terms_loss) of the divergence with op code ``kind`` (``MODES``
+    of jsd, skew_forward_kl, skew_reverse_kl, tvd) to ``terms`` (fp32 [3, N]) given the final lse and its residual
+    (fp32 [2, N] each: :func:`_row_lse`). See csrc/epilogue.h: terms_parts."""
+    _launch("terms_update", zs, zs, zt, lse_s, lse_t, terms, kind, beta, bias_s, head_s, bias_t, head_t)
 
 
-@jsd_terms_update.register_fake
-def _(zs, zt, lse_s, lse_t, terms, beta, bias_s, head_s, bias_t, head_t) -> None:
+@terms_update.register_fake
+def _(zs, zt, lse_s, lse_t, terms, kind, beta, bias_s, head_s, bias_t, head_t) -> None:
     return None
 
 
@@ -240,18 +246,15 @@ class CudaEpilogue:
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype
 
-    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
-        softmax_stats_update(_rows(zs), _rows(zt), ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht))
+    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode, entropy=None) -> None:
+        """With ``entropy`` (the student's [3, r] state (m, s, a) of sweep.new_entropy_state), the statistics kernel
+        also merges the student's tile into it, in the same read (csrc/epilogue.h: row_softmax_stats; the bindings
+        check that it is fp32, contiguous and on the tiles' device)."""
+        softmax_stats_update(_rows(zs), _rows(zt), ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht), entropy)
 
-    def entropy_update(self, state, zs, hs) -> None:
-        """The student's entropy state (m, s, Σ e^{z − m}(z − m)) is csrc/epilogue.h's EntropyAcc, which the top-k
-        kernel keeps: its k = 1 pass over the tile (one more read of it, only when the entropy is asked for)."""
-        best = torch.zeros((zs.shape[0], 1), dtype=torch.int64, device=zs.device)
-        topk_update(_rows(zs), best, state, 0, *_head(hs))
-
-    def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
+    def terms_update(self, terms, zs, zt, stats, hs, ht, mode, beta) -> None:
         lse_s, lse_t = _row_lse(stats)
-        jsd_terms_update(_rows(zs), _rows(zt), lse_s, lse_t, terms, beta, *_head(hs), *_head(ht))
+        terms_update(_rows(zs), _rows(zt), lse_s, lse_t, terms, MODES[mode], beta, *_head(hs), *_head(ht))
 
     def grad(self, zs, zt, ids, stats: DivergenceStats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
         """G into ``out`` (a [rows, width] view whose row stride the kernel takes; the bindings refuse any other

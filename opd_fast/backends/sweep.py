@@ -45,9 +45,22 @@ from opd_fast.types import DivergenceStats, Grads, HeadTransform, Need, Side
 
 Tensor = torch.Tensor
 
-# Op codes shared with the kernels (kernels/_common.py, csrc/epilogue.h). The first three are two-model.
-MODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "token_logprob": 3, "logsumexp": 4}
-TWO_MODEL_MODES = ("reverse_kl", "forward_kl", "jsd")
+# Op codes shared with the kernels (kernels/_common.py, csrc/epilogue.h). Those below token_logprob's are
+# two-model; JSD, the skew KLs and TVD (TERMS_MODES) sum their loss in a second pass over each tile once both rows'
+# log-sum-exps are final (:meth:`Epilogue.terms_update`).
+MODES = {
+    "reverse_kl": 0,
+    "forward_kl": 1,
+    "jsd": 2,
+    "skew_forward_kl": 3,
+    "skew_reverse_kl": 4,
+    "tvd": 5,
+    "token_logprob": 6,
+    "logsumexp": 7,
+    "entropy": 8,
+}
+TWO_MODEL_MODES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+TERMS_MODES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 # ---- one model's operands, as the GEMMs and the epilogue take them -------------------------------------------
@@ -109,10 +122,11 @@ class Epilogue(Protocol):
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         """dtype of the logit gradient G handed to the gradient GEMMs."""
 
-    # Optional: ``full_rows(zs, zt, ids, hs, ht, mode, beta, row_weight, out, entropy) -> (DivergenceStats,
-    # G | None)``, the statistics (with ``entropy``, the student's entropy too) and (with ``row_weight``) the logit
-    # gradient of tiles that span the whole vocabulary, in one pass; the sweep uses it instead of stats_update +
-    # jsd_update + entropy_update + grad when a chunk is one tile.
+    # Optional: ``full_rows(zs, zt, ids, hs, ht, mode, beta, row_weight, out, entropy, center_shift) ->
+    # (DivergenceStats, G | None)``, the statistics (with ``entropy``, the student's entropy too) and (with
+    # ``row_weight``) the logit gradient of tiles that span the whole vocabulary, in one pass, its center lowered by
+    # ``center_shift`` (:class:`HardLabels`); the sweep uses it instead of stats_update + terms_update + grad when a
+    # chunk is one tile.
 
     def stats_update(
         self,
@@ -124,14 +138,12 @@ class Epilogue(Protocol):
         ht: TileHead | None,
         v_lo: int,
         mode: str,
+        entropy: Tensor | None = None,
     ) -> None:
-        """Merge the tile into ``state`` [5, r] = (m_s, s_s, m_t, s_t, acc) (see :func:`finalize`)."""
+        """Merge the tile into ``state`` [5, r] = (m_s, s_s, m_t, s_t, acc) (see :func:`finalize`) and, when given,
+        the student's tile into the ``entropy`` state [3, r] (see :func:`finalize_entropy`), in the same read."""
 
-    def entropy_update(self, state: Tensor, zs: Tensor, hs: TileHead) -> None:
-        """Merge the student's tile into the entropy state [3, r] (see :func:`finalize_entropy`), leaving ``zs``
-        as it is (the stats pass reads the same tile)."""
-
-    def jsd_update(
+    def terms_update(
         self,
         terms: Tensor,
         zs: Tensor,
@@ -139,10 +151,12 @@ class Epilogue(Protocol):
         stats: DivergenceStats,
         hs: TileHead,
         ht: TileHead,
+        mode: str,
         beta: float,
     ) -> None:
-        """terms [3, r] += (KL(p_s ‖ m), KL(p_t ‖ m), Σ p_s log(p_s / m)) over the tile, m = β p_t + (1 − β) p_s
-        (see :func:`jsd_loss`), with log p = (z − lse) − lse_lo from the rows' final ``stats`` (:func:`lse_lo`)."""
+        """terms [3, r] += (Σ fs, Σ ft, Σ pg) over the tile for a mode of ``TERMS_MODES`` (see :func:`terms_loss`;
+        the per-element fs, ft, pg of opd_fast.backends.torch_backend.terms_parts), with log p = (z − lse) − lse_lo
+        from the rows' final ``stats`` (:func:`lse_lo`)."""
 
     def grad(
         self,
@@ -160,7 +174,11 @@ class Epilogue(Protocol):
     ) -> Tensor:
         """G [r, c] = row_weight · ∂D/∂(h·Wᵀ) for the tile (the head's chain rule included), into ``out`` when
         given, else in a tile the epilogue may take from ``zs``; ``stats`` holds the rows' final (loss, lse_s,
-        lse_t, center) and the lse residuals (:func:`lse_lo`)."""
+        lse_t, center) and the lse residuals (:func:`lse_lo`). Per element, before the chain rule and the weight:
+        reverse KL p_s (log p_s − log p_t − loss), forward KL p_s − p_t − p_s · center, the ``TERMS_MODES``
+        pg − p_s · center (their center is Σ pg; forward KL's is 0 from the statistics, and the sweep shifts both
+        for a hard-label term, :class:`HardLabels`), entropy p_s (log p_s − center) with center = −H (so that
+        with the row weight −w it is w ∂H/∂z)."""
 
     def topk_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The empty entropy state of :meth:`topk` for ``rows`` rows."""
@@ -251,12 +269,12 @@ def finalize(state: Tensor, mode: str) -> DivergenceStats:
     reverse KL: acc = Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t))  →  D = acc / s_s − log s_s + log s_t,  center = D
     forward KL: acc = Σ e^{z_t − m_t}((z_t − m_t) − (z_s − m_s))  →  D = acc / s_t − log s_t + log s_s,  center = 0
     token:      acc = z_y (0 where y is outside)  →  loss = z_y, the caller takes z_y − lse
-    JSD, logsumexp: acc unused (JSD's loss and center come from :meth:`Epilogue.jsd_update`)
+    TERMS_MODES, logsumexp: acc unused (the loss and center come from :meth:`Epilogue.terms_update`)
     """
     m_s, s_s, m_t, s_t, acc = state
     lse_s, lo_s = split_lse(m_s, s_s)
     zeros = torch.zeros_like(lse_s)
-    if mode not in ("reverse_kl", "forward_kl", "jsd"):
+    if mode not in TWO_MODEL_MODES:
         return DivergenceStats(acc, lse_s, lse_s, zeros, lo_s, lo_s)
     lse_t, lo_t = split_lse(m_t, s_t)
     if mode == "reverse_kl":
@@ -290,15 +308,92 @@ def kl_shift(m: Tensor, s: Tensor, m_other: Tensor, acc: Tensor, m_new: Tensor, 
     return torch.where(m == -math.inf, 0.0, torch.exp(m - m_new) * moved)
 
 
-def jsd_loss(terms: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """(D, center) of JSD(β) = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m) from the rows' ``terms`` [3, r] =
-    (KL(p_s ‖ m) and KL(p_t ‖ m) in cancellation-free form, Σ p_s log(p_s / m)).
+def terms_loss(terms: Tensor, mode: str, beta: float) -> tuple[Tensor, Tensor]:
+    """(D, center) of a mode of ``TERMS_MODES`` from the rows' ``terms`` [3, r] = (Σ fs, Σ ft, Σ pg)
+    (:meth:`Epilogue.terms_update`). With m = β p_t + (1 − β) p_s, fs and ft sum to KL(p_s ‖ m) and KL(p_t ‖ m) in
+    cancellation-free form (TVD: fs = ½|p_s − p_t|, ft = 0), and pg is p_s times the derivative of D w.r.t. p_s
+    (up to a constant, which the centering removes), so that ∂D/∂z_s = pg − p_s · center with center = Σ pg:
 
-    The gradient's center, (1 − β) Σ p_s log(p_s / m), is the third sum and not KL(p_s ‖ m): the two differ by
-    Σ p_s x = β (Σ p_t − Σ p_s), zero in exact arithmetic but, with fp32 log-sum-exps of large logits, off by
-    ~ulp(lse) — which the gradient p_s ((1 − β) log(p_s / m) − center) would amplify where its two parts
-    nearly cancel. The third sum is consistent with the per-element log(p_s / m), as autograd's is."""
-    return beta * terms[1] + (1.0 - beta) * terms[0], (1.0 - beta) * terms[2]
+        JSD(β)           D = β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m)   pg = (1 − β) p_s log(p_s / m)
+        skew forward KL  D = KL(p_t ‖ m)                            pg = −(1 − β) p_s (p_t / m − 1)
+        skew reverse KL  D = KL(p_s ‖ m)                            pg = p_s (log(p_s / m) + β (p_t / m − 1))
+        TVD              D = ½ Σ |p_s − p_t|                        pg = ½ p_s sign(p_s − p_t)
+
+    (the skew KLs' pg without their derivatives' constants, so that every pg vanishes where p_s = p_t).
+
+    The center is the summed Σ pg rather than D itself (JSD: (1 − β) KL(p_s ‖ m) differs from (1 − β) Σ p_s log(p_s /
+    m) by β (Σ p_t − Σ p_s), zero in exact arithmetic but, with fp32 log-sum-exps of large logits, off by ~ulp(lse),
+    which the gradient would amplify where its two parts nearly cancel): Σ pg is consistent with the per-element
+    pg, as autograd's is."""
+    fs, ft, pg = terms
+    if mode == "jsd":
+        return beta * ft + (1.0 - beta) * fs, pg
+    if mode == "skew_forward_kl":
+        return ft, pg
+    return fs, pg  # skew reverse KL, TVD
+
+
+# ---- hard labels: a cross-entropy term folded into a divergence's sweep ----------------------------------------
+
+
+@dataclass(frozen=True)
+class HardLabels:
+    """The cross-entropy part of a loss w · CE(p_s, y) + (1 − w) · D (``hard_label_weight`` w < 1), folded into the
+    sweep of D so that it costs no pass over the vocabulary.
+
+    CE = lse_s − z_y, and its logit gradient is p_s − e_y. Every epilogue forms D's gradient as p_s (g − center)
+    (reverse KL with its loss as the center; forward KL as p_s − p_t − p_s · center, its center 0): with the row
+    weights scaled by (1 − w) and the center lowered by ``shift`` = w / (1 − w) (:func:`shifted_center`),
+    (1 − w) p_s (g − center + shift) = (1 − w) G_D + w p_s, CE's p_s part. Its one-hot part, −w e_y per row, is
+    subtracted from each G tile at the label's column (:func:`add_one_hot`) before the gradient GEMMs, times the
+    head's chain factor at the label's logit: dH, dW and db then carry it like every other column.
+
+    ``ids`` [N]: each row's label as a column of these vocabulary rows (−1: another shard holds it); ``chain`` [N]:
+    dz/dx at the label's logit (:func:`label_logits`; 0 at −1)."""
+
+    ids: Tensor
+    chain: Tensor
+    shift: float
+
+
+def label_logits(op: Operand, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(z_y, dz_y/dx_y) per row: the final logit post · softcap(pre · (h · W[y] + b[y])) at each row's label, from a
+    row-by-row dot of the hidden state with the label's weight row (O(N·H), no vocabulary pass), and the head's
+    chain factor there; both 0 where ``ids`` is −1."""
+    dtype = torch.promote_types(op.hidden.dtype, torch.float32)
+    owned = ids >= 0
+    rows = op.weight.index_select(0, ids.clamp_min(0)).to(dtype)
+    x = (op.hidden.to(dtype) * rows).sum(dim=-1)
+    if op.bias is not None:
+        x = x + op.bias.index_select(0, ids.clamp_min(0)).to(dtype)
+    x = x * op.pre
+    chain = torch.full_like(x, op.pre * op.post)
+    if op.softcap is not None:
+        tanh = torch.tanh(x / op.softcap)
+        x = tanh * op.softcap
+        chain = chain * (1.0 - tanh * tanh)
+    z = x * op.post
+    return torch.where(owned, z, 0.0), torch.where(owned, chain, 0.0)
+
+
+def shifted_center(stats: DivergenceStats, mode: str, shift: float) -> DivergenceStats:
+    """The statistics a gradient pass reads, their center lowered by ``shift`` (:class:`HardLabels`); reverse KL's
+    gradient passes read the loss as the center."""
+    if shift == 0.0:
+        return stats
+    center = stats.center - shift
+    if mode == "reverse_kl":
+        return stats._replace(loss=stats.loss - shift, center=center)
+    return stats._replace(center=center)
+
+
+def add_one_hot(g: Tensor, ids: Tensor, v_lo: int, coef: Tensor) -> None:
+    """g[n, ids_n − v_lo] −= coef_n in place, for the rows whose label lies among the tile's columns."""
+    col = ids - v_lo
+    rows = ((col >= 0) & (col < g.shape[1])).nonzero().view(-1)
+    if rows.numel():
+        cols = col.index_select(0, rows)
+        g[rows, cols] -= coef.index_select(0, rows).to(g.dtype)
 
 
 # ---- gradient filtering -----------------------------------------------------------------------------------------
@@ -508,6 +603,19 @@ class _Overlap:
             self.main.wait_stream(self.side)
 
 
+def _hard_labels(
+    op: Operand, spec: DivergenceSpec, labels: Tensor | None, row_weight: Tensor | None
+) -> tuple[HardLabels | None, Tensor | None, Tensor | None]:
+    """(the sweep's :class:`HardLabels`, D's row weights, the labels' logits) for ``labels`` (None: none of them)."""
+    if labels is None:
+        return None, row_weight, None
+    weight = spec.hard_label_weight
+    z_y, chain = label_logits(op, labels)
+    if row_weight is not None:
+        row_weight = row_weight * (1.0 - weight)
+    return HardLabels(labels, chain, weight / (1.0 - weight)), row_weight, z_y
+
+
 class Sweep:
     """The ops of :mod:`opd_fast.backends` for a plan, on an :class:`Epilogue`."""
 
@@ -556,26 +664,22 @@ class Sweep:
 
     def _chunk_stats(self, mode, s, t, tiles, ids, beta, r, dtype, entropy: bool = False) -> DivergenceStats:
         """One token chunk's statistics: a sweep of online-softmax merges (with ``entropy``, the student's entropy
-        from the same tiles), plus JSD's mixture pass."""
+        from the same tiles), plus the terms pass of the ``TERMS_MODES``."""
         epi = self.epilogue
         state = new_state(r, s.hidden.device, dtype)
         entropy_state = new_entropy_state(r, s.hidden.device, dtype) if entropy else None
         for cols, zz in tiles():
-            zt = zz[1] if t is not None else None
-            epi.stats_update(
-                state, zz[0], zt, ids, s.tile(cols), t.tile(cols) if t is not None else None, cols.start, mode
-            )
-            if entropy:
-                epi.entropy_update(entropy_state, zz[0], s.tile(cols))
+            zt, ht = (zz[1], t.tile(cols)) if t is not None else (None, None)
+            epi.stats_update(state, zz[0], zt, ids, s.tile(cols), ht, cols.start, mode, entropy_state)
         stats = finalize(state, mode)
         if entropy:
             stats = stats._replace(student_entropy=finalize_entropy(entropy_state))
-        if mode != "jsd":
+        if mode not in TERMS_MODES:
             return stats
         terms = torch.zeros((3, r), device=s.hidden.device, dtype=dtype)
         for cols, (zs, zt) in tiles():
-            epi.jsd_update(terms, zs, zt, stats, s.tile(cols), t.tile(cols), beta)
-        loss, center = jsd_loss(terms, beta)
+            epi.terms_update(terms, zs, zt, stats, s.tile(cols), t.tile(cols), mode, beta)
+        loss, center = terms_loss(terms, mode, beta)
         return stats._replace(loss=loss, center=center)
 
     # -- the generic sweep ---------------------------------------------------------------------------------------
@@ -590,14 +694,16 @@ class Sweep:
         given: DivergenceStats | None,
         need: Need,
         filter_eps: float,
-        jsd_lse: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        terms_lse: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
         entropy: bool = False,
+        hard: HardLabels | None = None,
     ) -> tuple[DivergenceStats | None, Grads]:
         """Statistics (unless ``given``; with ``entropy``, the first model's entropy too) and, with ``row_weight``,
-        the first model's gradients.
+        the first model's gradients (with ``hard``, a cross-entropy term's folded in: :class:`HardLabels`; the row
+        weights are then D's, (1 − w) times the loss's).
 
-        ``jsd_lse`` (vocabulary parallelism): the rows' global (lse_s, lse_t, lse_lo_s, lse_lo_t); the sweep then
-        only adds up the JSD terms of these vocabulary rows and returns them ([3, N], see :func:`jsd_loss`) in place
+        ``terms_lse`` (vocabulary parallelism): the rows' global (lse_s, lse_t, lse_lo_s, lse_lo_t); the sweep then
+        only adds up the terms of these vocabulary rows and returns them ([3, N], see :func:`terms_loss`) in place
         of the stats.
         """
         epi, s = self.epilogue, ops[0]
@@ -617,11 +723,12 @@ class Sweep:
         acc = _Accumulator(s, need, plan, n_rows, filter_eps, g_all_rows) if want_grad else None
         want_stats = given is None
         out = None
-        if jsd_lse is not None:
+        if terms_lse is not None:
             out = torch.zeros((3, n_rows), device=device, dtype=acc_dtype)
         elif want_stats:
-            fields = DivergenceStats._fields[: len(DivergenceStats._fields) - (0 if entropy else 1)]
-            out = DivergenceStats(*(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in fields))
+            out = DivergenceStats(*(torch.empty(n_rows, device=device, dtype=acc_dtype) for _ in range(6)))
+            if entropy:
+                out = out._replace(student_entropy=torch.empty(n_rows, device=device, dtype=acc_dtype))
         if n_rows == 0 or vocab == 0:
             return out, Grads() if acc is None else acc.result()
         bufs = self._workspace(plan, len(ops), device, acc_dtype)
@@ -648,14 +755,14 @@ class Sweep:
             if pending is not None:
                 acc.add(*pending)  # overlaps this chunk's epilogue on the side stream
                 pending = None
-            if jsd_lse is not None:
+            if terms_lse is not None:
                 terms = torch.zeros((3, r), device=device, dtype=acc_dtype)
                 zeros = terms[0].clone()
                 row_lse = DivergenceStats(
-                    zeros, *(x[rows] for x in jsd_lse[:2]), zeros, *(x[rows] for x in jsd_lse[2:])
+                    zeros, *(x[rows] for x in terms_lse[:2]), zeros, *(x[rows] for x in terms_lse[2:])
                 )
                 for cols, (zs, zt) in tiles():
-                    epi.jsd_update(terms, zs, zt, row_lse, s.tile(cols), t.tile(cols), beta)
+                    epi.terms_update(terms, zs, zt, row_lse, s.tile(cols), t.tile(cols), mode, beta)
                 out[:, rows] = terms
                 continue
             with overlap.epilogue(logits_ready):
@@ -664,9 +771,14 @@ class Sweep:
                     ((cols, zz),) = tiles()
                     g_to = g_out(i, rows, plan.vocab) if want_grad else None
                     zt, ht = (zz[1], t.tile(cols)) if t is not None else (None, None)
-                    stats, g = epi.full_rows(zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_to, entropy)
+                    shift = 0.0 if hard is None else hard.shift
+                    stats, g = epi.full_rows(
+                        zz[0], zt, ids_r, s.tile(cols), ht, mode, beta, weight_r, g_to, entropy, shift
+                    )
                     _store_rows(out, stats, rows)
                     if g is not None:
+                        if hard is not None:
+                            add_one_hot(g, hard.ids[rows], cols.start, weight_r * shift * hard.chain[rows])
                         pending = self._emit(g, rows, cols, weight_r, acc, overlap)
                     continue
                 if want_stats:
@@ -676,11 +788,15 @@ class Sweep:
                     stats = _select(given, rows)
                 if not want_grad:
                     continue
+                if hard is not None:
+                    stats = shifted_center(stats, mode, hard.shift)
                 for cols, zz in tiles():
                     g_to = g_out(i, rows, cols.stop - cols.start)
                     zt = zz[1] if t is not None else None
                     ht = t.tile(cols) if t is not None else None
                     g = epi.grad(zz[0], zt, ids_r, stats, weight_r, s.tile(cols), ht, cols.start, mode, beta, g_to)
+                    if hard is not None:
+                        add_one_hot(g, hard.ids[rows], cols.start, weight_r * hard.shift * hard.chain[rows])
                     pending = self._emit(g, rows, cols, weight_r, acc, overlap)
         overlap.wait_epilogue()
         if pending is not None:
@@ -708,32 +824,58 @@ class Sweep:
         return self._operands([s, t], [spec.temperature, spec.teacher_temperature])
 
     def divergence(
-        self, s: Side, t: Side, spec: DivergenceSpec, row_weight: Tensor | None, need: Need
+        self,
+        s: Side,
+        t: Side,
+        spec: DivergenceSpec,
+        row_weight: Tensor | None,
+        need: Need,
+        labels: Tensor | None = None,
     ) -> tuple[DivergenceStats, Grads]:
-        """Per-token statistics and, when ``row_weight`` [N] is given, the gradients of Σ_n w_n D_n."""
+        """Per-token statistics and, when ``row_weight`` [N] is given, the gradients of Σ_n w_n L_n, L = D or, with
+        ``labels`` (each row's label column in these vocabulary rows, −1 where another shard holds it), L =
+        w · CE + (1 − w) · D for w = ``spec.hard_label_weight``; the statistics then hold the label's logit and D
+        (the caller adds the cross-entropy, lse_s − z_y, once the lse is global)."""
         ops = self._pair(s, t, spec)
-        filter_eps = spec.filter_eps or 0.0
-        return self._sweep(spec.kind, ops, None, spec.beta, row_weight, None, need, filter_eps, entropy=spec.entropy)
+        hard, row_weight, z_y = _hard_labels(ops[0], spec, labels, row_weight)
+        stats, grads = self._sweep(
+            spec.kind, ops, None, spec.beta, row_weight, None, need, spec.filter_eps or 0.0, None, spec.entropy, hard
+        )
+        return (stats if z_y is None else stats._replace(label_logit=z_y)), grads
+
+    def divergence_label_logits(self, s: Side, spec: DivergenceSpec, labels: Tensor) -> Tensor:
+        """The student's final logit at each row's label column (0 where ``labels`` is −1; :func:`label_logits`)."""
+        return label_logits(self._operands([s], [spec.temperature])[0], labels)[0]
 
     def divergence_backward(
-        self, s: Side, t: Side, spec: DivergenceSpec, stats: DivergenceStats, row_weight: Tensor, need: Need
+        self,
+        s: Side,
+        t: Side,
+        spec: DivergenceSpec,
+        stats: DivergenceStats,
+        row_weight: Tensor,
+        need: Need,
+        labels: Tensor | None = None,
     ) -> Grads:
-        """Gradients of Σ_n w_n D_n from given (e.g. global) statistics; recomputes the logits."""
+        """Gradients of Σ_n w_n L_n (:meth:`divergence`) from given (e.g. global) statistics; recomputes the
+        logits."""
         ops = self._pair(s, t, spec)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         given = DivergenceStats(*(None if x is None else x.to(dtype) for x in stats))
-        return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, spec.filter_eps or 0.0)[1]
+        hard, row_weight, _ = _hard_labels(ops[0], spec, labels, row_weight)
+        filter_eps = spec.filter_eps or 0.0
+        return self._sweep(spec.kind, ops, None, spec.beta, row_weight, given, need, filter_eps, hard=hard)[1]
 
-    def jsd_terms(
+    def divergence_terms(
         self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor, lo_s=None, lo_t=None
     ) -> Tensor:
-        """JSD's terms [3, N] (see :func:`jsd_loss`) summed over these vocabulary rows, given the rows' (global)
-        lse and, when known, their residuals (None: 0)."""
+        """The terms [3, N] of a ``TERMS_MODES`` divergence (see :func:`terms_loss`) summed over these vocabulary
+        rows, given the rows' (global) lse and, when known, their residuals (None: 0)."""
         ops = self._pair(s, t, spec)
         dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
         zeros = torch.zeros_like(lse_s, dtype=dtype)
         lse = tuple(zeros if x is None else x.to(dtype) for x in (lse_s, lse_t, lo_s, lo_t))
-        return self._sweep("jsd", ops, None, spec.beta, None, None, Need(), 0.0, jsd_lse=lse)[0]
+        return self._sweep(spec.kind, ops, None, spec.beta, None, None, Need(), 0.0, terms_lse=lse)[0]
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """(z_y [N], lse [N], lse_lo [N]): the logit of each row's token (0 where ``ids`` is outside these rows,
@@ -769,6 +911,26 @@ class Sweep:
         given = DivergenceStats(zeros, lse, lse, zeros, lo, lo)
         mode = "logsumexp" if ids is None else "token_logprob"
         return self._sweep(mode, ops, ids, 0.0, row_weight, given, need, filter_eps or 0.0)[1]
+
+    def entropy_backward(
+        self,
+        side: Side,
+        lse: Tensor,
+        lse_lo: Tensor,
+        entropy: Tensor,
+        row_weight: Tensor,
+        temperature: float,
+        need: Need,
+        filter_eps: float | None = None,
+    ) -> Grads:
+        """Gradients of Σ_n w_n H_n, H = −Σ_v p log p the rows' (global) entropy with their (lse, lse_lo):
+        ∂H/∂z = −p (log p + H), the gradient pass of mode "entropy" with center −H and row weights −w; recomputes
+        the logits."""
+        ops = self._operands([side], [temperature])
+        dtype = torch.promote_types(ops[0].hidden.dtype, torch.float32)
+        lse, lo, center = lse.to(dtype), lse_lo.to(dtype), -entropy.to(dtype)
+        given = DivergenceStats(torch.zeros_like(lse), lse, lse, center, lo, lo)
+        return self._sweep("entropy", ops, None, 0.0, -row_weight, given, need, filter_eps or 0.0)[1]
 
     def topk(self, side: Side, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(ids int64 [N, k], log-probs [N, k] descending with ties by the smaller id, lse [N], entropy [N])."""

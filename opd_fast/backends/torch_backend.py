@@ -15,8 +15,12 @@ and with the rows' log-probs lp = z − lse the logit gradients of the per-token
 * JSD(β)      D = β KL(p_t‖m) + (1−β) KL(p_s‖m), m = β p_t + (1−β) p_s:
               ∂D/∂z_s = p_s ⊙ ((1−β) log(p_s/m) − center),   center = (1−β) KL(p_s‖m),
               in the cancellation-free form of :func:`jsd_parts`
+* skew KLs    KL(p_t ‖ m) (forward, β = α) and KL(p_s ‖ m) (reverse, β = 1 − α), and TVD ½ Σ |p_s − p_t|:
+              ∂D/∂z_s = pg − p_s center with pg of :func:`terms_parts` (:func:`opd_fast.backends.sweep.terms_loss`)
 * token       log p(y):                           ∂/∂z = [v = y] − p
 * logsumexp   lse:                                ∂/∂z = p
+* entropy     H = −Σ p log p:                     ∂H/∂z = −p (log p + H)   (mode "entropy": p (log p − center)
+                                                  with center = −H, the row weight −w)
 
 and the chain rule through the head multiplies by dz/d(h·Wᵀ) = post · pre · (1 − tanh²), tanh = z / (c·post).
 """
@@ -30,15 +34,17 @@ import torch
 
 from opd_fast._validation import DivergenceSpec
 from opd_fast.backends.sweep import (
+    TERMS_MODES,
     TWO_MODEL_MODES,
     Operand,
     Sweep,
     TileHead,
     fold_linear,
-    jsd_loss,
     kl_shift,
+    label_logits,
     lse_lo,
     split_lse,
+    terms_loss,
 )
 from opd_fast.chunking import get_chunk_budget
 from opd_fast.types import DivergenceStats, Grads, Need, Side
@@ -91,9 +97,9 @@ def x_minus_log1p(x: Tensor) -> Tensor:
     return torch.where(x.abs() <= 0.5, x * x / (2.0 + x) - 2.0 * u * u2 * poly, x - torch.log1p(x))
 
 
-def jsd_parts(lp_s: Tensor, lp_t: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """JSD(β) per element without cancellation at any β: (p_s, log(p_s / m), fs, ft) with Σ fs = KL(p_s ‖ m)
-    and Σ ft = KL(p_t ‖ m), m = β p_t + (1 − β) p_s.
+def jsd_parts(lp_s: Tensor, lp_t: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """JSD(β) per element without cancellation at any β: (p_s, log(p_s / m), fs, ft, log(p_t / m)) with
+    Σ fs = KL(p_s ‖ m) and Σ ft = KL(p_t ‖ m), m = β p_t + (1 − β) p_s.
 
     With d = lp_t − lp_s, m / p_s = 1 + x for x = β·expm1(d) and m / p_t = 1 + y for y = (1 − β)·expm1(−d).
     Because Σ p_s x = β Σ (p_t − p_s) = 0 (and likewise Σ p_t y = 0), KL(p_s ‖ m) = Σ p_s (x − log1p x):
@@ -116,7 +122,29 @@ def jsd_parts(lp_s: Tensor, lp_t: Tensor, beta: float) -> tuple[Tensor, Tensor, 
     log_t = torch.where(d < -30.0, log_s + d, log_t)
     fs = torch.where(x.abs() <= 0.5, p_s * x_minus_log1p(x), beta * (p_t - p_s) + p_s * log_s)
     ft = torch.where(y.abs() <= 0.5, p_t * x_minus_log1p(y), (1.0 - beta) * (p_s - p_t) + p_t * log_t)
-    return p_s, log_s, fs, ft
+    return p_s, log_s, fs, ft, log_t
+
+
+def terms_parts(lp_s: Tensor, lp_t: Tensor, mode: str, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(p_s, pg, fs, ft) per element for a mode of ``TERMS_MODES`` (:func:`opd_fast.backends.sweep.terms_loss`):
+    Σ fs and Σ ft the divergence's parts, pg = p_s · ∂D/∂p_s up to a constant, so that G = pg − p_s Σ pg.
+
+    The skew KLs' derivatives hold p_t / m (KL(p_t ‖ m): −(1 − β) p_t / m; KL(p_s ‖ m): log(p_s / m) + 1 −
+    (1 − β) p_s / m = log(p_s / m) + β p_t / m up to the constant 1). Their constant parts, −(1 − β) and β, are
+    taken out, leaving −(1 − β) expm1(log(p_t / m)) and log(p_s / m) + β expm1(log(p_t / m)): each vanishes where
+    p_s = p_t, as JSD's (1 − β) log(p_s / m) does, so that the centering does not subtract a constant of size β from
+    itself (on near-uniform rows that left ~Σ p_s − 1 times β in every G). log(p_t / m) ≤ log(1 / β): nothing
+    overflows."""
+    if mode == "tvd":
+        p_s, p_t = lp_s.exp(), lp_t.exp()
+        diff = p_s - p_t
+        return p_s, 0.5 * p_s * torch.sign(diff), 0.5 * diff.abs(), torch.zeros_like(p_s)
+    p_s, log_s, fs, ft, log_t = jsd_parts(lp_s, lp_t, beta)
+    if mode == "jsd":
+        return p_s, (1.0 - beta) * p_s * log_s, fs, ft
+    if mode == "skew_forward_kl":
+        return p_s, -(1.0 - beta) * p_s * torch.expm1(log_t), fs, ft
+    return p_s, p_s * (log_s + beta * torch.expm1(log_t)), fs, ft  # skew reverse KL
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -223,8 +251,10 @@ class TorchEpilogue:
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.hidden.dtype
 
-    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
+    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode, entropy=None) -> None:
         a = final_logits(zs, hs)
+        if entropy is not None:
+            merge_entropy(entropy, a)
         m_s, s_s, m_t, s_t, acc = state
         if mode == "reverse_kl":
             _merge_kl((m_s, s_s), (m_t, s_t), acc, a, final_logits(zt, ht))
@@ -233,7 +263,7 @@ class TorchEpilogue:
             _merge_kl((m_t, s_t), (m_s, s_s), acc, final_logits(zt, ht), a)
             return
         _merge_online(m_s, s_s, *_tile_sums(a))
-        if mode == "jsd":
+        if mode in TERMS_MODES:
             _merge_online(m_t, s_t, *_tile_sums(final_logits(zt, ht)))
             return
         if mode == "token_logprob":
@@ -245,14 +275,14 @@ class TorchEpilogue:
         shifted = z.sub_(lse[:, None]) if in_place else z - lse[:, None]
         return shifted.sub_(lo[:, None])
 
-    def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
+    def terms_update(self, terms, zs, zt, stats, hs, ht, mode, beta) -> None:
         lo_s, lo_t = lse_lo(stats)
         lp_s = self._log_probs(final_logits(zs, hs), stats.student_lse, lo_s)
         lp_t = self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t)
-        p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
+        _, pg, fs, ft = terms_parts(lp_s, lp_t, mode, beta)
         terms[0] += fs.sum(dim=-1)
         terms[1] += ft.sum(dim=-1)
-        terms[2] += _rowdot(p_s, log_s)
+        terms[2] += pg.sum(dim=-1)
 
     def _tile(self, slot: int, like: Tensor) -> Tensor:
         """A scratch tile shaped like ``like`` that lives as long as this epilogue (one op call) and serves every
@@ -265,7 +295,7 @@ class TorchEpilogue:
         return buf[: like.numel()].view(like.shape)
 
     def full_rows(
-        self, zs, zt, ids, hs, ht, mode, beta, row_weight, out, entropy: bool = False
+        self, zs, zt, ids, hs, ht, mode, beta, row_weight, out, entropy: bool = False, center_shift: float = 0.0
     ) -> tuple[DivergenceStats, Tensor | None]:
         """Statistics and logit gradient of whole vocabulary rows, with a few passes over each model's tile and no
         temporary beyond two scratch tiles (fewer passes than the online merge + grad path the tiled plan needs).
@@ -278,6 +308,9 @@ class TorchEpilogue:
         reverse KL  D = Σ p_s d − c,   G = p_s (d − Σ p_s d) = (e_s d − (Σ p_s d) e_s) / s_s  (c drops out)
         forward KL  D = Σ p_t d' + c with d' = −d,   G = p_s − p_t = e_s / s_s − e_t / s_t
         entropy     H = −Σ p_s log p_s = log s_s − Σ e_s (z_s − m_s) / s_s  (``entropy``: one row dot more)
+
+        ``center_shift`` c adds c · p_s to G (a hard-label term's p_s part, sweep.HardLabels): the gradient pass's
+        center lowered by c.
         """
         a = final_logits(zs, hs)
         chain = head_chain(a, hs) if row_weight is not None else None
@@ -306,7 +339,8 @@ class TorchEpilogue:
             mean_d = weighted.sum(dim=-1) / s_s  # Σ p_s d
             loss = center = mean_d - (log_s_s - log_s_t)
             if row_weight is not None:
-                g = self._finish_grad(weighted.addcmul_(e_s, -mean_d[:, None]), chain, row_weight / s_s, out)
+                g = weighted.addcmul_(e_s, (center_shift - mean_d)[:, None])
+                g = self._finish_grad(g, chain, row_weight / s_s, out)
         elif mode == "forward_kl":
             weighted = b.sub_(a).mul_(e_t)  # e_t · d'
             loss, center = weighted.sum(dim=-1) / s_t + (log_s_s - log_s_t), zeros
@@ -314,32 +348,28 @@ class TorchEpilogue:
                 # w p_s − w p_t with the row weight (and a constant chain factor) in both scales: equal rows cancel
                 weight = row_weight if isinstance(chain, Tensor) else row_weight * chain
                 target = a if out is None else out
-                g = torch.mul(e_s, (weight / s_s)[:, None], out=target).sub_(e_t.mul_((weight / s_t)[:, None]))
+                student = weight * (1.0 + center_shift) / s_s
+                g = torch.mul(e_s, student[:, None], out=target).sub_(e_t.mul_((weight / s_t)[:, None]))
                 if isinstance(chain, Tensor):
                     g.mul_(chain)
         else:
             lp_s, lp_t = a.sub_(log_s_s[:, None]), b.sub_(log_s_t[:, None])
-            p_s, log_s, fs, ft = jsd_parts(lp_s, lp_t, beta)
-            loss, center = jsd_loss(torch.stack([fs.sum(dim=-1), ft.sum(dim=-1), _rowdot(p_s, log_s)]), beta)
-            # G = p_s ((1 − β) log(p_s / m) − center) sums to 0 over the row, as the exact gradient does, only if the
-            # center is the mean of (1 − β) log(p_s / m) under the computed p_s, to the last bit: Σ p_s is 1 only to
-            # rounding, and the center's own rounding is ~ulp(center). Either error shifts every G_v by p_s,v times
-            # it, and such errors add up coherently in dH = G · W where W's rows share a large component (logits far
-            # from 0). So the center is normalized by Σ p_s, and the gradient's residual mean, Σ G / Σ p_s (of the
-            # size of those errors, so itself accurate to ~ulp of them), is taken out once more.
+            p_s, pg, fs, ft = terms_parts(lp_s, lp_t, mode, beta)
+            loss, center = terms_loss(torch.stack([fs.sum(dim=-1), ft.sum(dim=-1), pg.sum(dim=-1)]), mode, beta)
+            # G = pg − p_s · center sums to 0 over the row, as the exact gradient does, only if the center is the
+            # mean of pg / p_s under the computed p_s, to the last bit: Σ p_s is 1 only to rounding, and the center's
+            # own rounding is ~ulp(center). Either error shifts every G_v by p_s,v times it, and such errors add up
+            # coherently in dH = G · W where W's rows share a large component (logits far from 0). So the center is
+            # normalized by Σ p_s, and the gradient's residual mean, Σ G / Σ p_s (of the size of those errors, so
+            # itself accurate to ~ulp of them), is taken out once more.
             mass = p_s.sum(dim=-1)
             center = center / mass
             if row_weight is not None:
-                g = log_s.mul_(1.0 - beta).sub_(center[:, None]).mul_(p_s)
+                g = pg.addcmul_(p_s, -center[:, None])
                 residual = g.sum(dim=-1) / mass
-                g = self._finish_grad(g.addcmul_(p_s, -residual[:, None]), chain, row_weight, out)
+                g = self._finish_grad(g.addcmul_(p_s, (center_shift - residual)[:, None]), chain, row_weight, out)
                 center = center + residual
         return DivergenceStats(loss, lse_s, lse_t, center, lo_s, lo_t, student_entropy), g
-
-    def entropy_update(self, state: Tensor, zs: Tensor, hs: TileHead) -> None:
-        """Merge the student's tile into an entropy state [3, r] = (m, s, a): the max, Σ e^{z − m} and
-        a = Σ e^{z − m}(z − m) (:func:`opd_fast.backends.sweep.finalize_entropy`); ``zs`` is left as it is."""
-        merge_entropy(state, final_logits(zs, hs))
 
     @staticmethod
     def _finish_grad(g: Tensor, chain: Tensor | float, row_scale: Tensor, out: Tensor | None) -> Tensor:
@@ -364,12 +394,16 @@ class TorchEpilogue:
             lp_t = self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t, in_place=True)
             g = lp_s.sub_(lp_t).sub_(stats.loss[:, None]).mul_(p_s)
         elif mode == "forward_kl":
-            g = p_s.sub_(self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t, in_place=True).exp_())
-        elif mode == "jsd":
-            _, log_s, _, _ = jsd_parts(lp_s, self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t), beta)
-            g = log_s.mul_(1.0 - beta).sub_(stats.center[:, None]).mul_(p_s)
+            p_t = self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t, in_place=True).exp_()
+            g = p_s.mul_((1.0 - stats.center)[:, None]).sub_(p_t)  # p_s − p_t − p_s · center
+        elif mode in TERMS_MODES:
+            lp_t = self._log_probs(final_logits(zt, ht), stats.teacher_lse, lo_t)
+            _, pg, _, _ = terms_parts(lp_s, lp_t, mode, beta)
+            g = pg.addcmul_(p_s, -stats.center[:, None])
         elif mode == "token_logprob":
             g = _one_hot_minus(p_s, ids, v_lo)
+        elif mode == "entropy":
+            g = lp_s.sub_(stats.center[:, None]).mul_(p_s)
         else:
             g = p_s
         return self._finish_grad(g, chain, row_weight, out)
@@ -445,14 +479,26 @@ def merge_topk(best, tile_best, k: int):
     return values[:, :k], ids.gather(1, order[:, :k])
 
 
+def _log_mixture(lps: Tensor, lpt: Tensor, beta: float) -> Tensor:
+    """log m, m = β p_t + (1 − β) p_s, for 0 < β < 1."""
+    return torch.logaddexp(lps + math.log1p(-beta), lpt + math.log(beta))
+
+
 def _entry_terms(lps: Tensor, lpt: Tensor, spec: DivergenceSpec) -> Tensor:
     """The divergence's per-entry terms ℓ_v (summing to D over the vocabulary), as a differentiable tile."""
     if spec.kind == "reverse_kl":
         return lps.exp() * (lps - lpt)
     if spec.kind == "forward_kl":
         return lpt.exp() * (lpt - lps)
-    log_m = torch.logaddexp(lps + math.log1p(-spec.beta), lpt + math.log(spec.beta))
-    return spec.beta * lpt.exp() * (lpt - log_m) + (1.0 - spec.beta) * lps.exp() * (lps - log_m)
+    if spec.kind == "tvd":
+        return 0.5 * (lps.exp() - lpt.exp()).abs()
+    log_m = _log_mixture(lps, lpt, spec.beta)
+    to_teacher, to_student = lpt.exp() * (lpt - log_m), lps.exp() * (lps - log_m)
+    if spec.kind == "skew_forward_kl":
+        return to_teacher
+    if spec.kind == "skew_reverse_kl":
+        return to_student
+    return spec.beta * to_teacher + (1.0 - spec.beta) * to_student
 
 
 def _clipped_terms_grad(lps: Tensor, lpt: Tensor, terms: Tensor, spec: DivergenceSpec) -> Tensor:
@@ -460,16 +506,25 @@ def _clipped_terms_grad(lps: Tensor, lpt: Tensor, terms: Tensor, spec: Divergenc
 
     Each term ℓ_v depends on the student only through p_s,v, with a_v = ∂ℓ_v/∂p_s,v; with the softmax Jacobian
     ∂p_v/∂z_j = p_v (δ_vj − p_j) and k_v = [ℓ_v ≤ clip] (the clamp's gradient), g = k ⊙ p a − p Σ_v k_v p_v a_v.
-    p a is p_s (lp_s − lp_t + 1) for reverse KL, −p_t for forward KL, and (1 − β) p_s log(p_s / m) for JSD
-    (the terms in p_t and in m's dependence on p_s cancel to that)."""
+    p a is p_s (lp_s − lp_t + 1) for reverse KL, −p_t for forward KL, (1 − β) p_s log(p_s / m) for JSD (the terms
+    in p_t and in m's dependence on p_s cancel to that), −(1 − β) p_s p_t / m for the skew forward KL KL(p_t ‖ m),
+    p_s (log(p_s / m) + 1) − (1 − β) p_s² / m for the skew reverse KL KL(p_s ‖ m), and ½ p_s sign(p_s − p_t) for
+    TVD."""
     p = lps.exp()
     if spec.kind == "reverse_kl":
         pa = p * (lps - lpt + 1.0)
     elif spec.kind == "forward_kl":
         pa = lpt.exp().neg_()
+    elif spec.kind == "tvd":
+        pa = 0.5 * p * torch.sign(p - lpt.exp())
     else:
-        log_m = torch.logaddexp(lps + math.log1p(-spec.beta), lpt + math.log(spec.beta))
-        pa = (1.0 - spec.beta) * p * (lps - log_m)
+        log_m = _log_mixture(lps, lpt, spec.beta)
+        if spec.kind == "jsd":
+            pa = (1.0 - spec.beta) * p * (lps - log_m)
+        elif spec.kind == "skew_forward_kl":
+            pa = -(1.0 - spec.beta) * (lps + lpt - log_m).exp()
+        else:
+            pa = p * (lps - log_m + 1.0) - (1.0 - spec.beta) * (2.0 * lps - log_m).exp()
     kept = torch.where(terms <= spec.entry_clip, pa, 0.0)
     return kept.sub_(p * kept.sum(dim=-1, keepdim=True))
 
@@ -496,21 +551,23 @@ class TorchOps(Sweep):
         ops = super()._operands(sides, temperatures, fold)
         return [ops[0], *(dataclasses.replace(op, weight=_logits_layout(op.weight)) for op in ops[1:])]
 
-    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need, labels=None):
         if spec.entry_clip is None:
-            return super().divergence(s, t, spec, row_weight, need)
-        return self._clipped(s, t, spec, row_weight, need)
+            return super().divergence(s, t, spec, row_weight, need, labels)
+        return self._clipped(s, t, spec, row_weight, need, labels)
 
-    def divergence_backward(self, s, t, spec, stats, row_weight, need):
+    def divergence_backward(self, s, t, spec, stats, row_weight, need, labels=None):
         if spec.entry_clip is None:
-            return super().divergence_backward(s, t, spec, stats, row_weight, need)
-        return self._clipped(s, t, spec, row_weight, need)[1]
+            return super().divergence_backward(s, t, spec, stats, row_weight, need, labels)
+        return self._clipped(s, t, spec, row_weight, need, labels)[1]
 
-    def _clipped(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+    def _clipped(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need, labels=None):
         """D = Σ_v min(ℓ_v, entry_clip) per token, with its gradient (zero where clipped, :func:`_clipped_terms_grad`)
-        from each token chunk's logits; a whole vocabulary row per chunk (the clip needs every term of a row)."""
+        from each token chunk's logits; a whole vocabulary row per chunk (the clip needs every term of a row). With
+        ``labels``, the gradient is that of w · CE + (1 − w) · D (sweep.HardLabels: CE's is p_s − e_y)."""
         epi = self.epilogue
         op_s, op_t = epi.prepare(s, spec.temperature), epi.prepare(t, spec.teacher_temperature)
+        weight = spec.hard_label_weight if labels is not None else 0.0
         head_s, head_t = op_s.tile(slice(None)), op_t.tile(slice(None))
         n_tokens, vocab = op_s.hidden.shape[0], op_s.weight.shape[0]
         rows_per_chunk = max(1, get_chunk_budget(op_s.hidden.device) // vocab)
@@ -529,8 +586,10 @@ class TorchOps(Sweep):
             terms = _entry_terms(lps, lpt, spec)
             loss = terms.clamp(max=spec.entry_clip).sum(dim=-1)
             if want_grad:
-                g = _clipped_terms_grad(lps, lpt, terms, spec).mul_(head_chain(zs, head_s))
-                g.mul_(row_weight[rows].to(g.dtype)[:, None])
+                g = _clipped_terms_grad(lps, lpt, terms, spec)
+                if labels is not None:
+                    g.mul_(1.0 - weight).add_(weight * _one_hot_minus(lps.exp(), labels[rows], 0).neg_())
+                g.mul_(head_chain(zs, head_s)).mul_(row_weight[rows].to(g.dtype)[:, None])
             out.loss[rows] = loss
             out.student_lse[rows] = torch.logsumexp(zs, dim=-1)
             out.teacher_lse[rows] = torch.logsumexp(zt, dim=-1)
@@ -548,4 +607,6 @@ class TorchOps(Sweep):
             dh *= scale
         if db is not None:
             db *= scale
+        if labels is not None:
+            out = out._replace(label_logit=label_logits(op_s, labels)[0])
         return out, Grads(dh, dw, db)

@@ -1,13 +1,15 @@
 """Triton backend: the ops of :mod:`opd_fast.backends` on the kernels of :mod:`opd_fast.kernels`, for both plans.
 
 * **chunked** (default): the shared sweep of :mod:`opd_fast.backends.sweep` — cuBLAS chunk logits, the fused
-  Triton epilogue of :mod:`opd_fast.kernels.chunk_epilogue` (statistics, JSD terms, logit gradients with the
-  head applied on the fly), cuBLAS gradient GEMMs. Top-k ranks each chunk's final logits with
-  ``torch.topk`` (a radix select over a row already in memory) and its entropy with torch ops.
+  Triton epilogue of :mod:`opd_fast.kernels.chunk_epilogue` (statistics, with the student's entropy in the same
+  read when asked, the terms of JSD, the skew KLs and TVD, logit gradients with the head applied on the fly),
+  cuBLAS gradient GEMMs. Top-k ranks each chunk's final logits with ``torch.topk`` (a radix select over a row
+  already in memory) and its entropy with torch ops.
 * **streaming** (low memory, no logits workspace): the fused tl.dot kernels — one pass of
-  ``softmax_stats`` over the vocabulary for the log-sum-exps and the divergence (JSD takes a second pass,
-  ``jsd_terms``), ``logit_grad_backward`` recomputing the logits tiles chunk by chunk for dH, dW (and the
-  bias gradient), with opt-in gradient filtering; top-k by the streaming ``topk_stats`` kernel.
+  ``softmax_stats`` over the vocabulary for the log-sum-exps, the divergence and (``return_entropy``) the student's
+  entropy (JSD, the skew KLs and TVD take a second pass, ``divergence_terms``), ``logit_grad_backward`` recomputing
+  the logits tiles chunk by chunk for dH, dW (and the bias gradient), with opt-in gradient filtering; top-k by the
+  streaming ``topk_stats`` kernel.
 
 Inputs: fp32, bf16 or fp16 (each model's hidden states and weight are brought to a common dtype); the
 kernels accumulate in fp32. The logit gradient G feeds the gradient GEMMs in the GEMM inputs' dtype; fp16 cannot
@@ -32,11 +34,13 @@ from opd_fast.backends.sweep import (
     FilterStats,
     Operand,
     Sweep,
-    jsd_loss,
     kernel_dtype,
     kernel_operand,
+    label_logits,
     lse_lo,
     set_filter_stats,
+    shifted_center,
+    terms_loss,
     unit_stride,
 )
 from opd_fast.backends.torch_backend import TorchEpilogue
@@ -44,7 +48,7 @@ from opd_fast.chunking import get_chunk_budget
 from opd_fast.kernels import chunk_epilogue
 from opd_fast.kernels._common import dot_precision, is_interpreter
 from opd_fast.kernels.linear_grad import logit_grad_backward
-from opd_fast.kernels.linear_softmax import jsd_terms as linear_jsd_terms
+from opd_fast.kernels.linear_softmax import divergence_terms as linear_divergence_terms
 from opd_fast.kernels.linear_softmax import softmax_stats
 from opd_fast.kernels.linear_topk import MAX_K, topk_stats
 from opd_fast.types import DivergenceStats, Grads, Need, Side
@@ -94,12 +98,14 @@ class TritonEpilogue(TorchEpilogue):
     def grad_dtype(self, operand: Operand) -> torch.dtype:
         return operand.weight.dtype
 
-    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode) -> None:
-        chunk_epilogue.stats_update(state, zs, zt, ids, hs, ht, v_lo, mode)
+    def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode, entropy=None) -> None:
+        """The statistics kernel, with ``entropy`` also merging the student's tile into that state in the same read
+        (its (m, s) are the statistics' own student (m, s), and one more per-lane sum)."""
+        chunk_epilogue.stats_update(state, zs, zt, ids, hs, ht, v_lo, mode, entropy)
 
-    def jsd_update(self, terms, zs, zt, stats, hs, ht, beta) -> None:
+    def terms_update(self, terms, zs, zt, stats, hs, ht, mode, beta) -> None:
         lse = (stats.student_lse, stats.teacher_lse, *lse_lo(stats))
-        chunk_epilogue.jsd_update(terms, zs, zt, lse, hs, ht, beta)
+        chunk_epilogue.terms_update(terms, zs, zt, lse, hs, ht, mode, beta)
 
     def grad(self, zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
         lo_s, lo_t = lse_lo(stats)
@@ -131,16 +137,22 @@ class TritonStreamingOps:
         self.plan = plan
 
     def _stats(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec) -> DivergenceStats:
-        (lse_s, lo_s), (lse_t, lo_t), loss = softmax_stats(
-            s.hidden, s.weight, t.hidden, t.weight, None, s.head, t.head, mode=spec.kind, precision=s.precision
-        )
+        """The statistics pass (with spec.entropy, the student's entropy from the same pass), then the terms pass of
+        the TERMS_MODES."""
+        (lse_s, lo_s), (lse_t, lo_t), loss, *entropy = softmax_stats(
+            s.hidden, s.weight, t.hidden, t.weight, None, s.head, t.head, mode=spec.kind, precision=s.precision,
+            entropy=spec.entropy,
+        )  # fmt: skip
+        zeros = torch.zeros_like(lse_s)
         if spec.kind == "reverse_kl":
-            return DivergenceStats(loss, lse_s, lse_t, loss, lo_s, lo_t)
-        if spec.kind == "forward_kl":
-            return DivergenceStats(loss, lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
-        stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
-        loss, center = jsd_loss(self._jsd(s, t, spec, stats), spec.beta)
-        return stats._replace(loss=loss, center=center)
+            stats = DivergenceStats(loss, lse_s, lse_t, loss, lo_s, lo_t)
+        elif spec.kind == "forward_kl":
+            stats = DivergenceStats(loss, lse_s, lse_t, zeros, lo_s, lo_t)
+        else:
+            stats = DivergenceStats(zeros, lse_s, lse_t, zeros, lo_s, lo_t)
+            loss, center = terms_loss(self._terms(s, t, spec, stats), spec.kind, spec.beta)
+            stats = stats._replace(loss=loss, center=center)
+        return stats._replace(student_entropy=entropy[0]) if entropy else stats
 
     @staticmethod
     def _row_lse(stats: DivergenceStats) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -149,9 +161,10 @@ class TritonStreamingOps:
         pairs = ((stats.student_lse, lo_s), (stats.teacher_lse, lo_t))
         return tuple(tuple(x.float().contiguous() for x in pair) for pair in pairs)
 
-    def _jsd(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec, stats: DivergenceStats):
+    def _terms(self, s: _Prepared, t: _Prepared, spec: DivergenceSpec, stats: DivergenceStats):
+        """The terms pass of JSD, the skew KLs and TVD (spec.kind) given the rows' final lse: [3, N]."""
         args = (s.hidden, s.weight, t.hidden, t.weight, *self._row_lse(stats), s.head, t.head)
-        return linear_jsd_terms(*args, beta=spec.beta, precision=s.precision)
+        return linear_divergence_terms(*args, mode=spec.kind, beta=spec.beta, precision=s.precision)
 
     def _grads(self, mode, s: _Prepared, t: _Prepared | None, ids, stats, row_weight, beta, need: Need, filter_eps):
         filter_stats = FilterStats()
@@ -183,23 +196,55 @@ class TritonStreamingOps:
         set_filter_stats(filter_stats)
         return Grads(dh, dw, db)
 
-    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need):
+    def _label_logits(self, p: _Prepared, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_y, dz_y/dx_y) at each row's label column (both 0 at −1): sweep.label_logits, one row dot each."""
+        return label_logits(Operand(p.hidden, p.weight, *p.head), labels)
+
+    def _divergence_grads(self, spec: DivergenceSpec, s: _Prepared, t: _Prepared, stats, row_weight, need, labels):
+        """Gradients of Σ w_n L_n: L = D, or with ``labels`` w_h · CE + (1 − w_h) · D (w_h = spec.hard_label_weight).
+        CE's p_s part folds into D's gradient pass as in the sweep (sweep.HardLabels: row weights times 1 − w_h, the
+        center lowered by w_h / (1 − w_h)); its one-hot part, −w w_h χ_y at each row's label column, is added here,
+        O(N · H): to dH the label's weight row, to dW (in the weight's dtype, after the kernel's rounding) the row's
+        hidden state, to db the coefficient."""
+        if labels is None:
+            return self._grads(spec.kind, s, t, None, stats, row_weight, spec.beta, need, spec.filter_eps)
+        weight = spec.hard_label_weight
+        stats = shifted_center(stats, spec.kind, weight / (1.0 - weight))
+        grads = self._grads(spec.kind, s, t, None, stats, row_weight * (1.0 - weight), spec.beta, need, spec.filter_eps)
+        coef = row_weight.float() * weight * self._label_logits(s, labels)[1]  # 0 where another shard holds the label
+        ids = labels.clamp_min(0)
+        if grads.hidden is not None:
+            grads.hidden.sub_(coef[:, None] * s.weight.index_select(0, ids).float())
+        if grads.weight is not None:
+            grads.weight.index_add_(0, ids, (coef[:, None] * s.hidden.float()).to(grads.weight.dtype), alpha=-1)
+        if grads.bias is not None:
+            grads.bias.index_add_(0, ids, coef, alpha=-1)
+        return grads
+
+    def divergence(self, s: Side, t: Side, spec: DivergenceSpec, row_weight, need: Need, labels=None):
         ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature)
         stats = self._stats(ps, pt, spec)
-        if spec.entropy:  # one more streamed pass on this plan: the top-k kernel's entropy (k = 1)
-            entropy = topk_stats(ps.hidden, ps.weight, 1, ps.head, precision=ps.precision)[3]
-            stats = stats._replace(student_entropy=entropy)
+        if labels is not None:  # the statistics keep D; the caller adds the cross-entropy lse_s − z_y
+            stats = stats._replace(label_logit=self._label_logits(ps, labels)[0])
         if row_weight is None or not need.any:
             return stats, Grads()
-        return stats, self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
+        return stats, self._divergence_grads(spec, ps, pt, stats, row_weight, need, labels)
 
-    def divergence_backward(self, s: Side, t: Side, spec: DivergenceSpec, stats, row_weight, need: Need) -> Grads:
+    def divergence_backward(
+        self, s: Side, t: Side, spec: DivergenceSpec, stats, row_weight, need: Need, labels=None
+    ) -> Grads:
         ps, pt = _Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature)
-        return self._grads(spec.kind, ps, pt, None, stats, row_weight, spec.beta, need, spec.filter_eps)
+        return self._divergence_grads(spec, ps, pt, stats, row_weight, need, labels)
 
-    def jsd_terms(self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor, lo_s=None, lo_t=None):
+    def divergence_label_logits(self, s: Side, spec: DivergenceSpec, labels: Tensor) -> Tensor:
+        """The student's final logit at each row's label column (0 where ``labels`` is −1)."""
+        return self._label_logits(_Prepared(s, spec.temperature), labels)[0]
+
+    def divergence_terms(
+        self, s: Side, t: Side, spec: DivergenceSpec, lse_s: Tensor, lse_t: Tensor, lo_s=None, lo_t=None
+    ):
         stats = DivergenceStats(torch.zeros_like(lse_s), lse_s, lse_t, torch.zeros_like(lse_s), lo_s, lo_t)
-        return self._jsd(_Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature), spec, stats)
+        return self._terms(_Prepared(s, spec.temperature), _Prepared(t, spec.teacher_temperature), spec, stats)
 
     def token_logits(self, side: Side, ids: Tensor, temperature: float):
         p = _Prepared(side, temperature)
@@ -226,6 +271,16 @@ class TritonStreamingOps:
         stats = DivergenceStats(zeros, lse, lse, zeros, lo, lo)
         mode = "logsumexp" if ids is None else "token_logprob"
         return self._grads(mode, p, None, ids, stats, row_weight, 0.0, need, filter_eps)
+
+    def entropy_backward(
+        self, side: Side, lse, lse_lo, entropy, row_weight, temperature: float, need: Need, filter_eps=None
+    ) -> Grads:
+        """Gradients of Σ w_n H_n from the rows' (lse, lse_lo) and entropy H: the gradient pass of mode "entropy",
+        p_s (log p_s − center) with center −H and row weights −w, i.e. w ∂H/∂z = −w p_s (log p_s + H)."""
+        p = _Prepared(side, temperature)
+        lse, lo, center = (x.float().contiguous() for x in (lse, lse_lo, -entropy))
+        stats = DivergenceStats(torch.zeros_like(lse), lse, lse, center, lo, lo)
+        return self._grads("entropy", p, None, None, stats, -row_weight, 0.0, need, filter_eps)
 
     def topk(self, side: Side, k: int, temperature: float):
         """Top-k lists longer than the kernel's register budget (k > MAX_K) are streamed by the torch

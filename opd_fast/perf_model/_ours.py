@@ -13,7 +13,7 @@ whole rows) recompute both models' tiles in the gradient sweep. The side-stream 
 from __future__ import annotations
 
 from opd_fast import chunking
-from opd_fast.perf_model._core import ACC_BYTES, Ledger, Workload
+from opd_fast.perf_model._core import ACC_BYTES, TERMS_DIVERGENCES, Ledger, Workload
 
 # Fraction of the copy bandwidth our fused epilogue passes reach, per backend. Assumed, not measured: a one-read
 # streaming pass with 16-byte loads runs close to a copy; the 10% left covers the row reductions' tails (one block
@@ -85,7 +85,7 @@ def sweep_kernels(w: Workload, backend: str, plan_name: str, budget, dw_gemm: st
     ledger = Ledger()
     gemm = dict(precision=precision, efficiency=gemm_eff)
 
-    if torch_epilogue and (not whole_rows or w.divergence == "jsd"):
+    if torch_epilogue and (not whole_rows or w.divergence in TERMS_DIVERGENCES):
         raise ValueError("the torch backend is modeled for whole-row chunks of reverse or forward KL only")
     if torch_epilogue and w.dtype != "fp32":
         operands = (n + v) * (hs + ht)
@@ -108,10 +108,10 @@ def sweep_kernels(w: Workload, backend: str, plan_name: str, budget, dw_gemm: st
                     ledger.add(f"torch epilogue: {name}", "elementwise", read=r * c * read, written=r * c * written)
             else:
                 epilogue("stats epilogue", r, c)
-            if w.divergence == "jsd":
+            if w.divergence in TERMS_DIVERGENCES:
                 if not whole_rows:
-                    logits(r, c, ", recomputed for JSD")
-                epilogue("JSD terms epilogue", r, c)
+                    logits(r, c, ", recomputed for the terms")
+                epilogue("terms epilogue", r, c)
             if not whole_rows:
                 logits(r, c, ", recomputed")
             if not torch_epilogue:
@@ -183,8 +183,8 @@ def triton_streaming_kernels(w: Workload, budget):
     fused = dict(precision=w.dtype, efficiency=TRITON_DOT_EFFICIENCY)
     weights = v * (hs + ht) * e
     ledger.add("softmax_stats (fused logits)", "gemm", flops=2.0 * n * v * (hs + ht), read=weights, **fused)
-    if w.divergence == "jsd":
-        ledger.add("jsd_terms (fused logits)", "gemm", flops=2.0 * n * v * (hs + ht), read=weights, **fused)
+    if w.divergence in TERMS_DIVERGENCES:
+        ledger.add("divergence_terms (fused logits)", "gemm", flops=2.0 * n * v * (hs + ht), read=weights, **fused)
     ledger.add("dH zero-fill", "memset", written=n * hs * ACC_BYTES)
     for i in range(chunks):
         c = min(chunk, v - i * chunk)

@@ -52,8 +52,8 @@ def _gemm(ledger: Ledger, name: str, m: int, n: int, k: int, e: int, out: float,
 
 
 def _not_modeled(method: str, w: Workload) -> None:
-    if w.divergence == "jsd":
-        raise ValueError(f"{method} is modeled for reverse and forward KL, not JSD")
+    if w.divergence not in ("reverse_kl", "forward_kl"):
+        raise ValueError(f"{method} is modeled for reverse and forward KL, not {w.divergence}")
 
 
 def naive_kernels(w: Workload):
@@ -161,6 +161,8 @@ def trl_kernels(w: Workload):
         for model, h in (("student", hs), ("teacher", ht)):
             _gemm(ledger, f"logits GEMM ({model}{label})", r, c, h, e, r * c * f, 1.0, precision=w.dtype, **kw)
 
+    if w.divergence not in ("reverse_kl", "forward_kl", "jsd"):
+        raise ValueError(f"TRL's chunked divergence computes the KLs and JSD, not {w.divergence}")
     tiles = [(r, c) for r in _token_chunks(n, TRL_TOKEN_CHUNK) for c in _token_chunks(v, TRL_VOCAB_CHUNK)]
     for r, c in tiles:
         logits(r, c, "")

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
-LOSS_MODES = ("reverse_kl", "forward_kl", "jsd", "topk", "sampled_token", "sft")
+# The full-vocabulary divergences (opd_fast.linear_divergence), then the other loss modes.
+DIVERGENCE_MODES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+LOSS_MODES = (*DIVERGENCE_MODES, "topk", "sampled_token", "sft")
 ROLLOUT_SOURCES = ("student", "teacher", "reference")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
@@ -150,6 +152,12 @@ class LossConfig:
     temperature: float = 1.0
     # The teacher's logits' temperature (after its head's scale and softcap, as TRL orders it); None: loss.temperature.
     teacher_temperature: float | None = None
+    # The skew KLs' α (mode skew_forward_kl: KL(p_t ‖ α p_t + (1 − α) p_s); skew_reverse_kl: KL(p_s ‖ α p_s +
+    # (1 − α) p_t)); DistiLLM's 0.1.
+    skew: float = 0.1
+    # w of w · CE(student, completion tokens) + (1 − w) · divergence for the divergence modes, from the same sweep
+    # (Liger-Kernel's weight_hard_loss, NeMo's kd_ratio); the targets are the completion's tokens.
+    hard_label_weight: float = 0.0
     top_k: int = 16
     support: str = "student"
     renormalize: bool = True
@@ -265,6 +273,8 @@ class TrainConfig:
         _range("rollout.kv_cache_gb", self.rollout.kv_cache_gb, 0.0, math.inf, low_open=True, high_open=True)
         _choice("loss.mode", self.loss.mode, LOSS_MODES)
         _range("loss.beta", self.loss.beta, 0.0, 1.0)
+        _range("loss.skew", self.loss.skew, 0.0, 1.0, high_open=True)
+        _range("loss.hard_label_weight", self.loss.hard_label_weight, 0.0, 1.0, high_open=True)
         _range("loss.temperature", self.loss.temperature, 0.0, math.inf, low_open=True, high_open=True)
         if self.loss.teacher_temperature is not None:
             tau_t = self.loss.teacher_temperature
@@ -344,9 +354,14 @@ class TrainConfig:
         if self.loss.reward_mix < 1.0 and self.loss.mode != "sampled_token":
             raise ConfigError("loss.reward_mix mixes advantages: it needs loss.mode=sampled_token")
         self._validate_topk_teacher()
-        if self.loss.entry_clip is not None and self.loss.mode not in ("reverse_kl", "forward_kl", "jsd"):
+        if self.loss.entry_clip is not None and self.loss.mode not in DIVERGENCE_MODES:
             raise ConfigError(
-                "loss.entry_clip clips full-vocabulary divergence terms: use reverse_kl, forward_kl or jsd"
+                f"loss.entry_clip clips full-vocabulary divergence terms: use one of {', '.join(DIVERGENCE_MODES)}"
+            )
+        if self.loss.hard_label_weight > 0 and self.loss.mode not in DIVERGENCE_MODES:
+            raise ConfigError(
+                "loss.hard_label_weight mixes the cross-entropy into a full-vocabulary divergence: use one of "
+                f"{', '.join(DIVERGENCE_MODES)} (loss.mode=sft is the cross-entropy alone)"
             )
         return self
 

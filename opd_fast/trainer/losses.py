@@ -4,8 +4,10 @@ Hidden states arrive already gathered at the positions that predict completion t
 aligned with ``batch.targets``), so the student and the teacher may have seen different prompts. Every
 loss is a mean over the completion tokens of the micro-batch.
 
-* ``reverse_kl`` / ``forward_kl`` / ``jsd``: the full-vocabulary divergence per token (linear_divergence),
-  optionally with per-entry clipping (``entry_clip``).
+* ``reverse_kl`` / ``forward_kl`` / ``jsd`` / ``skew_forward_kl`` / ``skew_reverse_kl`` / ``tvd``: the
+  full-vocabulary divergence per token (linear_divergence), optionally with per-entry clipping (``entry_clip``)
+  and mixed with the cross-entropy on the completion tokens (``hard_label_weight``: w · CE + (1 − w) · D, from
+  the same sweep).
 * ``topk``: the divergence on a top-k support per token (linear_topk_divergence); with a teacher known only by
   its top-k log-probs (a vLLM server or engine), the divergence on the teacher's top-k with a tail bucket
   (linear_topk_target_divergence).
@@ -102,11 +104,15 @@ LossResult = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 
 def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
-    """reverse_kl / forward_kl / jsd over the full vocabulary. Without token sparsification the op returns the
-    mean itself (its gradients then come out of the forward sweep); with it, the per-token values to rank. The
-    student's mean entropy over the completion tokens comes from the same sweep (metric ``entropy``, as TRL's
-    DistillationTrainer logs it)."""
+    """A divergence over the full vocabulary (with ``hard_label_weight``, mixed with the cross-entropy on the
+    completion tokens). Without token sparsification the op returns the mean itself (its gradients then come out of
+    the forward sweep); with it, the per-token values to rank. The student's mean entropy over the completion tokens
+    comes from the same sweep (metric ``entropy``, as TRL's DistillationTrainer logs it)."""
     sparse = cfg.token_keep < 1.0
+    hard = {}
+    if cfg.hard_label_weight > 0:
+        labels = torch.where(x.mask, x.batch.targets, -100)
+        hard = dict(labels=labels, hard_label_weight=cfg.hard_label_weight)
     divergence, entropy = linear_divergence(
         x.student_hidden,
         x.student_head,
@@ -122,6 +128,8 @@ def divergence_loss(cfg: LossConfig, x: LossInputs) -> LossResult:
         teacher_temperature=cfg.teacher_temperature,
         backend=cfg.backend,
         return_entropy=True,
+        skew=cfg.skew,
+        **hard,
     )
     metrics = {"entropy": _masked_mean(entropy, x.mask).item()}
     if not sparse:
@@ -212,6 +220,9 @@ LOSS_FUNCTIONS: dict[str, Callable[[LossConfig, LossInputs], LossResult]] = {
     "reverse_kl": divergence_loss,
     "forward_kl": divergence_loss,
     "jsd": divergence_loss,
+    "skew_forward_kl": divergence_loss,
+    "skew_reverse_kl": divergence_loss,
+    "tvd": divergence_loss,
     "topk": topk_loss,
     "sft": sft_loss,
     "sampled_token": sampled_token_loss,
