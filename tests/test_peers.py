@@ -42,6 +42,7 @@ import peer_oracles as peers
 
 from opd_fast import (
     BackendUnavailableError,
+    LMHead,
     chunk_budget,
     linear_divergence,
     linear_token_logprobs,
@@ -487,6 +488,46 @@ def test_hard_label_mix_within_twice_liger_error(backend, divergence, beta, weig
     ours = median_errors([_hard_soft_errors(backend, c, divergence, beta, weights) for c in cases])
     theirs = median_errors([_hard_soft_errors("liger_chunked", c, divergence, beta, weights) for c in cases])
     check_against_peer(ours, theirs, f"{divergence} + hard labels {weights} on {backend} vs liger_chunked")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
+    ("temperature", "weight_hard", "weight_soft", "beta"), [(1.0, 0.5, 0.5, 0.5), (2.0, 0.0, 1.0, 0.8)]
+)
+def test_hard_soft_mix_equals_liger_on_its_own_test_shapes(temperature, weight_hard, weight_soft, beta, bias):
+    """Liger-Kernel's own correctness test of LigerFusedLinearJSDLoss (test/chunked_loss/test_jsd_loss.py,
+    "random shape"): B·T = 3·47 tokens, student hidden 15 and teacher 31, V = 123, inputs and weights uniform in
+    [0, 1), with and without biases, its fp32 tolerances (atol 1e-5, rtol 5e-4). Its hard-label case (τ = 1: Liger
+    takes its cross-entropy at τ = 1, opd_fast at the student's τ) and its pure distillation case at τ = 2 (no
+    labels: hard_label_weight 0). Its third case, weight_soft_loss = 0, is the cross-entropy alone, which opd_fast
+    refuses as a hard_label_weight of 1 (linear_token_logprobs computes it without the teacher)."""
+    g = torch.Generator().manual_seed(47)
+    n, h_s, h_t, vocab = 3 * 47, 15, 31, 123
+    hs, ws = torch.rand(n, h_s, generator=g), torch.rand(vocab, h_s, generator=g)
+    ht, wt = torch.rand(n, h_t, generator=g), torch.rand(vocab, h_t, generator=g)
+    bs, bt = (torch.rand(vocab, generator=g), torch.rand(vocab, generator=g)) if bias else (None, None)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    results = []
+    for who in ("opd", "liger"):
+        x_hs, x_ws = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        x_bs = None if bs is None else bs.clone().requires_grad_()
+        if who == "opd":
+            mix = (
+                dict(labels=labels, hard_label_weight=weight_hard / (weight_hard + weight_soft)) if weight_hard else {}
+            )
+            student, teacher = LMHead(x_ws, x_bs), LMHead(wt, bt)
+            kw = dict(divergence="jsd", beta=beta, temperature=temperature, backend="torch", **mix)
+            loss = (weight_hard + weight_soft) * linear_divergence(x_hs, student, ht, teacher, **kw)
+        else:
+            liger = peers.LigerFusedLinearJSDLoss(
+                weight_hard_loss=weight_hard, weight_soft_loss=weight_soft, beta=beta, temperature=temperature,
+                compiled=False,
+            )  # fmt: skip
+            loss = liger(x_hs, x_ws, ht, wt, labels, x_bs, bt)
+        wrt = (x_hs, x_ws) if x_bs is None else (x_hs, x_ws, x_bs)
+        results.append((loss.detach(), *torch.autograd.grad(loss, wrt)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=5e-4)
 
 
 def _ce_tvd_errors(who: str, case: Case, hard_label_weight: float):
