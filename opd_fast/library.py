@@ -375,6 +375,10 @@ def _divergence_context(ctx, inputs, output) -> None:
 def _divergence_backward(ctx, grad_loss, grad_stats, grad_dh, grad_dw, grad_db, grad_entropy):
     not_inputs = [None] * 22  # ht, wt, bt, mask, labels and the plain values
     grad_entropy = grad_entropy if ctx.entropy_grad else None
+    if grad_loss is not None and ctx.reduction != "none":
+        if ctx.spent:  # before reading the saved tensors, which the first backward scaled in place
+            raise RuntimeError(_SECOND_BACKWARD)
+        ctx.spent = True
     saved = ctx.saved_tensors  # once: the forward's gradients are then scaled in place
     grads = None
     if grad_loss is not None and ctx.reduction == "none":
@@ -385,9 +389,6 @@ def _divergence_backward(ctx, grad_loss, grad_stats, grad_dh, grad_dw, grad_db, 
             ctx.hard_label_weight,
         )  # fmt: skip
     elif grad_loss is not None:
-        if ctx.spent:
-            raise RuntimeError(_SECOND_BACKWARD)
-        ctx.spent = True
         grads = _scaled(saved[:3], ctx.need, grad_loss, ctx.in_dtypes, ctx.in_rows)
     if grad_entropy is not None:
         if ctx.reduction == "none":

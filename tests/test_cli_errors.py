@@ -217,7 +217,11 @@ TRAIN_CASES = [
     (["loss.entry_clip=.inf"], r"loss\.entry_clip must be in \(0\.0, inf\); got inf"),
     (["train.cold_start_steps=500"], r"train\.cold_start_steps must be in \[0, 100\]; got 500"),
     # unknown names
-    (["loss.mode=kl"], r"loss\.mode must be one of reverse_kl, forward_kl, jsd, topk, sampled_token, sft; got 'kl'"),
+    (
+        ["loss.mode=kl"],
+        r"loss\.mode must be one of reverse_kl, forward_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd, topk, "
+        r"sampled_token, sft; got 'kl'",
+    ),
     (["device=tpu"], r"device must be one of auto, cpu, cuda; got 'tpu'"),
     (["student.dtype=fp8"], r"student\.dtype must be one of fp32, bf16; got 'fp8'"),
     (["optim.schedule=step"], r"optim\.schedule must be one of cosine, linear, constant; got 'step'"),
