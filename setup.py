@@ -37,10 +37,12 @@ LICENSE = (
 PACKAGES = [
     "opd_fast",
     "opd_fast.backends",
+    "opd_fast.bench",
     "opd_fast.cli",
     "opd_fast.diagnostics",
     "opd_fast.integrations",
     "opd_fast.kernels",
+    "opd_fast.library",
     "opd_fast.perf_model",
     "opd_fast.trainer",
 ]

@@ -43,7 +43,7 @@ CPU_SHAPE = dict(tokens=4096, hidden=64, vocab=32768)
 
 def _inputs(tokens: int, hidden: int, vocab: int, seed: int):
     """hidden ~ N(0, 1) [N, H] and weights ~ N(0, 16/H) [V, H] for both models (every logit ~ N(0, 16)), as
-    opd_fast.bench_inputs' ``random`` preset; the student's require gradients."""
+    opd_fast.bench.inputs' ``random`` preset; the student's require gradients."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +63,7 @@ def _loss_function(name: str, chunk_size: int):
     import torch
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    # β = 1 is the reverse KL(p_s ‖ p_t) in Liger's convention (opd_fast.baselines.BETA); soft loss only.
+    # β = 1 is the reverse KL(p_s ‖ p_t) in Liger's convention (opd_fast.bench.baselines.BETA); soft loss only.
     loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, chunk_size=chunk_size)
 
     def call(hs, ws, ht, wt):

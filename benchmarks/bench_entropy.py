@@ -10,7 +10,8 @@ dot more, the Triton and CUDA epilogues one more read of each student tile). Eac
 import pytest
 from _bench_shapes import DEVICE, SHAPES
 
-from opd_fast import bench, linear_reverse_kl
+from opd_fast import linear_reverse_kl
+from opd_fast.bench import cases
 
 _plain_median: dict[str, float] = {}
 
@@ -19,11 +20,11 @@ _plain_median: dict[str, float] = {}
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss+entropy"])
 def test_entropy_next_to_the_loss(benchmark, entropy, shape, backend):
-    reason = bench.unavailable_reason(backend, DEVICE)
+    reason = cases.backend_skip_reason(backend, DEVICE)
     if reason:
         pytest.skip(reason)
-    case = bench.Case(backend=backend, mode="fwd+bwd", **shape)
-    inputs = list(bench.make_inputs(case, DEVICE).values())
+    case = cases.Case(backend=backend, mode="fwd+bwd", **shape)
+    inputs = list(cases.case_inputs(case, DEVICE).values())
 
     def step():
         out = linear_reverse_kl(*inputs, backend=backend, return_entropy=entropy)

@@ -12,7 +12,8 @@ project's pytest config) only the small smoke case runs, once, as a test of the 
 import pytest
 import torch
 
-from opd_fast import bench
+from opd_fast.bench import cases, runner
+from opd_fast.memory import peak_extra_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU_THREADS = 2  # the shape of the CI machine; the comparison is stated for 2 threads
@@ -41,17 +42,17 @@ def _threads():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("backend", bench.BACKENDS)
+@pytest.mark.parametrize("backend", cases.BENCH_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reverse_kl_fwd_bwd(benchmark, backend, shape):
-    reason = bench.unavailable_reason(backend, DEVICE)
+    reason = cases.backend_skip_reason(backend, DEVICE)
     if reason:
         pytest.skip(reason)
     if backend in ("compile", "liger_chunked") and shape["tokens"] < 1024 and not benchmark.enabled:
         pytest.skip("compiling the baselines takes a minute: they run in the real (non-smoke) cases")
-    case = bench.Case(backend=backend, mode="fwd+bwd", **shape)
-    inputs = bench.make_inputs(case, DEVICE)
-    fn, _ = bench.timed_call(case, inputs)
-    benchmark.extra_info["peak_mem_mb"] = bench.peak_extra_bytes(fn, DEVICE) / 2**20
+    case = cases.Case(backend=backend, mode="fwd+bwd", **shape)
+    inputs = cases.case_inputs(case, DEVICE)
+    fn, _ = runner.timed_call(case, inputs)
+    benchmark.extra_info["peak_mem_mb"] = peak_extra_bytes(fn, DEVICE) / 2**20
     benchmark.extra_info["device"] = str(DEVICE)
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)

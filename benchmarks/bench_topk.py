@@ -9,13 +9,14 @@ median over the reverse-KL forward's median (the GPU target is < 1.3). Run:
 import pytest
 from _bench_shapes import DEVICE, SHAPES
 
-from opd_fast import bench, linear_reverse_kl, linear_topk_overlap
+from opd_fast import linear_reverse_kl, linear_topk_overlap
+from opd_fast.bench import cases
 
 _reverse_kl_median: dict[str, float] = {}
 
 
 def _backends():
-    return [b for b in ("torch", "triton") if not bench.unavailable_reason(b, DEVICE)]
+    return [b for b in ("torch", "triton") if not cases.backend_skip_reason(b, DEVICE)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -23,9 +24,9 @@ def _backends():
 @pytest.mark.parametrize("op", ["reverse_kl_forward", "topk_overlap_k16"])
 def test_topk_overlap_vs_reverse_kl_forward(benchmark, op, shape, backend):
     if backend not in _backends():
-        pytest.skip(bench.unavailable_reason(backend, DEVICE))
-    case = bench.Case(backend=backend, mode="fwd", **shape)
-    inputs = list(bench.make_inputs(case, DEVICE).values())
+        pytest.skip(cases.backend_skip_reason(backend, DEVICE))
+    case = cases.Case(backend=backend, mode="fwd", **shape)
+    inputs = list(cases.case_inputs(case, DEVICE).values())
     for t in inputs:
         t.requires_grad_(False)
     if op == "reverse_kl_forward":

@@ -1,6 +1,6 @@
 """GPU verification in one short window: ``python3 benchmarks/gpu_verify.py --build --out $OUT`` on the GPU machine
 (one call of at most 590 s), ``python benchmarks/gpu_verify.py --rehearse --out DIR`` for the CPU rehearsal that
-tests/test_gpu_verify.py runs. benchmarks/README.md has the recipe; the stages are in benchmarks/gpu_window/.
+tests/benchmarks/test_gpu_verify.py runs. benchmarks/README.md has the recipe; the stages are in benchmarks/gpu_window/.
 """
 
 from __future__ import annotations

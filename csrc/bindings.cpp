@@ -2,8 +2,8 @@
 //
 // Every check names the op and the argument and says how to fix it. The [N, width] tiles may be views with a
 // padded row stride (check_rows); the launchers take each tile's row stride. Python (opd_fast/backends/
-// cuda_backend.py) wraps these functions as torch.library custom ops and passes the current CUDA stream
-// as an integer, so nothing here needs CUDA or torch-CUDA headers.
+// cuda_backend.py) calls these functions with the current CUDA stream as an integer, so nothing here needs CUDA or
+// torch-CUDA headers.
 //
 // Built with -DOPD_FAST_HOST_BUILD (and csrc/host/launchers_host.cpp instead of the .cu files) the same
 // bindings take CPU tensors: that host build lets the tests run this code and the epilogue math on
@@ -90,7 +90,7 @@ std::tuple<int64_t, int64_t, int64_t> check_chunk(const char* op, const char* na
   return {z.size(0), z.size(1), ld};
 }
 
-// The op codes' names (epilogue.h: Mode; opd_fast.backends.sweep.MODES), exported as _C.MODES.
+// The op codes' names (epilogue.h: Mode; opd_fast.backends.epilogue.MODES), exported as _C.MODES.
 constexpr const char* kModeNames[] = {"reverse_kl", "forward_kl",    "jsd",       "skew_forward_kl", "skew_reverse_kl",
                                       "tvd",        "token_logprob", "logsumexp", "entropy"};
 static_assert(sizeof(kModeNames) / sizeof(kModeNames[0]) == kEntropy + 1, "a name for every Mode");
@@ -315,7 +315,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HOST_BUILD") = opd_fast::kDevice == c10::DeviceType::CPU;
   py::dict modes;
   for (int mode = 0; mode <= opd_fast::kEntropy; ++mode) modes[opd_fast::kModeNames[mode]] = mode;
-  m.attr("MODES") = modes;  // must equal opd_fast.backends.sweep.MODES
+  m.attr("MODES") = modes;  // must equal opd_fast.backends.epilogue.MODES
   m.def("softmax_stats_update", &opd_fast::softmax_stats_update, py::arg("zs"), py::arg("zt"), py::arg("ids"),
         py::arg("state"), py::arg("v_lo"), py::arg("mode"), py::arg("bias_s"), py::arg("head_s"), py::arg("bias_t"),
         py::arg("head_t"), py::arg("entropy"), py::arg("stream"),

@@ -40,7 +40,7 @@
 
 namespace opd_fast {
 
-// Op codes: the numbers of MODES in kernels/_common.py and opd_fast/backends/sweep.py. The codes below
+// Op codes: the numbers of MODES in opd_fast/backends/epilogue.py (kernels/_common.py takes them). The codes below
 // kTokenLogprob are two-model divergences; kJSD to kTVD (has_terms) take a second pass for their terms. kEntropy
 // is only a gradient (of the student's entropy; its statistics come with any other mode's statistics pass,
 // row_softmax_stats with kWithEntropy, or from the top-k kernel's EntropyAcc).
@@ -488,7 +488,7 @@ OPD_HD PairEntropyAcc all_reduce_stats(const Group& g, const PairEntropyAcc& loc
 // ---------------------------------------------------------------------------------------------------
 // Forward statistics. The running state of a row lives in `state` at stride `stride` (= N) as
 //     [m_s, s_s, m_t, s_t, acc]
-// with, per mode (opd_fast.backends.sweep.finalize; lse = m + log s):
+// with, per mode (opd_fast.backends.online_softmax.finalize; lse = m + log s):
 //     reverse KL:  acc = Σ e^{z_s − m_s}((z_s − m_s) − (z_t − m_t))   D = acc/s_s − log s_s + log s_t
 //     forward KL:  acc = Σ e^{z_t − m_t}((z_t − m_t) − (z_s − m_s))   D = acc/s_t − log s_t + log s_s
 //     token:       acc = z_y, the logit of the row's token (from the one chunk that holds it)
@@ -497,7 +497,7 @@ OPD_HD PairEntropyAcc all_reduce_stats(const Group& g, const PairEntropyAcc& loc
 // Each chunk's row state is reduced over the group, then merged into the running state by rank 0.
 //
 // With kWithEntropy, the same read also merges the student's final logits into its entropy state [m, s, a] at
-// `entropy` (same stride; fresh: −inf, 0, 0; opd_fast.backends.sweep.finalize_entropy: H = log s − a / s), an
+// `entropy` (same stride; fresh: −inf, 0, 0; opd_fast.backends.online_softmax.finalize_entropy: H = log s − a / s), an
 // EntropyAcc (m, s, t = a) reduced and merged exactly as the top-k kernel's: every mode but kEntropy may ask for it.
 // The stats state is bitwise the same with and without it (the student's (m, s) are computed as they are without t).
 template <int kMode, bool kWithEntropy, class Group>
@@ -544,7 +544,7 @@ OPD_HD float x_minus_log1p(float x) {
   return x * x / (2.f + x) - 2.f * series;
 }
 
-// JSD(β) of one element without cancellation at any β (opd_fast/backends/torch_backend.py: jsd_parts):
+// JSD(β) of one element without cancellation at any β (opd_fast/backends/torch_math.py: jsd_parts):
 // with d = lp_t − lp_s, m/p_s = 1 + x, x = β·expm1(d), and m/p_t = 1 + y, y = (1 − β)·expm1(−d). Since
 // Σ p_s x = Σ p_t y = 0, KL(p_s ‖ m) = Σ p_s (x − log1p x) and KL(p_t ‖ m) = Σ p_t (y − log1p y): terms ≥ 0,
 // O(β²) as β → 0, where p_s log(p_s/m) would cancel. Returns (p_s, p_t, log(p_s / m), log(p_t / m), fs, ft).
@@ -576,9 +576,9 @@ OPD_HD JsdParts jsd_parts(float lp_s, float lp_t, float beta) {
 // sign(d), 0 at ±0, NaN at NaN (d · 0), so that a NaN logit reaches TVD's gradient as it reaches the others.
 OPD_HD float sign_nan(float d) { return d > 0.f ? 1.f : d < 0.f ? -1.f : d * 0.f; }
 
-// One element of a divergence with a terms pass (has_terms), from the final log-probs: (p_s, a, b, pg), where Σ a and
-// Σ b make the row's D (sweep.terms_loss) and pg = p_s · ∂D/∂p_s up to a per-row constant, so that the gradient is
-// ∂D/∂z_s = pg − p_s · center with center = Σ pg. With m = β p_t + (1 − β) p_s (0 < β < 1; skew_forward_kl(α) =
+// One element of a divergence with a terms pass (has_terms), from the final log-probs: (p_s, a, b, pg), where Σ a
+// and Σ b make the row's D (online_softmax.terms_loss) and pg = p_s · ∂D/∂p_s up to a per-row constant, so that the
+// gradient is ∂D/∂z_s = pg − p_s · center with center = Σ pg. With m = β p_t + (1 − β) p_s (0 < β < 1; skew_forward_kl(α) =
 // KL(p_t ‖ m) is β = α, skew_reverse_kl(α) = KL(p_s ‖ m) is β = 1 − α), fs and ft from jsd_parts and
 // r = e^{log(p_t / m)} − 1 (expm1; log(p_t / m) ≤ log(1 / β), so nothing overflows):
 //     mode             a              b    pg                           D
@@ -592,7 +592,7 @@ OPD_HD float sign_nan(float d) { return d > 0.f ? 1.f : d < 0.f ? -1.f : d * 0.f
 // vanishes where p_s = p_t: subtracting a constant from itself in G = pg − p_s Σ pg left ~(Σ p_s − 1)·β per element
 // on near-uniform rows.)
 // Summing pg separately, rather than taking D as the center, keeps the center consistent with the per-element pg
-// (sweep.terms_loss says why that matters).
+// (online_softmax.terms_loss says why that matters).
 struct TermsParts {
   float p_s, a, b, pg;
 };
@@ -611,9 +611,9 @@ OPD_HD TermsParts terms_parts(float lp_s, float lp_t, float beta) {
 }
 
 // A row's log-sum-exp as the pair (lse, lo): lse rounded to fp32 and its residual lo = (m − lse) + log Σ e^{z − m}
-// (opd_fast.backends.sweep.split_lse), kept apart like log_softmax keeps the max and log Σ apart. A log-probability
-// (z − lse) − lo is accurate to ~ulp(log p); z − lse alone would carry ~ulp(lse) (5e-4 at lse ≈ 1e4). Stored as
-// [2, N] per-row arrays: lse in row 0, lo in row 1.
+// (opd_fast.backends.online_softmax.split_lse), kept apart like log_softmax keeps the max and log Σ apart. A
+// log-probability (z − lse) − lo is accurate to ~ulp(log p); z − lse alone would carry ~ulp(lse) (5e-4 at lse ≈ 1e4).
+// Stored as [2, N] per-row arrays: lse in row 0, lo in row 1.
 struct RowLse {
   float lse;
   float lo;
@@ -654,7 +654,8 @@ OPD_HD Sum3 terms_of_thread(const Group& g, const float* zs, const float* zt, in
 }
 
 // The second pass of the has_terms modes, once both rows' lse are final: adds this chunk's Σ a to terms[0], Σ b to
-// terms[stride] and Σ pg to terms[2 · stride] (terms_parts; sweep.terms_loss turns them into D and the center).
+// terms[stride] and Σ pg to terms[2 · stride] (terms_parts; online_softmax.terms_loss turns them into D and the
+// center).
 template <int kMode, class Group>
 OPD_HD void row_divergence_terms(const Group& g, const float* zs, const float* zt, int64_t width, const Head& hs,
                                  const Head& ht, RowLse lse_s, RowLse lse_t, float beta, float* terms, int64_t stride,

@@ -14,32 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
-# Op codes, passed to the kernels as constexpr MODE (the same as opd_fast.backends.sweep.MODES and csrc/epilogue.h's
-# enum Mode). Those below TOKEN_LOGPROB involve two models; JSD to TVD are the "terms modes": their statistics pass
+from opd_fast.backends.epilogue import MODES
+
+# Op codes, passed to the kernels as constexpr MODE: opd_fast.backends.epilogue.MODES (csrc/epilogue.h's enum Mode
+# equals it). Those below TOKEN_LOGPROB involve two models; JSD to TVD are the "terms modes": their statistics pass
 # keeps each model's online (max, Σ e^{z − max}) only, and a second pass over the tile sums their per-element terms
 # (:func:`terms_parts`) once both rows' lse are final. ENTROPY is a gradient pass only (of the student's entropy).
-REVERSE_KL: tl.constexpr = tl.constexpr(0)
-FORWARD_KL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
-SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(3)
-SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(4)
-TVD: tl.constexpr = tl.constexpr(5)
-TOKEN_LOGPROB: tl.constexpr = tl.constexpr(6)
-LOGSUMEXP: tl.constexpr = tl.constexpr(7)
-ENTROPY: tl.constexpr = tl.constexpr(8)
-
-MODES = {
-    "reverse_kl": 0,
-    "forward_kl": 1,
-    "jsd": 2,
-    "skew_forward_kl": 3,
-    "skew_reverse_kl": 4,
-    "tvd": 5,
-    "token_logprob": 6,
-    "logsumexp": 7,
-    "entropy": 8,
-}
-TERMS_MODES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+REVERSE_KL: tl.constexpr = tl.constexpr(MODES["reverse_kl"])
+FORWARD_KL: tl.constexpr = tl.constexpr(MODES["forward_kl"])
+JSD: tl.constexpr = tl.constexpr(MODES["jsd"])
+SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(MODES["skew_forward_kl"])
+SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(MODES["skew_reverse_kl"])
+TVD: tl.constexpr = tl.constexpr(MODES["tvd"])
+TOKEN_LOGPROB: tl.constexpr = tl.constexpr(MODES["token_logprob"])
+LOGSUMEXP: tl.constexpr = tl.constexpr(MODES["logsumexp"])
+ENTROPY: tl.constexpr = tl.constexpr(MODES["entropy"])
 
 
 def is_interpreter() -> bool:
@@ -77,6 +66,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 def on_device(t: torch.Tensor):
     """The context that launches kernels on ``t``'s GPU (nothing to enter for CPU tensors under the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def epilogue_block(width: int) -> int:
+    """Columns per step of the chunked plan's terms and gradient passes: one wide vector per row (2048 on a GPU, 256
+    under the interpreter, whose cost is per operation, not per element)."""
+    return min(256 if is_interpreter() else 2048, triton.next_power_of_2(max(width, 16)))
+
+
+def row_vectors(*vectors):
+    """Per-row fp32 kernel operands."""
+    return tuple(t.float().contiguous() for t in vectors)
 
 
 def head_args(head, like):
@@ -261,7 +261,7 @@ def mixture_factor(d, log_s, beta, MODE: tl.constexpr):
     lose their constants (−(1 − β) and β): like JSD's, each f then vanishes where p_s = p_t, so that on
     near-uniform rows the centering does not subtract a constant of size β from itself (which left ~(Σ p_s − 1) β,
     a few 1e-9, in every G where plain fp32 gives ~2e-10). The same definitions as
-    opd_fast.backends.torch_backend.terms_parts and csrc/epilogue.h; expm1 as :func:`expm1_poly`, one exponential as
+    opd_fast.backends.torch_math.terms_parts and csrc/epilogue.h; expm1 as :func:`expm1_poly`, one exponential as
     p_t / m took (the terms pass of the streaming plan spilled on sm_80 with :func:`expm1`'s logarithm and
     division). e^{log_s + d} is as accurate as e^{log(p_t / m)}: where |d| is large its rounding, ~ulp(|d|), is what
     any fp32 log-ratio of log-probabilities of that size carries."""
@@ -277,12 +277,13 @@ def mixture_factor(d, log_s, beta, MODE: tl.constexpr):
 @triton.jit
 def terms_parts(lp_s, lp_t, beta, MODE: tl.constexpr):
     """The terms pass of JSD, the skew KLs and TVD (MODE) per element, from the final log-probs lp_s, lp_t:
-    (p_s, pg, fs, ft). The pass sums (fs, ft, pg) per row into terms[0..2], and opd_fast.backends.sweep.terms_loss
-    makes the row's D of them (JSD β Σ ft + (1 − β) Σ fs, skew forward KL Σ ft, skew reverse KL and TVD Σ fs) and
-    its center Σ pg. fs and ft are jsd_parts' (Σ fs = KL(p_s ‖ m), Σ ft = KL(p_t ‖ m)), TVD's ½ |p_s − p_t| and 0;
-    pg = p_s f with f = ∂D/∂p_s up to a constant (:func:`mixture_factor`; TVD ½ sign(p_s − p_t)), so that the logit
-    gradient is p_s (f − center) (:func:`terms_grad`). pg is (1 − β) p_s log(p_s / m) (JSD), −(1 − β) p_s
-    expm1(log(p_t / m)) (skew forward KL), p_s (log(p_s / m) + β expm1(log(p_t / m))) (skew reverse KL) and
+    (p_s, pg, fs, ft). The pass sums (fs, ft, pg) per row into terms[0..2], and
+    opd_fast.backends.online_softmax.terms_loss makes the row's D of them (JSD β Σ ft + (1 − β) Σ fs, skew forward KL
+    Σ ft, skew reverse KL and TVD Σ fs) and its center Σ pg. fs and ft are jsd_parts' (Σ fs = KL(p_s ‖ m),
+    Σ ft = KL(p_t ‖ m)), TVD's ½ |p_s − p_t| and 0; pg = p_s f with f = ∂D/∂p_s up to a constant
+    (:func:`mixture_factor`; TVD ½ sign(p_s − p_t)), so that the logit gradient is p_s (f − center)
+    (:func:`terms_grad`). pg is (1 − β) p_s log(p_s / m) (JSD), −(1 − β) p_s expm1(log(p_t / m)) (skew forward KL),
+    p_s (log(p_s / m) + β expm1(log(p_t / m))) (skew reverse KL) and
     ½ p_s sign(p_s − p_t) (TVD)."""
     if MODE == TVD:
         p_s = tl.exp(lp_s)

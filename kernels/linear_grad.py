@@ -40,14 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
+from opd_fast.backends.epilogue import MODES, TERMS_MODES
 from opd_fast.kernels._common import (
     ENTROPY,
     FORWARD_KL,
     JSD,
     LOGSUMEXP,
-    MODES,
     REVERSE_KL,
-    TERMS_MODES,
     TOKEN_LOGPROB,
     apply_head,
     configs,
@@ -68,7 +67,7 @@ def tile_shape(mode: str | None = None) -> tuple[int, int]:
 
     The terms modes' gradients keep more tile-sized values live than the other modes (both log-probabilities and
     log(p_s / m)'s two branches while the teacher's tile is computed): JSD's over 64 × 128 spilled 448-536 B per
-    thread at 8 warps on sm_90a and sm_80 (tests/test_triton_aot.py), so they take 64 × 64 tiles."""
+    thread at 8 warps on sm_90a and sm_80 (tests/kernels/test_triton_aot.py), so they take 64 × 64 tiles."""
     if is_interpreter():
         return (16, 32)
     return (64, 64) if mode in TERMS_MODES else (64, 128)
@@ -82,7 +81,7 @@ def _tile_peak(p):
 
 
 @triton.autotune(
-    # 4 warps spill in token mode (240-430 B per thread, tests/test_triton_aot.py); the terms modes need their
+    # 4 warps spill in token mode (240-430 B per thread, tests/kernels/test_triton_aot.py); the terms modes need their
     # smaller tile.
     configs=configs({"BH": [64, 32]}, warps=[8], stages=[3], interpreter={"BH": 16}),
     key=["HS", "HT", "MODE", "PRECISION"],
@@ -194,7 +193,8 @@ def _logit_grad_kernel(
 
 
 def _matmul_configs(warps: list[int]):
-    # num_stages = 4 compiled to the same code as 3 on sm_90a and sm_80 (tests/test_triton_aot.py): one stage count.
+    # num_stages = 4 compiled to the same code as 3 on sm_90a and sm_80 (tests/kernels/test_triton_aot.py): one stage
+    # count.
     return configs({"BK": [128, 64]}, warps=warps, stages=[3], interpreter={"BK": 16})
 
 
@@ -309,7 +309,7 @@ def logit_grad_backward(
     stats,
 ):
     """(dh fp32 [N, Hs] | None, dw in ws.dtype [V, Hs] | None, db fp32 [V] | None) for the given mode; the
-    kept/skipped tiles are added to ``stats`` (:class:`opd_fast.backends.sweep.FilterStats`).
+    kept/skipped tiles are added to ``stats`` (:class:`opd_fast.backends.gemms.FilterStats`).
 
     ``lse_s``/``lse_t`` are each row's (lse, lse_lo), fp32 [N] each (linear_softmax.softmax_stats). ``ht``/``wt``/
     ``lse_t``/``head_t`` are unused (may be None) in one-model modes, ``ids`` outside token mode, ``center``

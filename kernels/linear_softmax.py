@@ -17,11 +17,12 @@ for the student (and the teacher), plus one accumulator that depends on MODE:
                  per-element parts of ``_common.terms_parts``)
 
 The KL accumulators are kept relative to the lead model's running max m and to r, the other model's logit at the
-column of that max (when the max grows, every earlier term moves by the change of both: opd_fast.backends.sweep.
-kl_shift), so the divergence is a sum of small numbers and never the difference of E_p[z_s − z_t] and
-lse_s − lse_t, which cancel to ~ulp(|z|) when the two heads' logits sit far apart; and the dominant term of a row
-whose lead is one-hot in fp32 is exactly 0, so that D = fl(m_other − r) + … is the very difference the gradient
-pass's log-probabilities form (its G = p (log p_s − log p_t − D) is then ~0, as autograd's, not ~ulp(D)).
+column of that max (when the max grows, every earlier term moves by the change of both:
+opd_fast.backends.online_softmax.kl_shift), so the divergence is a sum of small numbers and never the difference of
+E_p[z_s − z_t] and lse_s − lse_t, which cancel to ~ulp(|z|) when the two heads' logits sit far apart; and the
+dominant term of a row whose lead is one-hot in fp32 is exactly 0, so that D = fl(m_other − r) + … is the very
+difference the gradient pass's log-probabilities form (its G = p (log p_s − log p_t − D) is then ~0, as autograd's,
+not ~ulp(D)).
 With WITH_ENTROPY (``softmax_stats(..., entropy=True)``, a divergence's ``return_entropy``) the pass also keeps the
 student's A = Σ e^{z_s − m_s}(z_s − m_s) (moved by m_old − m_new as its max grows, against its own S), so that
 H = log S − A / S needs no pass of its own. Partial results per split land in a [6, splits, N] buffer ([7, …] with
@@ -37,11 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from opd_fast.backends.epilogue import MODES, TERMS_MODES
 from opd_fast.kernels._common import (
     FORWARD_KL,
-    MODES,
     REVERSE_KL,
-    TERMS_MODES,
     TOKEN_LOGPROB,
     apply_head,
     configs,
@@ -75,7 +75,7 @@ def _kl_tile_add(acc, s_old, alpha, e, m_old, m_new, r_old, r_new, z_lead, z_oth
 
 
 def _stats_configs():
-    # Pruned by tests/test_triton_aot.py (reverse KL, bf16): BN = 128 × BV = 128 and 4 warps with BV = 128 or
+    # Pruned by tests/kernels/test_triton_aot.py (reverse KL, bf16): BN = 128 × BV = 128 and 4 warps with BV = 128 or
     # BN = 128 spill 0.3-2.3 KB per thread on sm_90a and sm_80.
     return configs(
         {"BN": [64], "BV": [128, 64], "BH": [64]},
@@ -273,7 +273,7 @@ def softmax_stats(
 def _merge(m: torch.Tensor, s: torch.Tensor):
     """((lse, lse_lo), row max, log S) over splits from per-split (max, Σ e^{z − max}): lse rounded to fp32 and
     its residual lse_lo = (m − lse) + log S, m the row max (m − lse is exact by Sterbenz's lemma whenever
-    |m| ≥ log S; 0 where lse is not finite), as opd_fast.backends.sweep.split_lse."""
+    |m| ≥ log S; 0 where lse is not finite), as opd_fast.backends.online_softmax.split_lse."""
     m_all = m.amax(0)
     log_sum = torch.log(torch.where(m == -torch.inf, 0.0, torch.exp(m - m_all) * s).sum(0))
     lse = m_all + log_sum
@@ -282,8 +282,8 @@ def _merge(m: torch.Tensor, s: torch.Tensor):
 
 def _merged_entropy(m, s, a, m_all):
     """The student's entropy H = log S − A / S from the splits' (max m, Σ e^{z − m}, A = Σ e^{z − m}(z − m)): each
-    split's A moved to the row max (opd_fast.backends.sweep.kl_shift against a zero model: + S (m − m_all), weighed
-    by e^{m − m_all}; 0 for an empty split), as opd_fast.backends.sweep.finalize_entropy takes it."""
+    split's A moved to the row max (opd_fast.backends.online_softmax.kl_shift against a zero model: + S (m − m_all),
+    weighed by e^{m − m_all}; 0 for an empty split), as opd_fast.backends.online_softmax.finalize_entropy takes it."""
     empty = m == -torch.inf
     scale = torch.where(empty, 0.0, torch.exp(m - m_all))
     s_all = (scale * s).sum(0)
@@ -294,8 +294,8 @@ def _merged_entropy(m, s, a, m_all):
 def _merged_kl(m, s, ref, acc, m_all, m_other_all):
     """Σ_v p_lead ((x − m_all) − (y − m_other_all)) from the splits' KL accumulators (relative to each split's lead
     max m and ``ref``, the other model's logit there): each moved to the row's lead max and the ``ref`` of a split
-    holding it (the rescaling of opd_fast.backends.sweep.kl_shift, split by split), divided by the lead model's S,
-    then moved once to the other model's max."""
+    holding it (the rescaling of opd_fast.backends.online_softmax.kl_shift, split by split), divided by the lead model's
+    S, then moved once to the other model's max."""
     ref_all = torch.where(m == m_all, ref, -torch.inf).amax(0)
     scale = torch.where(m == -torch.inf, 0.0, torch.exp(m - m_all))
     moved = acc + s * ((m - m_all) - (ref - ref_all))
@@ -304,7 +304,7 @@ def _merged_kl(m, s, ref, acc, m_all, m_other_all):
 
 def _terms_configs():
     # Two logits tiles, both rows' (lse, residual) and jsd_parts' temporaries: BN = 64 × BV = 64 at 8 warps spills
-    # 52-84 B per thread on sm_90a and sm_80 since the residuals came in (tests/test_triton_aot.py; wider tiles
+    # 52-84 B per thread on sm_90a and sm_80 since the residuals came in (tests/kernels/test_triton_aot.py; wider tiles
     # and 4 warps spill 1.4-27 KB), BV = 32 compiles to ~130-140 registers without spilling.
     return configs(
         {"BN": [64], "BV": [32], "BH": [64]}, warps=[8], stages=[3], interpreter={"BN": 16, "BV": 32, "BH": 16}
@@ -389,7 +389,7 @@ def divergence_terms(
     hs, ws, ht, wt, lse_s, lse_t, head_s, head_t, *, mode: str, beta: float, precision: str, n_splits=None
 ):
     """The terms (Σ fs, Σ ft, Σ pg) of ``mode`` (one of TERMS_MODES) per row, fp32 [3, N], given both rows'
-    (lse, lse_lo), fp32 [N] each (see opd_fast.backends.sweep.terms_loss)."""
+    (lse, lse_lo), fp32 [N] each (see opd_fast.backends.online_softmax.terms_loss)."""
     if mode not in TERMS_MODES:
         raise ValueError(f"the terms pass serves {TERMS_MODES}, not {mode!r}")
     (lse_s, lo_s), (lse_t, lo_t) = lse_s, lse_t

@@ -35,7 +35,7 @@ from opd_fast.kernels._common import (
 )
 from opd_fast.kernels.linear_softmax import GROUP_N, vocab_splits
 
-# The largest K whose default configuration compiles in seconds without spilling (tests/test_triton_aot.py):
+# The largest K whose default configuration compiles in seconds without spilling (tests/kernels/test_triton_aot.py):
 # K = 128 uses 249 registers; K = 256 spills on sm_90a and takes ptxas ~2 minutes, K = 1024 over 23 minutes.
 MAX_K = 128
 _LOW_MASK = (1 << 32) - 1
@@ -43,7 +43,7 @@ _LOW_MASK = (1 << 32) - 1
 
 def _topk_configs():
     # At K = MAX_K, BN = 64 spills (60 B-5 KB per thread) and BN = 32 with 4 warps ran past 120 s of ptxas on sm_80
-    # (tests/test_triton_aot.py): one configuration.
+    # (tests/kernels/test_triton_aot.py): one configuration.
     return configs({"BN": [32], "BH": [64]}, warps=[8], stages=[3], interpreter={"BN": 16, "BH": 16})
 
 

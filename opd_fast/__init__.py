@@ -6,7 +6,7 @@ contract and README.md for examples.
 """
 
 from opd_fast.backends import BackendUnavailableError
-from opd_fast.backends.sweep import last_filter_stats
+from opd_fast.backends.gemms import last_filter_stats
 from opd_fast.chunking import chunk_budget, get_chunk_budget, set_chunk_budget
 from opd_fast.distributed import shard_rows
 from opd_fast.functional import linear_divergence, linear_reverse_kl, linear_token_logprobs

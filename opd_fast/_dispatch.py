@@ -2,9 +2,10 @@
 
 Every public function takes ``backend=``, ``plan=`` and ``process_group=``; a :class:`Placement` holds the
 three, checked once, and answers the two questions the functions ask: which vocabulary shard this rank holds
-(:meth:`Placement.shard`) and which backend computes the op (:meth:`Placement.route`, a :class:`Route` that
-the custom ops of :mod:`opd_fast.library` take as plain values). :func:`checked_pair` is the whole preamble
-of the two-model functions.
+(:meth:`Placement.shard`) and which backend computes the op (:meth:`Placement.route`, a :class:`Route` holding
+the concrete backend name, resolved here once per call; the custom ops of :mod:`opd_fast.library` take it as plain
+values). :meth:`CheckedPair.make` is the whole preamble of the two-model functions: the pair validated, this rank's
+shard found and the route resolved.
 
 Under ``torch.compile`` the backend name is resolved once, when the function is traced
 (``assume_constant_result``: the availability checks import modules, which a graph cannot hold), so
@@ -21,7 +22,7 @@ from opd_fast import _validation as check
 from opd_fast import distributed as vp
 from opd_fast.backends import resolve_backend
 from opd_fast.chunking import check_plan
-from opd_fast.library import shard_key
+from opd_fast.types import HeadTransform
 
 
 @torch.compiler.assume_constant_result
@@ -39,13 +40,13 @@ class Route(NamedTuple):
 
     @property
     def args(self) -> tuple[str, str, str]:
-        """(backend, plan, shard key) as the ops of :mod:`opd_fast.library` take them."""
-        return self.backend, self.plan, shard_key(self.shard)
+        """(backend, plan, shard key) as the custom ops of :mod:`opd_fast.library` take them."""
+        return self.backend, self.plan, vp.shard_key(self.shard)
 
 
 class Placement(NamedTuple):
-    """Where an op runs: ``backend`` (a name, possibly "auto"; checked when the ops are picked), ``plan``, and
-    the ``process_group`` over which the weights are vocabulary shards (None = whole weights)."""
+    """Where an op runs: ``backend`` (a name, possibly "auto"; resolved by :meth:`route`), ``plan``, and the
+    ``process_group`` over which the weights are vocabulary shards (None = whole weights)."""
 
     backend: str
     plan: str
@@ -67,18 +68,107 @@ class Placement(NamedTuple):
         return Route(_backend_name(self.backend, device), self.plan, shard)
 
 
-def checked_pair(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where: Placement
-) -> tuple[check.CheckedPair, Route]:
-    """Validate a student/teacher pair (:func:`opd_fast._validation.check_pair`), find this rank's vocabulary
-    shard and the backend; returns (the :class:`opd_fast._validation.CheckedPair` whose ``vocab`` is this rank's
-    rows, the route)."""
-    sharded = where.process_group is not None
-    pair = check.check_pair(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, sharded=sharded
-    )
-    shard = where.shard(pair.ws.shape[0], pair.hs.device, vocab_size)
-    if shard is not None and shard.rows < pair.vocab:  # vocab_size ends inside (or before) this rank's shard
-        cut = slice(0, shard.rows)
-        pair = pair._replace(wt=pair.wt[cut], bt=None if pair.bt is None else pair.bt[cut], vocab=shard.rows)
-    return pair, where.route(pair.hs.device, shard)
+def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``t``'s first ``rows`` rows: ``t`` itself when it has no more (a slice would be a needless view)."""
+    return t if t is None or t.shape[0] == rows else t[:rows]
+
+
+class CheckedPair(NamedTuple):
+    """A validated student/teacher pair and where it runs: 2-D hidden states, each head's weight, bias and
+    transform, the leading shape of the tokens, the flattened mask (None = all count), this rank's vocabulary rows
+    and the :class:`Route`.
+
+    The student's weight and bias are the caller's own tensors, of which the first ``vocab`` rows are the
+    vocabulary: cutting them here would make autograd's SliceBackward zero-fill a full-size weight gradient,
+    so the ops cut them (:func:`opd_fast.library.divergence.divergence`), or :meth:`narrowed` does where a slice is
+    fine. The teacher's (no gradient) come cut to ``vocab`` rows.
+    """
+
+    hs: torch.Tensor
+    ws: torch.Tensor
+    bs: torch.Tensor | None
+    ht: torch.Tensor
+    wt: torch.Tensor
+    bt: torch.Tensor | None
+    heads: tuple[HeadTransform, HeadTransform]
+    lead: torch.Size
+    mask: torch.Tensor | None
+    vocab: int
+    route: Route
+
+    @classmethod
+    def make(
+        cls, student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, refuse_non_finite,
+        where: Placement,
+    ) -> CheckedPair:  # fmt: skip
+        """Validate a student/teacher pair (weights may be tensors or :class:`opd_fast.LMHead` objects), find this
+        rank's vocabulary shard and resolve the backend.
+
+        The teacher's head is cut to the shared vocabulary and comes back detached; the student's is not cut (see
+        the class). Under ``where.process_group`` the weights are this rank's vocabulary shards: they must have the
+        same number of rows, and ``vocab_size`` (a global size) cuts them once the shards' offsets are known.
+        """
+        sharded = where.process_group is not None
+        refuse_non_finite = check.check_flag("check_finite", refuse_non_finite)
+        ws, bs, head_s = check.check_head("student_weight", student_weight, sharded)
+        wt, bt, head_t = check.check_head("teacher_weight", teacher_weight, sharded)
+        hs = check.check_hidden("student_hidden", student_hidden, ws, "student_weight")
+        ht = check.check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
+        if hs.shape[:-1] != ht.shape[:-1]:
+            raise ValueError(
+                "student_hidden and teacher_hidden must have the same leading shape (one row per token), got "
+                f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
+            )
+        mask = check.check_mask(mask, hs.shape[:-1])
+        check.check_same_device(
+            student_hidden=hs,
+            student_weight=ws,
+            student_bias=bs,
+            teacher_hidden=ht,
+            teacher_weight=wt,
+            teacher_bias=bt,
+            mask=mask,
+        )
+        if sharded:
+            if ws.shape[0] != wt.shape[0]:
+                raise ValueError(
+                    f"student_weight's shard has {ws.shape[0]} rows but teacher_weight's has {wt.shape[0]} on this "
+                    "rank; shard both lm_heads the same way (opd_fast.shard_rows)"
+                )
+            vocab = ws.shape[0]
+        else:
+            vocab = check.check_vocab(ws, wt, vocab_size)
+            wt, bt = _rows(wt, vocab), _rows(bt, vocab)
+        if refuse_non_finite:
+            biases = (("student_bias", _rows(bs, vocab)), ("teacher_bias", bt))
+            biases = {name: b for name, b in biases if b is not None}
+            check.check_finite(
+                student_hidden=hs, student_weight=_rows(ws, vocab), teacher_hidden=ht, teacher_weight=wt, **biases
+            )
+        shard = where.shard(ws.shape[0], hs.device, vocab_size)
+        vocab = vp.local_rows(shard, vocab)  # a global vocab_size may end inside (or before) this rank's shard
+        wt, bt = _rows(wt, vocab), _rows(bt, vocab)
+        return cls(
+            check.flatten(hs),
+            ws,
+            bs,
+            check.flatten(ht).detach(),
+            wt.detach(),
+            None if bt is None else bt.detach(),
+            (head_s, head_t),
+            hs.shape[:-1],
+            None if mask is None else mask.reshape(-1),
+            vocab,
+            where.route(hs.device, shard),
+        )
+
+    @property
+    def cut(self) -> int | None:
+        """``vocab`` where it narrows the student's head, else None (every row)."""
+        return self.vocab if self.vocab < self.ws.shape[0] else None
+
+    def narrowed(self) -> CheckedPair:
+        """The pair with the student's head cut to ``vocab`` rows (a slice only where it narrows)."""
+        if self.cut is None:
+            return self
+        return self._replace(ws=self.ws[: self.vocab], bs=None if self.bs is None else self.bs[: self.vocab])

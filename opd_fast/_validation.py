@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -115,14 +114,20 @@ def check_weight(name: str, weight: object, shard: bool = False) -> torch.Tensor
     return weight
 
 
+class CheckedHead:
+    """The base of :class:`opd_fast.LMHead`: a head (``weight``, ``bias``, ``scale``, ``softcap``) validated when it
+    was built. It lives here, below heads.py (which builds on this module's checks), so that :func:`check_head`
+    recognizes an LMHead without importing heads.py."""
+
+    __slots__ = ()
+
+
 def check_head(
     name: str, value: object, shard: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, HeadTransform]:
     """(weight [V, H], bias [V] | None, scalar transform) of an lm_head given as a weight tensor or an
     :class:`opd_fast.LMHead` (validated when it was built)."""
-    from opd_fast.heads import LMHead
-
-    if isinstance(value, LMHead):
+    if isinstance(value, CheckedHead):
         weight = check_weight(f"{name}.weight", value.weight, shard)
         return weight, value.bias, HeadTransform(value.scale, value.softcap)
     if not isinstance(value, torch.Tensor):
@@ -379,7 +384,7 @@ class DivergenceSpec:
     teacher_temperature: float | None = None
     entropy: bool = False  # also the student's per-token entropy, from the same sweep
     entropy_grad: bool = False  # ... differentiable (its backward sweeps the student's logits once more)
-    # w of a loss w · CE(p_s, labels) + (1 − w) · D, in [0, 1) (sweep.HardLabels); the ops take the labels
+    # w of a loss w · CE(p_s, labels) + (1 − w) · D, in [0, 1) (backends.hard_labels); the ops take the labels
     hard_label_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -425,97 +430,3 @@ class DivergenceSpec:
 def flatten(hidden: torch.Tensor) -> torch.Tensor:
     """[..., H] -> [N, H] (a view when possible)."""
     return hidden.reshape(-1, hidden.shape[-1])
-
-
-class CheckedPair(NamedTuple):
-    """A validated student/teacher pair: 2-D hidden states, each head's weight, bias and transform, the
-    leading shape of the tokens, the flattened mask (None = all count) and the vocabulary's rows.
-
-    The student's weight and bias are the caller's own tensors, of which the first ``vocab`` rows are the
-    vocabulary: cutting them here would make autograd's SliceBackward zero-fill a full-size weight gradient,
-    so the ops cut them (:func:`opd_fast.library.divergence`), or :meth:`narrowed` does where a slice is fine.
-    The teacher's (no gradient) come cut to ``vocab`` rows.
-    """
-
-    hs: torch.Tensor
-    ws: torch.Tensor
-    bs: torch.Tensor | None
-    ht: torch.Tensor
-    wt: torch.Tensor
-    bt: torch.Tensor | None
-    heads: tuple[HeadTransform, HeadTransform]
-    lead: torch.Size
-    mask: torch.Tensor | None
-    vocab: int
-
-    @property
-    def cut(self) -> int | None:
-        """``vocab`` where it narrows the student's head, else None (every row)."""
-        return self.vocab if self.vocab < self.ws.shape[0] else None
-
-    def narrowed(self) -> CheckedPair:
-        """The pair with the student's head cut to ``vocab`` rows (a slice only where it narrows)."""
-        if self.cut is None:
-            return self
-        return self._replace(ws=self.ws[: self.vocab], bs=None if self.bs is None else self.bs[: self.vocab])
-
-
-def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    """``t``'s first ``rows`` rows: ``t`` itself when it has no more (a slice would be a needless view)."""
-    return t if t is None or t.shape[0] == rows else t[:rows]
-
-
-def check_pair(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, refuse_non_finite, sharded=False
-) -> CheckedPair:
-    """Validate a student/teacher pair; weights may be tensors or :class:`opd_fast.LMHead` objects.
-
-    The teacher's head is cut to the shared vocabulary and comes back detached; the student's is not cut (see
-    :class:`CheckedPair`). With ``sharded`` the weights are this rank's vocabulary shards: they must have the
-    same number of rows, and ``vocab_size`` (a global size) is applied later, when the shards' offsets are known.
-    """
-    refuse_non_finite = check_flag("check_finite", refuse_non_finite)
-    ws, bs, head_s = check_head("student_weight", student_weight, sharded)
-    wt, bt, head_t = check_head("teacher_weight", teacher_weight, sharded)
-    hs = check_hidden("student_hidden", student_hidden, ws, "student_weight")
-    ht = check_hidden("teacher_hidden", teacher_hidden, wt, "teacher_weight")
-    if hs.shape[:-1] != ht.shape[:-1]:
-        raise ValueError(
-            "student_hidden and teacher_hidden must have the same leading shape (one row per token), got "
-            f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
-        )
-    mask = check_mask(mask, hs.shape[:-1])
-    check_same_device(
-        student_hidden=hs,
-        student_weight=ws,
-        student_bias=bs,
-        teacher_hidden=ht,
-        teacher_weight=wt,
-        teacher_bias=bt,
-        mask=mask,
-    )
-    if sharded:
-        if ws.shape[0] != wt.shape[0]:
-            raise ValueError(
-                f"student_weight's shard has {ws.shape[0]} rows but teacher_weight's has {wt.shape[0]} on this rank; "
-                "shard both lm_heads the same way (opd_fast.shard_rows)"
-            )
-        vocab = ws.shape[0]
-    else:
-        vocab = check_vocab(ws, wt, vocab_size)
-        wt, bt = _rows(wt, vocab), _rows(bt, vocab)
-    if refuse_non_finite:
-        biases = {name: b for name, b in (("student_bias", _rows(bs, vocab)), ("teacher_bias", bt)) if b is not None}
-        check_finite(student_hidden=hs, student_weight=_rows(ws, vocab), teacher_hidden=ht, teacher_weight=wt, **biases)
-    return CheckedPair(
-        flatten(hs),
-        ws,
-        bs,
-        flatten(ht).detach(),
-        wt.detach(),
-        None if bt is None else bt.detach(),
-        (head_s, head_t),
-        hs.shape[:-1],
-        None if mask is None else mask.reshape(-1),
-        vocab,
-    )

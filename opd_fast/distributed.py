@@ -10,8 +10,8 @@ shard; this module turns their local, per-token statistics into global ones with
   distributions combines exactly: D_rev = Σ_r w_r (D_r + log w_r − log u_r) and
   D_fwd = Σ_r u_r (D_r + log u_r − log w_r). One sweep over the shard, then an all-gather of 3 × N.
 * **JSD, the skew KLs, TVD** need the global log-sum-exps inside every term: a first sweep for them, then
-  the shard's terms (sweep.terms_loss: KL(p_s‖m), KL(p_t‖m) or ½|p_s − p_t|, and the gradient's center) with the
-  global values, all-reduced (3 × N).
+  the shard's terms (online_softmax.terms_loss: KL(p_s‖m), KL(p_t‖m) or ½|p_s − p_t|, and the gradient's center)
+  with the global values, all-reduced (3 × N).
 * **gradients**: each rank forms the logit gradient of its own columns from the global statistics, so
   its weight gradient is exactly its shard's slice; the hidden-state gradient is the sum over shards,
   all-reduced so every rank holds the full one.
@@ -19,6 +19,11 @@ shard; this module turns their local, per-token statistics into global ones with
   rank) and merged; the entropy combines as H = Σ_r w_r (H_r − log w_r).
 * **the student's entropy** of a divergence (``return_entropy``): the same combination of each shard's own, one
   all-reduce of N more floats.
+* **logits at a few ids per token** (the top-k losses, :func:`gathered_logits`): each rank gathers the ids it
+  owns, and the sum over the ranks (an all-reduce of N·M) is the global logit.
+
+The library's custom ops run :func:`parallel`'s ops (a backend's, wrapped in :class:`VocabParallelOps` over a shard)
+and take a shard by its :func:`shard_key`; everything that depends on whether the weights are sharded is here.
 
 Bytes per call (fp32, N tokens, k top-k, H hidden, R ranks): the forward of a divergence all-gathers
 3·N·R floats (JSD, skew KLs, TVD: 4·N·R + 3·N); a token log-prob or log-sum-exp N·R + N; the top-k 2·N·k·R + 2·N·R;
@@ -35,8 +40,9 @@ import torch
 import torch.distributed as dist
 
 from opd_fast._validation import DivergenceSpec, check_int, check_process_group, check_weight
-from opd_fast.backends.sweep import TERMS_MODES, lse_lo, split_lse, terms_loss
-from opd_fast.types import DivergenceStats, Grads, Need, Side
+from opd_fast.backends.epilogue import TERMS_MODES
+from opd_fast.backends.online_softmax import lse_lo, split_lse, terms_loss
+from opd_fast.types import DivergenceStats, Grads, Need, Side, accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,41 @@ def restrict_vocab(shard: VocabShard, vocab_size: int | None) -> VocabShard:
         raise ValueError(f"vocab_size must be in [1, {shard.vocab}] (the shards' total rows), got {vocab_size}")
     rows = max(0, min(shard.rows, vocab_size - shard.offset))
     return VocabShard(shard.group, shard.rank, shard.world, shard.offset, rows, vocab_size)
+
+
+# Vocabulary shards by key: a shard holds its process group, which a custom op's schema cannot carry, so the ops of
+# opd_fast.library take the key under which shard_key registered it.
+_SHARDS: dict[str, VocabShard] = {}
+
+
+def shard_key(shard: VocabShard | None) -> str:
+    """The key a custom op takes for ``shard`` ("" for None: whole weights), registering it."""
+    if shard is None:
+        return ""
+    key = f"{shard.group.group_name}/{shard.offset}/{shard.rows}/{shard.vocab}"
+    _SHARDS.setdefault(key, shard)
+    return key
+
+
+def registered_shard(key: str) -> VocabShard | None:
+    """The shard :func:`shard_key` registered under ``key`` (None for "")."""
+    return _SHARDS[key] if key else None
+
+
+def global_vocab(shard: VocabShard | None, local_rows: int) -> int:
+    """The global vocabulary: the shards' total, or the ``local_rows`` of whole weights."""
+    return local_rows if shard is None else shard.vocab
+
+
+def local_rows(shard: VocabShard | None, rows: int) -> int:
+    """This rank's rows of the vocabulary, of the ``rows`` of its weights: all of them for whole weights, fewer on a
+    shard that a global ``vocab_size`` ends inside (or before)."""
+    return rows if shard is None else shard.rows
+
+
+def parallel(ops, shard: VocabShard | None):
+    """A backend's ops (the contract of :mod:`opd_fast.backends`), vocabulary-parallel over ``shard`` when given."""
+    return ops if shard is None else VocabParallelOps(ops, shard)
 
 
 def shard_rows(weight: torch.Tensor | torch.nn.Linear, process_group=None, sizes: list[int] | None = None):
@@ -143,20 +184,12 @@ def global_lse(local_lse: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor
 def merge_lse(lse_r: torch.Tensor, lo_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The global (lse, lse_lo) [N] of every rank's local (lse_r, lo_r) [R, N], each shard's log Σ e^z being
     lse_r + lo_r: shifted by the largest lse_r, m, the global one is m + log Σ_r e^{(lse_r − m) + lo_r}, split as
-    opd_fast.backends.sweep.split_lse does, so that log p = (z − lse) − lse_lo keeps ~ulp(log p) across ranks
+    opd_fast.backends.online_softmax.split_lse does, so that log p = (z − lse) − lse_lo keeps ~ulp(log p) across ranks
     (z − lse alone carries ~ulp(lse)). Empty shards (lse_r = −inf) add nothing."""
     m = lse_r.amax(dim=0)
     m = torch.where(torch.isfinite(m), m, 0.0)
     mass = torch.where(lse_r > -torch.inf, torch.exp((lse_r - m) + lo_r), 0.0).sum(dim=0)
     return split_lse(m, mass)
-
-
-def _stat_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """Statistics are fp32, or fp64 for fp64 inputs (as the backends compute them)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _empty_stats(n_rows: int, like: torch.Tensor, dtype: torch.dtype) -> DivergenceStats:
@@ -175,7 +208,7 @@ def _entropy_share(log_w: torch.Tensor, local_entropy: torch.Tensor) -> torch.Te
 
 def _zero_grads(side: Side, need: Need) -> Grads:
     """A shard without rows contributes nothing (its weight and bias gradients are empty slices)."""
-    dtype = _stat_dtype(side.hidden, side.weight)
+    dtype = accumulation_dtype(side.hidden, side.weight)
     return Grads(
         side.hidden.new_zeros(side.hidden.shape, dtype=dtype) if need.hidden else None,
         torch.zeros_like(side.weight) if need.weight else None,
@@ -209,7 +242,7 @@ class VocabParallelOps:
 
     def _divergence_stats(self, s: Side, t: Side, spec: DivergenceSpec) -> DivergenceStats:
         shard, inner = self.shard, self.inner
-        n_rows, dtype = s.hidden.shape[0], _stat_dtype(s.hidden, s.weight, t.hidden, t.weight)
+        n_rows, dtype = s.hidden.shape[0], accumulation_dtype(s.hidden, s.weight, t.hidden, t.weight)
 
         def local(local_spec):
             if not shard.rows:
@@ -271,7 +304,7 @@ class VocabParallelOps:
         return torch.where(self.shard.owned(ids), ids - self.shard.offset, -1)
 
     def logsumexp(self, side: Side, temperature: float) -> torch.Tensor:
-        dtype = _stat_dtype(side.hidden, side.weight)
+        dtype = accumulation_dtype(side.hidden, side.weight)
         if self.shard.rows:
             local = self.inner.logsumexp(side, temperature).to(dtype)
         else:
@@ -281,7 +314,7 @@ class VocabParallelOps:
     def token_logits(self, side: Side, ids: torch.Tensor, temperature: float):
         """(z_y, global lse, its residual): z_y from the shard that owns y (0 elsewhere), all-reduced; the lse
         merged from the shards' (lse, residual) by :func:`merge_lse`."""
-        dtype = _stat_dtype(side.hidden, side.weight)
+        dtype = accumulation_dtype(side.hidden, side.weight)
         n_rows = side.hidden.shape[0]
         if self.shard.rows:
             picked, local_lse, local_lo = self.inner.token_logits(side, self._local_ids(ids), temperature)
@@ -326,7 +359,7 @@ class VocabParallelOps:
         log-prob keeps ties ordered by the smaller id.
         """
         shard = self.shard
-        n_rows, dtype = side.hidden.shape[0], _stat_dtype(side.hidden, side.weight)
+        n_rows, dtype = side.hidden.shape[0], accumulation_dtype(side.hidden, side.weight)
         local_k = min(k, shard.rows)
         ids = side.hidden.new_full((n_rows, k), shard.vocab, dtype=torch.int64)
         logprobs = side.hidden.new_full((n_rows, k), -torch.inf, dtype=dtype)
@@ -371,3 +404,24 @@ class ReduceFromShards(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def gathered_logits(gather, side: Side, ids: torch.Tensor, shard: VocabShard | None) -> torch.Tensor:
+    """h·W[ids]ᵀ + b[ids] ``[N, M]`` of ``side`` at global ``ids`` (-1 = padding, 0 there), differentiable w.r.t. h,
+    W and b, from ``gather(h, w, local_ids)``, the differentiable h·W[local_ids]ᵀ on whole weights (local ids < 0
+    give 0). Under a vocabulary shard each rank gathers the ids it owns and the sum over the ranks is global
+    (Megatron's vocabulary-parallel pattern: :class:`CopyToShards` sums the hidden-state gradient back)."""
+    h, w, bias, _ = side
+    if shard is None:
+        raw = gather(h, w, ids)
+        local_ids = ids
+    else:
+        local_ids = torch.where(shard.owned(ids), ids - shard.offset, -1)
+        raw = ReduceFromShards.apply(gather(CopyToShards.apply(h, shard), w, local_ids), shard)
+    if bias is None:
+        return raw
+    owned = local_ids >= 0
+    picked = torch.where(owned, bias[local_ids.clamp(min=0)].to(raw.dtype), 0.0) if bias.numel() else 0.0 * raw
+    if shard is not None:
+        picked = ReduceFromShards.apply(picked, shard)
+    return raw + picked

@@ -1,7 +1,8 @@
 """Public functional API (docs/design.md §3): OPD quantities straight from hidden states and lm_head weights.
 
-Every function here validates its inputs, flattens the leading dimensions, picks a backend and calls the
-differentiable op of :mod:`opd_fast.autograd`; none of them ever builds the [tokens × vocabulary] logits.
+Every function here validates its inputs, flattens the leading dimensions, picks a backend (:mod:`opd_fast._dispatch`)
+and calls the typed entry point of its custom op in :mod:`opd_fast.library`; none of them ever builds the
+[tokens × vocabulary] logits.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import dataclasses
 import torch
 
 from opd_fast import _validation as check
-from opd_fast import autograd
-from opd_fast._dispatch import Placement, checked_pair
+from opd_fast._dispatch import CheckedPair, Placement
 from opd_fast.heads import LMHead
-from opd_fast.types import LossWithEntropy
+from opd_fast.library import divergence as divergence_ops
+from opd_fast.library import logits as logits_ops
+from opd_fast.types import LossWithEntropy, Side
 
 
 def linear_divergence(
@@ -131,7 +133,7 @@ def linear_divergence(
     where = Placement.make(backend, plan, process_group)
     hard_label_weight = check.check_hard_label_weight(hard_label_weight)
     check.check_labels_given(hard_label_weight, labels)
-    pair, route = checked_pair(
+    pair = CheckedPair.make(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
     )
     flat_labels = None
@@ -141,7 +143,7 @@ def linear_divergence(
         check.check_same_device(student_hidden=pair.hs, labels=flat_labels)
         labelled = flat_labels != check.IGNORE_INDEX
         pair = pair._replace(mask=labelled if pair.mask is None else pair.mask & labelled)
-    loss, entropy = autograd.linear_divergence(pair, route, spec, reduction, flat_labels)
+    loss, entropy = divergence_ops.linear_divergence(pair, spec, reduction, flat_labels)
     loss = loss.view(pair.lead) if reduction == "none" else loss
     if not spec.entropy:
         return loss
@@ -228,6 +230,6 @@ def linear_token_logprobs(
     if check_finite:
         check.check_finite(hidden=h, weight=w, **({} if b is None else {"bias": b}))
     route = where.route(h.device, shard)
-    flat = check.flatten(h)
-    out = autograd.linear_token_logprobs(flat, w, b, ids.reshape(-1).long(), route, head, temperature, filter_eps)
+    side = Side(check.flatten(h), w, b, head)
+    out = logits_ops.linear_token_logprobs(route, side, ids.reshape(-1).long(), temperature, filter_eps)
     return out.view(h.shape[:-1])

@@ -4,7 +4,8 @@ Everything full-vocabulary here is streamed by the backends — the top-k select
 and entropy (``opd_fast::topk``) and, when needed, a differentiable log-sum-exp — so no [N, V] tensor exists.
 What remains is O(N · k): the logits at the selected ids, gathered with a chunked, recomputing
 custom op (``opd_fast::gathered_logits``), and the divergence on the support, in
-plain PyTorch. Input checks live in :mod:`opd_fast._validation`, the choice of backend in :mod:`opd_fast._dispatch`.
+plain PyTorch. Input checks live in :mod:`opd_fast._validation`, the choice of backend in :mod:`opd_fast._dispatch`,
+the custom ops in :mod:`opd_fast.library`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import NamedTuple
 import torch
 
 from opd_fast import _validation as check
-from opd_fast import autograd
 from opd_fast import distributed as vp
-from opd_fast._dispatch import Placement, Route, checked_pair
+from opd_fast._dispatch import CheckedPair, Placement
 from opd_fast._rows import counted_rows, scatter_rows, select_rows
-from opd_fast._validation import CheckedPair
+from opd_fast.library.gathered import linear_gathered_logits
+from opd_fast.library.logits import linear_logsumexp
+from opd_fast.library.topk import linear_topk
 from opd_fast.types import Side, TopKOverlap
 
 SUPPORTS = ("student", "teacher", "union", "intersection")
@@ -45,49 +47,11 @@ def overlap_statistics(s_ids, s_logprobs, t_ids, t_logprobs):
     return ratio, mass_s.float(), mass_t.float()
 
 
-def _gathered_logits(route: Route, side: Side, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Final logits softcap(scale·(h·W[ids]ᵀ + b[ids])) / τ at global ``ids`` [N, M] (-1 = padding, 0 there).
-
-    The matmul part goes through :func:`opd_fast.autograd.linear_gathered_logits` (under vocabulary parallelism
-    each shard contributes the ids it owns); the O(N·M) head transform is plain differentiable torch.
-    """
-    h, w, bias, head = side
-    shard = route.shard
-    if shard is None:
-        raw = autograd.linear_gathered_logits(h, w, ids, 1.0)
-        local_ids = ids
-    else:
-        local_ids = torch.where(shard.owned(ids), ids - shard.offset, -1)
-        local = autograd.linear_gathered_logits(vp.CopyToShards.apply(h, shard), w, local_ids, 1.0)
-        raw = vp.ReduceFromShards.apply(local, shard)
-    valid = ids >= 0
-    if bias is not None:
-        owned = local_ids >= 0
-        picked = torch.where(owned, bias[local_ids.clamp(min=0)].to(raw.dtype), 0.0) if bias.numel() else 0.0 * raw
-        if shard is not None:
-            picked = vp.ReduceFromShards.apply(picked, shard)
-        raw = raw + picked
-    z = raw * head.scale if head.scale != 1.0 else raw
-    if head.softcap is not None:
-        z = torch.tanh(z / head.softcap) * head.softcap
-    return torch.where(valid, z / temperature, 0.0)
-
-
 def _side(pair: CheckedPair, rows: torch.Tensor | None, model: int) -> Side:
     """The counted ``rows`` of the student (``model`` 0) or the teacher (1) of a checked pair."""
     if model == 0:
         return Side(select_rows(pair.hs, rows), pair.ws, pair.bs, pair.heads[0])
     return Side(select_rows(pair.ht, rows), pair.wt, pair.bt, pair.heads[1])
-
-
-def _topk(route: Route, side: Side, k: int, temperature: float):
-    """(ids, log-probs, lse, entropy) of ``side``'s top k (:func:`opd_fast.autograd.linear_topk`)."""
-    return autograd.linear_topk(side.hidden, side.weight, side.bias, k, route, side.head, temperature)
-
-
-def _vocab(route: Route, weight: torch.Tensor) -> int:
-    """The global vocabulary: the shards' total under vocabulary parallelism."""
-    return weight.shape[0] if route.shard is None else route.shard.vocab
 
 
 def _restricted_log_softmax(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -154,15 +118,15 @@ def linear_topk_overlap(
     temperature = check.check_temperature(temperature)
     teacher_temperature = check.check_teacher_temperature(teacher_temperature, temperature)
     where = Placement.make(backend, plan, process_group)
-    pair, route = checked_pair(
+    pair = CheckedPair.make(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
-    )
-    pair = pair.narrowed()
-    k = check.check_k(k, _vocab(route, pair.ws))
+    ).narrowed()
+    route = pair.route
+    k = check.check_k(k, vp.global_vocab(route.shard, pair.ws.shape[0]))
     rows, n_rows = counted_rows(pair.mask), pair.hs.shape[0]
     with torch.no_grad():
-        s_ids, s_lp, _, s_ent = _topk(route, _side(pair, rows, 0), k, temperature)
-        t_ids, t_lp, _, t_ent = _topk(route, _side(pair, rows, 1), k, teacher_temperature)
+        s_ids, s_lp, _, s_ent = linear_topk(route, _side(pair, rows, 0), k, temperature)
+        t_ids, t_lp, _, t_ent = linear_topk(route, _side(pair, rows, 1), k, teacher_temperature)
         stats = overlap_statistics(s_ids, s_lp, t_ids, t_lp)
         fields = (s_ids, s_lp.float(), t_ids, t_lp.float(), *stats, s_ent.float(), t_ent.float())
     fills = (-1, -torch.inf, -1, -torch.inf, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -272,33 +236,29 @@ def linear_topk_divergence(
     reduction = check.check_choice("reduction", reduction, check.REDUCTIONS)
     filter_eps = check.check_filter_eps(filter_eps)
     where = Placement.make(backend, plan, process_group)
-    pair, route = checked_pair(
+    pair = CheckedPair.make(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, vocab_size, check_finite, where
-    )
-    pair = pair.narrowed()
-    k = check.check_k(k, _vocab(route, pair.ws))
+    ).narrowed()
+    route = pair.route
+    k = check.check_k(k, vp.global_vocab(route.shard, pair.ws.shape[0]))
     rows, lead, n_rows = counted_rows(pair.mask), pair.lead, pair.hs.shape[0]
     student, teacher = _side(pair, rows, 0), _side(pair, rows, 1)
     if student.hidden.shape[0] == 0:
         return _reduce(_no_tokens(student.hidden, pair.ws), rows, n_rows, lead, reduction)
     with torch.no_grad():
         frozen = student._replace(weight=pair.ws.detach(), bias=None if pair.bs is None else pair.bs.detach())
-        s_ids = _topk(route, frozen, k, temperature)[0] if support != "teacher" else None
-        t_ids = _topk(route, teacher, k, teacher_temperature)[0] if support != "student" else None
+        s_ids = linear_topk(route, frozen, k, temperature)[0] if support != "teacher" else None
+        t_ids = linear_topk(route, teacher, k, teacher_temperature)[0] if support != "student" else None
     ids = _support_ids(support, s_ids, t_ids)
     valid = ids >= 0
-    zs = _gathered_logits(route, student, ids, temperature)
-    zt = _gathered_logits(route, teacher, ids, teacher_temperature)
+    zs = linear_gathered_logits(route, student, ids, temperature)
+    zt = linear_gathered_logits(route, teacher, ids, teacher_temperature)
     if renormalize:
         lps, lpt = _restricted_log_softmax(zs, valid), _restricted_log_softmax(zt, valid)
     else:
-        lse_s = autograd.linear_logsumexp(
-            student.hidden, student.weight, student.bias, route, student.head, temperature, filter_eps
-        )
+        lse_s = linear_logsumexp(route, student, temperature, filter_eps)
         with torch.no_grad():
-            lse_t = autograd.linear_logsumexp(
-                teacher.hidden, teacher.weight, teacher.bias, route, teacher.head, teacher_temperature
-            )
+            lse_t = linear_logsumexp(route, teacher, teacher_temperature)
         lps = torch.where(valid, zs - lse_s.unsqueeze(1), 0.0)
         lpt = torch.where(valid, zt - lse_t.to(zt.dtype).unsqueeze(1), 0.0)
     return _reduce(_support_divergence(lps, lpt, valid, divergence), rows, n_rows, lead, reduction)
@@ -359,14 +319,14 @@ def linear_topk_target_divergence(
     h_c = select_rows(check.flatten(h), rows)
     ids_c = select_rows(ids.reshape(-1, ids.shape[-1]), rows).long()
     lpt_c = select_rows(lpt.reshape(-1, lpt.shape[-1]), rows).detach()
-    check.check_teacher_values(ids_c, lpt_c, w.shape[0] if shard is None else shard.vocab)
+    check.check_teacher_values(ids_c, lpt_c, vp.global_vocab(shard, w.shape[0]))
     n_rows = check.flatten(h).shape[0]
     if h_c.shape[0] == 0:
         return _reduce(_no_tokens(h_c, w), rows, n_rows, lead, reduction)
     route = where.route(h.device, shard)
     student = Side(h_c, w, b, head)
-    zs = _gathered_logits(route, student, ids_c, temperature)
-    lse_s = autograd.linear_logsumexp(h_c, w, b, route, head, temperature, filter_eps)
+    zs = linear_gathered_logits(route, student, ids_c, temperature)
+    lse_s = linear_logsumexp(route, student, temperature, filter_eps)
     lps = zs - lse_s.unsqueeze(1)
     lpt_c = lpt_c.to(lps.dtype)
     if divergence == "forward_kl":

@@ -7,6 +7,15 @@ from typing import NamedTuple
 import torch
 
 
+def accumulation_dtype(*inputs: torch.Tensor | torch.dtype) -> torch.dtype:
+    """The dtype of every statistic, accumulator and result for these inputs (tensors or dtypes): fp32 for
+    fp32/bf16/fp16, fp64 when any input is fp64 (the one rule every layer follows)."""
+    dtype = torch.float32
+    for other in inputs:
+        dtype = torch.promote_types(dtype, other.dtype if isinstance(other, torch.Tensor) else other)
+    return dtype
+
+
 class TopKOverlap(NamedTuple):
     """Per-token top-k agreement between student and teacher (docs/design.md §2).
 

@@ -44,4 +44,4 @@ from vllm import LLM  # noqa: F401  (fails when a CUDA torchvision is left behin
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}: ok")
 PY
 )
-echo "vLLM environment ready: $VENV (run the vllm tests with: $VENV/bin/pytest -m vllm tests/test_vllm_teacher.py)"
+echo "vLLM environment ready: $VENV (run the vllm tests with: $VENV/bin/pytest -m vllm tests/trainer/test_vllm_teacher.py)"

@@ -136,7 +136,8 @@ def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor | None = None)
     return torch.autograd.grad(output, inputs, grad_output)
 
 
-# ---- the CUDA backend's host build (tests/test_cuda_backend.py, test_backend_contract.py, test_numerics.py) ----
+# ---- the CUDA backend's host build (tests/backends/test_cuda_backend.py, test_backend_contract.py,
+# api/test_numerics.py) ----
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +178,7 @@ def use_cuda_backend(request) -> None:
         pytest.skip(f"the CUDA extension is not built: {cuda_backend.extension_error()}")
 
 
-# ---- the trainer's tiny models (tests/test_trainer.py, tests/test_recipes.py) -------------------------------
+# ---- the trainer's tiny models (tests/trainer/test_trainer.py, tests/trainer/test_recipes.py) -------------------
 from opd_fast.trainer import load_config  # noqa: E402
 from opd_fast.trainer.demo import ModelSpec, build_tokenizer, create_model  # noqa: E402
 from opd_fast.trainer.tasks import ReverseTask  # noqa: E402

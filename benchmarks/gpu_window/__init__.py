@@ -38,5 +38,5 @@ Files (8, the most a device call returns): ``<stem>.log`` (everything streamed),
 ``<stem>.5-tests.json`` and ``<stem>.png``. ``<stem>`` is ``<gpu>-<date>`` (``h100-80gb-hbm3-2026-12-07``), so the
 files can be committed to benchmarks/results as they are. benchmarks/README.md has the recipe; on the CPU the same
 stages run as a rehearsal (``--rehearse``: Triton interpreter, tiny fp32 shapes), in CI through
-tests/test_gpu_verify.py.
+tests/benchmarks/test_gpu_verify.py.
 """

@@ -117,10 +117,12 @@ def stage_correctness(ctx: Context, record: StageFile) -> None:
     import torch
 
     import opd_fast
-    from opd_fast import bench, bench_inputs, reference
+    from opd_fast import reference
+    from opd_fast.bench import cases
+    from opd_fast.bench import inputs as bench_inputs
 
     shape = ctx.sizes.correctness
-    dtype = bench.DTYPES[shape["dtype"]]
+    dtype = cases.DTYPES[shape["dtype"]]
     inputs = list(
         bench_inputs.make_inputs(
             "peaked", shape["tokens"], shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, ctx.device
@@ -134,11 +136,11 @@ def stage_correctness(ctx: Context, record: StageFile) -> None:
     checker = Checker(ctx, record)
 
     for divergence in ("reverse_kl", "forward_kl", "jsd"):
-        math_options = dict(divergence=divergence, beta=bench.JSD_BETA)
+        math_options = dict(divergence=divergence, beta=cases.JSD_BETA)
         materialized = functools.partial(reference.materialized_divergence, **math_options)
         expected, plain = value_and_grads(materialized, exact), value_and_grads(materialized, inputs)
         for backend, plan in ORDER:
-            options = dict(math_options, backend=backend, **bench.plan_option(plan))
+            options = dict(math_options, backend=backend, **cases.plan_option(plan))
             fn = functools.partial(opd_fast.linear_divergence, **options)
             checker.compare(divergence, backend, plan, fn, inputs, expected, plain)
             if divergence == "reverse_kl" and (backend, plan) == ("torch", "chunked"):  # before the streaming plans
@@ -156,7 +158,7 @@ def stage_correctness(ctx: Context, record: StageFile) -> None:
     expected = value_and_grads(materialized_token_logprobs, exact[:2])
     plain = value_and_grads(materialized_token_logprobs, inputs[:2])
     for backend, plan in ORDER:
-        fn = functools.partial(token_logprobs, backend=backend, **bench.plan_option(plan))
+        fn = functools.partial(token_logprobs, backend=backend, **cases.plan_option(plan))
         checker.compare("token_logprobs", backend, plan, fn, inputs[:2], expected, plain)
     checker.end_group()
     del expected, plain, exact
@@ -186,7 +188,7 @@ def check_chunks(ctx: Context, record: StageFile, checker: Checker, inputs, exac
 
     import opd_fast
     from opd_fast import chunking, reference
-    from opd_fast.backends.sweep import OVERLAP_ENV
+    from opd_fast.backends.sweep import STREAM_OVERLAP_ENV
 
     n_tokens, vocab = inputs[0].shape[0], inputs[1].shape[0]
     chunks = -(-n_tokens // ctx.sizes.chunk_rows)
@@ -200,7 +202,7 @@ def check_chunks(ctx: Context, record: StageFile, checker: Checker, inputs, exac
             fn = functools.partial(opd_fast.linear_divergence, backend=backend, plan="chunked")
             got = checker.compare(check_id, backend, "chunked", fn, inputs, expected, plain, grouped=False)
             if got is not None:
-                with mock.patch.dict(os.environ, {OVERLAP_ENV: "0"}):  # read on every call
+                with mock.patch.dict(os.environ, {STREAM_OVERLAP_ENV: "0"}):  # read on every call
                     serial = value_and_grads(fn, inputs)
                 same_as_serial(ctx, record, f"{check_id}-overlap-off", backend, got, serial)
                 del got, serial
@@ -238,11 +240,12 @@ def check_topk(ctx: Context, record: StageFile, inputs: list, k: int) -> None:
     """Top-k ids and statistics of every backend × plan against float64 materialized ones on the same inputs.
 
     Near-tied logits may swap under different summation orders, so ids must agree at ≥ 99% of the positions
-    and each statistic within 2e-3 + 1e-3·|value| (as tests/test_gpu.py asks of Triton against torch)."""
+    and each statistic within 2e-3 + 1e-3·|value| (as tests/api/test_gpu.py asks of Triton against torch)."""
     import torch
 
     import opd_fast
-    from opd_fast import backends, bench, reference
+    from opd_fast import backends, reference
+    from opd_fast.bench import cases
 
     with torch.no_grad():
         expected = reference.materialized_topk_overlap(*(t.detach().double() for t in inputs), k=k)
@@ -257,7 +260,7 @@ def check_topk(ctx: Context, record: StageFile, inputs: list, k: int) -> None:
             continue
         record.begin(row_id)
         try:
-            got = opd_fast.linear_topk_overlap(*inputs, k=k, backend=backend, **bench.plan_option(plan))
+            got = opd_fast.linear_topk_overlap(*inputs, k=k, backend=backend, **cases.plan_option(plan))
         except Exception as exc:
             record.add({**row, "error": error_line(exc)})
             ctx.say(f"[1 correctness] {row_id}: {error_line(exc)[:160]}")

@@ -68,7 +68,7 @@ def measure_ceilings(device, sizes) -> dict:
     and a device copy counted as bytes read plus bytes written."""
     import torch
 
-    from opd_fast import bench
+    from opd_fast import perf_model
 
     n = sizes.gemm_size
     a, b = (torch.randn(n, n, device=device) for _ in range(2))
@@ -76,10 +76,10 @@ def measure_ceilings(device, sizes) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "device": name,
-        "matmul_tflops_bf16": bench.measure_matmul_tflops(device, n),
+        "matmul_tflops_bf16": perf_model.measure_matmul_tflops(device, n),
         "matmul_tflops_fp32": 2.0 * n**3 / (fp32_ms * 1e-3) / 1e12,
         "gemm_size": n,
-        "copy_gbps": bench.measure_copy_gbps(device, sizes.copy_mib),
+        "copy_gbps": perf_model.measure_copy_gbps(device, sizes.copy_mib),
         "copy_mib": sizes.copy_mib,
     }
 

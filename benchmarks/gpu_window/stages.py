@@ -144,9 +144,9 @@ def stage_env(ctx: Context, record: StageFile) -> None:
     import torch
 
     import opd_fast
-    from opd_fast import bench
+    from opd_fast.bench import cases, runner
 
-    env = bench.environment(ctx.device)
+    env = runner.environment(ctx.device)
     env["packages"] = _package_versions(
         ("torch", "triton", "numpy", "transformers", "accelerate", "huggingface_hub", "datasets", "pyarrow", "fsspec",
          "dill", "multiprocess", "trl", "liger_kernel", "setuptools", "pytest", "matplotlib")
@@ -175,8 +175,8 @@ def stage_env(ctx: Context, record: StageFile) -> None:
         f"copy {ceilings['copy_gbps']:.0f} GB/s"
     )
     available = {}
-    for name in bench.BACKENDS:
-        reason = bench.unavailable_reason(name, ctx.device, interpreter=ctx.sizes.interpreter)
+    for name in cases.BENCH_BACKENDS:
+        reason = cases.backend_skip_reason(name, ctx.device, interpreter=ctx.sizes.interpreter)
         available[name] = reason or "ok"
         ctx.say(f"[0 env] {name}: {reason or 'ok'}")
     record.data["backends"] = available
@@ -216,7 +216,7 @@ def gpu_test_files() -> list[str]:
     """The test files that hold tests of the tests stage (``pytest.mark.gpu``, ``pytest.mark.device_semantics``),
     the NaN-semantics and CUDA files first: collecting only these saves collecting the whole suite."""
     marks = ("mark.gpu", "mark.device_semantics")
-    paths = [path for path in sorted((REPO / "tests").glob("test_*.py")) if any(m in path.read_text() for m in marks)]
+    paths = [path for path in sorted((REPO / "tests").rglob("test_*.py")) if any(m in path.read_text() for m in marks)]
     first = {name: rank for rank, name in enumerate(FIRST_TEST_FILES)}
     return [str(path) for path in sorted(paths, key=lambda path: first.get(path.name, len(first)))]
 

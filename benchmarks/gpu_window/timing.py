@@ -31,12 +31,12 @@ class Variant:
 
 
 def variants() -> tuple[Variant, ...]:
-    from opd_fast.backends.sweep import OVERLAP_ENV
+    from opd_fast.backends.sweep import STREAM_OVERLAP_ENV
     from opd_fast.chunking import CHUNK_ELEMENTS_ENV, DW_GEMM_ENV
 
     budget = 2**29
     return (
-        Variant("overlap-off", {OVERLAP_ENV: "0"}, {"overlap": False}),
+        Variant("overlap-off", {STREAM_OVERLAP_ENV: "0"}, {"overlap": False}),
         Variant("budget-2^29", {CHUNK_ELEMENTS_ENV: str(budget)}, {"budget": budget}),
         Variant("unaligned-V", unaligned_vocab=True),  # rows off the 64-element stride unless padded
         Variant("dw-single", {DW_GEMM_ENV: "single"}, {"dw_gemm": "single"}),
@@ -46,7 +46,7 @@ def variants() -> tuple[Variant, ...]:
 
 @dataclass(frozen=True)
 class Job:
-    case: object  # opd_fast.bench.Case
+    case: object  # opd_fast.bench.cases.Case
     variant: Variant | None = None
 
     @property
@@ -59,18 +59,18 @@ class Job:
 
 
 def jobs(shape: dict, loss: str, backends, topk_k: int | None = None, filter_eps: float | None = None) -> list[Job]:
-    from opd_fast import bench
+    from opd_fast.bench import cases
 
     common = dict(shape, mode="fwd" if loss == "topk_overlap" else "fwd+bwd", loss=loss, inputs="peaked")
     if loss == "topk_overlap":
         common["topk_k"] = topk_k
-    return [Job(bench.Case(name, **common, filter_eps=filter_eps)) for name in backends]
+    return [Job(cases.Case(name, **common, filter_eps=filter_eps)) for name in backends]
 
 
 def headline_jobs(ctx: Context) -> tuple[list[Job], list[Job]]:
     """(naive and ours at the headline, the rest: the plan's variants, filtering, streaming, torch last since it
     runs only within 3× naive). The kernel profile runs between the two."""
-    from opd_fast import bench
+    from opd_fast.bench import cases
 
     shape = ctx.sizes.headline
     first = jobs(shape, "reverse_kl", ("naive", "cuda", "triton"))
@@ -79,7 +79,7 @@ def headline_jobs(ctx: Context) -> tuple[list[Job], list[Job]]:
         vocab = ctx.sizes.unaligned_vocab if variant.unaligned_vocab else shape["vocab"]
         name = f"V{vocab}" if variant.unaligned_vocab else variant.name
         for backend in ("cuda", "triton"):
-            case = bench.Case(backend, **dict(shape, vocab=vocab), mode="fwd+bwd", inputs="peaked")
+            case = cases.Case(backend, **dict(shape, vocab=vocab), mode="fwd+bwd", inputs="peaked")
             rest.append(Job(case, Variant(name, variant.env, variant.fields)))
     rest += jobs(shape, "reverse_kl", ("cuda", "triton"), filter_eps=FILTER_EPS)
     rest += jobs(shape, "reverse_kl", (*STREAMING, "torch"))
@@ -89,7 +89,7 @@ def headline_jobs(ctx: Context) -> tuple[list[Job], list[Job]]:
 def run_cases(ctx: Context, record: StageFile, todo: list[Job], tag: str) -> None:
     """Benchmark ``todo`` in order, one row each, the model's prediction attached (skipped rows too); torch gets a
     call limit of 3× naive's median."""
-    from opd_fast import bench
+    from opd_fast.bench import runner
 
     rate = ctx.measured()["matmul_tflops_bf16"]
     record.data["matmul_tflops_bf16"] = rate
@@ -110,7 +110,7 @@ def run_cases(ctx: Context, record: StageFile, todo: list[Job], tag: str) -> Non
         record.begin(row_id)
         started = time.perf_counter()
         with mock.patch.dict(os.environ, job.variant.env if job.variant else {}):  # read on every call
-            row = bench.run_case(
+            row = runner.run_case(
                 case,
                 ctx.device,
                 warmup=ctx.sizes.warmup,
@@ -157,21 +157,21 @@ def row_text(row: dict) -> str:
 def profile_kernels(ctx: Context, record: StageFile) -> None:
     """One forward+backward of naive, cuda and triton at the headline shape under torch.profiler, beside the
     model's kernels of the same call; into the stage file's "profile"."""
-    from opd_fast import bench
+    from opd_fast.bench import cases, runner
 
     profiles = record.data.setdefault("profile", {})
     ceilings = model_ceilings(ctx, record)
     for backend in PROFILED:
         if backend in profiles:
             continue
-        case = bench.Case(backend, **ctx.sizes.headline, mode="fwd+bwd", inputs="peaked")
-        reason = bench.skip_reason(case, ctx.device, interpreter=ctx.sizes.interpreter)
+        case = cases.Case(backend, **ctx.sizes.headline, mode="fwd+bwd", inputs="peaked")
+        reason = cases.skip_reason(case, ctx.device, interpreter=ctx.sizes.interpreter)
         if reason is not None or ctx.left() < 5:
             profiles[backend] = {"error": f"skipped: {reason or 'too little time left'}"}
             continue
         record.begin(f"profile/{backend}")
         try:
-            fn, _ = bench.timed_call(case, bench.make_inputs(case, ctx.device))
+            fn, _ = runner.timed_call(case, cases.case_inputs(case, ctx.device))
             prediction = None if ceilings is None else attach_model(case.row(), ceilings)
             profiles[backend] = profiling.kernel_profile(fn, ctx.device, prediction)
         except Exception as exc:

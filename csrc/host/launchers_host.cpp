@@ -1,6 +1,6 @@
 // Host build of the launchers in launchers.h: the row algorithms of epilogue.h on CPU tensors. It is
 // compiled, with bindings.cpp and -DOPD_FAST_HOST_BUILD, into a CPU extension by
-// tests/test_cuda_backend.py, so that the epilogue math and the Python driver of the CUDA backend are
+// tests/backends/test_cuda_backend.py, so that the epilogue math and the Python driver of the CUDA backend are
 // exercised on machines without a GPU. It is not part of opd_fast._C. The stream argument is ignored.
 //
 // A thread block is emulated by kHostThreads OS threads that share the block's "shared memory" (local

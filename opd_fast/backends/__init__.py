@@ -4,11 +4,12 @@ An ops object (:class:`Ops`) works on 2-D inputs, the rows already restricted to
 model comes as a :class:`opd_fast.types.Side` (hidden states, weight, bias, head transform). Per-token
 gradient weights (``row_weight``, fp32 [N]) say what to differentiate: Σ_n w_n · quantity_n. Gradients come
 back w.r.t. the first model's hidden states, weight and bias (:class:`opd_fast.types.Grads`), in any
-floating dtype (the autograd layer casts them).
+floating dtype (the custom ops of :mod:`opd_fast.library` cast them).
 
-``get_backend(name, device, shard=None, plan="chunked")`` returns the ops of backend ``name`` for the
-plan (:mod:`opd_fast.chunking`); with a vocabulary ``shard`` they are wrapped in
-:class:`opd_fast.distributed.VocabParallelOps`, which implements the same contract with global results.
+:func:`resolve_backend` turns a backend argument (possibly ``"auto"``) into the concrete name that runs on a
+device, once per call of a public function; ``get_backend(name, plan="chunked")`` returns the ops of that concrete
+backend for the plan (:mod:`opd_fast.chunking`). :class:`opd_fast.distributed.VocabParallelOps` implements the same
+contract over a vocabulary shard, with global results.
 
 ``"auto"`` picks cuda, then triton, then torch for the tensors' device; the environment variable
 ``OPD_FAST_BACKEND`` overrides ``"auto"`` (an explicit backend argument wins over it).
@@ -125,8 +126,8 @@ def _triton_unavailable(device: torch.device) -> str | None:
 
 
 def _cuda_unavailable(device: torch.device) -> str | None:
-    # Imported here: the backend module registers its custom ops, and importing opd_fast must never
-    # depend on the compiled extension (cuda_backend imports opd_fast._C only when asked).
+    # Imported here, when the cuda backend is asked about: importing opd_fast must never depend on the compiled
+    # extension (cuda_backend imports opd_fast._C only when asked), nor load the sweep it builds on.
     from opd_fast.backends.cuda_backend import extension_error
 
     reasons = []
@@ -172,13 +173,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def get_backend(backend: str, device: torch.device, shard=None, plan: str = "chunked") -> Ops:
-    """The ops of ``backend`` on ``device`` for ``plan``; vocabulary-parallel over ``shard`` when given."""
+def get_backend(backend: str, plan: str = "chunked") -> Ops:
+    """The ops of the concrete ``backend`` (a name :func:`resolve_backend` gave) for ``plan``."""
     check_plan(plan)
-    module, cls = _TABLE[resolve_backend(backend, device)][0].split(":")
-    ops = getattr(importlib.import_module(module), cls)(plan)
-    if shard is None:
-        return ops
-    from opd_fast.distributed import VocabParallelOps
-
-    return VocabParallelOps(ops, shard)
+    module, cls = _TABLE[check_choice("backend", backend, BACKENDS[1:])][0].split(":")
+    return getattr(importlib.import_module(module), cls)(plan)

@@ -21,8 +21,8 @@ sweep recomputes the logits. Top-k streams each tile through a per-row shared-me
 from its statistics pass.
 
 Inputs: fp32, bf16 or fp16 (each model's hidden states and weight are brought to a common dtype); fp64
-is refused with a pointer to ``backend='torch'``. The raw kernels are registered as torch.library
-custom ops (namespace ``opd_fast``) with fake implementations, so ``torch.compile`` can trace them.
+is refused with a pointer to ``backend='torch'``. The raw kernels are plain functions: they only ever run inside
+the fused ops of :mod:`opd_fast.library`, which ``torch.compile`` sees as opaque custom ops.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from types import ModuleType
 
 import torch
 
-from opd_fast.backends.sweep import MODES, Operand, Sweep, TileHead, kernel_operand, lse_lo
-from opd_fast.backends.torch_backend import TorchEpilogue
+from opd_fast.backends.epilogue import MODES, Operand, TileHead, kernel_operand
+from opd_fast.backends.online_softmax import lse_lo
+from opd_fast.backends.sweep import Sweep
+from opd_fast.backends.torch_epilogue import TorchEpilogue
 from opd_fast.types import DivergenceStats, Side
 
 # Longest top-k list the kernel keeps in shared memory (csrc/epilogue.h kMaxTopK); longer ones are
@@ -77,10 +79,9 @@ def _launch(name: str, like: torch.Tensor, *args):
         return fn(*args, torch.cuda.current_stream().cuda_stream)
 
 
-# ---- custom ops: the raw kernels as torch.library ops, with fake (meta) implementations ----------------
+# ---- the raw kernels ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("opd_fast::softmax_stats_update", mutates_args=("state", "entropy"))
 def softmax_stats_update(
     zs: Tensor,
     zt: Tensor | None,
@@ -106,12 +107,6 @@ def softmax_stats_update(
     _launch("softmax_stats_update", zs, zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t, entropy)
 
 
-@softmax_stats_update.register_fake
-def _(zs, zt, ids, state, v_lo, kind, bias_s, head_s, bias_t, head_t, entropy=None) -> None:
-    return None
-
-
-@torch.library.custom_op("opd_fast::terms_update", mutates_args=("terms",))
 def terms_update(
     zs: Tensor,
     zt: Tensor,
@@ -125,18 +120,12 @@ def terms_update(
     bias_t: Tensor | None,
     head_t: list[float],
 ) -> None:
-    """Add a chunk's terms (Σ fs, Σ ft, Σ pg; sweep.terms_loss) of the divergence with op code ``kind`` (``MODES``
-    of jsd, skew_forward_kl, skew_reverse_kl, tvd) to ``terms`` (fp32 [3, N]) given the final lse and its residual
-    (fp32 [2, N] each: :func:`_row_lse`). See csrc/epilogue.h: terms_parts."""
+    """Add a chunk's terms (Σ fs, Σ ft, Σ pg; online_softmax.terms_loss) of the divergence with op code ``kind``
+    (``MODES`` of jsd, skew_forward_kl, skew_reverse_kl, tvd) to ``terms`` (fp32 [3, N]) given the final lse and its
+    residual (fp32 [2, N] each: :func:`_row_lse`). See csrc/epilogue.h: terms_parts."""
     _launch("terms_update", zs, zs, zt, lse_s, lse_t, terms, kind, beta, bias_s, head_s, bias_t, head_t)
 
 
-@terms_update.register_fake
-def _(zs, zt, lse_s, lse_t, terms, kind, beta, bias_s, head_s, bias_t, head_t) -> None:
-    return None
-
-
-@torch.library.custom_op("opd_fast::logit_grad", mutates_args=("zs", "g"))
 def logit_grad(
     zs: Tensor,
     zt: Tensor | None,
@@ -164,44 +153,21 @@ def logit_grad(
     )  # fmt: skip
 
 
-@logit_grad.register_fake
-def _(zs, zt, ids, lse_s, lse_t, loss, center, row_weight, g, v_lo, beta, kind, bias_s, head_s, bias_t, head_t):
-    return None
-
-
-@torch.library.custom_op("opd_fast::topk_update", mutates_args=("keys", "state"))
 def topk_update(z: Tensor, keys: Tensor, state: Tensor, v_lo: int, bias: Tensor | None, head: list[float]) -> None:
     """Merge a chunk (fp32 [N, width] raw logits of columns [v_lo, v_lo + width)) into the running top-k
     ``keys`` (int64 [N, k] holding packed unsigned keys, descending) and entropy ``state`` (fp32 [3, N])."""
     _launch("topk_update", z, z, keys, state, v_lo, bias, head)
 
 
-@topk_update.register_fake
-def _(z, keys, state, v_lo, bias, head) -> None:
-    return None
-
-
-@torch.library.custom_op("opd_fast::topk_finalize", mutates_args=())
 def topk_finalize(keys: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(ids int64 [N, k], log-probs fp32 [N, k], lse fp32 [N], entropy fp32 [N]) from the running keys/state."""
-    ids, logprobs, lse, entropy = _topk_outputs(keys)
+    n_rows, k = keys.shape
+    ids = torch.empty((n_rows, k), dtype=torch.int64, device=keys.device)
+    logprobs = torch.empty((n_rows, k), dtype=torch.float32, device=keys.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=keys.device)
+    entropy = torch.empty(n_rows, dtype=torch.float32, device=keys.device)
     _launch("topk_finalize", keys, keys, state, ids, logprobs, lse, entropy)
     return ids, logprobs, lse, entropy
-
-
-@topk_finalize.register_fake
-def _(keys, state):
-    return _topk_outputs(keys)
-
-
-def _topk_outputs(keys: Tensor):
-    n_rows, k = keys.shape
-    return (
-        torch.empty((n_rows, k), dtype=torch.int64, device=keys.device),
-        torch.empty((n_rows, k), dtype=torch.float32, device=keys.device),
-        torch.empty(n_rows, dtype=torch.float32, device=keys.device),
-        torch.empty(n_rows, dtype=torch.float32, device=keys.device),
-    )
 
 
 # ---- the epilogue of the shared sweep ------------------------------------------------------------------------
@@ -247,9 +213,9 @@ class CudaEpilogue:
         return operand.weight.dtype
 
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode, entropy=None) -> None:
-        """With ``entropy`` (the student's [3, r] state (m, s, a) of sweep.new_entropy_state), the statistics kernel
-        also merges the student's tile into it, in the same read (csrc/epilogue.h: row_softmax_stats; the bindings
-        check that it is fp32, contiguous and on the tiles' device)."""
+        """With ``entropy`` (the student's [3, r] state (m, s, a) of online_softmax.new_entropy_state), the statistics
+        kernel also merges the student's tile into it, in the same read (csrc/epilogue.h: row_softmax_stats; the
+        bindings check that it is fp32, contiguous and on the tiles' device)."""
         softmax_stats_update(_rows(zs), _rows(zt), ids, state, v_lo, MODES[mode], *_head(hs), *_head(ht), entropy)
 
     def terms_update(self, terms, zs, zt, stats, hs, ht, mode, beta) -> None:

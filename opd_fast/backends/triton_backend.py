@@ -1,8 +1,9 @@
 """Triton backend: the ops of :mod:`opd_fast.backends` on the kernels of :mod:`opd_fast.kernels`, for both plans.
 
 * **chunked** (default): the shared sweep of :mod:`opd_fast.backends.sweep` — cuBLAS chunk logits, the fused
-  Triton epilogue of :mod:`opd_fast.kernels.chunk_epilogue` (statistics, with the student's entropy in the same
-  read when asked, the terms of JSD, the skew KLs and TVD, logit gradients with the head applied on the fly),
+  Triton epilogue of :mod:`opd_fast.kernels.chunk_stats` (statistics, with the student's entropy in the same read
+  when asked), :mod:`opd_fast.kernels.chunk_terms` (the terms of JSD, the skew KLs and TVD) and
+  :mod:`opd_fast.kernels.chunk_grad` (logit gradients), with the head applied on the fly,
   cuBLAS gradient GEMMs. Top-k ranks each chunk's final logits with ``torch.topk`` (a radix select over a row
   already in memory) and its entropy with torch ops.
 * **streaming** (low memory, no logits workspace): the fused tl.dot kernels — one pass of
@@ -30,22 +31,14 @@ import torch
 
 from opd_fast._validation import DivergenceSpec
 from opd_fast.backends import BackendUnavailableError
-from opd_fast.backends.sweep import (
-    FilterStats,
-    Operand,
-    Sweep,
-    kernel_dtype,
-    kernel_operand,
-    label_logits,
-    lse_lo,
-    set_filter_stats,
-    shifted_center,
-    terms_loss,
-    unit_stride,
-)
-from opd_fast.backends.torch_backend import TorchEpilogue
+from opd_fast.backends.epilogue import Operand, kernel_dtype, kernel_operand, unit_stride
+from opd_fast.backends.gemms import FilterStats, set_filter_stats
+from opd_fast.backends.hard_labels import label_logits, shifted_center
+from opd_fast.backends.online_softmax import lse_lo, terms_loss
+from opd_fast.backends.sweep import Sweep
+from opd_fast.backends.torch_epilogue import TorchEpilogue
 from opd_fast.chunking import get_chunk_budget
-from opd_fast.kernels import chunk_epilogue
+from opd_fast.kernels import chunk_grad, chunk_stats, chunk_terms
 from opd_fast.kernels._common import dot_precision, is_interpreter
 from opd_fast.kernels.linear_grad import logit_grad_backward
 from opd_fast.kernels.linear_softmax import divergence_terms as linear_divergence_terms
@@ -101,16 +94,16 @@ class TritonEpilogue(TorchEpilogue):
     def stats_update(self, state, zs, zt, ids, hs, ht, v_lo, mode, entropy=None) -> None:
         """The statistics kernel, with ``entropy`` also merging the student's tile into that state in the same read
         (its (m, s) are the statistics' own student (m, s), and one more per-lane sum)."""
-        chunk_epilogue.stats_update(state, zs, zt, ids, hs, ht, v_lo, mode, entropy)
+        chunk_stats.stats_update(state, zs, zt, ids, hs, ht, v_lo, mode, entropy)
 
     def terms_update(self, terms, zs, zt, stats, hs, ht, mode, beta) -> None:
         lse = (stats.student_lse, stats.teacher_lse, *lse_lo(stats))
-        chunk_epilogue.terms_update(terms, zs, zt, lse, hs, ht, mode, beta)
+        chunk_terms.terms_update(terms, zs, zt, lse, hs, ht, mode, beta)
 
     def grad(self, zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out) -> Tensor:
         lo_s, lo_t = lse_lo(stats)
         stats = stats._replace(student_lse_lo=lo_s, teacher_lse_lo=lo_t)
-        return chunk_epilogue.logit_grad(zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out)
+        return chunk_grad.logit_grad(zs, zt, ids, stats, row_weight, hs, ht, v_lo, mode, beta, out)
 
 
 class _Prepared:
@@ -197,13 +190,13 @@ class TritonStreamingOps:
         return Grads(dh, dw, db)
 
     def _label_logits(self, p: _Prepared, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(z_y, dz_y/dx_y) at each row's label column (both 0 at −1): sweep.label_logits, one row dot each."""
+        """(z_y, dz_y/dx_y) at each row's label column (both 0 at −1): hard_labels.label_logits, one row dot each."""
         return label_logits(Operand(p.hidden, p.weight, *p.head), labels)
 
     def _divergence_grads(self, spec: DivergenceSpec, s: _Prepared, t: _Prepared, stats, row_weight, need, labels):
         """Gradients of Σ w_n L_n: L = D, or with ``labels`` w_h · CE + (1 − w_h) · D (w_h = spec.hard_label_weight).
-        CE's p_s part folds into D's gradient pass as in the sweep (sweep.HardLabels: row weights times 1 − w_h, the
-        center lowered by w_h / (1 − w_h)); its one-hot part, −w w_h χ_y at each row's label column, is added here,
+        CE's p_s part folds into D's gradient pass as in the sweep (hard_labels.HardLabels: row weights times 1 − w_h,
+        the center lowered by w_h / (1 − w_h)); its one-hot part, −w w_h χ_y at each row's label column, is added here,
         O(N · H): to dH the label's weight row, to dW (in the weight's dtype, after the kernel's rounding) the row's
         hidden state, to db the coefficient."""
         if labels is None:

@@ -35,9 +35,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from opd_fast import bench, bench_inputs
+    from opd_fast.bench import cases, inputs
 
-    quick, small = bench.DEFAULT_PRESETS["cpu"], bench.DEFAULT_PRESETS["cuda"]
+    quick, small = cases.DEFAULT_PRESETS["cpu"], cases.DEFAULT_PRESETS["cuda"]
     p = sub.add_parser(
         "bench",
         help="time forward+backward of the reverse-KL loss (and the other OPD losses) per backend",
@@ -52,9 +52,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--backends",
-        type=_csv_choices(bench.BACKENDS, "backend"),
+        type=_csv_choices(cases.BENCH_BACKENDS, "backend"),
         default=None,
-        help=f"comma-separated subset of {','.join(bench.BACKENDS)} (default: all; unavailable ones are reported "
+        help=f"comma-separated subset of {','.join(cases.BENCH_BACKENDS)} (default: all; unavailable ones are reported "
         "as skipped with the reason; torch, triton and cuda are opd_fast's, shown as opd_fast/torch etc.)",
     )
     p.add_argument("--tokens", type=positive_int, nargs="+", help="token counts N to sweep (default: the preset's)")
@@ -63,23 +63,25 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=positive_int, help="vocabulary size V (default: the preset's)")
     p.add_argument(
         "--preset",
-        choices=sorted(bench.PRESETS),
-        help=f"the shapes swept: {'; '.join(_preset_text(name, shape) for name, shape in bench.PRESETS.items())} "
+        choices=sorted(cases.PRESETS),
+        help=f"the shapes swept: {'; '.join(_preset_text(name, shape) for name, shape in cases.PRESETS.items())} "
         f"(default: {quick} on the CPU, {small} on a GPU)",
     )
     p.add_argument(
-        "--dtype", choices=sorted(bench.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes (default: fp32)"
+        "--dtype", choices=sorted(cases.DTYPES), nargs="+", default=["fp32"], help="one or more dtypes (default: fp32)"
     )
-    p.add_argument("--modes", type=_csv_choices(bench.MODES, "mode"), default="fwd+bwd", help="fwd, bwd and/or fwd+bwd")
+    p.add_argument(
+        "--modes", type=_csv_choices(cases.MEASURED_MODES, "mode"), default="fwd+bwd", help="fwd, bwd and/or fwd+bwd"
+    )
     p.add_argument(
         "--losses",
-        type=_csv_choices(bench.LOSSES, "loss"),
+        type=_csv_choices(cases.LOSSES, "loss"),
         default="reverse_kl",
-        help=f"comma-separated subset of {','.join(bench.LOSSES)} (jsd: beta 0.5; topk_overlap: k 16, mode fwd)",
+        help=f"comma-separated subset of {','.join(cases.LOSSES)} (jsd: beta 0.5; topk_overlap: k 16, mode fwd)",
     )
     p.add_argument(
         "--inputs",
-        choices=bench_inputs.INPUT_PRESETS,
+        choices=inputs.INPUT_PRESETS,
         default="random",
         help="random: logits ~ N(0, 16), unrelated models; peaked: LM-like distributions with --entropy and "
         "--shared-mass",
@@ -87,13 +89,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--entropy",
         type=positive_float,
-        default=bench_inputs.PEAKED_ENTROPY,
+        default=inputs.PEAKED_ENTROPY,
         help="peaked inputs: mean next-token entropy in nats",
     )
     p.add_argument(
         "--shared-mass",
         type=probability,
-        default=bench_inputs.PEAKED_SHARED_MASS,
+        default=inputs.PEAKED_SHARED_MASS,
         help="peaked inputs: the student's mean probability mass on the tokens in both models' top-16",
     )
     p.add_argument(
@@ -143,7 +145,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from opd_fast import bench
+    from opd_fast import perf_model
+    from opd_fast.bench import cases, estimate, report, runner
 
     outputs = [(f"--{option}", getattr(args, option), False) for option in ("json", "csv", "plot")]
     problem = preflight_problem(args.device, outputs, plot=bool(args.plot))
@@ -154,59 +157,59 @@ def run_bench(args: argparse.Namespace) -> int:
         return fail("--predict measured times the GPU's ceilings; on the CPU name them: --predict h100 or h200")
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = dict(bench.PRESETS[args.preset or bench.DEFAULT_PRESETS[device.type]])
+    shape = dict(cases.PRESETS[args.preset or cases.DEFAULT_PRESETS[device.type]])
     for key in ("tokens", "hidden", "teacher_hidden", "vocab"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     if args.teacher_hidden is None and args.hidden is not None and args.preset is None:
         shape["teacher_hidden"] = args.hidden
-    names = args.backends or list(bench.BACKENDS)
-    inputs = dict(
+    names = args.backends or list(cases.BENCH_BACKENDS)
+    options = dict(
         inputs=args.inputs,
         filter_eps=args.filter_eps,
         target_entropy=args.entropy,
         target_shared_mass=args.shared_mass,
     )
-    cases = [
-        bench.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, mode, loss, **inputs)
+    measured = [
+        cases.Case(name, n, shape["hidden"], shape["teacher_hidden"], shape["vocab"], dtype, mode, loss, **options)
         for loss in args.losses
         for dtype in args.dtype
         for mode in (["fwd"] if loss == "topk_overlap" else args.modes)
         for n in shape["tokens"]
         for name in names
     ]
-    warning = bench.run_warning(cases, device, warmup=args.warmup, repeats=args.repeats)
+    warning = estimate.run_warning(measured, device, warmup=args.warmup, repeats=args.repeats)
     if warning:
         print(warning, file=sys.stderr)
-    matmul_tflops = bench.measure_matmul_tflops(device) if device.type == "cuda" else None
+    matmul_tflops = perf_model.measure_matmul_tflops(device) if device.type == "cuda" else None
     ceilings = _ceilings(args.predict, device, matmul_tflops)
-    env = bench.environment(device, matmul_tflops)
+    env = runner.environment(device, matmul_tflops)
     if ceilings is not None:
         env["predicted_with"] = asdict(ceilings)
     rows = []
-    for case in tqdm(cases, desc="opd-fast bench", unit="case", file=sys.stderr):
-        options = dict(warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops, ceilings=ceilings)
-        rows.append(bench.run_case(case, device, **options))
+    for case in tqdm(measured, desc="opd-fast bench", unit="case", file=sys.stderr):
+        timing = dict(warmup=args.warmup, repeats=args.repeats, matmul_tflops=matmul_tflops, ceilings=ceilings)
+        rows.append(runner.run_case(case, device, **timing))
     print(f"device: {env['gpu'] or env['cpu']} ({device}), torch {env['torch']}, threads {env['threads']}")
     if ceilings is not None:
         print(
             f"pred. ms: the performance model (predicted, not measured) at {ceilings.name}: "
             f"{ceilings.matmul_tflops:.0f} TFLOP/s, {ceilings.copy_gbps:.0f} GB/s"
         )
-    print(bench.format_table(rows))
+    print(report.format_table(rows))
     try:
         if args.json:
-            bench.write_json(args.json, env, rows)
+            report.write_json(args.json, env, rows)
             print(f"wrote {args.json}")
         if args.csv:
-            bench.write_csv(args.csv, env, rows)
+            report.write_csv(args.csv, env, rows)
             print(f"wrote {args.csv}")
         if args.plot:
             title = (
                 f"{'/'.join(args.losses)}, Hs/Ht={shape['hidden']}/{shape['teacher_hidden']}, V={shape['vocab']}, "
                 f"{'/'.join(args.dtype)}, {args.inputs} inputs, {env['gpu'] or 'CPU'}"
             )
-            bench.plot(args.plot, rows, title)
+            report.plot(args.plot, rows, title)
             print(f"wrote {args.plot}")
     except OSError as exc:
         return fail(f"cannot write the output: {exc}")

@@ -11,8 +11,8 @@ from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection
 
 from opd_fast.heads import LMHead
-from opd_fast.integrations.trl import trl_divergence_loss
-from opd_fast.trainer.modeling import final_hidden_states
+from opd_fast.integrations._trl_loss import trl_divergence_loss
+from opd_fast.integrations.transformers import final_hidden_states
 
 IGNORE_INDEX = -100  # the label value GKDTrainer's loss skips
 

@@ -40,15 +40,10 @@ import torch.distributed as dist
 
 from opd_fast.distributed import vocab_shard
 from opd_fast.functional import linear_divergence
-from opd_fast.heads import LMHead, _read_head
+from opd_fast.heads import LMHead
+from opd_fast.integrations import transformers as hf
 
 HEAD_MODES = ("gathered", "vocab_parallel")
-
-
-def _fsdp():
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    return FSDPModule, fully_shard
 
 
 def _dtensor():
@@ -82,7 +77,8 @@ def fully_shard_causal_lm(model, mesh=None, *, mp_policy=None, reshard_after_for
     Generation (``model.generate``) and ``model(...)`` work as usual; compute the final hidden states for the
     losses with :func:`final_hidden_states` (through the root's forward, so its parameters are gathered).
     """
-    _, fully_shard = _fsdp()
+    from torch.distributed.fsdp import fully_shard
+
     if hasattr(model, "get_base_model"):
         raise ValueError(
             "fully_shard_causal_lm takes a plain transformers causal LM, got a peft model; shard the base model "
@@ -106,23 +102,7 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """[B, T, H] final hidden states (after the final norm; the lm_head is not applied) of a model sharded by
     :func:`fully_shard_causal_lm`, computed inside the root's forward so FSDP gathers the embeddings and
     reduce-scatters their gradients. Differentiable."""
-    fsdp_module, _ = _fsdp()
-    if not isinstance(model, fsdp_module):
-        raise ValueError(
-            f"final_hidden_states takes a model sharded by fully_shard_causal_lm, got a plain {type(model).__name__}"
-        )
-    decoder = model.get_decoder()
-
-    def decoder_forward(input_ids, attention_mask):
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-    # FSDP's hooks are module hooks around ``model.forward``: an instance attribute of that name runs in its
-    # place, between the root's pre-forward (all-gather) and post-forward (backward hooks) hooks.
-    model.forward = decoder_forward
-    try:
-        return model(input_ids, attention_mask)
-    finally:
-        del model.forward
+    return hf.final_hidden_states(model, input_ids, attention_mask, require_fsdp=True)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -146,7 +126,7 @@ def gathered_head(model) -> LMHead:
     full weight and bias: all-gathered once (call it on every rank, once per loss), gradients reduce-scattered
     and averaged over the ranks like FSDP's. Use it with any opd_fast loss in place of ``LMHead.from_model``,
     whose gather treats the gradient as replicated (tensor parallelism) and would not sum the ranks'."""
-    return _read_head(LMHead, model, _gather_rows)
+    return hf.read_head(LMHead, model, _gather_rows)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -194,7 +174,7 @@ def _shard_head(model) -> LMHead:
         world = tensor.device_mesh.size()
         return _ScaleGrad.apply(tensor.to_local(), 1.0 / world)
 
-    return _read_head(LMHead, model, local)
+    return hf.read_head(LMHead, model, local)
 
 
 def _vocab_parallel_divergence(

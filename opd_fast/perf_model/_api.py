@@ -1,4 +1,4 @@
-"""predict() and what is built on it: bench rows, the auto backend, the predicted table, measured ceilings."""
+"""predict() and what is built on it: bench rows, the auto backend, the predicted table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ METHODS = ("chunked", "streaming", "naive", "liger_chunked", "compile", "trl_chu
 OUR_BACKENDS = ("cuda", "triton", "torch")
 PEERS = {"naive": naive_kernels, "liger_chunked": liger_kernels, "compile": compile_kernels, "trl_chunked": trl_kernels}
 # `opd-fast bench` backend names → (method, our backend or None). "liger" (Liger's fused linear JSD) is not modeled.
-BENCH_BACKENDS = {
+BENCH_BACKEND_METHODS = {
     "naive": ("naive", None),
     "torch": ("chunked", "torch"),
     "triton": ("chunked", "triton"),
@@ -73,7 +73,7 @@ def predict_bench_row(row: dict, device: DeviceCeilings | str) -> Prediction | N
     "plan", "budget", "dw_gemm", "overlap", else the process's current settings), or None where the model does not
     apply: an unmodeled backend or loss, gradient filtering, fp32 without an fp32 matmul rate."""
     device = _device(device)
-    method, backend = BENCH_BACKENDS.get(row.get("backend"), (None, None))
+    method, backend = BENCH_BACKEND_METHODS.get(row.get("backend"), (None, None))
     loss = row.get("loss", "reverse_kl")
     if method is None or row.get("filter_eps") or loss == "topk_overlap":
         return None
@@ -136,24 +136,3 @@ def predicted_table(
                 cells.append(f"{p.ms:.1f} ({p.ratio_to_floor:.2f}×)")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def measure_ceilings(device, matmul_tflops: float | None = None) -> DeviceCeilings:
-    """The ceilings of a CUDA ``device``, measured: the bf16 matmul rate (``matmul_tflops`` when already measured)
-    and the copy bandwidth, by :mod:`opd_fast.bench`'s timers (a few seconds); the fp32 rate from :data:`DEVICES`
-    when the device's name contains a key (H100, H200), else None."""
-    import torch
-
-    from opd_fast import bench
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"measure_ceilings times a GPU; got {device}: use DEVICES['h100'] or DEVICES['h200']")
-    name = torch.cuda.get_device_name(device)
-    known = next((ceilings for key, ceilings in DEVICES.items() if key in name.lower()), None)
-    return DeviceCeilings(
-        name=name,
-        matmul_tflops=matmul_tflops or bench.measure_matmul_tflops(device),
-        copy_gbps=bench.measure_copy_gbps(device),
-        fp32_matmul_tflops=None if known is None else known.fp32_matmul_tflops,
-    )

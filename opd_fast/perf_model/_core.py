@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-# Those whose loss needs a second pass over each tile once both rows' log-sum-exps are final (sweep.TERMS_MODES).
+# Those whose loss needs a second pass over each tile once both rows' log-sum-exps are final
+# (backends.epilogue.TERMS_MODES).
 TERMS_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 KINDS = ("gemm", "epilogue", "elementwise", "memset")
 MODES = ("fwd", "bwd", "fwd+bwd")

@@ -11,8 +11,8 @@
   (max and Σexp merged by Inductor's online softmax on CUDA), one fused pass reading both tiles and writing a
   partial G plus one fp32 [C, V] intermediate, one pass finishing G, the dW update as ``addmm`` (β = 1) into a new
   [V, Hs] buffer in the weight's dtype followed by a ``copy_`` back into ``grad_weight``.
-* **compile** (:func:`opd_fast.baselines.compiled_chunked_divergence`): the same idea on our side, chunks of
-  ``CHUNK_TOKENS``; Inductor's code: each model's lse in one pass, one fused pass writing two fp32 [C, V]
+* **compile** (:func:`opd_fast.bench.baselines.compiled_chunked_divergence`): the same idea on our side, chunks of
+  ``COMPILE_CHUNK`` tokens; Inductor's code: each model's lse in one pass, one fused pass writing two fp32 [C, V]
   intermediates (p_s and log p_s − log p_t), the gradient pass reading them, the loss reduction reading them again;
   per chunk a fresh dW in the weight's dtype, then an eager ``dw += grad_w`` into an fp32 [V, Hs] accumulator.
 * **trl_chunked** (TRL 1.16, ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``): [4096 × 32768] fp32
@@ -34,6 +34,10 @@ from opd_fast.perf_model._ours import SOFTMAX_BACKWARD_READS, SOFTMAX_ROW_READS,
 INDUCTOR_EFFICIENCY = 0.9
 TRL_EFFICIENCY = 0.9
 LIGER_CHUNK = 1024  # LigerFusedLinearJSDLoss(chunk_size=1024), the default the bench uses
+COMPILE_CHUNK = 1024  # opd_fast.bench.baselines.CHUNK_TOKENS, mirrored (the model never imports the bench; tested)
+# The fp32 [N, V] tensors the naive baseline holds at its peak (fwd+bwd; tested against the measured peak); the
+# benchmark's memory estimate uses it too.
+NAIVE_LOGITS_COPIES = 5
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl/kernels/chunked_divergence.py (TRL 1.16)
 
 
@@ -83,8 +87,6 @@ def naive_kernels(w: Workload):
         ledger.add("to input dtype (G)", "elementwise", read=nv * f, written=nv * e, **bwd)
     _gemm(ledger, "dH GEMM", n, hs, v, e, n * hs * e, eff, precision=w.dtype, **bwd)
     _gemm(ledger, "dW GEMM", v, hs, n, e, v * hs * e, eff, precision=w.dtype, **bwd)
-    from opd_fast.bench import NAIVE_LOGITS_COPIES  # the fp32 [N, V] tensors alive at the peak, tested there
-
     return ledger.kernels(), NAIVE_LOGITS_COPIES * nv * f + (n + v) * hs * e
 
 
@@ -119,11 +121,9 @@ def liger_kernels(w: Workload):
 
 def compile_kernels(w: Workload):
     """The bench's ``compile`` baseline: a torch.compile'd grad_and_value per chunk, dW summed eagerly in fp32."""
-    from opd_fast.baselines import CHUNK_TOKENS
-
     _not_modeled("compile", w)
     n, v, hs, ht, e = w.tokens, w.vocab, w.hidden, w.teacher_hidden, w.elem
-    rows = _token_chunks(n, CHUNK_TOKENS)
+    rows = _token_chunks(n, COMPILE_CHUNK)
     eff = 1.0 if (v * e) % 16 == 0 else UNALIGNED_EFFICIENCY
     ind = dict(efficiency=INDUCTOR_EFFICIENCY)
     f = ACC_BYTES

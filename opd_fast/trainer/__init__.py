@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opd_fast.trainer.config import ConfigError, TrainConfig, load_config
+from opd_fast.trainer.config import ConfigError, TrainConfig
+from opd_fast.trainer.config_loader import load_config
 from opd_fast.trainer.loop import Trainer, TrainingInterrupted
 from opd_fast.trainer.plots import read_metrics
 from opd_fast.trainer.subspace_lock import SubspaceLock

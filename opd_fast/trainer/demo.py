@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from opd_fast.trainer.config import TrainConfig, load_config
+from opd_fast.trainer.config import TrainConfig
+from opd_fast.trainer.config_loader import load_config
 from opd_fast.trainer.loop import Trainer
 from opd_fast.trainer.plots import plot_accuracy_comparison, read_metrics
 from opd_fast.trainer.tasks import AnagramTask

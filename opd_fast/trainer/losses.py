@@ -39,7 +39,6 @@ from opd_fast import (
     linear_divergence,
     linear_token_logprobs,
     linear_topk_divergence,
-    linear_topk_overlap,
     linear_topk_target_divergence,
     overlap_averages,
 )
@@ -258,35 +257,6 @@ def compute_loss(
         metrics["tokens/kept_fraction"] = (kept.sum() / inputs.mask.sum().clamp_min(1)).item()
     metrics["loss"] = loss.item()
     return loss, metrics
-
-
-@torch.no_grad()
-def overlap_statistics(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    mask,
-    *,
-    k,
-    temperature,
-    backend,
-    vocab_size,
-    teacher_temperature=None,
-):
-    """Per-token top-k agreement (linear_topk_overlap) at the completion positions."""
-    return linear_topk_overlap(
-        student_hidden,
-        student_head,
-        teacher_hidden,
-        teacher_head,
-        k=k,
-        mask=mask,
-        temperature=temperature,
-        backend=backend,
-        vocab_size=vocab_size,
-        teacher_temperature=teacher_temperature,
-    )
 
 
 def overlap_metrics(stats, mask) -> dict[str, float]:

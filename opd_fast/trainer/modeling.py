@@ -1,6 +1,7 @@
-"""Loading student and teacher models and their tokenizer, and the two things the fused losses need:
-final hidden states (the lm_head is never applied by the model) and the output head (:class:`opd_fast.LMHead`:
-the lm_head's weight and bias with the scale and soft-cap the model's forward applies after it).
+"""Loading student and teacher models and their tokenizer, the vocabulary they share (every model's output head read
+once, so that one the fused losses cannot compute is refused before training), and :class:`HiddenStates`, what
+DistributedDataParallel wraps. The final hidden states and the output heads themselves come from
+opd_fast.integrations.transformers.
 
 Nothing is ever downloaded: paths must be local transformers model directories.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from opd_fast.heads import LMHead
+from opd_fast.integrations.transformers import final_hidden_states
 from opd_fast.trainer.config import ConfigError, LoraConfig, ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -109,30 +111,6 @@ def apply_lora(model, lora: LoraConfig):
         raise ConfigError(
             f"lora.target_modules {lora.target_modules} do not match the student's modules: {exc}"
         ) from None
-
-
-def causal_lm(model):
-    """The transformers model under a peft wrapper (LoRA layers stay active inside it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] after the final norm; the lm_head is not applied (the fused losses apply it). An FSDP2 student
-    runs through its root's forward (opd_fast.integrations.fsdp), which gathers the embeddings."""
-    if is_fsdp_sharded(model):
-        from opd_fast.integrations import fsdp
-
-        return fsdp.final_hidden_states(model, input_ids, attention_mask)
-    decoder = causal_lm(model).get_decoder()
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
-def is_fsdp_sharded(model) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 class HiddenStates(torch.nn.Module):

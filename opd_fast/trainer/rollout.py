@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_fast.trainer.modeling import causal_lm, is_fsdp_sharded
+from opd_fast.integrations.transformers import causal_lm, is_fsdp_sharded
 from opd_fast.trainer.tasks import Example
 
 

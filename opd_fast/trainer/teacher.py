@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from opd_fast.heads import LMHead
-from opd_fast.trainer.modeling import final_hidden_states
+from opd_fast.integrations.transformers import final_hidden_states
 from opd_fast.trainer.rollout import Batch, gather_positions, generate
 
 

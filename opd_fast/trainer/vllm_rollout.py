@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from opd_fast.trainer.modeling import causal_lm
+from opd_fast.integrations.transformers import causal_lm
 from opd_fast.trainer.vllm_engine import build_llm, import_vllm
 
 
