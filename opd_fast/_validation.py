@@ -212,19 +212,22 @@ def check_k(k: object, vocab: int) -> int:
     return k
 
 
+def _check_ids(name: str, ids: object, lead_shape: torch.Size, hidden: str) -> torch.Tensor:
+    """Type and shape of integer ids ``[...]`` at each token (``hidden``: how the messages name the hidden states)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(ids).__name__}")
+    if ids.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {ids.layout}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (e.g. int64), got {ids.dtype}; pass .long()")
+    if ids.shape != lead_shape:
+        raise ValueError(f"{name} must have the leading shape of {hidden} {tuple(lead_shape)}, got {tuple(ids.shape)}")
+    return ids
+
+
 def check_token_ids(token_ids: object, lead_shape: torch.Size) -> torch.Tensor:
     """Type and shape of ``token_ids``; their values are checked by :func:`check_token_range`."""
-    if not isinstance(token_ids, torch.Tensor):
-        raise TypeError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
-    if token_ids.layout != torch.strided:
-        raise TypeError(f"token_ids must be a dense (strided) tensor, got layout {token_ids.layout}")
-    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
-        raise TypeError(f"token_ids must be an integer tensor (e.g. int64), got {token_ids.dtype}; pass .long()")
-    if token_ids.shape != lead_shape:
-        raise ValueError(
-            f"token_ids must have the leading shape of hidden {tuple(lead_shape)}, got {tuple(token_ids.shape)}"
-        )
-    return token_ids
+    return _check_ids("token_ids", token_ids, lead_shape, "hidden")
 
 
 def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
@@ -270,17 +273,7 @@ def check_labels_given(hard_label_weight: float, labels: object) -> None:
 
 def check_labels(labels: object, lead_shape: torch.Size) -> torch.Tensor:
     """Type and shape of ``labels`` ``[...]``; their values are checked by :func:`check_label_range`."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
-    if labels.layout != torch.strided:
-        raise TypeError(f"labels must be a dense (strided) tensor, got layout {labels.layout}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (e.g. int64), got {labels.dtype}; pass .long()")
-    if labels.shape != lead_shape:
-        raise ValueError(
-            f"labels must have the leading shape of the hidden states {tuple(lead_shape)}, got {tuple(labels.shape)}"
-        )
-    return labels
+    return _check_ids("labels", labels, lead_shape, "the hidden states")
 
 
 def check_label_range(labels: torch.Tensor, vocab: int) -> None:

@@ -1,6 +1,7 @@
 """The code's shape, for refactoring reviews: the largest files and functions and the import circles.
 
-    python scripts/layout_report.py            # from the repository root
+    python scripts/layout_report.py [TOP]          # from the repository root
+    python scripts/layout_report.py --walk         # and linear_divergence's walk down to a Triton kernel
 
 Modules are opd_fast/ and kernels/ (installed as opd_fast.kernels). An import counts wherever it stands (at the top
 or inside a function; not under ``if TYPE_CHECKING``), and importing ``a.b.c`` counts as importing the packages
@@ -138,6 +139,60 @@ def function_lengths() -> list[tuple[int, str]]:
     return sorted(rows, reverse=True)
 
 
+def linear_divergence_walk() -> tuple[list[str], list[str]]:
+    """Follow ``opd_fast.linear_divergence``'s student hidden states (backend="triton", Triton's CPU interpreter
+    where there is no GPU) to the first kernel launch. Returns (the package's frames on the stack at that launch,
+    outermost first: the call depth; every package function that received the hidden states, or a tensor sharing
+    their storage, as an argument, in call order: the hops), each as 'path: function'."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(REPO))  # this checkout's opd_fast, whichever one is installed
+    import torch
+
+    import opd_fast
+
+    ours = {str(path.resolve()) for path in modules().values()}
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(40, 16, generator=generator, requires_grad=True)
+    storage = hidden.untyped_storage().data_ptr()
+    stack_at_launch: list[str] = []
+    hops: list[str] = []
+
+    def where(frame) -> str:
+        return f"{Path(frame.f_code.co_filename).resolve().relative_to(REPO)}: {frame.f_code.co_name}"
+
+    def receives_hidden(frame) -> bool:
+        code = frame.f_code
+        for name in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
+            value = frame.f_locals.get(name)
+            for item in value if isinstance(value, tuple | list) else (value,):
+                tensors = [item] if isinstance(item, torch.Tensor) else [getattr(item, "hs", None)]
+                if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in tensors):
+                    return True
+        return False
+
+    def profile(frame, event, arg):
+        if stack_at_launch or event != "call":
+            return
+        if "triton" in frame.f_code.co_filename and frame.f_code.co_name == "run":  # a kernel launch
+            outer = frame.f_back
+            while outer is not None:
+                if str(Path(outer.f_code.co_filename).resolve()) in ours:
+                    stack_at_launch.insert(0, where(outer))
+                outer = outer.f_back
+        elif str(Path(frame.f_code.co_filename).resolve()) in ours and receives_hidden(frame):
+            hops.append(where(frame))
+
+    sys.setprofile(profile)
+    try:
+        opd_fast.linear_divergence(hidden, weight, hidden.detach() * 0.5, weight.detach() * 2, backend="triton")
+    finally:
+        sys.setprofile(None)
+    return stack_at_launch, hops
+
+
 def main(top: int = 12) -> None:
     print("largest files:")
     for lines, where in file_lengths()[:top]:
@@ -152,4 +207,15 @@ def main(top: int = 12) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)
+    if sys.argv[1:] == ["--walk"]:
+        stack, hops = linear_divergence_walk()
+        files = {frame.split(":")[0] for frame in stack}
+        print(f"call depth at the first kernel launch: {len(stack) - 1} calls, {len(files)} files")
+        for frame in stack:
+            print(f"  {frame}")
+        files = {frame.split(":")[0] for frame in hops}
+        print(f"functions receiving the hidden states before it: {len(hops)}, in {len(files)} files")
+        for frame in hops:
+            print(f"  {frame}")
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)

@@ -20,6 +20,8 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed here; the vllm tier runs in its own environment (bash .ci/vllm)"
 )
 
+# tests/, for the conftest that test_vllm_teacher imports: torchrun starts this file by path (see the last test).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_vllm_teacher import CHARACTERS, _llama
 
 from opd_fast.trainer import Trainer, load_config
