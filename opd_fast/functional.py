@@ -31,7 +31,7 @@ def linear_divergence(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     vocab_size: int | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
@@ -161,7 +161,7 @@ def linear_reverse_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     vocab_size: int | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
@@ -197,7 +197,7 @@ def linear_token_logprobs(
     *,
     temperature: float = 1.0,
     backend: str = "auto",
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
     plan: str = "chunked",
@@ -209,8 +209,12 @@ def linear_token_logprobs(
         weight: ``[V, H]`` lm_head weight, or an :class:`opd_fast.LMHead` (logits softcap(scale·(h Wᵀ + b)) / τ).
         token_ids: integer ``[...]`` in [0, V), the token whose log-prob is wanted at each position.
         temperature: τ > 0.
-        backend, process_group, check_finite, filter_eps, plan: as in :func:`linear_divergence` (under
-            ``process_group``, ``weight`` is this rank's vocabulary shard and ``token_ids`` are global ids).
+        backend: as in :func:`linear_divergence`.
+        process_group: as in :func:`linear_divergence`; ``weight`` is then this rank's vocabulary shard and
+            ``token_ids`` are global ids.
+        check_finite: as in :func:`linear_divergence`.
+        filter_eps: as in :func:`linear_divergence`.
+        plan: as in :func:`linear_divergence`.
 
     Returns:
         fp32 ``[...]`` (fp64 for fp64 inputs), differentiable w.r.t. ``hidden``, the weight and the bias.

@@ -102,7 +102,7 @@ def linear_topk_overlap(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     backend: str = "auto",
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     vocab_size: int | None = None,
     check_finite: bool = False,
     plan: str = "chunked",
@@ -206,7 +206,7 @@ def linear_topk_divergence(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     vocab_size: int | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
@@ -276,7 +276,7 @@ def linear_topk_target_divergence(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     check_finite: bool = False,
     filter_eps: float | None = None,
     plan: str = "chunked",
@@ -290,13 +290,13 @@ def linear_topk_target_divergence(
 
     and with ``add_tail`` one more bucket matches the leftover masses, tail_t = 1 − Σ_S p_t against
     tail_s = 1 − Σ_S p_s (floored at ``TAIL_FLOOR`` inside logarithms). The student's log-sum-exp is
-    streamed (differentiable; ``filter_eps`` applies to its gradient).
+    streamed (differentiable; ``filter_eps`` applies to its gradient). The arguments not listed below are as in
+    :func:`opd_fast.linear_divergence`; invalid teacher inputs raise ValueError/TypeError.
 
     Args:
         student_hidden: ``[..., H]``; student_weight: ``[V, H]``.
         teacher_topk_ids: integer ``[..., K]``, distinct ids in [0, V) per position.
         teacher_topk_logprobs: float ``[..., K]``, log-probabilities (≤ 0, total mass ≤ 1 up to rounding).
-        Others as in :func:`opd_fast.linear_divergence`. Invalid teacher inputs raise ValueError/TypeError.
     """
     divergence = check.check_choice("divergence", divergence, TOPK_DIVERGENCES)
     add_tail = check.check_flag("add_tail", add_tail)

@@ -237,14 +237,14 @@ def _vocab_parallel_divergence(
 
 def fsdp_linear_divergence(
     student_hidden: torch.Tensor,
-    student_model,
+    student_model: torch.nn.Module,
     teacher_hidden: torch.Tensor,
     teacher_head: torch.Tensor | LMHead,
     *,
     head: Literal["gathered", "vocab_parallel"] = "gathered",
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
-    **loss_options,
+    **loss_options: object,
 ) -> torch.Tensor:
     """:func:`opd_fast.linear_divergence` of this rank's batch for a student sharded by
     :func:`fully_shard_causal_lm`; call it on every rank (it communicates).
